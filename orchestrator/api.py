@@ -1,0 +1,188 @@
+"""The public front: :class:`Trainer` and ``fit``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import ray
+
+from orchestrator.callbacks import Callback, History, ProgbarLogger
+from orchestrator.callbacks.callback_list import CallbackList
+from orchestrator.config import LoopConfig, ScalingConfig, validate_epochs, validate_run_name
+from orchestrator.controller import FitPlan, run_fit
+from orchestrator.metrics import BUILTIN_METRICS, metric_directions
+
+VERBOSE = ("auto", 0, 1, 2)
+
+
+def _normalise_metrics(metrics: Any) -> dict[str, Any]:
+    if metrics is None:
+        return {}
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    if isinstance(metrics, Mapping):
+        out = {}
+        for name, fn in metrics.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"metrics: every key must be a metric name, got {name!r}")
+            if isinstance(fn, str) and fn not in BUILTIN_METRICS:
+                raise ValueError(f"metrics[{name!r}]: unknown built-in {fn!r}; built-ins are {BUILTIN_METRICS}")
+            if not isinstance(fn, str) and not callable(fn):
+                raise ValueError(f"metrics[{name!r}] must be fn(outputs, targets) -> scalar tensor, got {fn!r}")
+            out[name] = fn
+        return out
+    out = {}
+    for name in metrics:
+        if name not in BUILTIN_METRICS:
+            raise ValueError(
+                f"metrics: unknown metric {name!r}; built-ins are {BUILTIN_METRICS}, or pass "
+                "{'name': fn(outputs, targets)} for your own"
+            )
+        out[name] = name
+    return out
+
+
+def _check_picklable(name: str, value: Any) -> None:
+    try:
+        ray.cloudpickle.dumps(value)
+    except Exception as exc:
+        raise ValueError(
+            f"{name} cannot be sent to the workers because it is not picklable ({type(exc).__name__}: "
+            f"{exc}); define it at module level and capture no locks, open files or live connections"
+        ) from exc
+
+
+class Trainer:
+    """Data-parallel training of a PyTorch model on a Ray cluster, Keras style.
+
+    Args:
+        model: ``() -> torch.nn.Module``, called on every worker.
+        optimizer: ``(params) -> torch.optim.Optimizer``, called on every worker.
+        loss: ``(outputs, targets) -> scalar tensor`` (the batch mean). Optional with ``train_step``.
+        data: ``() -> (train_dataset, val_dataset or None)``, map-style datasets, called on every worker.
+        metrics: Built-in names (``"accuracy"``, ``"mse"``, ``"mae"``) or ``{"name": fn(outputs, targets)}``
+            returning the batch mean. Defaults to none.
+        batch_size: Samples per worker per step. Defaults to ``32``.
+        num_workers: Data-parallel ranks. Defaults to ``1``.
+        use_gpu: One GPU per worker and NCCL. Defaults to ``False``.
+        storage: fsspec URL of the run storage. Defaults to a local folder.
+        storage_options: Passed to fsspec; never logged.
+        run_name: Name of the run directory. Defaults to ``"run"``.
+        callbacks: ``orchestrator.callbacks`` instances. Defaults to none.
+        max_failures: Restarts allowed after worker failures. Defaults to ``0``.
+        seed: Seed for initial weights and shuffling. Defaults to ``0``.
+        train_step: ``(model, batch) -> {"loss": tensor, "<metric>": tensor, "batch_size": int}``
+            for batches that are not ``(inputs, targets)``.
+        val_step: Like ``train_step`` for validation (no gradients). Defaults to ``train_step``.
+        clip_grad_norm: Clip the total gradient norm to this value. Defaults to ``None``.
+        val_batch_size: Per-worker validation batch size. Defaults to ``batch_size``.
+        placement_strategy: ``"PACK"`` or ``"SPREAD"`` (or the STRICT_ forms). Defaults to ``"PACK"``.
+        resources_per_worker: Ray resources per worker. Defaults to ``{"CPU": 1}``.
+        threads_per_worker: torch intra-op threads per worker. Defaults to the worker's CPUs.
+
+    Example:
+        >>> trainer = Trainer(model=build_model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        ...                   loss=torch.nn.functional.cross_entropy, data=load_data,
+        ...                   metrics=["accuracy"], num_workers=2,
+        ...                   callbacks=[callbacks.EarlyStopping(patience=3)])  # doctest: +SKIP
+        >>> history = trainer.fit(epochs=10)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Callable[[], Any],
+        optimizer: Callable[[Any], Any],
+        loss: Callable[..., Any] | None = None,
+        data: Callable[[], Any] | None = None,
+        metrics: Iterable[str] | Mapping[str, Any] | None = None,
+        batch_size: int = 32,
+        num_workers: int = 1,
+        use_gpu: bool = False,
+        storage: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        run_name: str = "run",
+        callbacks: Iterable[Callback] | None = None,
+        max_failures: int = 0,
+        seed: int = 0,
+        train_step: Callable[..., Any] | None = None,
+        val_step: Callable[..., Any] | None = None,
+        clip_grad_norm: float | None = None,
+        val_batch_size: int | None = None,
+        placement_strategy: str = "PACK",
+        resources_per_worker: Mapping[str, float] | None = None,
+        threads_per_worker: int | None = None,
+    ) -> None:
+        if data is None:
+            raise ValueError("data is required: pass data=fn returning (train_dataset, val_dataset or None)")
+        self.loop = LoopConfig(model=model, optimizer=optimizer, data=data, loss=loss,
+                               metrics=_normalise_metrics(metrics), batch_size=batch_size,
+                               val_batch_size=val_batch_size, train_step=train_step, val_step=val_step,
+                               clip_grad_norm=clip_grad_norm, seed=seed)
+        self.scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources_per_worker,
+                                     placement_strategy=placement_strategy)
+        self.run_name = validate_run_name(run_name)
+        if storage is not None and not isinstance(storage, str):
+            raise ValueError(f"storage must be an fsspec URL or a path string, got {storage!r}")
+        self.storage = storage
+        self.storage_options = dict(storage_options or {})
+        if not isinstance(max_failures, int) or max_failures < 0:
+            raise ValueError(f"max_failures must be an integer >= 0, got {max_failures!r}")
+        self.max_failures = max_failures
+        if threads_per_worker is not None and (not isinstance(threads_per_worker, int) or threads_per_worker < 1):
+            raise ValueError(f"threads_per_worker must be an integer >= 1, got {threads_per_worker!r}")
+        cpus = self.scaling.worker_resources().get("CPU", 1)
+        self.threads_per_worker = threads_per_worker or max(1, int(cpus))
+        self.callbacks = list(callbacks or [])
+        for i, cb in enumerate(self.callbacks):
+            if not isinstance(cb, Callback):
+                raise ValueError(f"callbacks[{i}] must be an orchestrator.callbacks.Callback, got {type(cb).__name__}")
+        self._base_params = {"metrics": list(self.loop.metrics),
+                             "metric_directions": metric_directions(self.loop.metrics),
+                             "num_workers": num_workers, "batch_size": batch_size}
+        for cb in self.callbacks:
+            cb.validate(dict(self._base_params))
+        for name in ("model", "optimizer", "loss", "data", "train_step", "val_step"):
+            if getattr(self.loop, name) is not None:
+                _check_picklable(name, getattr(self.loop, name))
+        for name, fn in self.loop.metrics.items():
+            _check_picklable(f"metrics[{name!r}]", fn)
+        for i, cb in enumerate(self.callbacks):
+            if cb.runs_on == "coordinator":
+                _check_picklable(f"callbacks[{i}] ({cb.name})", cb)
+
+    def fit(self, epochs: int = 1, verbose: str | int = "auto") -> History:
+        """Train for ``epochs`` epochs and return the :class:`History`.
+
+        Args:
+            epochs: Number of epochs. Defaults to ``1``.
+            verbose: ``"auto"``/``1`` (a progress bar on a terminal, one line per epoch otherwise),
+                ``2`` (one line per epoch) or ``0`` (silent). Defaults to ``"auto"``.
+        """
+        validate_epochs(epochs)
+        if verbose not in VERBOSE:
+            raise ValueError(f"verbose must be one of {VERBOSE}, got {verbose!r}")
+        params = dict(self._base_params, epochs=epochs, verbose=verbose, steps=None)
+        history = History()
+        driver_cbs = [cb for cb in self.callbacks if cb.runs_on == "driver"]
+        if verbose != 0 and not any(isinstance(cb, ProgbarLogger) for cb in driver_cbs):
+            driver_cbs.insert(0, ProgbarLogger())
+        driver_cbs.append(history)
+        coordinator_cbs = [cb for cb in self.callbacks if cb.runs_on == "coordinator"]
+        sync_every = CallbackList(coordinator_cbs).batch_sync_every()
+        plan = FitPlan(loop=self.loop, scaling=self.scaling, epochs=epochs, callbacks=coordinator_cbs,
+                       driver_callbacks=driver_cbs, params=params, batch_sync_every=sync_every,
+                       threads_per_worker=self.threads_per_worker)
+        outcome = run_fit(plan)
+        for cb, state in zip(coordinator_cbs, outcome.callback_states):
+            cb.load_state_dict(state)
+        history.model = self._build_final_model(outcome.results[0].state_dict)
+        history.results = outcome.results
+        history.events = outcome.events
+        return history
+
+    def _build_final_model(self, state_dict: Mapping[str, Any] | None) -> Any:
+        model = self.loop.model()
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        return model.cpu()

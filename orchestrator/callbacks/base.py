@@ -1,0 +1,122 @@
+"""The Callback base class and the read-only view of training that callbacks see.
+
+Callbacks run once for the whole cluster, on the coordinator, on cluster-wide logs (or on the
+driver for display-only callbacks such as :class:`ProgbarLogger`). A hook *returns* its
+decisions (see :mod:`orchestrator.decisions`); it never reaches into the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from orchestrator.decisions import Decision
+
+
+@dataclass
+class TrainingView:
+    """What a callback may read about the run. The coordinator keeps it current.
+
+    Attributes:
+        learning_rate: The learning rate that the optimizer uses now (param group 0).
+        epoch: The current 0-based epoch.
+        step: The 0-based batch index within the epoch at the latest sync.
+        global_step: Optimizer steps taken since the run began.
+        world_size: Number of ranks.
+    """
+
+    learning_rate: float = 0.0
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    world_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Callback:
+    """Base class for callbacks; subclass it and override the hooks you need.
+
+    Hooks follow Keras 3's names and order in ``fit``: ``on_train_begin``, then per epoch
+    ``on_epoch_begin``, batch hooks, ``on_test_begin``/``on_test_end`` around validation,
+    ``on_epoch_end``, and finally ``on_train_end``. ``logs`` hold cluster-wide aggregated values.
+
+    Batch hooks (``on_train_batch_begin``/``on_train_batch_end``) cost a round trip to the
+    coordinator, so they are called only at sync points: every ``batch_sync_every`` steps (set
+    it on your subclass; ``None`` means never) and whenever a rank sees a non-finite loss.
+
+    A hook returns ``None``, one :class:`~orchestrator.decisions.Decision` or a list of them.
+
+    Attributes:
+        params: Keras-style run parameters (``epochs``, ``steps``, ``verbose``, ``metrics``).
+        trainer: A :class:`TrainingView` with the current learning rate, epoch and step.
+
+    Example:
+        >>> from orchestrator.decisions import StopTraining
+        >>> class StopAtAccuracy(Callback):
+        ...     def on_epoch_end(self, epoch, logs=None):
+        ...         if (logs or {}).get("val_accuracy", 0.0) >= 0.99:
+        ...             return StopTraining(reason="target_reached", source="StopAtAccuracy")
+    """
+
+    #: Where the callback runs: "coordinator" (decides) or "driver" (display only; its
+    #: return values are ignored).
+    runs_on: ClassVar[str] = "coordinator"
+    #: Steps between batch-hook calls; None = batch hooks only on non-finite-loss events.
+    batch_sync_every: int | None = None
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+        self.trainer: TrainingView = TrainingView()
+
+    # -- wiring --------------------------------------------------------------------------
+    def set_params(self, params: dict[str, Any]) -> None:
+        self.params = params
+
+    def set_trainer(self, view: TrainingView) -> None:
+        self.trainer = view
+
+    def validate(self, params: dict[str, Any]) -> None:
+        """Check arguments against the run before any worker starts; raise ValueError if wrong."""
+
+    # -- state (for backups) -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    # -- hooks (Keras 3 names) -----------------------------------------------------------
+    def on_train_begin(self, logs: dict | None = None) -> Decision | list[Decision] | None:
+        return None
+
+    def on_train_end(self, logs: dict | None = None) -> Decision | list[Decision] | None:
+        return None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> Decision | list[Decision] | None:
+        return None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> Decision | list[Decision] | None:
+        return None
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> Decision | list[Decision] | None:
+        return self.on_batch_begin(batch, logs)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> Decision | list[Decision] | None:
+        return self.on_batch_end(batch, logs)
+
+    def on_test_begin(self, logs: dict | None = None) -> Decision | list[Decision] | None:
+        return None
+
+    def on_test_end(self, logs: dict | None = None) -> Decision | list[Decision] | None:
+        return None
+
+    # Keras's legacy aliases: the default on_train_batch_* hooks call these.
+    def on_batch_begin(self, batch: int, logs: dict | None = None) -> Decision | list[Decision] | None:
+        return None
+
+    def on_batch_end(self, batch: int, logs: dict | None = None) -> Decision | list[Decision] | None:
+        return None
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__

@@ -1,0 +1,60 @@
+"""Run a list of callbacks once and collect their decisions in order."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from orchestrator.callbacks.base import Callback, TrainingView
+from orchestrator.decisions import Decision, SetLearningRate, as_decisions
+
+BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
+
+
+def overrides_batch_hooks(callback: Callback) -> bool:
+    """True when the callback's class defines any batch hook of its own."""
+    return any(getattr(type(callback), h) is not getattr(Callback, h) for h in BATCH_HOOKS)
+
+
+class CallbackList:
+    """Calls each hook on every callback in order, as Keras's ``fit`` does.
+
+    Decisions are values: each hook's return value is collected; a learning-rate decision
+    also updates the shared :class:`TrainingView`, so a later callback in the same hook sees
+    the new rate (as it would see ``optimizer.learning_rate`` in Keras).
+
+    Args:
+        callbacks: The callbacks, in the order the user gave them.
+        view: The view of training the callbacks read.
+    """
+
+    def __init__(self, callbacks: Iterable[Callback], view: TrainingView | None = None) -> None:
+        self.callbacks = list(callbacks)
+        self.view = view or TrainingView()
+        for cb in self.callbacks:
+            cb.set_trainer(self.view)
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb.set_params(params)
+
+    def batch_sync_every(self) -> int | None:
+        """Smallest batch-hook interval requested by any callback (None when none asks)."""
+        freqs = [cb.batch_sync_every for cb in self.callbacks if cb.batch_sync_every]
+        return min(freqs) if freqs else None
+
+    def call(self, hook: str, *args: Any) -> list[Decision]:
+        decisions: list[Decision] = []
+        for cb in self.callbacks:
+            made = as_decisions(getattr(cb, hook)(*args), cb.name)
+            for d in made:
+                if isinstance(d, SetLearningRate):
+                    self.view.learning_rate = float(d.value)
+            decisions.extend(made)
+        return decisions
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [cb.state_dict() for cb in self.callbacks]
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        for cb, st in zip(self.callbacks, states):
+            cb.load_state_dict(st)

@@ -1,0 +1,181 @@
+"""The coordinator: one Ray actor that turns every rank's reports into one set of decisions.
+
+Each rank calls :meth:`Coordinator.sync` at the same sync point. The last rank to arrive
+triggers the aggregation and the callbacks, exactly once; every rank gets the same decision
+list back. Progress and epoch logs queue up for the driver, which polls :meth:`poll`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from orchestrator.callbacks.base import Callback, TrainingView
+from orchestrator.callbacks.callback_list import CallbackList
+from orchestrator.decisions import Decision, Report, SetLearningRate, StopTraining
+from orchestrator.metrics import PhaseSums, aggregate
+
+
+@dataclass
+class _Barrier:
+    reports: dict[int, Report] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    result: list[Decision] = field(default_factory=list)
+    served: int = 0
+
+
+class CoordinatorCore:
+    """The coordinator's logic without Ray (tested directly; wrapped by the actor below).
+
+    Args:
+        callbacks: Callbacks that decide (``runs_on == "coordinator"``).
+        params: Keras-style params given to every callback.
+        world_size: Number of ranks that report at each sync point.
+    """
+
+    def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int) -> None:
+        self.world_size = world_size
+        self.view = TrainingView(world_size=world_size)
+        self.callbacks = CallbackList(callbacks, self.view)
+        self.callbacks.set_params(params)
+        self.events: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.error_traceback: str = ""
+        self.last_logs: dict[str, float] = {}
+
+    def handle(self, reports: dict[int, Report]) -> list[Decision]:
+        """Run the hooks for one sync point, once; return the decisions for every rank."""
+        if self.error is not None:
+            return [StopTraining(reason="callback_error", source="coordinator")]
+        first = reports[min(reports)]
+        try:
+            return getattr(self, f"_on_{first.kind}")(first, reports)
+        except Exception as exc:  # a callback raised: stop every rank, re-raise on the driver
+            self.error = exc
+            self.error_traceback = traceback.format_exc()
+            return [StopTraining(reason="callback_error", source="coordinator")]
+
+    def _emit(self, type_: str, **fields: Any) -> None:
+        self.events.append({"type": type_, "time": time.time(), **fields})
+
+    def _record(self, decisions: list[Decision], epoch: int, step: int) -> list[Decision]:
+        for d in decisions:
+            if isinstance(d, StopTraining):
+                self._emit("stop", reason=d.reason, source=d.source, epoch=epoch, step=step)
+            elif isinstance(d, SetLearningRate):
+                self._emit("lr_changed", value=d.value, source=d.source, epoch=epoch, step=step)
+        return decisions
+
+    def _check_same_lr(self, reports: dict[int, Report]) -> float:
+        rates = {r.learning_rate for r in reports.values()}
+        if len(rates) > 1:
+            raise RuntimeError(f"ranks disagree on the learning rate: {sorted(rates)}")
+        return rates.pop()
+
+    def _on_train_begin(self, first: Report, reports: dict[int, Report]) -> list[Decision]:
+        self.view.learning_rate = self._check_same_lr(reports)
+        self.callbacks.params["steps"] = first.steps_per_epoch
+        self._emit("train_begin", steps=first.steps_per_epoch)
+        return self._record(self.callbacks.call("on_train_begin", {}), 0, -1)
+
+    def _on_epoch_begin(self, first: Report, reports: dict[int, Report]) -> list[Decision]:
+        self.view.epoch, self.view.step = first.epoch, 0
+        self.view.learning_rate = self._check_same_lr(reports)
+        self._emit("epoch_begin", epoch=first.epoch)
+        decisions = self.callbacks.call("on_epoch_begin", first.epoch, {})
+        if self.callbacks.batch_sync_every() is not None:
+            decisions += self.callbacks.call("on_train_batch_begin", 0, {})
+        return self._record(decisions, first.epoch, -1)
+
+    def _on_batch_end(self, first: Report, reports: dict[int, Report]) -> list[Decision]:
+        self.view.step = first.step
+        logs = aggregate(_sums(r.train) for r in reports.values())
+        if first.nonfinite and math.isfinite(logs.get("loss", math.nan)):
+            logs["loss"] = math.nan
+        if first.nonfinite:
+            self._emit("nan_detected", epoch=first.epoch, step=first.step)
+        decisions = self.callbacks.call("on_train_batch_end", first.step, dict(logs))
+        self._emit("batch_end", epoch=first.epoch, step=first.step, logs=logs)
+        if not any(isinstance(d, StopTraining) for d in decisions) and first.step + 1 < first.steps_per_epoch \
+                and self.callbacks.batch_sync_every() is not None:
+            decisions += self.callbacks.call("on_train_batch_begin", first.step + 1, {})
+        return self._record(decisions, first.epoch, first.step)
+
+    def _on_epoch_end(self, first: Report, reports: dict[int, Report]) -> list[Decision]:
+        lr_used = self.view.learning_rate
+        logs = aggregate(_sums(r.train) for r in reports.values())
+        if first.val is not None:
+            val_logs = aggregate(_sums(r.val) for r in reports.values())
+            decisions = self.callbacks.call("on_test_begin", {})
+            decisions += self.callbacks.call("on_test_end", dict(val_logs))
+            logs.update({f"val_{k}": v for k, v in val_logs.items()})
+        else:
+            decisions = []
+        logs["learning_rate"] = lr_used
+        decisions += self.callbacks.call("on_epoch_end", first.epoch, logs)
+        logs["learning_rate"] = lr_used  # Keras logs the rate used during the epoch
+        self.last_logs = dict(logs)
+        self._emit("epoch_end", epoch=first.epoch, logs=dict(logs))
+        return self._record(decisions, first.epoch, -1)
+
+    def _on_train_end(self, first: Report, reports: dict[int, Report]) -> list[Decision]:
+        decisions = self.callbacks.call("on_train_end", dict(self.last_logs))
+        self._emit("train_end", logs=dict(self.last_logs))
+        return self._record(decisions, first.epoch, -1)
+
+    def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
+        self._emit("progress", epoch=epoch, step=step, logs=logs)
+
+    def drain(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
+
+
+def _sums(value: object) -> PhaseSums:
+    return value if isinstance(value, PhaseSums) else PhaseSums()
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Coordinator:
+    """Ray actor around :class:`CoordinatorCore` with a per-sync-point barrier."""
+
+    def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int) -> None:
+        self.core = CoordinatorCore(callbacks, params, world_size)
+        self._barriers: dict[tuple[str, int, int], _Barrier] = {}
+
+    async def sync(self, rank: int, report: Report) -> list[Decision]:
+        key = (report.kind, report.epoch, report.step)
+        barrier = self._barriers.setdefault(key, _Barrier())
+        barrier.reports[rank] = report
+        if len(barrier.reports) == self.core.world_size:
+            barrier.result = self.core.handle(barrier.reports)
+            barrier.done.set()
+        await barrier.done.wait()
+        barrier.served += 1
+        if barrier.served == self.core.world_size:
+            del self._barriers[key]
+        return barrier.result
+
+    def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
+        self.core.progress(epoch, step, logs)
+
+    def poll(self) -> list[dict[str, Any]]:
+        return self.core.drain()
+
+    def callback_states(self) -> list[dict[str, Any]]:
+        return self.core.callbacks.state_dict()
+
+    def error(self) -> tuple[BaseException | None, str]:
+        error = self.core.error
+        if error is not None:
+            try:
+                ray.cloudpickle.dumps(error)
+            except Exception:
+                error = None  # the traceback text still reaches the driver
+        return error, self.core.error_traceback

@@ -1,0 +1,108 @@
+"""Decisions: values the coordinator hands to every rank.
+
+A callback never flips a flag on a shared object. It returns one of these values from a
+hook; the coordinator collects them once for the whole cluster and every rank applies the
+same list at the same step. They are plain frozen dataclasses so they pickle cheaply and
+compare by value in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Union
+
+
+@dataclass(frozen=True)
+class StopTraining:
+    """Stop after the current step (batch hooks) or epoch (epoch hooks).
+
+    Args:
+        reason: Short machine-readable reason, e.g. ``"early_stopping"``.
+        source: Name of the callback that decided.
+    """
+
+    reason: str = "requested"
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class SetLearningRate:
+    """Set the learning rate of every optimizer param group on every rank.
+
+    Args:
+        value: The new learning rate.
+        source: Name of the callback that decided.
+    """
+
+    value: float
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class SnapshotWeights:
+    """Every rank keeps a CPU copy of the current model weights under ``key``."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class RestoreWeights:
+    """Every rank loads the weights it kept under ``key`` (see :class:`SnapshotWeights`)."""
+
+    key: str
+
+
+Decision = Union[StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights]
+DECISION_TYPES = (StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights)
+
+
+def as_decisions(value: object, source: str = "") -> list[Decision]:
+    """Normalise a hook's return value (None, one Decision, or an iterable) to a list.
+
+    Raises:
+        TypeError: when the hook returned something that is not a Decision.
+    """
+    if value is None:
+        return []
+    if isinstance(value, DECISION_TYPES):
+        return [value]
+    if isinstance(value, (list, tuple)) or isinstance(value, Iterable) and not isinstance(value, (str, bytes, dict)):
+        out: list[Decision] = []
+        for item in value:
+            out.extend(as_decisions(item, source))
+        return out
+    raise TypeError(
+        f"callback {source or '?'} returned {value!r}; a hook returns None, a Decision "
+        "(orchestrator.decisions.StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights) "
+        "or a list of them"
+    )
+
+
+def stops(decisions: Iterable[Decision]) -> bool:
+    """True when any decision in the list stops training."""
+    return any(isinstance(d, StopTraining) for d in decisions)
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a rank sends to the coordinator at a sync point.
+
+    Args:
+        kind: ``"train_begin"``, ``"epoch_begin"``, ``"batch_end"``, ``"epoch_end"`` or ``"train_end"``.
+        epoch: 0-based epoch.
+        step: 0-based batch index within the epoch (``-1`` when not applicable).
+        train: Sums of training metrics so far this epoch (``metrics.PhaseSums``).
+        val: Sums of validation metrics for this epoch, if any.
+        learning_rate: The rank's optimizer learning rate (param group 0).
+        nonfinite: A non-finite loss was seen on some rank at this step.
+        steps_per_epoch: Batches per epoch on every rank.
+    """
+
+    kind: str
+    epoch: int = 0
+    step: int = -1
+    train: object | None = None
+    val: object | None = None
+    learning_rate: float = 0.0
+    nonfinite: bool = False
+    steps_per_epoch: int = 0

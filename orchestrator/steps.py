@@ -1,0 +1,107 @@
+"""Default train/validation steps and built-in metric functions.
+
+A step function takes ``(model, batch)`` and returns a :class:`StepOutput`-like dict:
+``{"loss": scalar tensor, "<metric>": scalar tensor (batch mean), ..., "batch_size": int}``.
+``batch_size`` is optional; when missing it is taken from the first tensor found in the batch.
+The loss of a train step must carry gradients; the framework calls ``backward``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fraction of correct predictions: argmax over classes, or a 0.5 threshold for one output."""
+    if outputs.ndim > 1 and outputs.shape[-1] > 1:
+        predicted = outputs.argmax(dim=-1)
+    else:
+        predicted = (outputs.reshape(targets.shape) > 0.5).to(targets.dtype)
+    return (predicted == targets).float().mean()
+
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.mean((outputs.reshape(targets.shape).float() - targets.float()) ** 2)
+
+
+def mae(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.mean(torch.abs(outputs.reshape(targets.shape).float() - targets.float()))
+
+
+BUILTIN_METRIC_FNS: dict[str, MetricFn] = {"accuracy": accuracy, "acc": accuracy, "mse": mse, "mae": mae}
+
+
+def resolve_metrics(metrics: Mapping[str, Any]) -> dict[str, MetricFn]:
+    """Map metric names to functions; built-in names are given as strings."""
+    out: dict[str, MetricFn] = {}
+    for name, fn in metrics.items():
+        out[name] = BUILTIN_METRIC_FNS[fn] if isinstance(fn, str) else fn
+    return out
+
+
+def infer_batch_size(batch: Any) -> int:
+    """Length of the first tensor in a batch (tensor, sequence or mapping)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, Mapping):
+        for value in batch.values():
+            try:
+                return infer_batch_size(value)
+            except ValueError:
+                continue
+    if isinstance(batch, (list, tuple)):
+        for value in batch:
+            try:
+                return infer_batch_size(value)
+            except ValueError:
+                continue
+    raise ValueError("cannot infer the batch size: return 'batch_size' from your step function")
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def make_default_step(loss_fn: Callable[..., torch.Tensor], metric_fns: Mapping[str, MetricFn]):
+    """The step for ``(inputs, targets)`` batches: forward, loss, metrics."""
+
+    def step(model: torch.nn.Module, batch: Any) -> dict[str, Any]:
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise ValueError(
+                "the default step expects (inputs, targets) batches; pass train_step=fn(model, batch) "
+                "returning {'loss': ..., 'batch_size': ...} for other batch shapes"
+            )
+        inputs, targets = batch
+        outputs = model(inputs)
+        out: dict[str, Any] = {"loss": loss_fn(outputs, targets)}
+        with torch.no_grad():
+            for name, fn in metric_fns.items():
+                out[name] = fn(outputs.detach(), targets)
+        out["batch_size"] = infer_batch_size(targets)
+        return out
+
+    return step
+
+
+def split_output(out: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """(loss, metric tensors, batch size) from a step's return value."""
+    if isinstance(out, torch.Tensor):
+        out = {"loss": out}
+    if not isinstance(out, Mapping) or "loss" not in out:
+        raise ValueError(f"a step function must return a dict with a 'loss' tensor, got {type(out).__name__}")
+    out = dict(out)
+    loss = out.pop("loss")
+    n = out.pop("batch_size", None)
+    n = infer_batch_size(batch) if n is None else int(n)
+    metrics = {k: (v if isinstance(v, torch.Tensor) else torch.tensor(float(v))) for k, v in out.items()}
+    return loss, metrics, n

@@ -1,0 +1,93 @@
+"""The worker actor: one rank of the data-parallel group."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from orchestrator.config import LoopConfig
+from orchestrator.decisions import Decision, Report
+
+
+@dataclass
+class WorkerFailure:
+    """A rank's loop raised. Returned (not raised) so the driver gets it as a value."""
+
+    rank: int
+    node: str
+    pid: int
+    error_type: str
+    message: str
+    traceback: str
+    exception: BaseException | None = None
+
+
+class RayLink:
+    """The :class:`~orchestrator.trainer.CoordinatorLink` over a Ray actor handle."""
+
+    def __init__(self, coordinator: Any, rank: int) -> None:
+        self.coordinator = coordinator
+        self.rank = rank
+
+    def sync(self, report: Report) -> list[Decision]:
+        return ray.get(self.coordinator.sync.remote(self.rank, report))
+
+    def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
+        self.coordinator.progress.remote(epoch, step, logs)  # fire and forget
+
+
+def _picklable(exc: BaseException) -> BaseException | None:
+    try:
+        ray.cloudpickle.loads(ray.cloudpickle.dumps(exc))
+        return exc
+    except Exception:
+        return None
+
+
+@ray.remote(max_restarts=0)
+class TrainWorker:
+    """Rank ``rank`` of ``world_size``: joins the process group and runs the loop."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+
+    def info(self) -> dict[str, Any]:
+        return {"rank": self.rank, "node": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def free_port(self) -> tuple[str, int]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def run(self, config: LoopConfig, epochs: int, master: tuple[str, int], coordinator: Any,
+            use_gpu: bool, batch_sync_every: int | None, threads: int | None):
+        import torch
+
+        from orchestrator.trainer import TrainLoop, init_process_group
+
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            if use_gpu:
+                device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+                torch.cuda.set_device(device)
+                backend = "nccl"
+            else:
+                device, backend = torch.device("cpu"), "gloo"
+            init_process_group(backend, master[0], master[1], self.rank, self.world_size)
+            try:
+                loop = TrainLoop(config, self.rank, self.world_size, device, RayLink(coordinator, self.rank),
+                                 epochs, batch_sync_every)
+                return loop.run()
+            finally:
+                torch.distributed.destroy_process_group()
+        except Exception as exc:
+            return WorkerFailure(self.rank, ray.util.get_node_ip_address(), os.getpid(), type(exc).__name__,
+                                 str(exc), traceback.format_exc(), _picklable(exc))

@@ -1,0 +1,123 @@
+"""fit() on a real local Ray cluster with a real 2-rank gloo group."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+import workloads
+from orchestrator import Trainer, callbacks
+from orchestrator.errors import WorkerError
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def make(num_workers=2, **overrides):
+    kwargs = dict(model=workloads.tiny_model, optimizer=workloads.sgd, loss=workloads.cross_entropy,
+                  data=workloads.odd_data, metrics=["accuracy"], batch_size=16, num_workers=num_workers,
+                  seed=0)
+    kwargs.update(overrides)
+    return Trainer(**kwargs)
+
+
+def test_two_workers_report_the_same_validation_metrics_as_one_worker_on_odd_sample_counts(ray_cluster):
+    # lr = 0 keeps the weights at their seeded initial values, so only aggregation can differ
+    one = make(1, optimizer=workloads.frozen_sgd).fit(epochs=1, verbose=0)
+    two = make(2, optimizer=workloads.frozen_sgd).fit(epochs=1, verbose=0)
+    for key in ("val_loss", "val_accuracy"):
+        assert two.history[key][0] == pytest.approx(one.history[key][0], abs=1e-6)
+    # training loss counts padded duplicates on 2 ranks, so only validation is exact
+    assert set(two.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"}
+
+
+def test_fit_returns_keras_style_history_and_the_trained_model_on_cpu(ray_cluster):
+    history = make(2).fit(epochs=3, verbose=0)
+    assert history.epoch == [0, 1, 2]
+    assert len(history.history["loss"]) == 3
+    assert history.history["learning_rate"] == [0.1, 0.1, 0.1]
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert isinstance(history.model, torch.nn.Module)
+    assert all(p.device.type == "cpu" for p in history.model.parameters())
+    # the returned model is the trained one: its validation accuracy matches the last epoch's
+    _, val = workloads.odd_data()
+    x, y = val.tensors
+    acc = (history.model(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(history.history["val_accuracy"][-1], abs=1e-6)
+
+
+def test_a_nan_loss_on_rank_one_only_stops_every_rank_at_that_step(ray_cluster):
+    step = 5
+    history = make(2, train_step=workloads.nan_on_rank1_at_step(step), data=workloads.train_only_data,
+                   metrics=None, callbacks=[callbacks.TerminateOnNaN()]).fit(epochs=5, verbose=0)
+    # 64 samples / 2 ranks / batch 16 = 2 steps per epoch: call 5 is epoch 2, step 1
+    assert [r.stopped_at for r in history.results] == [(2, 1), (2, 1)]
+    assert [r.steps_run for r in history.results] == [step + 1, step + 1]
+    assert history.epoch == [0, 1, 2]  # as in Keras, the stopped epoch still ends and is logged
+    assert math.isnan(history.history["loss"][-1])
+    assert any(e["type"] == "nan_detected" for e in history.events)
+    # the non-finite update was never applied
+    assert all(torch.isfinite(p).all() for p in history.model.parameters())
+
+
+def test_terminate_on_nan_with_raise_error_makes_fit_raise_the_keras_error(ray_cluster):
+    trainer = make(2, train_step=workloads.nan_on_rank1_at_step(1), data=workloads.train_only_data,
+                   metrics=None, callbacks=[callbacks.TerminateOnNaN(raise_error=True)])
+    with pytest.raises(RuntimeError, match="NaN or Inf loss encountered at batch 1"):
+        trainer.fit(epochs=2, verbose=0)
+
+
+def test_a_learning_rate_reduction_is_applied_identically_on_every_rank(ray_cluster):
+    reduce = callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=1, min_delta=10.0)
+    history = make(2, callbacks=[reduce]).fit(epochs=4, verbose=0)
+    per_rank = [r.learning_rates for r in history.results]
+    assert per_rank[0] == per_rank[1]
+    assert per_rank[0] == history.history["learning_rate"]
+    assert history.history["learning_rate"] == [0.1, 0.05, 0.025, 0.0125]
+    assert [e["value"] for e in history.events if e["type"] == "lr_changed"] == [0.05, 0.025, 0.0125, 0.00625]
+
+
+def test_learning_rate_scheduler_sets_the_rate_on_every_rank_before_each_epoch(ray_cluster):
+    sched = callbacks.LearningRateScheduler(lambda epoch: 0.1 / (epoch + 1))
+    history = make(2, callbacks=[sched]).fit(epochs=3, verbose=0)
+    expected = [0.1, 0.05, 0.1 / 3]
+    assert history.history["learning_rate"] == pytest.approx(expected)
+    assert history.results[0].learning_rates == history.results[1].learning_rates
+
+
+def test_early_stopping_stops_the_cluster_and_restores_the_best_weights(ray_cluster):
+    stopper = callbacks.EarlyStopping(monitor="val_loss", patience=1, min_delta=100.0, restore_best_weights=True)
+    history = make(2, callbacks=[stopper]).fit(epochs=10, verbose=0)
+    # with min_delta=100 nothing after the first epoch improves: stop at epoch 1, keep epoch 0
+    assert history.epoch == [0, 1]
+    assert stopper.stopped_epoch == 1  # the driver's instance receives the coordinator's state
+    _, val = workloads.odd_data()
+    x, y = val.tensors
+    restored_loss = torch.nn.functional.cross_entropy(history.model(x), y).item()
+    assert restored_loss == pytest.approx(history.history["val_loss"][0], abs=1e-5)
+
+
+def test_user_code_raising_on_one_rank_surfaces_with_its_rank_and_traceback_within_seconds(ray_cluster):
+    trainer = make(2, train_step=workloads.raise_on_rank1)
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        trainer.fit(epochs=2, verbose=0)
+    assert time.monotonic() - start < 60
+    assert info.value.rank == 1
+    assert "boom from rank 1's train step" in str(info.value)
+    assert "raise_on_rank1" in info.value.remote_traceback
+    assert isinstance(info.value.__cause__, ArithmeticError)
+
+
+def test_custom_train_step_handles_dict_batches_and_custom_metrics(ray_cluster):
+    history = make(2, loss=None, data=workloads.dict_batches_data, train_step=workloads.dict_step,
+                   metrics=None).fit(epochs=2, verbose=0)
+    assert set(history.history) == {"loss", "acc", "learning_rate"}
+    assert 0.0 <= history.history["acc"][-1] <= 1.0
+
+
+def test_clip_grad_norm_keeps_training_finite(ray_cluster):
+    history = make(2, clip_grad_norm=0.5).fit(epochs=1, verbose=0)
+    assert math.isfinite(history.history["loss"][0])

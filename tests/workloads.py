@@ -1,0 +1,89 @@
+"""Small deterministic models and data for integration tests (imported by the workers too)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+N_FEATURES = 8
+N_CLASSES = 3
+
+
+def make_classification(n: int, seed: int) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, N_FEATURES, generator=g)
+    w = torch.randn(N_FEATURES, N_CLASSES, generator=g)
+    y = (x @ w).argmax(dim=1)
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def tiny_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 16), torch.nn.ReLU(), torch.nn.Linear(16, N_CLASSES))
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def frozen_sgd(params):
+    return torch.optim.SGD(params, lr=0.0)
+
+
+def odd_data():
+    """203 training and 101 validation samples: odd counts exercise the no-duplicates rule."""
+    return make_classification(203, seed=1), make_classification(101, seed=2)
+
+
+def train_only_data():
+    return make_classification(64, seed=3), None
+
+
+cross_entropy = torch.nn.functional.cross_entropy
+
+_calls = {"n": 0}
+
+
+def nan_on_rank1_at_step(step: int):
+    """A train step that returns a NaN loss on rank 1 at its ``step``-th call (0-based)."""
+
+    def train_step(model, batch):
+        inputs, targets = batch
+        loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+        call = _calls["n"]
+        _calls["n"] += 1
+        if dist.get_rank() == 1 and call == step:
+            loss = loss * float("nan")
+        return {"loss": loss, "batch_size": len(targets)}
+
+    return train_step
+
+
+def raise_on_rank1(model, batch):
+    if dist.get_rank() == 1:
+        raise ArithmeticError("boom from rank 1's train step")
+    inputs, targets = batch
+    return {"loss": torch.nn.functional.cross_entropy(model(inputs), targets)}
+
+
+def dict_batches_data():
+    base = make_classification(48, seed=4)
+    return DictDataset(base), None
+
+
+class DictDataset(torch.utils.data.Dataset):
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return {"features": x, "label": y}
+
+
+def dict_step(model, batch):
+    outputs = model(batch["features"])
+    loss = torch.nn.functional.cross_entropy(outputs, batch["label"])
+    acc = (outputs.argmax(1) == batch["label"]).float().mean()
+    return {"loss": loss, "acc": acc}
