@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from orchestrator.callbacks.base import Callback
+from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.config import LoopConfig, ScalingConfig
 from orchestrator.coordinator import Coordinator
 from orchestrator.errors import CoordinatorError, WorkerError, WorkerLostError
@@ -59,11 +59,15 @@ class DriverCallbacks:
     def __init__(self, callbacks: list[Callback], params: dict[str, Any]) -> None:
         self.callbacks = callbacks
         self.params = params
+        self.view = TrainingView()
         for cb in callbacks:
             cb.set_params(params)
+            cb.set_trainer(self.view)
 
     def dispatch(self, event: dict[str, Any]) -> None:
         kind = event["type"]
+        self.view.extra["event_time"] = event["time"]
+        self.view.epoch = event.get("epoch", self.view.epoch)
         for cb in self.callbacks:
             if kind == "train_begin":
                 self.params["steps"] = event["steps"]

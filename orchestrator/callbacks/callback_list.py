@@ -30,10 +30,13 @@ class CallbackList:
     def __init__(self, callbacks: Iterable[Callback], view: TrainingView | None = None) -> None:
         self.callbacks = list(callbacks)
         self.view = view or TrainingView()
+        self.params: dict[str, Any] = {}
         for cb in self.callbacks:
             cb.set_trainer(self.view)
 
     def set_params(self, params: dict[str, Any]) -> None:
+        """Give every callback the same params dict (so later updates, like ``steps``, reach all)."""
+        self.params = params
         for cb in self.callbacks:
             cb.set_params(params)
 

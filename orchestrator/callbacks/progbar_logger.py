@@ -54,7 +54,11 @@ class ProgbarLogger(Callback):
         self.stream = stream
         self._bar: Any = None
         self._epoch = 0
-        self._epoch_start = time.monotonic()
+        self._epoch_start = self._now()
+
+    def _now(self) -> float:
+        """When the reported event happened on the cluster (the driver sets it), else now."""
+        return float(self.trainer.extra.get("event_time", time.time()))
 
     # -- configuration, read at call time ------------------------------------------------------
     @property
@@ -73,11 +77,11 @@ class ProgbarLogger(Callback):
 
     # -- hooks -----------------------------------------------------------------------------------
     def on_train_begin(self, logs: dict | None = None) -> None:
-        self._epoch_start = time.monotonic()
+        self._epoch_start = self._now()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._close_bar()
-        self._epoch, self._epoch_start = epoch, time.monotonic()
+        self._epoch, self._epoch_start = epoch, self._now()
         if self._mode() == "bar":
             self._open_bar(epoch)
 
@@ -98,11 +102,11 @@ class ProgbarLogger(Callback):
         elif mode == "line":
             epochs = self.params.get("epochs")
             parts = [f"Epoch {epoch + 1}/{epochs}" if epochs else f"Epoch {epoch + 1}",
-                     f"{time.monotonic() - self._epoch_start:.1f}s"]
+                     f"{self._now() - self._epoch_start:.1f}s"]
             if logs:
                 parts.append(format_logs(logs))
             print(" - ".join(parts), file=self._out, flush=True)
-        self._epoch, self._epoch_start = epoch + 1, time.monotonic()
+        self._epoch, self._epoch_start = epoch + 1, self._now()
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self._close_bar()
