@@ -1,7 +1,9 @@
 """The per-worker training loop: torch only, no Ray.
 
-Every rank runs :class:`TrainLoop`. Per step it does forward, a small all-reduce of
-``[non-finite flag, loss * n, n]`` overlapped with backward, then the optimizer step. Per
+Every rank runs :class:`TrainLoop`. Per step it does forward, backward and the optimizer step.
+The step's per-rank signals ``[non-finite loss flag, loss * n, n]`` ride the step's own gradient
+all-reduce: they are the gradient of a 3-element "signal" parameter (see :class:`SignalledModule`),
+so DDP averages them together with the model's gradients and no extra collective runs. Per
 epoch (and at the rare batch sync points) it sends a :class:`~orchestrator.decisions.Report`
 through a :class:`CoordinatorLink` and applies the decisions it gets back. All ranks get the
 same decisions, so they stay in lockstep without ever deciding alone.
@@ -56,6 +58,27 @@ class LoopResult:
     steps_run: int = 0
     stopped_at: tuple[int, int] | None = None
     state_dict: dict[str, torch.Tensor] | None = None
+
+
+class SignalledModule(torch.nn.Module):
+    """The user's model plus a 3-element parameter whose gradient carries per-step signals.
+
+    The loop adds ``(signal * values).sum()`` to the loss before ``backward``; the gradient of
+    ``signal`` is then exactly ``values``, and DDP all-reduces it in the same buckets as the
+    model's gradients. The model's own gradients are unchanged (``signal`` stays zero; it is
+    not given to the optimizer and not saved).
+    """
+
+    SIZE = 3
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        self.signal = torch.nn.Parameter(torch.zeros(self.SIZE, device=device))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
 
 
 def init_process_group(backend: str, master_addr: str, master_port: int, rank: int, world_size: int,
@@ -118,7 +141,8 @@ class TrainLoop:
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.signalled = SignalledModule(self.model)
+        self.ddp = DistributedDataParallel(self.signalled, device_ids=device_ids)
         train_ds, val_ds = _as_datasets(cfg.data())
         if train_ds is None or len(train_ds) == 0:
             raise ValueError("data() returned an empty training dataset")
@@ -188,32 +212,25 @@ class TrainLoop:
 
     def _train_epoch(self, epoch: int, result: LoopResult, already_stopped: bool) -> tuple[PhaseSums, int | None]:
         """Run one epoch; return (local sums, the step at which a decision stopped training)."""
-        sums = PhaseSums()
         if already_stopped:
-            return sums, None
+            return PhaseSums(), None
         self.ddp.train()
         self.train_sampler.set_epoch(epoch)
         cfg = self.config
-        totals: dict[str, torch.Tensor] = {}
-        count = 0
-        signal = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = _Accumulator()
+        signal = self.signalled.signal
         stopped_step: int | None = None
         seen_loss, seen_n = 0.0, 0.0  # cluster-wide running loss, for progress only
         for step, batch in enumerate(self.train_loader):
             batch = move_to(batch, self.device)
             loss, metrics, n = split_output(self.train_step(self.ddp, batch), batch)
-            detached = loss.detach().double()
-            signal[0] = (~torch.isfinite(detached)).double()
-            signal[1] = detached * n
-            signal[2] = n
-            work = dist.all_reduce(signal, async_op=True)  # rides along with backward
-            loss.backward()
-            work.wait()
-            nonfinite, loss_sum, n_sum = signal.tolist()
-            totals["loss"] = totals.get("loss", 0.0) + detached * n
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + value.detach().double().to(self.device) * n
-            count += n
+            detached = loss.detach()
+            weighted_loss = sums.add(detached, metrics, n)
+            values = torch.stack([(~torch.isfinite(detached)).to(signal.dtype), weighted_loss.to(signal.dtype),
+                                  torch.full((), float(n), dtype=signal.dtype, device=signal.device)])
+            (loss + (signal * values).sum()).backward()
+            nonfinite, loss_sum, n_sum = (signal.grad * self.world_size).tolist()  # DDP averaged them
+            signal.grad = None
             result.steps_run += 1
             if nonfinite > 0:
                 self.optimizer.zero_grad(set_to_none=True)  # never apply a non-finite update
@@ -227,28 +244,24 @@ class TrainLoop:
                 self._maybe_progress(epoch, step, seen_loss / max(seen_n, 1.0))
             periodic = self.batch_sync_every is not None and (step + 1) % self.batch_sync_every == 0
             if nonfinite > 0 or periodic:
-                running = _to_sums(totals, count)
+                running = sums.phase_sums()
                 if self._sync("batch_end", epoch, step, train=running, nonfinite=nonfinite > 0):
                     stopped_step = step
                     break
-        return _to_sums(totals, count), stopped_step
+        return sums.phase_sums(), stopped_step
 
     def _validate(self) -> PhaseSums | None:
         if self.val_loader is None:
             return None
         self.model.eval()
-        totals: dict[str, torch.Tensor] = {}
-        count = 0
+        sums = _Accumulator()
         with torch.no_grad():
             for batch in self.val_loader:
                 batch = move_to(batch, self.device)
                 loss, metrics, n = split_output(self.val_step(self.model, batch), batch)
-                totals["loss"] = totals.get("loss", 0.0) + loss.detach().double() * n
-                for name, value in metrics.items():
-                    totals[name] = totals.get(name, 0.0) + value.detach().double().to(self.device) * n
-                count += n
+                sums.add(loss.detach(), metrics, n)
         self.model.train()
-        return _to_sums(totals, count)
+        return sums.phase_sums()
 
     def _maybe_progress(self, epoch: int, step: int, running_loss: float) -> None:
         now = time.monotonic()
@@ -257,10 +270,25 @@ class TrainLoop:
             self.link.progress(epoch, step, {"loss": running_loss if math.isfinite(running_loss) else float("nan")})
 
 
-def _to_sums(totals: dict[str, Any], count: int) -> PhaseSums:
-    """Per-metric sums (value * n) to a PhaseSums of Python floats (one device sync)."""
-    sums = PhaseSums(count=count)
-    for name, value in totals.items():
-        total = float(value.item()) if isinstance(value, torch.Tensor) else float(value)
-        sums.totals[name] = total
-    return sums
+class _Accumulator:
+    """Sums of ``value * n`` for the loss and every metric, kept on the device in float64."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.totals: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """Add one batch; return the batch's ``loss * n`` (float64, on the device)."""
+        weighted = torch.stack([loss, *(v.detach().to(loss.device) for v in metrics.values())]).double() * n
+        if self.totals is None:
+            self.names, self.totals = ["loss", *metrics], weighted.clone()
+        else:
+            self.totals.add_(weighted)
+        self.count += n
+        return weighted[0]
+
+    def phase_sums(self) -> PhaseSums:
+        """The sums as Python floats (one device sync)."""
+        values = self.totals.tolist() if self.totals is not None else []
+        return PhaseSums(totals=dict(zip(self.names, values)), count=self.count)
