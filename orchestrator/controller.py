@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
-import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +130,11 @@ def run_fit(plan: FitPlan) -> FitOutcome:
 def _dispatch(coordinator: Any, driver: DriverCallbacks, outcome: FitOutcome) -> None:
     for event in ray.get(coordinator.poll.remote()):
         outcome.events.append(event)
+        if event["type"] == "warning":
+            category = getattr(builtins, event["category"], UserWarning)
+            if not (isinstance(category, type) and issubclass(category, Warning)):
+                category = UserWarning
+            warnings.warn(event["message"], category, stacklevel=4)
         driver.dispatch(event)
 
 

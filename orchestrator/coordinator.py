@@ -11,6 +11,7 @@ import asyncio
 import math
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,12 +55,17 @@ class CoordinatorCore:
         if self.error is not None:
             return [StopTraining(reason="callback_error", source="coordinator")]
         first = reports[min(reports)]
-        try:
-            return getattr(self, f"_on_{first.kind}")(first, reports)
-        except Exception as exc:  # a callback raised: stop every rank, re-raise on the driver
-            self.error = exc
-            self.error_traceback = traceback.format_exc()
-            return [StopTraining(reason="callback_error", source="coordinator")]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                decisions = getattr(self, f"_on_{first.kind}")(first, reports)
+            except Exception as exc:  # a callback raised: stop every rank, re-raise on the driver
+                self.error = exc
+                self.error_traceback = traceback.format_exc()
+                decisions = [StopTraining(reason="callback_error", source="coordinator")]
+        for w in caught:  # the driver re-issues them, so users see Keras's warnings where they run fit
+            self._emit("warning", message=str(w.message), category=w.category.__name__)
+        return decisions
 
     def _emit(self, type_: str, **fields: Any) -> None:
         self.events.append({"type": type_, "time": time.time(), **fields})

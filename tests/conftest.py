@@ -28,9 +28,9 @@ def ray_session():
 
 
 def _alive_actors(ray) -> list:
-    from ray.util.state import list_actors
+    from ray._private import state  # the GCS actor table; the state API would need the dashboard
 
-    return list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    return [a["ActorClassName"] for a in state.actors().values() if a["State"] != "DEAD"]
 
 
 def _live_placement_groups(ray) -> list:
@@ -40,9 +40,10 @@ def _live_placement_groups(ray) -> list:
 
 @pytest.fixture
 def ray_cluster(ray_session):
-    """The shared Ray instance; after the test, no placement group may be left (waits up to 30 s)."""
+    """The shared Ray instance; after the test no actor or placement group may be left (waits up to 30 s)."""
     yield ray_session
     deadline = time.monotonic() + 30
-    while _live_placement_groups(ray_session) and time.monotonic() < deadline:
+    while (_live_placement_groups(ray_session) or _alive_actors(ray_session)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _live_placement_groups(ray_session) == []
+    assert _alive_actors(ray_session) == []

@@ -122,3 +122,33 @@ def test_custom_train_step_handles_dict_batches_and_custom_metrics(ray_cluster):
 def test_clip_grad_norm_keeps_training_finite(ray_cluster):
     history = make(2, clip_grad_norm=0.5).fit(epochs=1, verbose=0)
     assert math.isfinite(history.history["loss"][0])
+
+
+def test_a_missing_monitored_key_warns_on_the_driver_with_the_available_keys(ray_cluster):
+    stopper = callbacks.EarlyStopping(monitor="val_accuracy", mode="max")
+    trainer = make(2, data=workloads.train_only_data, callbacks=[stopper])
+    with pytest.warns(UserWarning, match="Available metrics are: loss,accuracy"):
+        history = trainer.fit(epochs=2, verbose=0)
+    assert history.epoch == [0, 1]
+
+
+def test_spread_placement_trains_like_pack(ray_cluster):
+    pack = make(2).fit(epochs=1, verbose=0)
+    spread = make(2, placement_strategy="SPREAD").fit(epochs=1, verbose=0)
+    assert spread.history["loss"] == pytest.approx(pack.history["loss"], rel=1e-6)
+
+
+def test_progress_reaches_the_driver_at_most_about_once_a_second(ray_cluster):
+    history = make(2, data=workloads.many_batches_data, batch_size=8).fit(epochs=1, verbose=0)
+    progress = [e for e in history.events if e["type"] == "progress"]
+    begin = next(e["time"] for e in history.events if e["type"] == "epoch_begin")
+    end = next(e["time"] for e in history.events if e["type"] == "epoch_end")
+    assert len(progress) >= 1
+    assert len(progress) <= (end - begin) / 1.0 + 2
+    assert all(math.isfinite(e["logs"]["loss"]) for e in progress)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nccl path)")
+def test_use_gpu_trains_with_nccl_on_the_assigned_devices(ray_cluster):
+    history = make(1, use_gpu=True).fit(epochs=1, verbose=0)
+    assert math.isfinite(history.history["loss"][0])

@@ -87,3 +87,8 @@ def dict_step(model, batch):
     loss = torch.nn.functional.cross_entropy(outputs, batch["label"])
     acc = (outputs.argmax(1) == batch["label"]).float().mean()
     return {"loss": loss, "acc": acc}
+
+
+def many_batches_data():
+    """Enough batches at batch size 8 for an epoch to last more than a second on 2 CPU ranks."""
+    return make_classification(20000, seed=5), None

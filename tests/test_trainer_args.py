@@ -1,0 +1,72 @@
+"""Bad Trainer and callback arguments fail at construction, naming the argument; no worker starts."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import workloads
+from orchestrator import Trainer, callbacks
+
+
+def make(**overrides):
+    kwargs = dict(model=workloads.tiny_model, optimizer=workloads.sgd, loss=workloads.cross_entropy,
+                  data=workloads.odd_data, metrics=["accuracy"], batch_size=16, num_workers=2)
+    kwargs.update(overrides)
+    return Trainer(**kwargs)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": 2.5}, "batch_size"),
+    ({"num_workers": 0}, "num_workers"),
+    ({"metrics": ["precision"]}, "metrics: unknown metric 'precision'"),
+    ({"metrics": {"f1": 3}}, r"metrics\['f1'\]"),
+    ({"model": None}, "model must be a callable"),
+    ({"data": None}, "data is required"),
+    ({"loss": None}, "loss is required"),
+    ({"clip_grad_norm": -1.0}, "clip_grad_norm"),
+    ({"placement_strategy": "RANDOM"}, "placement_strategy"),
+    ({"run_name": "../escape"}, "run_name"),
+    ({"max_failures": -1}, "max_failures"),
+    ({"seed": "zero"}, "seed"),
+    ({"callbacks": [object()]}, r"callbacks\[0\]"),
+    ({"use_gpu": "yes"}, "use_gpu"),
+])
+def test_a_bad_trainer_argument_raises_value_error_naming_it(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make(**overrides)
+
+
+def test_a_factory_that_cannot_be_pickled_is_rejected_with_its_argument_name():
+    lock = threading.Lock()
+
+    def data_with_lock():
+        with lock:
+            return workloads.odd_data()
+
+    with pytest.raises(ValueError, match="data cannot be sent to the workers because it is not picklable"):
+        make(data=data_with_lock)
+
+
+def test_a_monitor_whose_direction_cannot_be_inferred_fails_before_training():
+    with pytest.raises(ValueError, match="monitor=val_f1"):
+        make(metrics={"f1": lambda o, t: torch.tensor(0.0)}, callbacks=[callbacks.EarlyStopping(monitor="val_f1")])
+
+
+def test_a_custom_metric_monitor_with_an_explicit_mode_is_accepted():
+    make(metrics={"f1": lambda o, t: torch.tensor(0.0)},
+         callbacks=[callbacks.EarlyStopping(monitor="val_f1", mode="max")])
+
+
+@pytest.mark.parametrize("epochs", [0, -1, 1.5, "3"])
+def test_fit_rejects_a_bad_epoch_count_before_starting_anything(epochs):
+    with pytest.raises(ValueError, match="epochs"):
+        make().fit(epochs=epochs)
+
+
+def test_fit_rejects_an_unknown_verbose_value():
+    with pytest.raises(ValueError, match="verbose"):
+        make().fit(epochs=1, verbose="loud")
