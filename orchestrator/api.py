@@ -6,11 +6,12 @@ from typing import Any, Callable, Iterable, Mapping
 
 import ray
 
-from orchestrator.callbacks import Callback, History, ProgbarLogger
+from orchestrator.callbacks import BackupAndRestore, Callback, History, ProgbarLogger
 from orchestrator.callbacks.callback_list import CallbackList
 from orchestrator.config import LoopConfig, ScalingConfig, validate_epochs, validate_run_name
 from orchestrator.controller import FitPlan, run_fit
 from orchestrator.metrics import BUILTIN_METRICS, metric_directions
+from orchestrator.storage import StorageSpec
 
 VERBOSE = ("auto", 0, 1, 2)
 
@@ -123,9 +124,10 @@ class Trainer:
                                      placement_strategy=placement_strategy)
         self.run_name = validate_run_name(run_name)
         if storage is not None and not isinstance(storage, str):
-            raise ValueError(f"storage must be an fsspec URL or a path string, got {storage!r}")
-        self.storage = storage
-        self.storage_options = dict(storage_options or {})
+            raise ValueError(f"storage must be an fsspec URL or a path string, got {type(storage).__name__}")
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise ValueError("storage_options must be a dict of fsspec options")
+        self.storage = StorageSpec(url=storage, run_name=self.run_name, options=dict(storage_options or {}))
         if not isinstance(max_failures, int) or max_failures < 0:
             raise ValueError(f"max_failures must be an integer >= 0, got {max_failures!r}")
         self.max_failures = max_failures
@@ -142,6 +144,13 @@ class Trainer:
                              "num_workers": num_workers, "batch_size": batch_size}
         for cb in self.callbacks:
             cb.validate(dict(self._base_params))
+        backups = [cb for cb in self.callbacks if isinstance(cb, BackupAndRestore)]
+        if len(backups) > 1:
+            raise ValueError("callbacks: pass at most one BackupAndRestore")
+        self.backup = backups[0] if backups else None
+        if self.backup is not None and "://" in self.backup.backup_dir:
+            raise ValueError("BackupAndRestore(backup_dir=...) must be a path relative to the run directory "
+                             f"here, got {self.backup.backup_dir!r}; set Trainer(storage=...) to move the run")
         for name in ("model", "optimizer", "loss", "data", "train_step", "val_step"):
             if getattr(self.loop, name) is not None:
                 _check_picklable(name, getattr(self.loop, name))
@@ -172,7 +181,10 @@ class Trainer:
         sync_every = CallbackList(coordinator_cbs).batch_sync_every()
         plan = FitPlan(loop=self.loop, scaling=self.scaling, epochs=epochs, callbacks=coordinator_cbs,
                        driver_callbacks=driver_cbs, params=params, batch_sync_every=sync_every,
-                       threads_per_worker=self.threads_per_worker)
+                       threads_per_worker=self.threads_per_worker, storage=self.storage,
+                       config_snapshot=self._config_snapshot(epochs),
+                       backup_dir=self.backup.backup_dir if self.backup else None,
+                       delete_backups_at_end=bool(self.backup and self.backup.delete_checkpoint))
         outcome = run_fit(plan)
         for cb, state in zip(coordinator_cbs, outcome.callback_states):
             cb.load_state_dict(state)
@@ -180,6 +192,14 @@ class Trainer:
         history.results = outcome.results
         history.events = outcome.events
         return history
+
+    def _config_snapshot(self, epochs: int) -> dict[str, Any]:
+        """What run.json records: names and numbers, never storage_options values."""
+        return {"run_name": self.run_name, "epochs": epochs, "num_workers": self.scaling.num_workers,
+                "use_gpu": self.scaling.use_gpu, "placement_strategy": self.scaling.placement_strategy,
+                "batch_size": self.loop.batch_size, "seed": self.loop.seed, "metrics": list(self.loop.metrics),
+                "clip_grad_norm": self.loop.clip_grad_norm, "max_failures": self.max_failures,
+                "callbacks": [cb.name for cb in self.callbacks]}
 
     def _build_final_model(self, state_dict: Mapping[str, Any] | None) -> Any:
         model = self.loop.model()

@@ -11,9 +11,14 @@ from typing import Any
 import ray
 
 from orchestrator.callbacks.base import Callback, TrainingView
+from orchestrator.callbacks.history import History
+from orchestrator.checkpoint import latest_valid, remove_newer
 from orchestrator.config import LoopConfig, ScalingConfig
 from orchestrator.coordinator import Coordinator
-from orchestrator.errors import CoordinatorError, WorkerError, WorkerLostError
+from orchestrator.errors import CoordinatorError, OrchestratorError, WorkerError, WorkerLostError
+from orchestrator.loop_state import COORDINATOR_FILE
+from orchestrator.state import from_bytes
+from orchestrator.storage import EventLog, StorageSpec, bump_attempt, is_local, write_marker, write_run_json
 from orchestrator.trainer import LoopResult
 from orchestrator.worker import WorkerFailure
 from orchestrator.worker_group import WorkerGroup
@@ -34,6 +39,15 @@ class FitPlan:
     batch_sync_every: int | None = None
     threads_per_worker: int | None = None
     poll_interval_s: float = 0.2
+    storage: StorageSpec | None = None
+    config_snapshot: dict[str, Any] = field(default_factory=dict)
+    backup_dir: str | None = None  # set when a BackupAndRestore callback is present
+    delete_backups_at_end: bool = False
+
+# coordinator event types that go to events.jsonl (progress and batch logs stay in memory)
+PERSISTED_EVENTS = {"lr_changed", "nan_detected", "checkpoint_saved", "backup_committed", "backup_failed",
+                    "epoch_end", "warning"}
+STOP_EVENT_TYPES = {"early_stopping": "early_stopping", "nan_detected": "terminated_on_nan"}
 
 
 @dataclass
@@ -57,9 +71,11 @@ def ensure_ray() -> bool:
 class DriverCallbacks:
     """Replays the coordinator's events to display-only callbacks (ProgbarLogger, History)."""
 
-    def __init__(self, callbacks: list[Callback], params: dict[str, Any]) -> None:
+    def __init__(self, callbacks: list[Callback], params: dict[str, Any],
+                 restored_history: list[dict[str, Any]] | None = None) -> None:
         self.callbacks = callbacks
         self.params = params
+        self.restored_history = restored_history or []
         self.view = TrainingView()
         for cb in callbacks:
             cb.set_params(params)
@@ -73,6 +89,9 @@ class DriverCallbacks:
             if kind == "train_begin":
                 self.params["steps"] = event["steps"]
                 cb.on_train_begin({})
+                if isinstance(cb, History):  # epochs run before a resume
+                    for past in self.restored_history:
+                        cb.on_epoch_end(past["epoch"], dict(past["logs"]))
             elif kind == "epoch_begin":
                 cb.on_epoch_begin(event["epoch"], {})
             elif kind in ("progress", "batch_end"):
@@ -83,18 +102,56 @@ class DriverCallbacks:
                 cb.on_train_end(dict(event["logs"]))
 
 
+def prepare_storage(plan: FitPlan) -> tuple[Any, EventLog | None, str | None, dict[str, Any] | None]:
+    """Check the storage, write run.json, find the backup to resume from (before any worker starts).
+
+    Returns (storage, event log, resume folder or None, coordinator state to restore or None).
+    """
+    if plan.storage is None:
+        return None, None, None, None
+    storage = plan.storage.open()
+    storage.check_access()
+    attempt = bump_attempt(storage)
+    write_run_json(storage, dict(plan.config_snapshot, world_size=plan.scaling.num_workers))
+    events = EventLog(storage, attempt)
+    if plan.backup_dir is None:
+        return storage, events, None, None
+
+    def skipped(step: int, reason: str) -> None:
+        warnings.warn(f"skipping backup step {step} in {storage.url(plan.backup_dir)}: {reason}", stacklevel=3)
+        events.append("backup_skipped", step=step, reason=reason)
+
+    found = latest_valid(storage, plan.backup_dir, on_skip=skipped)
+    remove_newer(storage, plan.backup_dir, found.manifest.step if found else None)
+    if found is None:
+        return storage, events, None, None
+    if found.manifest.world_size != plan.scaling.num_workers:
+        raise OrchestratorError(
+            f"the backup in {storage.url(found.folder)} was written by {found.manifest.world_size} workers; "
+            f"resume with num_workers={found.manifest.world_size}")
+    restore = from_bytes(storage.read_bytes(f"{found.folder}/{COORDINATOR_FILE}"))
+    events.append("restored", epoch=found.manifest.epoch, step=found.manifest.step, folder=found.folder,
+                  phase=found.manifest.phase)
+    return storage, events, found.folder, restore
+
+
 def run_fit(plan: FitPlan) -> FitOutcome:
     """Run one training to the end; raise the first worker or callback error after cleanup."""
+    storage, events, resume_from, restore = prepare_storage(plan)
     started_ray = ensure_ray()
     group = WorkerGroup(plan.scaling)
     coordinator = None
     outcome = FitOutcome()
-    driver = DriverCallbacks(plan.driver_callbacks, plan.params)
+    driver = DriverCallbacks(plan.driver_callbacks, plan.params, (restore or {}).get("history"))
     try:
-        coordinator = Coordinator.remote(plan.callbacks, plan.params, plan.scaling.num_workers)
+        coordinator = Coordinator.remote(plan.callbacks, plan.params, plan.scaling.num_workers, plan.storage, restore)
         infos = group.start()
+        if storage is not None:
+            _check_storage_visible(group, plan.storage, storage, infos)
+            events.append("started", world_size=plan.scaling.num_workers,
+                          nodes=sorted({i["node"] for i in infos}))
         refs = group.run(plan.loop, plan.epochs, coordinator, plan.scaling.use_gpu, plan.batch_sync_every,
-                         plan.threads_per_worker)
+                         plan.threads_per_worker, plan.storage, resume_from)
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         results: dict[int, LoopResult] = {}
         pending = list(refs)
@@ -109,16 +166,25 @@ def run_fit(plan: FitPlan) -> FitOutcome:
                     raise WorkerLostError(
                         f"rank {rank} (node {info['node']}, pid {info['pid']}) died: {exc}") from None
                 if isinstance(value, WorkerFailure):
+                    _dispatch(coordinator, driver, outcome, events)
                     _raise_coordinator_error(coordinator)
                     err = WorkerError(value.rank, value.node, value.error_type, value.message, value.traceback)
                     raise err from value.exception
                 results[rank] = value
-            _dispatch(coordinator, driver, outcome)
-        _dispatch(coordinator, driver, outcome)
+            _dispatch(coordinator, driver, outcome, events)
+        _dispatch(coordinator, driver, outcome, events)
         _raise_coordinator_error(coordinator)
         outcome.callback_states = ray.get(coordinator.callback_states.remote())
         outcome.results = [results[r] for r in sorted(results)]
+        if events is not None:
+            if plan.backup_dir is not None and plan.delete_backups_at_end:
+                storage.rm(plan.backup_dir, recursive=True)
+            events.append("finished", epochs=len(outcome.results[0].learning_rates))
         return outcome
+    except BaseException as exc:
+        if events is not None:
+            events.append("failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise
     finally:
         group.shutdown()
         if coordinator is not None:
@@ -127,9 +193,27 @@ def run_fit(plan: FitPlan) -> FitOutcome:
             ray.shutdown()
 
 
-def _dispatch(coordinator: Any, driver: DriverCallbacks, outcome: FitOutcome) -> None:
+def _check_storage_visible(group: WorkerGroup, spec: StorageSpec, storage: Any, infos: list[dict[str, Any]]) -> None:
+    """A local path on a multi-node cluster must be shared storage every worker sees."""
+    if not is_local(storage) or len({i["node_id"] for i in infos}) < 2:
+        return
+    marker = write_marker(storage)
+    try:
+        seen = ray.get([w.can_read.remote(spec, marker) for w in group.workers])
+    finally:
+        storage.rm(marker)
+    blind = [infos[r]["node"] for r, ok in enumerate(seen) if not ok]
+    if blind:
+        raise OrchestratorError(
+            f"storage {storage.url()} is a local path that workers on {sorted(set(blind))} cannot see; "
+            "use shared storage (NFS mounted at the same path on every node) or an object store URL such as s3://")
+
+
+def _dispatch(coordinator: Any, driver: DriverCallbacks, outcome: FitOutcome, events: EventLog | None) -> None:
     for event in ray.get(coordinator.poll.remote()):
         outcome.events.append(event)
+        if events is not None:
+            _persist_event(events, event)
         if event["type"] == "warning":
             category = getattr(builtins, event["category"], UserWarning)
             if not (isinstance(category, type) and issubclass(category, Warning)):
@@ -144,3 +228,13 @@ def _raise_coordinator_error(coordinator: Any) -> None:
         raise error from CoordinatorError(f"a callback raised on the coordinator:\n{tb}")
     if tb:
         raise CoordinatorError(f"a callback raised on the coordinator:\n{tb}")
+
+
+def _persist_event(events: EventLog, event: dict[str, Any]) -> None:
+    kind = event["type"]
+    fields = {k: v for k, v in event.items() if k not in ("type", "time", "epoch", "step")}
+    if kind == "stop":
+        kind = STOP_EVENT_TYPES.get(event.get("reason", ""), "stopped")
+    elif kind not in PERSISTED_EVENTS:
+        return
+    events.append(kind, epoch=event.get("epoch"), step=event.get("step"), **fields)

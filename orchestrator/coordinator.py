@@ -8,6 +8,8 @@ list back. Progress and epoch logs queue up for the driver, which polls :meth:`p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import math
 import time
 import traceback
@@ -19,8 +21,11 @@ import ray
 
 from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.callbacks.callback_list import CallbackList
-from orchestrator.decisions import Decision, Report, SetLearningRate, StopTraining
+from orchestrator.checkpoint import FileEntry, Manifest, commit, purge_older
+from orchestrator.decisions import Backup, Decision, Report, SaveModel, SetLearningRate, StopTraining
 from orchestrator.metrics import PhaseSums, aggregate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,15 +45,34 @@ class CoordinatorCore:
         world_size: Number of ranks that report at each sync point.
     """
 
-    def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int) -> None:
+    def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int,
+                 storage: Any = None, restore: dict[str, Any] | None = None) -> None:
         self.world_size = world_size
         self.view = TrainingView(world_size=world_size)
         self.callbacks = CallbackList(callbacks, self.view)
         self.callbacks.set_params(params)
+        self.storage = storage
+        self.restore = restore
         self.events: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self.error_traceback: str = ""
         self.last_logs: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = list((restore or {}).get("history", []))
+        self._persisted: dict[str, dict[int, list[FileEntry] | None]] = {}
+
+    # -- state (travels inside Backup decisions) -----------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"callbacks": self.callbacks.state_dict(), "history": [dict(h) for h in self.history],
+                "last_logs": dict(self.last_logs),
+                "view": {"learning_rate": self.view.learning_rate, "epoch": self.view.epoch,
+                         "step": self.view.step, "global_step": self.view.global_step}}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.callbacks.load_state_dict(state.get("callbacks", []))
+        self.last_logs = dict(state.get("last_logs", {}))
+        view = state.get("view", {})
+        self.view.epoch = int(view.get("epoch", 0))
+        self.view.step = int(view.get("step", 0))
 
     def handle(self, reports: dict[int, Report]) -> list[Decision]:
         """Run the hooks for one sync point, once; return the decisions for every rank."""
@@ -71,8 +95,13 @@ class CoordinatorCore:
         self.events.append({"type": type_, "time": time.time(), **fields})
 
     def _record(self, decisions: list[Decision], epoch: int, step: int) -> list[Decision]:
+        """Emit events for the decisions; fill every Backup with the state as of now."""
+        decisions = [dataclasses.replace(d, coordinator_state=self.state_dict()) if isinstance(d, Backup) else d
+                     for d in decisions]
         for d in decisions:
-            if isinstance(d, StopTraining):
+            if isinstance(d, SaveModel):
+                self._emit("checkpoint_saved", path=d.filepath, epoch=epoch, step=step)
+            elif isinstance(d, StopTraining):
                 self._emit("stop", reason=d.reason, source=d.source, epoch=epoch, step=step)
             elif isinstance(d, SetLearningRate):
                 self._emit("lr_changed", value=d.value, source=d.source, epoch=epoch, step=step)
@@ -87,8 +116,12 @@ class CoordinatorCore:
     def _on_train_begin(self, first: Report, reports: dict[int, Report]) -> list[Decision]:
         self.view.learning_rate = self._check_same_lr(reports)
         self.callbacks.params["steps"] = first.steps_per_epoch
-        self._emit("train_begin", steps=first.steps_per_epoch)
-        return self._record(self.callbacks.call("on_train_begin", {}), 0, -1)
+        self.view.global_step = first.global_step
+        self._emit("train_begin", steps=first.steps_per_epoch, global_step=first.global_step)
+        decisions = self.callbacks.call("on_train_begin", {})
+        if self.restore is not None:  # after on_train_begin, which resets callbacks as Keras does
+            self._load_state(self.restore)
+        return self._record(decisions, 0, -1)
 
     def _on_epoch_begin(self, first: Report, reports: dict[int, Report]) -> list[Decision]:
         self.view.epoch, self.view.step = first.epoch, 0
@@ -100,7 +133,7 @@ class CoordinatorCore:
         return self._record(decisions, first.epoch, -1)
 
     def _on_batch_end(self, first: Report, reports: dict[int, Report]) -> list[Decision]:
-        self.view.step = first.step
+        self.view.step, self.view.global_step = first.step, first.global_step
         logs = aggregate(_sums(r.train) for r in reports.values())
         if first.nonfinite and math.isfinite(logs.get("loss", math.nan)):
             logs["loss"] = math.nan
@@ -114,6 +147,7 @@ class CoordinatorCore:
         return self._record(decisions, first.epoch, first.step)
 
     def _on_epoch_end(self, first: Report, reports: dict[int, Report]) -> list[Decision]:
+        self.view.global_step = first.global_step
         lr_used = self.view.learning_rate
         logs = aggregate(_sums(r.train) for r in reports.values())
         if first.val is not None:
@@ -127,6 +161,7 @@ class CoordinatorCore:
         decisions += self.callbacks.call("on_epoch_end", first.epoch, logs)
         logs["learning_rate"] = lr_used  # Keras logs the rate used during the epoch
         self.last_logs = dict(logs)
+        self.history.append({"epoch": first.epoch, "logs": dict(logs)})
         self._emit("epoch_end", epoch=first.epoch, logs=dict(logs))
         return self._record(decisions, first.epoch, -1)
 
@@ -137,6 +172,25 @@ class CoordinatorCore:
 
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         self._emit("progress", epoch=epoch, step=step, logs=logs)
+
+    def persisted(self, rank: int, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
+        """Record one rank's durable files; commit the step when every rank's are in."""
+        if entries is None:
+            self._emit("backup_failed", rank=rank, folder=folder, step=meta.get("step"), error=meta.get("error"))
+            self._persisted.pop(folder, None)
+            return
+        ranks = self._persisted.setdefault(folder, {})
+        ranks[rank] = entries
+        if len(ranks) < self.world_size or any(v is None for v in ranks.values()):
+            return
+        del self._persisted[folder]
+        files = [e for r in sorted(ranks) for e in ranks[r]]
+        manifest = Manifest(step=int(meta["step"]), epoch=int(meta["epoch"]), batch=int(meta["batch"]),
+                            phase=str(meta["phase"]), world_size=self.world_size, files=files)
+        commit(self.storage, meta["backup_dir"], manifest)
+        removed = purge_older(self.storage, meta["backup_dir"], manifest.step, keep=int(meta.get("keep", 1)))
+        self._emit("backup_committed", epoch=manifest.epoch, step=manifest.step, folder=folder,
+                   bytes=sum(f.size for f in files), purged=removed)
 
     def drain(self) -> list[dict[str, Any]]:
         events, self.events = self.events, []
@@ -151,8 +205,10 @@ def _sums(value: object) -> PhaseSums:
 class Coordinator:
     """Ray actor around :class:`CoordinatorCore` with a per-sync-point barrier."""
 
-    def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int) -> None:
-        self.core = CoordinatorCore(callbacks, params, world_size)
+    def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int,
+                 storage_spec: Any = None, restore: dict[str, Any] | None = None) -> None:
+        storage = storage_spec.open() if storage_spec is not None else None
+        self.core = CoordinatorCore(callbacks, params, world_size, storage, restore)
         self._barriers: dict[tuple[str, int, int], _Barrier] = {}
 
     async def sync(self, rank: int, report: Report) -> list[Decision]:
@@ -170,6 +226,9 @@ class Coordinator:
 
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         self.core.progress(epoch, step, logs)
+
+    def persisted(self, rank: int, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
+        self.core.persisted(rank, folder, entries, meta)
 
     def poll(self) -> list[dict[str, Any]]:
         return self.core.drain()

@@ -37,9 +37,12 @@ class ShardSampler(Sampler[int]):
         self.seed = seed
         self.pad = pad
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's permutation; skip the first ``start`` indices of this shard (resume)."""
         self.epoch = epoch
+        self.start = start
 
     def _indices(self) -> list[int]:
         if self.shuffle:
@@ -52,12 +55,16 @@ class ShardSampler(Sampler[int]):
             total = math.ceil(self.length / self.world_size) * self.world_size
             while len(indices) < total:
                 indices += indices[: total - len(indices)]
-        return indices[self.rank :: self.world_size]
+        return indices[self.rank :: self.world_size][self.start :]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
 
-    def __len__(self) -> int:
+    def shard_length(self) -> int:
+        """Indices in this rank's shard for a whole epoch (ignores ``start``)."""
         if self.pad:
             return math.ceil(self.length / self.world_size)
         return len(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return max(0, self.shard_length() - self.start)

@@ -52,8 +52,44 @@ class RestoreWeights:
     key: str
 
 
-Decision = Union[StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights]
-DECISION_TYPES = (StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights)
+@dataclass(frozen=True)
+class SaveModel:
+    """Rank 0 writes the model's ``state_dict`` with ``torch.save`` to ``filepath``.
+
+    Args:
+        filepath: An fsspec URL, or a path relative to ``<run>/checkpoints/``.
+        weights_only: Save only the model's weights; otherwise also the optimizer state, as
+            ``{"model": ..., "optimizer": ..., "epoch": ..., "step": ...}``.
+        delete: Files (same addressing) to delete after this one is written (top-k pruning).
+        source: Name of the callback that decided.
+    """
+
+    filepath: str
+    weights_only: bool = True
+    delete: tuple[str, ...] = ()
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Backup:
+    """Every rank saves the full training state; the coordinator commits it when all are durable.
+
+    Args:
+        backup_dir: Where ``step-<N>/`` folders go (URL or path relative to the run directory).
+        keep: How many committed backups to keep after a commit.
+        coordinator_state: Filled in by the coordinator: its own and every callback's state as of
+            this sync point (callbacks return ``Backup`` without it).
+        source: Name of the callback that decided.
+    """
+
+    backup_dir: str = "backup"
+    keep: int = 1
+    coordinator_state: dict | None = None
+    source: str = ""
+
+
+Decision = Union[StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights, SaveModel, Backup]
+DECISION_TYPES = (StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights, SaveModel, Backup)
 
 
 def as_decisions(value: object, source: str = "") -> list[Decision]:
@@ -96,6 +132,7 @@ class Report:
         learning_rate: The rank's optimizer learning rate (param group 0).
         nonfinite: A non-finite loss was seen on some rank at this step.
         steps_per_epoch: Batches per epoch on every rank.
+        global_step: Batches run since the start of training.
     """
 
     kind: str
@@ -106,3 +143,4 @@ class Report:
     learning_rate: float = 0.0
     nonfinite: bool = False
     steps_per_epoch: int = 0
+    global_step: int = 0

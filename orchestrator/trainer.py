@@ -27,14 +27,18 @@ from torch.utils.data import DataLoader
 from orchestrator.config import LoopConfig
 from orchestrator.data import ShardSampler
 from orchestrator.decisions import (
+    Backup,
     Decision,
     Report,
     RestoreWeights,
+    SaveModel,
     SetLearningRate,
     SnapshotWeights,
     StopTraining,
 )
+from orchestrator.loop_state import Accumulator, Position, RankSaver
 from orchestrator.metrics import PhaseSums
+from orchestrator.state import restore_rng
 from orchestrator.steps import make_default_step, move_to, resolve_metrics, split_output
 
 
@@ -46,6 +50,9 @@ class CoordinatorLink(Protocol):
 
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         """Fire-and-forget progress update (rank 0 only, time-gated)."""
+
+    def persisted(self, rank: int, folder: str, entries: list[Any] | None, meta: dict[str, Any]) -> None:
+        """A backup's files on this rank are durable (entries) or failed (None); blocks until recorded."""
 
 
 @dataclass
@@ -115,11 +122,14 @@ class TrainLoop:
         device: Where the model lives.
         link: The coordinator link.
         epochs: Number of epochs to run.
-        batch_sync_every: Steps between batch syncs (callbacks with batch hooks), or None.
+        batch_sync_every: Global steps between batch syncs (callbacks with batch hooks), or None.
+        storage: The run storage (for backups and checkpoints), or None.
+        resume_from: A committed backup folder (relative to the run directory) to resume from.
     """
 
     def __init__(self, config: LoopConfig, rank: int, world_size: int, device: torch.device,
-                 link: CoordinatorLink, epochs: int, batch_sync_every: int | None = None) -> None:
+                 link: CoordinatorLink, epochs: int, batch_sync_every: int | None = None,
+                 storage: Any = None, resume_from: str | None = None) -> None:
         self.config = config
         self.rank = rank
         self.world_size = world_size
@@ -127,7 +137,14 @@ class TrainLoop:
         self.link = link
         self.epochs = epochs
         self.batch_sync_every = batch_sync_every
+        self.storage = storage
+        self.resume_from = resume_from
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
+        self.pos = Position()
+        self.sums = Accumulator()
+        self.seen = [0.0, 0.0]  # cluster-wide running loss sum and count this epoch (progress only)
+        self.result = LoopResult(rank=rank)
+        self.saver = RankSaver(self)
         self._last_progress = 0.0
 
     # -- setup ---------------------------------------------------------------------------
@@ -148,13 +165,16 @@ class TrainLoop:
             raise ValueError("data() returned an empty training dataset")
         self.train_sampler = ShardSampler(len(train_ds), self.rank, self.world_size, shuffle=True,
                                           seed=cfg.seed, pad=True)
+        # private generators: creating an iterator must not draw from the global RNG (exact resume)
         self.train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=self.train_sampler,
-                                       pin_memory=self.device.type == "cuda")
+                                       pin_memory=self.device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(cfg.seed))
+        self.steps_per_epoch = math.ceil(self.train_sampler.shard_length() / cfg.batch_size)
         self.val_loader = None
         if val_ds is not None and len(val_ds) > 0:
             val_sampler = ShardSampler(len(val_ds), self.rank, self.world_size, shuffle=False, pad=False)
             self.val_loader = DataLoader(val_ds, batch_size=cfg.val_batch_size or cfg.batch_size,
-                                         sampler=val_sampler)
+                                         sampler=val_sampler, generator=torch.Generator().manual_seed(cfg.seed))
         metric_fns = resolve_metrics(cfg.metrics)
         default = make_default_step(cfg.loss, metric_fns) if cfg.loss is not None else None
         self.train_step: Callable[..., Any] = cfg.train_step or default  # type: ignore[assignment]
@@ -181,47 +201,55 @@ class TrainLoop:
                 if d.key not in self.snapshots:
                     raise RuntimeError(f"no weights were kept under {d.key!r} to restore")
                 self.model.load_state_dict(self.snapshots[d.key])
+            elif isinstance(d, Backup):
+                self.saver.backup(d)
+            elif isinstance(d, SaveModel):
+                self.saver.save_model(d)
         return stop
 
     def _sync(self, kind: str, epoch: int = 0, step: int = -1, **kw: Any) -> bool:
         report = Report(kind=kind, epoch=epoch, step=step, learning_rate=self.learning_rate(),
-                        steps_per_epoch=len(self.train_loader), **kw)
+                        steps_per_epoch=self.steps_per_epoch, global_step=self.pos.global_step, **kw)
         return self.apply(self.link.sync(report))
 
     # -- loop ----------------------------------------------------------------------------
     def run(self) -> LoopResult:
         self._build()
-        result = LoopResult(rank=self.rank)
-        stop = self._sync("train_begin")
-        epoch = 0
-        while not stop and epoch < self.epochs:
-            stop = self._sync("epoch_begin", epoch)
-            result.learning_rates.append(self.learning_rate())
-            train, stopped_step = self._train_epoch(epoch, result, stop)
-            if stopped_step is not None:
-                result.stopped_at = (epoch, stopped_step)
-            val = self._validate()
-            report_stop = self._sync("epoch_end", epoch, train=train, val=val)
-            result.epochs_run += 1
-            stop = stop or stopped_step is not None or report_stop
-            epoch += 1
-        self._sync("train_end", max(epoch - 1, 0))
+        rng = self.saver.load(self.resume_from) if self.resume_from else None
+        try:
+            stop = self._sync("train_begin")
+            if rng is not None:
+                restore_rng(rng)  # last, right before the next batch, as it was when saved
+            epoch, first_batch = self.pos.next_batch(self.steps_per_epoch)
+            while not stop and epoch < self.epochs:
+                if first_batch == 0:
+                    stop = self._sync("epoch_begin", epoch)
+                    self.result.learning_rates.append(self.learning_rate())
+                    self.sums, self.seen = Accumulator(), [0.0, 0.0]
+                stopped_step = None if stop else self._train_epoch(epoch, first_batch)
+                if stopped_step is not None:
+                    self.result.stopped_at = (epoch, stopped_step)
+                val = self._validate()
+                self.pos = Position(epoch, self.steps_per_epoch - 1, self.pos.global_step, "epoch_end")
+                report_stop = self._sync("epoch_end", epoch, train=self.sums.phase_sums(), val=val)
+                self.result.epochs_run += 1
+                stop = stop or stopped_step is not None or report_stop
+                epoch, first_batch = epoch + 1, 0
+            self._sync("train_end", max(epoch - 1, 0))
+        finally:
+            self.saver.flush()
         if self.rank == 0:
-            result.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        return result
+            self.result.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return self.result
 
-    def _train_epoch(self, epoch: int, result: LoopResult, already_stopped: bool) -> tuple[PhaseSums, int | None]:
-        """Run one epoch; return (local sums, the step at which a decision stopped training)."""
-        if already_stopped:
-            return PhaseSums(), None
+    def _train_epoch(self, epoch: int, first_batch: int = 0) -> int | None:
+        """Run one epoch from ``first_batch``; return the step at which a decision stopped training."""
         self.ddp.train()
-        self.train_sampler.set_epoch(epoch)
+        self.train_sampler.set_epoch(epoch, start=first_batch * self.config.batch_size)
         cfg = self.config
-        sums = _Accumulator()
+        sums = self.sums
         signal = self.signalled.signal
-        stopped_step: int | None = None
-        seen_loss, seen_n = 0.0, 0.0  # cluster-wide running loss, for progress only
-        for step, batch in enumerate(self.train_loader):
+        for step, batch in enumerate(self.train_loader, start=first_batch):
             batch = move_to(batch, self.device)
             loss, metrics, n = split_output(self.train_step(self.ddp, batch), batch)
             detached = loss.detach()
@@ -231,7 +259,7 @@ class TrainLoop:
             (loss + (signal * values).sum()).backward()
             nonfinite, loss_sum, n_sum = (signal.grad * self.world_size).tolist()  # DDP averaged them
             signal.grad = None
-            result.steps_run += 1
+            self.result.steps_run += 1
             if nonfinite > 0:
                 self.optimizer.zero_grad(set_to_none=True)  # never apply a non-finite update
             else:
@@ -239,22 +267,22 @@ class TrainLoop:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            seen_loss, seen_n = seen_loss + loss_sum, seen_n + n_sum
+            self.pos = Position(epoch, step, self.pos.global_step + 1, "batch")
+            self.seen[0] += loss_sum
+            self.seen[1] += n_sum
             if self.rank == 0:
-                self._maybe_progress(epoch, step, seen_loss / max(seen_n, 1.0))
-            periodic = self.batch_sync_every is not None and (step + 1) % self.batch_sync_every == 0
+                self._maybe_progress(epoch, step, self.seen[0] / max(self.seen[1], 1.0))
+            periodic = self.batch_sync_every is not None and self.pos.global_step % self.batch_sync_every == 0
             if nonfinite > 0 or periodic:
-                running = sums.phase_sums()
-                if self._sync("batch_end", epoch, step, train=running, nonfinite=nonfinite > 0):
-                    stopped_step = step
-                    break
-        return sums.phase_sums(), stopped_step
+                if self._sync("batch_end", epoch, step, train=sums.phase_sums(), nonfinite=nonfinite > 0):
+                    return step
+        return None
 
     def _validate(self) -> PhaseSums | None:
         if self.val_loader is None:
             return None
         self.model.eval()
-        sums = _Accumulator()
+        sums = Accumulator()
         with torch.no_grad():
             for batch in self.val_loader:
                 batch = move_to(batch, self.device)
@@ -268,27 +296,3 @@ class TrainLoop:
         if now - self._last_progress >= self.config.progress_interval_s:
             self._last_progress = now
             self.link.progress(epoch, step, {"loss": running_loss if math.isfinite(running_loss) else float("nan")})
-
-
-class _Accumulator:
-    """Sums of ``value * n`` for the loss and every metric, kept on the device in float64."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self.totals: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], n: int) -> torch.Tensor:
-        """Add one batch; return the batch's ``loss * n`` (float64, on the device)."""
-        weighted = torch.stack([loss, *(v.detach().to(loss.device) for v in metrics.values())]).double() * n
-        if self.totals is None:
-            self.names, self.totals = ["loss", *metrics], weighted.clone()
-        else:
-            self.totals.add_(weighted)
-        self.count += n
-        return weighted[0]
-
-    def phase_sums(self) -> PhaseSums:
-        """The sums as Python floats (one device sync)."""
-        values = self.totals.tolist() if self.totals is not None else []
-        return PhaseSums(totals=dict(zip(self.names, values)), count=self.count)

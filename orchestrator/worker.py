@@ -40,6 +40,9 @@ class RayLink:
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         self.coordinator.progress.remote(epoch, step, logs)  # fire and forget
 
+    def persisted(self, rank: int, folder: str, entries: Any, meta: dict[str, Any]) -> None:
+        ray.get(self.coordinator.persisted.remote(rank, folder, entries, meta))
+
 
 def _picklable(exc: BaseException) -> BaseException | None:
     try:
@@ -61,13 +64,21 @@ class TrainWorker:
         return {"rank": self.rank, "node": ray.util.get_node_ip_address(), "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
+    def can_read(self, storage_spec: Any, marker: str) -> bool:
+        """Whether this worker sees the marker file the driver wrote into the run directory."""
+        try:
+            return storage_spec.open().exists(marker)
+        except Exception:
+            return False
+
     def free_port(self) -> tuple[str, int]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
     def run(self, config: LoopConfig, epochs: int, master: tuple[str, int], coordinator: Any,
-            use_gpu: bool, batch_sync_every: int | None, threads: int | None):
+            use_gpu: bool, batch_sync_every: int | None, threads: int | None, storage_spec: Any = None,
+            resume_from: str | None = None):
         import torch
 
         from orchestrator.trainer import TrainLoop, init_process_group
@@ -83,8 +94,9 @@ class TrainWorker:
                 device, backend = torch.device("cpu"), "gloo"
             init_process_group(backend, master[0], master[1], self.rank, self.world_size)
             try:
+                storage = storage_spec.open() if storage_spec is not None else None
                 loop = TrainLoop(config, self.rank, self.world_size, device, RayLink(coordinator, self.rank),
-                                 epochs, batch_sync_every)
+                                 epochs, batch_sync_every, storage=storage, resume_from=resume_from)
                 return loop.run()
             finally:
                 torch.distributed.destroy_process_group()

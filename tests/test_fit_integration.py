@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 
 import pytest
@@ -14,11 +15,13 @@ from orchestrator.errors import WorkerError
 
 pytestmark = pytest.mark.timeout(180)
 
+STORAGE = tempfile.mkdtemp(prefix="orchestrator-test-runs-")
+
 
 def make(num_workers=2, **overrides):
     kwargs = dict(model=workloads.tiny_model, optimizer=workloads.sgd, loss=workloads.cross_entropy,
                   data=workloads.odd_data, metrics=["accuracy"], batch_size=16, num_workers=num_workers,
-                  seed=0)
+                  seed=0, storage=STORAGE)
     kwargs.update(overrides)
     return Trainer(**kwargs)
 

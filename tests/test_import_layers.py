@@ -15,7 +15,7 @@ LAYERS = {
     "config": 0, "errors": 0, "decisions": 0, "metrics": 0,
     "storage": 1, "state": 1, "checkpoint": 1,
     "callbacks": 2,
-    "trainer": 3, "data": 3, "steps": 3,
+    "trainer": 3, "data": 3, "steps": 3, "loop_state": 3,
     "worker": 4, "worker_group": 4, "coordinator": 4,
     "controller": 5,
     "api": 6, "cli": 7, "__main__": 7, "__init__": 7,

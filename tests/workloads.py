@@ -92,3 +92,36 @@ def dict_step(model, batch):
 def many_batches_data():
     """Enough batches at batch size 8 for an epoch to last more than a second on 2 CPU ranks."""
     return make_classification(20000, seed=5), None
+
+
+def failing_step(fail_at_call: int, flag_path: str):
+    """The default step, but rank 0 raises at its ``fail_at_call``-th call while ``flag_path`` exists.
+
+    The flag is removed before raising, so the next attempt (a new fit) runs through.
+    """
+    import os
+
+    calls = {"n": 0}
+
+    def train_step(model, batch):
+        inputs, targets = batch
+        outputs = model(inputs)
+        if dist.get_rank() == 0 and calls["n"] == fail_at_call and os.path.exists(flag_path):
+            os.remove(flag_path)
+            raise RuntimeError(f"injected failure at call {fail_at_call}")
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(outputs, targets)
+        acc = (outputs.detach().argmax(1) == targets).float().mean()
+        return {"loss": loss, "accuracy": acc, "batch_size": len(targets)}
+
+    return train_step
+
+
+def dropout_model() -> torch.nn.Module:
+    """Uses the RNG every step, so an exact resume must restore per-rank RNG streams."""
+    return torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                               torch.nn.Linear(16, N_CLASSES))
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=0.01)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 from orchestrator.callbacks.base import Callback, TrainingView
@@ -41,9 +42,10 @@ class CallbackList:
             cb.set_params(params)
 
     def batch_sync_every(self) -> int | None:
-        """Smallest batch-hook interval requested by any callback (None when none asks)."""
+        """Global steps between batch-hook calls: the gcd of every callback's interval, so each
+        callback is called on every step it asked for (None when none asks)."""
         freqs = [cb.batch_sync_every for cb in self.callbacks if cb.batch_sync_every]
-        return min(freqs) if freqs else None
+        return math.gcd(*freqs) if freqs else None
 
     def call(self, hook: str, *args: Any) -> list[Decision]:
         decisions: list[Decision] = []

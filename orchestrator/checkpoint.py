@@ -1,0 +1,178 @@
+"""The backup commit protocol: ``step-<N>/`` folders that count only once their manifest exists.
+
+Writers put every file of a backup into ``<backup_dir>/step-<N>/`` and report each file's size
+and SHA-256. When every rank's files are durable, the coordinator writes ``manifest.json`` —
+last, and alone what makes the step count. Readers take the newest step whose manifest exists
+*and* whose files match it; a torn or corrupt step is skipped with a warning. Nothing is ever
+overwritten in place: a resumed run first removes the steps newer than the one it resumes from.
+Older steps are purged only after a newer commit, and a purge logs rather than raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class Storage(Protocol):
+    """The subset of :class:`orchestrator.storage.RunStorage` this module uses."""
+
+    def write_bytes(self, rel: str, data: bytes) -> None: ...
+    def read_bytes(self, rel: str) -> bytes: ...
+    def exists(self, rel: str) -> bool: ...
+    def listdir(self, rel: str) -> list[str]: ...
+    def rm(self, rel: str, recursive: bool = False) -> None: ...
+    def write_json(self, rel: str, obj: Any) -> None: ...
+    def read_json(self, rel: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a backup: name inside the step folder, size in bytes, SHA-256 hex digest."""
+
+    name: str
+    size: int
+    sha256: str
+
+    @staticmethod
+    def of(name: str, data: bytes) -> "FileEntry":
+        return FileEntry(name, len(data), hashlib.sha256(data).hexdigest())
+
+
+@dataclass
+class Manifest:
+    """What a committed step holds. Written last."""
+
+    step: int
+    epoch: int
+    batch: int
+    phase: str
+    world_size: int
+    files: list[FileEntry] = field(default_factory=list)
+    created: float = 0.0
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "step": self.step, "epoch": self.epoch, "batch": self.batch,
+                "phase": self.phase, "world_size": self.world_size, "created": self.created,
+                "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in self.files]}
+
+    @staticmethod
+    def from_json(obj: dict[str, Any]) -> "Manifest":
+        return Manifest(step=int(obj["step"]), epoch=int(obj["epoch"]), batch=int(obj["batch"]),
+                        phase=str(obj["phase"]), world_size=int(obj["world_size"]),
+                        files=[FileEntry(f["name"], int(f["size"]), str(f["sha256"])) for f in obj["files"]],
+                        created=float(obj.get("created", 0.0)), version=int(obj.get("version", 1)))
+
+
+def step_dir(backup_dir: str, step: int) -> str:
+    return f"{backup_dir.rstrip('/')}/step-{step}"
+
+
+def list_steps(storage: Storage, backup_dir: str) -> list[int]:
+    """Every ``step-<N>`` folder, committed or not, newest first."""
+    steps = []
+    for name in storage.listdir(backup_dir):
+        m = _STEP_DIR.match(name.rstrip("/").rsplit("/", 1)[-1])
+        if m:
+            steps.append(int(m.group(1)))
+    return sorted(steps, reverse=True)
+
+
+def commit(storage: Storage, backup_dir: str, manifest: Manifest) -> str:
+    """Write the manifest of a step whose files are all durable; return the step folder."""
+    manifest.created = manifest.created or time.time()
+    folder = step_dir(backup_dir, manifest.step)
+    storage.write_json(f"{folder}/{MANIFEST}", manifest.to_json())
+    return folder
+
+
+def verify(storage: Storage, folder: str, manifest: Manifest) -> str | None:
+    """None when every file matches the manifest, else why not."""
+    for entry in manifest.files:
+        path = f"{folder}/{entry.name}"
+        try:
+            data = storage.read_bytes(path)
+        except FileNotFoundError:
+            return f"{entry.name} is missing"
+        if len(data) != entry.size:
+            return f"{entry.name} has {len(data)} bytes, the manifest says {entry.size}"
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            return f"{entry.name} does not match its checksum"
+    return None
+
+
+@dataclass(frozen=True)
+class Found:
+    """The newest valid committed backup."""
+
+    folder: str
+    manifest: Manifest
+
+
+def latest_valid(storage: Storage, backup_dir: str,
+                 on_skip: Callable[[int, str], None] | None = None) -> Found | None:
+    """The newest committed step whose files verify; ``on_skip(step, reason)`` for each skipped one."""
+    for step in list_steps(storage, backup_dir):
+        folder = step_dir(backup_dir, step)
+        try:
+            manifest = Manifest.from_json(storage.read_json(f"{folder}/{MANIFEST}"))
+        except FileNotFoundError:
+            reason = "no manifest (the save never committed)"
+        except (ValueError, KeyError, TypeError) as exc:
+            reason = f"unreadable manifest ({exc})"
+        else:
+            problem = verify(storage, folder, manifest)
+            if problem is None:
+                return Found(folder, manifest)
+            reason = problem
+        if on_skip is not None:
+            on_skip(step, reason)
+    return None
+
+
+def remove_newer(storage: Storage, backup_dir: str, step: int | None) -> list[int]:
+    """Delete step folders newer than ``step`` (all when None): torn or corrupt leftovers."""
+    removed = []
+    for other in list_steps(storage, backup_dir):
+        if step is None or other > step:
+            _remove(storage, backup_dir, other)
+            removed.append(other)
+    return removed
+
+
+def purge_older(storage: Storage, backup_dir: str, newest: int, keep: int = 1) -> list[int]:
+    """After committing ``newest``, delete all but the ``keep`` newest committed steps (and torn older ones)."""
+    kept = 0
+    removed = []
+    for step in list_steps(storage, backup_dir):
+        if step > newest:
+            continue
+        committed = storage.exists(f"{step_dir(backup_dir, step)}/{MANIFEST}")
+        if committed and kept < keep:
+            kept += 1
+            continue
+        _remove(storage, backup_dir, step)
+        removed.append(step)
+    return removed
+
+
+def _remove(storage: Storage, backup_dir: str, step: int) -> None:
+    folder = step_dir(backup_dir, step)
+    try:
+        # the manifest goes first, so a half-deleted folder never looks committed
+        if storage.exists(f"{folder}/{MANIFEST}"):
+            storage.rm(f"{folder}/{MANIFEST}")
+        storage.rm(folder, recursive=True)
+    except Exception as exc:  # a purge never fails the run
+        logger.warning("could not remove backup %s: %s", folder, exc)

@@ -1,0 +1,164 @@
+"""Per-rank training state: RNG capture, CPU staging, and the two-phase (stage, then persist) save.
+
+Phase 1 (:meth:`StagingArea.stage`) copies every tensor of the state into CPU buffers that are
+reused between saves; it is the only part that stalls training. Phase 2 (:class:`AsyncPersister`)
+serialises the staged state with ``torch.save`` and writes it through fsspec in a background
+thread while training goes on. The next save waits for the previous one; ``wait()`` flushes.
+Every load uses ``torch.load(..., weights_only=True)``: nothing arbitrary is unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from orchestrator.checkpoint import FileEntry
+
+logger = logging.getLogger(__name__)
+
+
+# -- RNG -------------------------------------------------------------------------------------
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy, torch and (if present) CUDA RNG states, in weights_only-loadable types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- staging ---------------------------------------------------------------------------------
+class StagingArea:
+    """CPU copies of a state tree, into buffers reused from one save to the next.
+
+    Example:
+        >>> area = StagingArea()
+        >>> staged = area.stage({"w": torch.ones(3)})
+        >>> staged["w"].tolist()
+        [1.0, 1.0, 1.0]
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.staged_bytes = 0
+
+    def stage(self, tree: Any) -> Any:
+        self.staged_bytes = 0
+        return self._copy(tree, "")
+
+    def _copy(self, node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            buf = self._buffers.get(path)
+            src = node.detach()
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = torch.empty(src.shape, dtype=src.dtype, device="cpu",
+                                  pin_memory=src.is_cuda and torch.cuda.is_available())
+                self._buffers[path] = buf
+            buf.copy_(src, non_blocking=src.is_cuda)
+            self.staged_bytes += buf.numel() * buf.element_size()
+            return buf
+        if isinstance(node, dict):
+            return {k: self._copy(v, f"{path}/{k}") for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(self._copy(v, f"{path}/{i}") for i, v in enumerate(node))
+        return node
+
+
+def to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def from_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+# -- phase 2 ---------------------------------------------------------------------------------
+@dataclass
+class PersistTiming:
+    """Seconds spent serialising and writing the latest save (for benchmarks and logs)."""
+
+    serialize_s: float = 0.0
+    write_s: float = 0.0
+    bytes_written: int = 0
+
+
+class AsyncPersister:
+    """Writes staged states in a background thread, one save at a time.
+
+    Args:
+        write: ``write(path, data)``; retries are the storage's job.
+        on_done: Called from the thread with ``(folder, entries, meta)`` once every file is
+            durable, or ``(folder, None, meta | {"error": ...})`` if writing failed.
+    """
+
+    def __init__(self, write: Callable[[str, bytes], None],
+                 on_done: Callable[[str, list[FileEntry] | None, dict[str, Any]], None]) -> None:
+        self._write = write
+        self._on_done = on_done
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.timing = PersistTiming()
+
+    def submit(self, folder: str, files: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._persist, args=(folder, files, meta),
+                                        name="orchestrator-persist", daemon=True)
+        self._thread.start()
+
+    def _persist(self, folder: str, files: dict[str, Any], meta: dict[str, Any]) -> None:
+        timing = PersistTiming()
+        try:
+            entries = []
+            for name, obj in files.items():
+                t0 = time.perf_counter()
+                data = obj if isinstance(obj, bytes) else to_bytes(obj)
+                t1 = time.perf_counter()
+                self._write(f"{folder}/{name}", data)
+                timing.serialize_s += t1 - t0
+                timing.write_s += time.perf_counter() - t1
+                timing.bytes_written += len(data)
+                entries.append(FileEntry.of(name, data))
+            self.timing = timing
+            self._on_done(folder, entries, meta)
+        except BaseException as exc:  # reported, never dropped: wait() raises it
+            self._error = exc
+            logger.error("backup %s failed: %s", folder, exc)
+            try:
+                self._on_done(folder, None, dict(meta, error=f"{type(exc).__name__}: {exc}"))
+            except Exception:
+                pass
+
+    def wait(self) -> None:
+        """Block until the pending save is durable; raise if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"a background save failed: {error}") from error
