@@ -128,6 +128,9 @@ class Trainer:
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise ValueError("storage_options must be a dict of fsspec options")
         self.storage = StorageSpec(url=storage, run_name=self.run_name, options=dict(storage_options or {}))
+        if self.storage.protocol == "memory":
+            raise ValueError("storage: memory:// lives inside one process and the workers cannot share it; "
+                             "use a local path, file:// or an object store such as s3://")
         if not isinstance(max_failures, int) or max_failures < 0:
             raise ValueError(f"max_failures must be an integer >= 0, got {max_failures!r}")
         self.max_failures = max_failures

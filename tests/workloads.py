@@ -10,9 +10,8 @@ N_CLASSES = 3
 
 
 def make_classification(n: int, seed: int) -> torch.utils.data.TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, N_FEATURES, generator=g)
-    w = torch.randn(N_FEATURES, N_CLASSES, generator=g)
+    x = torch.randn(n, N_FEATURES, generator=torch.Generator().manual_seed(seed))
+    w = torch.randn(N_FEATURES, N_CLASSES, generator=torch.Generator().manual_seed(1234))  # one task for all splits
     y = (x @ w).argmax(dim=1)
     return torch.utils.data.TensorDataset(x, y)
 
@@ -23,6 +22,10 @@ def tiny_model() -> torch.nn.Module:
 
 def sgd(params):
     return torch.optim.SGD(params, lr=0.1)
+
+
+def slow_sgd(params):
+    return torch.optim.SGD(params, lr=0.02)
 
 
 def frozen_sgd(params):
@@ -95,7 +98,8 @@ def many_batches_data():
 
 
 def failing_step(fail_at_call: int, flag_path: str):
-    """The default step, but rank 0 raises at its ``fail_at_call``-th call while ``flag_path`` exists.
+    """The default step, but rank 0 raises at its ``fail_at_call``-th training call (0-based; validation
+    calls are not counted) while ``flag_path`` exists.
 
     The flag is removed before raising, so the next attempt (a new fit) runs through.
     """
@@ -106,10 +110,11 @@ def failing_step(fail_at_call: int, flag_path: str):
     def train_step(model, batch):
         inputs, targets = batch
         outputs = model(inputs)
-        if dist.get_rank() == 0 and calls["n"] == fail_at_call and os.path.exists(flag_path):
-            os.remove(flag_path)
-            raise RuntimeError(f"injected failure at call {fail_at_call}")
-        calls["n"] += 1
+        if model.training:
+            if dist.get_rank() == 0 and calls["n"] == fail_at_call and os.path.exists(flag_path):
+                os.remove(flag_path)
+                raise RuntimeError(f"injected failure at call {fail_at_call}")
+            calls["n"] += 1
         loss = torch.nn.functional.cross_entropy(outputs, targets)
         acc = (outputs.detach().argmax(1) == targets).float().mean()
         return {"loss": loss, "accuracy": acc, "batch_size": len(targets)}

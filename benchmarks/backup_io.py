@@ -1,0 +1,338 @@
+"""Backup I/O benchmark: how close the two-phase save comes to raw memcpy and raw fsspec writes.
+
+Run (CPU only, one process; starts its own moto S3 server on 127.0.0.1)::
+
+    python benchmarks/backup_io.py [--params-millions 60] [--repeats 5] [--persist-repeats 3]
+
+For a stack of ``nn.Linear`` layers with about ``--params-millions`` parameters and
+``torch.optim.Adam`` (one step taken, so ``exp_avg`` / ``exp_avg_sq`` exist) it measures:
+
+(a) stall ratio = phase 1 (``StagingArea.stage`` of the tree ``RankSaver.backup`` stages on
+    rank 0, timed on the 2nd and later saves so the buffers are reused; median) divided by
+    ``state bytes / memcpy rate``, the memcpy rate being ``dst.copy_(src)`` of the same tensors
+    into preallocated buffers (median). Target <= 1.5.
+(b) persist ratio = ``AsyncPersister`` submit -> ``wait()`` (serialize + write + hash; median)
+    divided by ``RunStorage.write_bytes`` of the same files pre-serialized (median), on
+    ``file://`` (a temporary directory) and on ``s3://`` (moto). Target <= 1.3.
+
+It also prints a breakdown of the persist time (torch.save into BytesIO, ``getvalue()`` copy,
+SHA-256, write) and a plain ``fs.pipe_file`` for reference. Everything goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import io
+import logging
+import os
+import resource
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from orchestrator.loop_state import (  # noqa: E402
+    COORDINATOR_FILE, SHARED_FILE, Accumulator, Position, rank_file)
+from orchestrator.state import AsyncPersister, StagingArea, capture_rng, to_bytes  # noqa: E402
+from orchestrator.storage import RunStorage, StorageSpec  # noqa: E402
+
+STALL_TARGET = 1.5
+PERSIST_TARGET = 1.3
+WIDTH = 2048
+S3_KEY = S3_SECRET = "testing"
+S3_REGION = "us-east-1"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def rss_gb() -> float:
+    """Current resident set size of this process, GB (Linux)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except OSError:
+        return float("nan")
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def free_memory() -> None:
+    gc.collect()
+
+
+def leaves(node: Any) -> list[torch.Tensor]:
+    if isinstance(node, torch.Tensor):
+        return [node]
+    if isinstance(node, dict):
+        return [t for v in node.values() for t in leaves(v)]
+    if isinstance(node, (list, tuple)):
+        return [t for v in node for t in leaves(v)]
+    return []
+
+
+def fmt_s(x: float) -> str:
+    return f"{x:.3f}"
+
+
+# -- the workload ----------------------------------------------------------------------------
+def build(params_millions: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    per_layer = WIDTH * WIDTH + WIDTH
+    layers = max(1, round(params_millions * 1e6 / per_layer))
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(layers)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(8, WIDTH)
+    loss = model(x).square().mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # grads are not part of the state; free them
+    return model, optimizer
+
+
+def backup_tree(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What RankSaver.backup stages on rank 0 (same files, same structure)."""
+    return {
+        SHARED_FILE: {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "snapshots": []},
+        COORDINATOR_FILE: {},
+        rank_file(0): {"rng": capture_rng(), "pos": asdict(Position()), "sums": Accumulator().state(),
+                       "seen": [], "result": {"learning_rates": [], "epochs_run": 0, "steps_run": 1,
+                                              "stopped_at": None}},
+    }
+
+
+# -- (a) stall -------------------------------------------------------------------------------
+def measure_stall(model: nn.Module, optimizer: torch.optim.Optimizer, repeats: int) -> dict[str, Any]:
+    area = StagingArea()
+    stage_s, full_s = [], []
+    staged = None
+    for i in range(repeats + 1):  # save 0 allocates the buffers; not timed
+        t0 = time.perf_counter()
+        tree = backup_tree(model, optimizer)
+        t1 = time.perf_counter()
+        staged = area.stage(tree)
+        t2 = time.perf_counter()
+        if i > 0:
+            stage_s.append(t2 - t1)
+            full_s.append(t2 - t0)
+        del tree
+    state_bytes = area.staged_bytes
+
+    # memcpy reference: the same source tensors into preallocated buffers.
+    srcs = leaves(backup_tree(model, optimizer))
+    dsts = [torch.empty_like(s) for s in srcs]
+    memcpy_bytes = sum(s.numel() * s.element_size() for s in srcs)
+    for d, s in zip(dsts, srcs):  # fault the pages in (as save 0 does for the staging area)
+        d.copy_(s)
+    copy_s = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for d, s in zip(dsts, srcs):
+            d.copy_(s)
+        copy_s.append(time.perf_counter() - t0)
+    del srcs, dsts
+    free_memory()
+    rate = memcpy_bytes / median(copy_s)
+    ideal = state_bytes / rate
+    return {"area": area, "staged": staged, "state_bytes": state_bytes, "tensors": len(leaves(staged)),
+            "memcpy_gbs": rate / 1e9, "memcpy_s": median(copy_s), "stage_s": median(stage_s),
+            "full_s": median(full_s), "stall_ratio": median(stage_s) / ideal,
+            "full_ratio": median(full_s) / ideal, "stage_all": stage_s, "copy_all": copy_s}
+
+
+# -- (b) persist -----------------------------------------------------------------------------
+def measure_persist(storage: RunStorage, staged: dict[str, Any], repeats: int) -> dict[str, Any]:
+    done: list[Any] = []
+    persister = AsyncPersister(storage.write_bytes, lambda folder, entries, meta: done.append(entries))
+    blobs = {name: to_bytes(obj) for name, obj in staged.items()}  # the raw writes' payload
+    total = sum(len(b) for b in blobs.values())
+    storage.makedirs("bench")
+    storage.write_bytes("bench/warmup", b"x")  # connection / directory setup outside the timings
+
+    def raw_write(folder: str) -> None:
+        for name, data in blobs.items():
+            storage.write_bytes(f"{folder}/{name}", data)
+
+    persist_s, raw_s, ser_s, wr_s = [], [], [], []
+    for i in range(repeats):  # interleaved, so drift (page cache, server memory) hits both alike
+        folder = f"bench/raw-{uuid.uuid4().hex[:8]}"
+        t0 = time.perf_counter()
+        raw_write(folder)
+        raw_s.append(time.perf_counter() - t0)
+        storage.rm(folder, recursive=True)
+        free_memory()
+
+        folder = f"bench/persist-{uuid.uuid4().hex[:8]}"
+        t0 = time.perf_counter()
+        persister.submit(folder, staged, {"step": i})
+        persister.wait()
+        persist_s.append(time.perf_counter() - t0)
+        ser_s.append(persister.timing.serialize_s)
+        wr_s.append(persister.timing.write_s)
+        assert done and done[-1] is not None and sum(e.size for e in done[-1]) == persister.timing.bytes_written
+        storage.rm(folder, recursive=True)
+        free_memory()
+
+    # Plain fs.pipe_file of the same bytes (no temp file, no fsync locally; no retry wrapper).
+    pipe_s = []
+    for _ in range(repeats):
+        folder = storage.path(f"bench/pipe-{uuid.uuid4().hex[:8]}")
+        if not storage.is_object_store:
+            storage.fs.makedirs(folder, exist_ok=True)
+        t0 = time.perf_counter()
+        for name, data in blobs.items():
+            storage.fs.pipe_file(f"{folder}/{name}", data)
+        pipe_s.append(time.perf_counter() - t0)
+        storage.fs.rm(folder, recursive=True)
+    storage.rm("bench", recursive=True)
+    del blobs
+    free_memory()
+    return {"bytes": total, "persist_s": median(persist_s), "raw_s": median(raw_s),
+            "pipe_s": median(pipe_s), "serialize_s": median(ser_s), "write_s": median(wr_s),
+            "ratio": median(persist_s) / median(raw_s), "persist_all": persist_s, "raw_all": raw_s}
+
+
+def breakdown(staged: dict[str, Any]) -> dict[str, float]:
+    """Where the persister's extra time goes, for the big file: torch.save into BytesIO,
+    the getvalue() copy, SHA-256, and torch.save into a preallocated-size buffer for comparison."""
+    obj = staged[SHARED_FILE]
+    buf = io.BytesIO()
+    t0 = time.perf_counter()
+    torch.save(obj, buf)
+    t1 = time.perf_counter()
+    data = buf.getvalue()
+    t2 = time.perf_counter()
+    view = buf.getbuffer()
+    t3 = time.perf_counter()
+    hashlib.sha256(view).hexdigest()
+    t4 = time.perf_counter()
+    view.release()
+    out = {"torch_save_bytesio_s": t1 - t0, "getvalue_copy_s": t2 - t1, "getbuffer_s": t3 - t2,
+           "sha256_s": t4 - t3, "bytes": len(data)}
+    del data, buf, view
+    free_memory()
+    return out
+
+
+# -- moto ------------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def start_moto() -> tuple[Any, str]:
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    for name, value in {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                        "AWS_DEFAULT_REGION": S3_REGION}.items():
+        os.environ.setdefault(name, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, f"http://127.0.0.1:{port}"
+
+
+def make_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+                 region_name=S3_REGION).create_bucket(Bucket=name)
+
+
+# -- main ------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params-millions", type=float, default=60.0)
+    parser.add_argument("--repeats", type=int, default=5, help="timed saves for the stall and memcpy medians")
+    parser.add_argument("--persist-repeats", type=int, default=3, help="timed persists / raw writes per target")
+    parser.add_argument("--skip-s3", action="store_true")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    model, optimizer = build(args.params_millions)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {len(model)} x Linear({WIDTH}, {WIDTH}) = {n_params / 1e6:.1f}M params, Adam (1 step); "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
+
+    stall = measure_stall(model, optimizer, args.repeats)
+    print(f"phase 1: state {stall['state_bytes'] / 1e6:.1f} MB in {stall['tensors']} tensors; "
+          f"stage s {[round(x, 3) for x in stall['stage_all']]}, memcpy s {[round(x, 3) for x in stall['copy_all']]}"
+          f"; rss {rss_gb():.2f} GB", flush=True)
+    staged = stall.pop("staged")
+    area = stall.pop("area")
+    del model, optimizer  # phase 2 only needs the staged copy
+    free_memory()
+
+    bd = breakdown(staged)
+    print(f"persist breakdown ({SHARED_FILE}, {bd['bytes'] / 1e6:.1f} MB): torch.save->BytesIO "
+          f"{bd['torch_save_bytesio_s']:.3f}s, getvalue() copy {bd['getvalue_copy_s']:.3f}s, "
+          f"getbuffer() {bd['getbuffer_s']:.6f}s, sha256 {bd['sha256_s']:.3f}s", flush=True)
+
+    results: dict[str, dict[str, Any]] = {}
+    tmp = tempfile.mkdtemp(prefix="backup_io-")
+    server = None
+    try:
+        storage = StorageSpec(f"file://{tmp}", "bench-run").open()
+        results["file"] = measure_persist(storage, staged, args.persist_repeats)
+        print(f"file: persist s {[round(x, 3) for x in results['file']['persist_all']]}, raw s "
+              f"{[round(x, 3) for x in results['file']['raw_all']]}; rss {rss_gb():.2f} GB", flush=True)
+        if not args.skip_s3:
+            server, endpoint = start_moto()
+            bucket = f"bench-{uuid.uuid4().hex[:12]}"
+            make_bucket(endpoint, bucket)
+            options = {"key": S3_KEY, "secret": S3_SECRET,
+                       "client_kwargs": {"endpoint_url": endpoint, "region_name": S3_REGION}}
+            storage = StorageSpec(f"s3://{bucket}/runs", "bench-run", options).open()
+            results["s3 (moto)"] = measure_persist(storage, staged, args.persist_repeats)
+            r = results["s3 (moto)"]
+            print(f"s3: persist s {[round(x, 3) for x in r['persist_all']]}, raw s "
+                  f"{[round(x, 3) for x in r['raw_all']]}; rss {rss_gb():.2f} GB", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    del staged, area
+    free_memory()
+
+    # -- report ----------------------------------------------------------------------------
+    ok = lambda x, t: "OK" if x <= t else "MISS"  # noqa: E731
+    print()
+    print("== (a) training stall per backup (phase 1, StagingArea.stage, buffers reused) ==")
+    print(f"{'state bytes':>14} {'memcpy GB/s':>12} {'memcpy s':>9} {'stall s':>9} {'stall ratio':>12} "
+          f"{'target':>7} {'':>5}  {'stall+state_dict() s':>20} {'ratio':>6}")
+    print(f"{stall['state_bytes']:>14,d} {stall['memcpy_gbs']:>12.2f} {fmt_s(stall['memcpy_s']):>9} "
+          f"{fmt_s(stall['stage_s']):>9} {stall['stall_ratio']:>12.2f} {'<=' + str(STALL_TARGET):>7} "
+          f"{ok(stall['stall_ratio'], STALL_TARGET):>5}  {fmt_s(stall['full_s']):>20} {stall['full_ratio']:>6.2f}")
+    print()
+    print("== (b) persist (AsyncPersister submit -> wait) vs raw RunStorage.write_bytes of the same bytes ==")
+    print(f"{'target':<10} {'bytes':>13} {'persist s':>10} {'serialize s':>12} {'write s':>8} {'raw write s':>12} "
+          f"{'persist ratio':>14} {'target':>7} {'':>5}  {'fs.pipe_file s':>14}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['bytes']:>13,d} {fmt_s(r['persist_s']):>10} {fmt_s(r['serialize_s']):>12} "
+              f"{fmt_s(r['write_s']):>8} {fmt_s(r['raw_s']):>12} {r['ratio']:>14.2f} "
+              f"{'<=' + str(PERSIST_TARGET):>7} {ok(r['ratio'], PERSIST_TARGET):>5}  {fmt_s(r['pipe_s']):>14}")
+    print()
+    print(f"medians of {args.repeats} (stall, memcpy) and {args.persist_repeats} (persist, writes); "
+          f"peak RSS {peak_rss_gb():.2f} GB; total {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
