@@ -183,7 +183,7 @@ def run_fit(plan: FitPlan) -> FitOutcome:
         return outcome
     except BaseException as exc:
         if events is not None:
-            events.append("failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            _safe_append(events, "failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         raise
     finally:
         group.shutdown()
@@ -214,6 +214,14 @@ def _dispatch(coordinator: Any, driver: DriverCallbacks, outcome: FitOutcome, ev
         outcome.events.append(event)
         if events is not None:
             _persist_event(events, event)
+
+
+def _safe_append(events: EventLog, kind: str, **fields: Any) -> None:
+    """Record an event on the failure path without masking the error being raised."""
+    try:
+        events.append(kind, **fields)
+    except Exception as exc:
+        logger.warning("could not record the %r event: %s", kind, exc)
         if event["type"] == "warning":
             category = getattr(builtins, event["category"], UserWarning)
             if not (isinstance(category, type) and issubclass(category, Warning)):

@@ -96,3 +96,16 @@ def test_no_credential_appears_in_run_json_events_or_logs(ray_cluster, s3_server
         text = storage.read_bytes(rel).decode()
         assert secret not in text and "AKIAEXAMPLEKEY42" not in text
     assert "s3fs" in run_json or "fsspec" in run_json  # versions are recorded
+
+
+def test_a_backup_that_cannot_be_written_is_reported_as_an_event_and_an_error(ray_cluster, tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "backup").write_text("a file where the backup folder should be")
+    trainer = make(str(tmp_path), run_name="broken",
+                   callbacks=[callbacks.BackupAndRestore(save_freq=3, delete_checkpoint=False)])
+    with pytest.raises(Exception, match="background save failed"):
+        trainer.fit(epochs=1, verbose=0)
+    events = read_events(StorageSpec(str(tmp_path), "broken").open())
+    assert any(e["type"] == "backup_failed" for e in events)
+    assert events[-1]["type"] == "failed"
+    assert not any(e["type"] == "backup_committed" for e in events)
