@@ -162,7 +162,14 @@ def measure_stall(model: nn.Module, optimizer: torch.optim.Optimizer, repeats: i
 
 
 # -- (b) persist -----------------------------------------------------------------------------
-def measure_persist(storage: RunStorage, staged: dict[str, Any], repeats: int) -> dict[str, Any]:
+def settle(storage: RunStorage) -> None:
+    """Between timings: free memory and (locally) flush other dirty pages, so each timing pays only for its own."""
+    free_memory()
+    if storage.is_local:
+        os.sync()
+
+
+def measure_persist(storage: RunStorage, staged: dict[str, Any], repeats: int, warmup: bool) -> dict[str, Any]:
     done: list[Any] = []
     persister = AsyncPersister(storage.write_bytes, lambda folder, entries, meta: done.append(entries))
     blobs = {name: to_bytes(obj) for name, obj in staged.items()}  # the raw writes' payload
@@ -174,16 +181,24 @@ def measure_persist(storage: RunStorage, staged: dict[str, Any], repeats: int) -
         for name, data in blobs.items():
             storage.write_bytes(f"{folder}/{name}", data)
 
+    if warmup:  # the first big write into a fresh directory / disk region is often much slower
+        raw_write("bench/warmup-raw")
+        persister.submit("bench/warmup-persist", staged, {"step": -1})
+        persister.wait()
+        storage.rm("bench/warmup-raw", recursive=True)
+        storage.rm("bench/warmup-persist", recursive=True)
+
     persist_s, raw_s, ser_s, wr_s = [], [], [], []
     for i in range(repeats):  # interleaved, so drift (page cache, server memory) hits both alike
         folder = f"bench/raw-{uuid.uuid4().hex[:8]}"
+        settle(storage)
         t0 = time.perf_counter()
         raw_write(folder)
         raw_s.append(time.perf_counter() - t0)
         storage.rm(folder, recursive=True)
-        free_memory()
 
         folder = f"bench/persist-{uuid.uuid4().hex[:8]}"
+        settle(storage)
         t0 = time.perf_counter()
         persister.submit(folder, staged, {"step": i})
         persister.wait()
@@ -192,7 +207,6 @@ def measure_persist(storage: RunStorage, staged: dict[str, Any], repeats: int) -
         wr_s.append(persister.timing.write_s)
         assert done and done[-1] is not None and sum(e.size for e in done[-1]) == persister.timing.bytes_written
         storage.rm(folder, recursive=True)
-        free_memory()
 
     # Plain fs.pipe_file of the same bytes (no temp file, no fsync locally; no retry wrapper).
     pipe_s = []
@@ -200,6 +214,7 @@ def measure_persist(storage: RunStorage, staged: dict[str, Any], repeats: int) -
         folder = storage.path(f"bench/pipe-{uuid.uuid4().hex[:8]}")
         if not storage.is_object_store:
             storage.fs.makedirs(folder, exist_ok=True)
+        settle(storage)
         t0 = time.perf_counter()
         for name, data in blobs.items():
             storage.fs.pipe_file(f"{folder}/{name}", data)
@@ -282,7 +297,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params-millions", type=float, default=60.0)
     parser.add_argument("--repeats", type=int, default=5, help="timed saves for the stall and memcpy medians")
-    parser.add_argument("--persist-repeats", type=int, default=3, help="timed persists / raw writes per target")
+    parser.add_argument("--persist-repeats", type=int, default=3, help="timed persists / raw writes on S3")
+    parser.add_argument("--file-repeats", type=int, default=5,
+                        help="timed persists / raw writes on file:// (cheap, and local disk timings are noisy)")
     parser.add_argument("--skip-s3", action="store_true")
     args = parser.parse_args()
 
@@ -312,7 +329,7 @@ def main() -> None:
     server = None
     try:
         storage = StorageSpec(f"file://{tmp}", "bench-run").open()
-        results["file"] = measure_persist(storage, staged, args.persist_repeats)
+        results["file"] = measure_persist(storage, staged, args.file_repeats, warmup=True)
         print(f"file: persist s {[round(x, 3) for x in results['file']['persist_all']]}, raw s "
               f"{[round(x, 3) for x in results['file']['raw_all']]}; rss {rss_gb():.2f} GB", flush=True)
         if not args.skip_s3:
@@ -322,7 +339,7 @@ def main() -> None:
             options = {"key": S3_KEY, "secret": S3_SECRET,
                        "client_kwargs": {"endpoint_url": endpoint, "region_name": S3_REGION}}
             storage = StorageSpec(f"s3://{bucket}/runs", "bench-run", options).open()
-            results["s3 (moto)"] = measure_persist(storage, staged, args.persist_repeats)
+            results["s3 (moto)"] = measure_persist(storage, staged, args.persist_repeats, warmup=False)
             r = results["s3 (moto)"]
             print(f"s3: persist s {[round(x, 3) for x in r['persist_all']]}, raw s "
                   f"{[round(x, 3) for x in r['raw_all']]}; rss {rss_gb():.2f} GB", flush=True)
@@ -351,7 +368,8 @@ def main() -> None:
               f"{fmt_s(r['write_s']):>8} {fmt_s(r['raw_s']):>12} {r['ratio']:>14.2f} "
               f"{'<=' + str(PERSIST_TARGET):>7} {ok(r['ratio'], PERSIST_TARGET):>5}  {fmt_s(r['pipe_s']):>14}")
     print()
-    print(f"medians of {args.repeats} (stall, memcpy) and {args.persist_repeats} (persist, writes); "
+    print(f"medians of {args.repeats} (stall, memcpy), {args.file_repeats} (file persist, writes; after one "
+          f"untimed warm-up) and {args.persist_repeats} (s3 persist, writes); "
           f"peak RSS {peak_rss_gb():.2f} GB; total {time.perf_counter() - start:.1f}s")
 
 

@@ -80,6 +80,11 @@ class Trainer:
         placement_strategy: ``"PACK"`` or ``"SPREAD"`` (or the STRICT_ forms). Defaults to ``"PACK"``.
         resources_per_worker: Ray resources per worker. Defaults to ``{"CPU": 1}``.
         threads_per_worker: torch intra-op threads per worker. Defaults to the worker's CPUs.
+        hang_timeout_s: A rank that shows no sign of life (steps, validation batches, syncs) for this
+            long, once it has built its model and data, is treated as failed and the group
+            restarts. Defaults to ``1800``.
+        preemption_grace_s: After SIGTERM, how long the workers get to reach a step boundary and
+            commit an emergency backup. Defaults to ``120``.
 
     Example:
         >>> trainer = Trainer(model=build_model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
@@ -112,6 +117,8 @@ class Trainer:
         placement_strategy: str = "PACK",
         resources_per_worker: Mapping[str, float] | None = None,
         threads_per_worker: int | None = None,
+        hang_timeout_s: float = 1800.0,
+        preemption_grace_s: float = 120.0,
     ) -> None:
         if data is None:
             raise ValueError("data is required: pass data=fn returning (train_dataset, val_dataset or None)")
@@ -134,6 +141,11 @@ class Trainer:
         if not isinstance(max_failures, int) or max_failures < 0:
             raise ValueError(f"max_failures must be an integer >= 0, got {max_failures!r}")
         self.max_failures = max_failures
+        for name, value in (("hang_timeout_s", hang_timeout_s), ("preemption_grace_s", preemption_grace_s)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        self.hang_timeout_s = float(hang_timeout_s)
+        self.preemption_grace_s = float(preemption_grace_s)
         if threads_per_worker is not None and (not isinstance(threads_per_worker, int) or threads_per_worker < 1):
             raise ValueError(f"threads_per_worker must be an integer >= 1, got {threads_per_worker!r}")
         cpus = self.scaling.worker_resources().get("CPU", 1)
@@ -186,8 +198,11 @@ class Trainer:
                        driver_callbacks=driver_cbs, params=params, batch_sync_every=sync_every,
                        threads_per_worker=self.threads_per_worker, storage=self.storage,
                        config_snapshot=self._config_snapshot(epochs),
-                       backup_dir=self.backup.backup_dir if self.backup else None,
-                       delete_backups_at_end=bool(self.backup and self.backup.delete_checkpoint))
+                       backup_dir=self.backup.backup_dir if self.backup else "backup",
+                       keep_backups=self.backup.keep if self.backup else 1,
+                       delete_backups_at_end=bool(self.backup and self.backup.delete_checkpoint),
+                       max_failures=self.max_failures, hang_timeout_s=self.hang_timeout_s,
+                       preemption_grace_s=self.preemption_grace_s)
         outcome = run_fit(plan)
         for cb, state in zip(coordinator_cbs, outcome.callback_states):
             cb.load_state_dict(state)

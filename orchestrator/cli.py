@@ -15,6 +15,8 @@ from typing import Sequence
 import ray
 
 from orchestrator.api import Trainer
+from orchestrator.errors import Preempted
+from orchestrator.storage import run_status
 
 
 def load_trainer(path: str) -> Trainer:
@@ -47,7 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args(argv)
     trainer = load_trainer(args.file)
-    history = trainer.fit(epochs=args.epochs)
+    storage = trainer.storage.open()
+    if run_status(storage) == "finished":  # safe for RayJob retries and resubmissions
+        print(f"run {storage.url()} already finished; nothing to do")
+        return 0
+    try:
+        history = trainer.fit(epochs=args.epochs)
+    except Preempted as exc:
+        print(f"preempted: {exc}", file=sys.stderr, flush=True)
+        return Preempted.exit_code
     last = {k: v[-1] for k, v in history.history.items() if v}
     print("finished:", ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
     return 0

@@ -1,60 +1,66 @@
-"""The driver loop: start the coordinator and the worker group, watch them, clean up."""
+"""The driver's controller: explicit states, a failure policy that returns a decision, restarts.
+
+    Starting -> Running -> (Restarting -> Running)* -> Finished | Failed | Preempted
+
+Each attempt starts a fresh coordinator and worker group and resumes from the newest committed
+backup in the run directory. A failed attempt is handed to :class:`FailurePolicy`, which says
+whether to restart; past ``max_failures`` ``fit`` raises an error listing every failure.
+"""
 
 from __future__ import annotations
 
-import builtins
+import enum
 import logging
+import signal
+import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from orchestrator.callbacks.base import Callback, TrainingView
-from orchestrator.callbacks.history import History
+from orchestrator.attempt import AttemptFailed, FailureRecord, FitOutcome, FitPlan, run_attempt
 from orchestrator.checkpoint import latest_valid, remove_newer
-from orchestrator.config import LoopConfig, ScalingConfig
-from orchestrator.coordinator import Coordinator
-from orchestrator.errors import CoordinatorError, OrchestratorError, WorkerError, WorkerLostError
+from orchestrator.errors import OrchestratorError, Preempted, TrainingFailedError
 from orchestrator.loop_state import COORDINATOR_FILE
 from orchestrator.state import from_bytes
-from orchestrator.storage import EventLog, StorageSpec, bump_attempt, is_local, write_marker, write_run_json
-from orchestrator.trainer import LoopResult
-from orchestrator.worker import WorkerFailure
-from orchestrator.worker_group import WorkerGroup
+from orchestrator.storage import EventLog, bump_attempt, update_run_json, write_run_json
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class FitPlan:
-    """Everything one ``fit`` call needs, validated by :class:`orchestrator.Trainer`."""
-
-    loop: LoopConfig
-    scaling: ScalingConfig
-    epochs: int
-    callbacks: list[Callback]
-    driver_callbacks: list[Callback]
-    params: dict[str, Any]
-    batch_sync_every: int | None = None
-    threads_per_worker: int | None = None
-    poll_interval_s: float = 0.2
-    storage: StorageSpec | None = None
-    config_snapshot: dict[str, Any] = field(default_factory=dict)
-    backup_dir: str | None = None  # set when a BackupAndRestore callback is present
-    delete_backups_at_end: bool = False
-
-# coordinator event types that go to events.jsonl (progress and batch logs stay in memory)
-PERSISTED_EVENTS = {"lr_changed", "nan_detected", "checkpoint_saved", "backup_committed", "backup_failed",
-                    "epoch_end", "warning"}
-STOP_EVENT_TYPES = {"early_stopping": "early_stopping", "nan_detected": "terminated_on_nan"}
+__all__ = ["ControllerState", "FailurePolicy", "FitOutcome", "FitPlan", "ensure_ray", "run_fit"]
 
 
-@dataclass
-class FitOutcome:
-    results: list[LoopResult] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    callback_states: list[dict[str, Any]] = field(default_factory=list)
+class ControllerState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    FINISHED = "finished"
+    FAILED = "failed"
+    PREEMPTED = "preempted"
+
+
+@dataclass(frozen=True)
+class FailureDecision:
+    restart: bool
+    reason: str
+
+
+class FailurePolicy:
+    """Restart while the number of failures is at most ``max_failures``.
+
+    Example:
+        >>> FailurePolicy(1).decide([object()]).restart, FailurePolicy(1).decide([object(), object()]).restart
+        (True, False)
+    """
+
+    def __init__(self, max_failures: int) -> None:
+        self.max_failures = max_failures
+
+    def decide(self, failures: list[Any]) -> FailureDecision:
+        if len(failures) <= self.max_failures:
+            return FailureDecision(True, f"failure {len(failures)} of at most {self.max_failures}: restarting")
+        return FailureDecision(False, f"{len(failures)} failures exceed max_failures={self.max_failures}")
 
 
 def ensure_ray() -> bool:
@@ -68,63 +74,17 @@ def ensure_ray() -> bool:
     return True
 
 
-class DriverCallbacks:
-    """Replays the coordinator's events to display-only callbacks (ProgbarLogger, History)."""
-
-    def __init__(self, callbacks: list[Callback], params: dict[str, Any],
-                 restored_history: list[dict[str, Any]] | None = None) -> None:
-        self.callbacks = callbacks
-        self.params = params
-        self.restored_history = restored_history or []
-        self.view = TrainingView()
-        for cb in callbacks:
-            cb.set_params(params)
-            cb.set_trainer(self.view)
-
-    def dispatch(self, event: dict[str, Any]) -> None:
-        kind = event["type"]
-        self.view.extra["event_time"] = event["time"]
-        self.view.epoch = event.get("epoch", self.view.epoch)
-        for cb in self.callbacks:
-            if kind == "train_begin":
-                self.params["steps"] = event["steps"]
-                cb.on_train_begin({})
-                if isinstance(cb, History):  # epochs run before a resume
-                    for past in self.restored_history:
-                        cb.on_epoch_end(past["epoch"], dict(past["logs"]))
-            elif kind == "epoch_begin":
-                cb.on_epoch_begin(event["epoch"], {})
-            elif kind in ("progress", "batch_end"):
-                cb.on_train_batch_end(event["step"], dict(event["logs"]))
-            elif kind == "epoch_end":
-                cb.on_epoch_end(event["epoch"], dict(event["logs"]))
-            elif kind == "train_end":
-                cb.on_train_end(dict(event["logs"]))
-
-
-def prepare_storage(plan: FitPlan) -> tuple[Any, EventLog | None, str | None, dict[str, Any] | None]:
-    """Check the storage, write run.json, find the backup to resume from (before any worker starts).
-
-    Returns (storage, event log, resume folder or None, coordinator state to restore or None).
-    """
-    if plan.storage is None:
-        return None, None, None, None
-    storage = plan.storage.open()
-    storage.check_access()
-    attempt = bump_attempt(storage)
-    write_run_json(storage, dict(plan.config_snapshot, world_size=plan.scaling.num_workers))
-    events = EventLog(storage, attempt)
-    if plan.backup_dir is None:
-        return storage, events, None, None
+def find_resume(plan: FitPlan, storage: Any, events: EventLog) -> tuple[str | None, dict[str, Any] | None]:
+    """The newest valid committed backup (folder, coordinator state), after removing newer leftovers."""
 
     def skipped(step: int, reason: str) -> None:
-        warnings.warn(f"skipping backup step {step} in {storage.url(plan.backup_dir)}: {reason}", stacklevel=3)
+        warnings.warn(f"skipping backup step {step} in {storage.url(plan.backup_dir)}: {reason}", stacklevel=4)
         events.append("backup_skipped", step=step, reason=reason)
 
     found = latest_valid(storage, plan.backup_dir, on_skip=skipped)
     remove_newer(storage, plan.backup_dir, found.manifest.step if found else None)
     if found is None:
-        return storage, events, None, None
+        return None, None
     if found.manifest.world_size != plan.scaling.num_workers:
         raise OrchestratorError(
             f"the backup in {storage.url(found.folder)} was written by {found.manifest.world_size} workers; "
@@ -132,117 +92,90 @@ def prepare_storage(plan: FitPlan) -> tuple[Any, EventLog | None, str | None, di
     restore = from_bytes(storage.read_bytes(f"{found.folder}/{COORDINATOR_FILE}"))
     events.append("restored", epoch=found.manifest.epoch, step=found.manifest.step, folder=found.folder,
                   phase=found.manifest.phase)
-    return storage, events, found.folder, restore
+    return found.folder, restore
+
+
+class _SigtermToPreemption:
+    """While active (main thread only), SIGTERM sets ``event`` instead of killing the driver."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+        self.previous: Any = None
+
+    def __enter__(self) -> "_SigtermToPreemption":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.event.set())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def run_fit(plan: FitPlan) -> FitOutcome:
-    """Run one training to the end; raise the first worker or callback error after cleanup."""
-    storage, events, resume_from, restore = prepare_storage(plan)
+    """Run training to the end across attempts; raise what ends it otherwise."""
+    storage = plan.storage.open()
+    storage.check_access()  # before any worker starts
+    write_run_json(storage, dict(plan.config_snapshot, world_size=plan.scaling.num_workers))
+    update_run_json(storage, status="running")
     started_ray = ensure_ray()
-    group = WorkerGroup(plan.scaling)
-    coordinator = None
+    policy = FailurePolicy(plan.max_failures)
+    failures: list[FailureRecord] = []
     outcome = FitOutcome()
-    driver = DriverCallbacks(plan.driver_callbacks, plan.params, (restore or {}).get("history"))
+    preempt = threading.Event()
+    state = ControllerState.STARTING
     try:
-        coordinator = Coordinator.remote(plan.callbacks, plan.params, plan.scaling.num_workers, plan.storage, restore)
-        infos = group.start()
-        if storage is not None:
-            _check_storage_visible(group, plan.storage, storage, infos)
-            events.append("started", world_size=plan.scaling.num_workers,
-                          nodes=sorted({i["node"] for i in infos}))
-        refs = group.run(plan.loop, plan.epochs, coordinator, plan.scaling.use_gpu, plan.batch_sync_every,
-                         plan.threads_per_worker, plan.storage, resume_from)
-        rank_of = {ref: rank for rank, ref in enumerate(refs)}
-        results: dict[int, LoopResult] = {}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=plan.poll_interval_s)
-            for ref in ready:
-                rank = rank_of[ref]
+        with _SigtermToPreemption(preempt):
+            while True:
+                attempt = bump_attempt(storage)
+                events = EventLog(storage, attempt)
+                resume_from, restore = find_resume(plan, storage, events)
+                state = ControllerState.RUNNING
                 try:
-                    value = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    info = infos[rank]
-                    raise WorkerLostError(
-                        f"rank {rank} (node {info['node']}, pid {info['pid']}) died: {exc}") from None
-                if isinstance(value, WorkerFailure):
-                    _dispatch(coordinator, driver, outcome, events)
-                    _raise_coordinator_error(coordinator)
-                    err = WorkerError(value.rank, value.node, value.error_type, value.message, value.traceback)
-                    raise err from value.exception
-                results[rank] = value
-            _dispatch(coordinator, driver, outcome, events)
-        _dispatch(coordinator, driver, outcome, events)
-        _raise_coordinator_error(coordinator)
-        outcome.callback_states = ray.get(coordinator.callback_states.remote())
-        outcome.results = [results[r] for r in sorted(results)]
-        if events is not None:
-            if plan.backup_dir is not None and plan.delete_backups_at_end:
-                storage.rm(plan.backup_dir, recursive=True)
-            events.append("finished", epochs=len(outcome.results[0].learning_rates))
-        return outcome
-    except BaseException as exc:
-        if events is not None:
-            _safe_append(events, "failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        raise
+                    results = run_attempt(plan, attempt, storage, events, resume_from, restore, outcome, preempt)
+                except AttemptFailed as failed:
+                    failures.append(failed.record)
+                    events.append("worker_failed", rank=failed.record.rank, node=failed.record.node,
+                                  cause=failed.record.cause)
+                    decision = policy.decide(failures)
+                    if decision.restart:
+                        state = ControllerState.RESTARTING
+                        logger.warning("attempt %d failed (%s); %s", attempt, failed.record.cause, decision.reason)
+                        continue
+                    state = ControllerState.FAILED
+                    _fail(storage, events, failed.error)
+                    if len(failures) == 1:
+                        raise failed.error
+                    raise TrainingFailedError(failures) from failed.error
+                except BaseException as exc:
+                    state = ControllerState.FAILED
+                    _fail(storage, events, exc)
+                    raise
+                outcome.results = results
+                if any(r.preempted for r in results):
+                    state = ControllerState.PREEMPTED
+                    events.append("preempted", step=max(r.steps_run for r in results))
+                    update_run_json(storage, status="preempted")
+                    outcome.preempted = True
+                    raise Preempted(f"training was preempted; an emergency backup is in {storage.url(plan.backup_dir)}"
+                                    "; run the same command again to resume")
+                state = ControllerState.FINISHED
+                if plan.delete_backups_at_end:
+                    storage.rm(plan.backup_dir, recursive=True)
+                events.append("finished", epochs=len(results[0].learning_rates))
+                update_run_json(storage, status="finished")
+                return outcome
     finally:
-        group.shutdown()
-        if coordinator is not None:
-            ray.kill(coordinator, no_restart=True)
+        logger.debug("controller ended in state %s", state.value)
         if started_ray:
             ray.shutdown()
 
 
-def _check_storage_visible(group: WorkerGroup, spec: StorageSpec, storage: Any, infos: list[dict[str, Any]]) -> None:
-    """A local path on a multi-node cluster must be shared storage every worker sees."""
-    if not is_local(storage) or len({i["node_id"] for i in infos}) < 2:
-        return
-    marker = write_marker(storage)
+def _fail(storage: Any, events: EventLog, exc: BaseException) -> None:
+    """Record a failure without masking the error being raised."""
     try:
-        seen = ray.get([w.can_read.remote(spec, marker) for w in group.workers])
-    finally:
-        storage.rm(marker)
-    blind = [infos[r]["node"] for r, ok in enumerate(seen) if not ok]
-    if blind:
-        raise OrchestratorError(
-            f"storage {storage.url()} is a local path that workers on {sorted(set(blind))} cannot see; "
-            "use shared storage (NFS mounted at the same path on every node) or an object store URL such as s3://")
-
-
-def _dispatch(coordinator: Any, driver: DriverCallbacks, outcome: FitOutcome, events: EventLog | None) -> None:
-    for event in ray.get(coordinator.poll.remote()):
-        outcome.events.append(event)
-        if events is not None:
-            _persist_event(events, event)
-
-
-def _safe_append(events: EventLog, kind: str, **fields: Any) -> None:
-    """Record an event on the failure path without masking the error being raised."""
-    try:
-        events.append(kind, **fields)
-    except Exception as exc:
-        logger.warning("could not record the %r event: %s", kind, exc)
-        if event["type"] == "warning":
-            category = getattr(builtins, event["category"], UserWarning)
-            if not (isinstance(category, type) and issubclass(category, Warning)):
-                category = UserWarning
-            warnings.warn(event["message"], category, stacklevel=4)
-        driver.dispatch(event)
-
-
-def _raise_coordinator_error(coordinator: Any) -> None:
-    error, tb = ray.get(coordinator.error.remote())
-    if error is not None:
-        raise error from CoordinatorError(f"a callback raised on the coordinator:\n{tb}")
-    if tb:
-        raise CoordinatorError(f"a callback raised on the coordinator:\n{tb}")
-
-
-def _persist_event(events: EventLog, event: dict[str, Any]) -> None:
-    kind = event["type"]
-    fields = {k: v for k, v in event.items() if k not in ("type", "time", "epoch", "step")}
-    if kind == "stop":
-        kind = STOP_EVENT_TYPES.get(event.get("reason", ""), "stopped")
-    elif kind not in PERSISTED_EVENTS:
-        return
-    events.append(kind, epoch=event.get("epoch"), step=event.get("step"), **fields)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        events.append("failed", error=f"{type(exc).__name__}: {first}")
+        update_run_json(storage, status="failed")
+    except Exception as record_error:
+        logger.warning("could not record the failure: %s", record_error)

@@ -46,8 +46,11 @@ class CoordinatorCore:
     """
 
     def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int,
-                 storage: Any = None, restore: dict[str, Any] | None = None) -> None:
+                 storage: Any = None, restore: dict[str, Any] | None = None, backup_dir: str = "backup",
+                 keep_backups: int = 1) -> None:
         self.world_size = world_size
+        self.backup_dir = backup_dir
+        self.keep_backups = keep_backups
         self.view = TrainingView(world_size=world_size)
         self.callbacks = CallbackList(callbacks, self.view)
         self.callbacks.set_params(params)
@@ -134,6 +137,10 @@ class CoordinatorCore:
 
     def _on_batch_end(self, first: Report, reports: dict[int, Report]) -> list[Decision]:
         self.view.step, self.view.global_step = first.step, first.global_step
+        if first.preempted:  # an emergency backup at this very step, then every rank stops
+            self._emit("preempted", epoch=first.epoch, step=first.global_step)
+            return self._record([Backup(backup_dir=self.backup_dir, keep=self.keep_backups, source="preemption"),
+                                 StopTraining(reason="preempted", source="preemption")], first.epoch, first.step)
         logs = aggregate(_sums(r.train) for r in reports.values())
         if first.nonfinite and math.isfinite(logs.get("loss", math.nan)):
             logs["loss"] = math.nan
@@ -206,32 +213,47 @@ class Coordinator:
     """Ray actor around :class:`CoordinatorCore` with a per-sync-point barrier."""
 
     def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int,
-                 storage_spec: Any = None, restore: dict[str, Any] | None = None) -> None:
+                 storage_spec: Any = None, restore: dict[str, Any] | None = None, backup_dir: str = "backup",
+                 keep_backups: int = 1) -> None:
         storage = storage_spec.open() if storage_spec is not None else None
-        self.core = CoordinatorCore(callbacks, params, world_size, storage, restore)
+        self.core = CoordinatorCore(callbacks, params, world_size, storage, restore, backup_dir, keep_backups)
         self._barriers: dict[tuple[str, int, int], _Barrier] = {}
+        self._beats: dict[int, float] = {}  # a rank is watched from its first sign of life on
+        self._waiting: set[int] = set()
 
     async def sync(self, rank: int, report: Report) -> list[Decision]:
         key = (report.kind, report.epoch, report.step)
         barrier = self._barriers.setdefault(key, _Barrier())
         barrier.reports[rank] = report
-        if len(barrier.reports) == self.core.world_size:
-            barrier.result = self.core.handle(barrier.reports)
-            barrier.done.set()
-        await barrier.done.wait()
+        self._waiting.add(rank)  # a rank waiting here for the others is alive
+        try:
+            if len(barrier.reports) == self.core.world_size:
+                barrier.result = self.core.handle(barrier.reports)
+                barrier.done.set()
+            await barrier.done.wait()
+        finally:
+            self._waiting.discard(rank)
+            self._beats[rank] = time.monotonic()
         barrier.served += 1
         if barrier.served == self.core.world_size:
             del self._barriers[key]
         return barrier.result
 
+    def heartbeat(self, rank: int) -> None:
+        self._beats[rank] = time.monotonic()
+
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
+        self._beats[0] = time.monotonic()
         self.core.progress(epoch, step, logs)
 
     def persisted(self, rank: int, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
         self.core.persisted(rank, folder, entries, meta)
 
-    def poll(self) -> list[dict[str, Any]]:
-        return self.core.drain()
+    def poll(self) -> tuple[list[dict[str, Any]], dict[int, float]]:
+        """New events, and each started rank's seconds since its last sign of life (0 while waiting at a sync)."""
+        now = time.monotonic()
+        ages = {rank: 0.0 if rank in self._waiting else now - beat for rank, beat in self._beats.items()}
+        return self.core.drain(), ages
 
     def callback_states(self) -> list[dict[str, Any]]:
         return self.core.callbacks.state_dict()

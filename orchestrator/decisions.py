@@ -133,6 +133,7 @@ class Report:
         nonfinite: A non-finite loss was seen on some rank at this step.
         steps_per_epoch: Batches per epoch on every rank.
         global_step: Batches run since the start of training.
+        preempted: Some rank received a preemption notice before this step.
     """
 
     kind: str
@@ -144,3 +145,4 @@ class Report:
     nonfinite: bool = False
     steps_per_epoch: int = 0
     global_step: int = 0
+    preempted: bool = False

@@ -40,3 +40,33 @@ class WorkerLostError(OrchestratorError):
 
 class CoordinatorError(OrchestratorError):
     """A callback raised on the coordinator; the original exception is chained."""
+
+
+class HangError(OrchestratorError):
+    """A rank made no progress for ``hang_timeout_s``."""
+
+
+class Preempted(OrchestratorError):
+    """Training stopped at a preemption notice after committing an emergency backup.
+
+    The command-line entry point exits with :data:`PREEMPTED_EXIT_CODE` so that Kubernetes or a
+    RayJob retry runs it again; the next run resumes with no lost steps.
+    """
+
+    exit_code = 75  # EX_TEMPFAIL: try again
+
+
+PREEMPTED_EXIT_CODE = Preempted.exit_code
+
+
+class TrainingFailedError(OrchestratorError):
+    """More failures than ``max_failures``; lists every failure (attempt, rank, node, cause)."""
+
+    def __init__(self, failures: list) -> None:
+        self.failures = list(failures)
+        lines = [f"  attempt {f.attempt}: rank {f.rank} on {f.node}: {f.cause}" for f in self.failures]
+        super().__init__(f"training failed {len(self.failures)} times (more than max_failures allows):\n"
+                         + "\n".join(lines))
+
+    def __reduce__(self):
+        return (TrainingFailedError, (self.failures,))

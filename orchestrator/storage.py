@@ -820,3 +820,15 @@ __all__ = [
     "bump_attempt", "can_read_marker", "check_access", "is_local", "public_config", "read_events",
     "redact", "versions", "write_marker", "write_run_json",
 ]
+
+
+def update_run_json(storage: RunStorage, **fields: Any) -> dict:
+    """Set top-level fields of run.json (e.g. ``status``), keeping the rest."""
+    data = _read_run_json(storage)
+    data.update(fields)
+    return _write_run_json_dict(storage, data)
+
+
+def run_status(storage: RunStorage) -> str | None:
+    """The ``status`` recorded in run.json (``running``, ``finished``, ``failed``, ``preempted``), if any."""
+    return _read_run_json(storage).get("status")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -54,6 +55,9 @@ class CoordinatorLink(Protocol):
     def persisted(self, rank: int, folder: str, entries: list[Any] | None, meta: dict[str, Any]) -> None:
         """A backup's files on this rank are durable (entries) or failed (None); blocks until recorded."""
 
+    def heartbeat(self) -> None:
+        """Fire-and-forget sign of life for the hang watchdog (time-gated by the loop)."""
+
 
 @dataclass
 class LoopResult:
@@ -64,6 +68,7 @@ class LoopResult:
     epochs_run: int = 0
     steps_run: int = 0
     stopped_at: tuple[int, int] | None = None
+    preempted: bool = False
     state_dict: dict[str, torch.Tensor] | None = None
 
 
@@ -76,7 +81,7 @@ class SignalledModule(torch.nn.Module):
     not given to the optimizer and not saved).
     """
 
-    SIZE = 3
+    SIZE = 4
 
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__()
@@ -125,11 +130,13 @@ class TrainLoop:
         batch_sync_every: Global steps between batch syncs (callbacks with batch hooks), or None.
         storage: The run storage (for backups and checkpoints), or None.
         resume_from: A committed backup folder (relative to the run directory) to resume from.
+        preemption: Set (from another thread) when a preemption notice arrives.
     """
 
     def __init__(self, config: LoopConfig, rank: int, world_size: int, device: torch.device,
                  link: CoordinatorLink, epochs: int, batch_sync_every: int | None = None,
-                 storage: Any = None, resume_from: str | None = None) -> None:
+                 storage: Any = None, resume_from: str | None = None,
+                 preemption: threading.Event | None = None) -> None:
         self.config = config
         self.rank = rank
         self.world_size = world_size
@@ -139,6 +146,7 @@ class TrainLoop:
         self.batch_sync_every = batch_sync_every
         self.storage = storage
         self.resume_from = resume_from
+        self.preemption = preemption or threading.Event()
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
         self.pos = Position()
         self.sums = Accumulator()
@@ -215,6 +223,7 @@ class TrainLoop:
     # -- loop ----------------------------------------------------------------------------
     def run(self) -> LoopResult:
         self._build()
+        self.link.heartbeat()  # the hang watchdog watches this rank from now on
         rng = self.saver.load(self.resume_from) if self.resume_from else None
         try:
             stop = self._sync("train_begin")
@@ -227,6 +236,8 @@ class TrainLoop:
                     self.result.learning_rates.append(self.learning_rate())
                     self.sums, self.seen = Accumulator(), [0.0, 0.0]
                 stopped_step = None if stop else self._train_epoch(epoch, first_batch)
+                if self.result.preempted:
+                    return self._finish()  # the emergency backup holds this step; nothing more runs
                 if stopped_step is not None:
                     self.result.stopped_at = (epoch, stopped_step)
                 val = self._validate()
@@ -238,6 +249,10 @@ class TrainLoop:
             self._sync("train_end", max(epoch - 1, 0))
         finally:
             self.saver.flush()
+        return self._finish()
+
+    def _finish(self) -> LoopResult:
+        self.saver.flush()
         if self.rank == 0:
             self.result.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         return self.result
@@ -254,10 +269,11 @@ class TrainLoop:
             loss, metrics, n = split_output(self.train_step(self.ddp, batch), batch)
             detached = loss.detach()
             weighted_loss = sums.add(detached, metrics, n)
-            values = torch.stack([(~torch.isfinite(detached)).to(signal.dtype), weighted_loss.to(signal.dtype),
-                                  torch.full((), float(n), dtype=signal.dtype, device=signal.device)])
+            notice = 1.0 if self.preemption.is_set() else 0.0
+            values = torch.cat([torch.stack([(~torch.isfinite(detached)).to(signal.dtype), weighted_loss.to(signal.dtype)]),
+                                torch.tensor([float(n), notice], dtype=signal.dtype, device=signal.device)])
             (loss + (signal * values).sum()).backward()
-            nonfinite, loss_sum, n_sum = (signal.grad * self.world_size).tolist()  # DDP averaged them
+            nonfinite, loss_sum, n_sum, preempted = (signal.grad * self.world_size).tolist()  # DDP averaged them
             signal.grad = None
             self.result.steps_run += 1
             if nonfinite > 0:
@@ -270,8 +286,11 @@ class TrainLoop:
             self.pos = Position(epoch, step, self.pos.global_step + 1, "batch")
             self.seen[0] += loss_sum
             self.seen[1] += n_sum
-            if self.rank == 0:
-                self._maybe_progress(epoch, step, self.seen[0] / max(self.seen[1], 1.0))
+            self._maybe_progress(epoch, step, self.seen[0] / max(self.seen[1], 1.0))
+            if preempted > 0:  # every rank sees it at this same step
+                self._sync("batch_end", epoch, step, train=sums.phase_sums(), preempted=True)
+                self.result.preempted = True
+                return step
             periodic = self.batch_sync_every is not None and self.pos.global_step % self.batch_sync_every == 0
             if nonfinite > 0 or periodic:
                 if self._sync("batch_end", epoch, step, train=sums.phase_sums(), nonfinite=nonfinite > 0):
@@ -288,11 +307,23 @@ class TrainLoop:
                 batch = move_to(batch, self.device)
                 loss, metrics, n = split_output(self.val_step(self.model, batch), batch)
                 sums.add(loss.detach(), metrics, n)
+                self._beat()
         self.model.train()
         return sums.phase_sums()
 
     def _maybe_progress(self, epoch: int, step: int, running_loss: float) -> None:
+        """Rank 0 sends the cluster-wide running loss; every rank a heartbeat (time-gated, fire and forget)."""
+        now = time.monotonic()
+        if now - self._last_progress < self.config.progress_interval_s:
+            return
+        self._last_progress = now
+        if self.rank == 0:
+            self.link.progress(epoch, step, {"loss": running_loss if math.isfinite(running_loss) else float("nan")})
+        else:
+            self.link.heartbeat()
+
+    def _beat(self) -> None:
         now = time.monotonic()
         if now - self._last_progress >= self.config.progress_interval_s:
             self._last_progress = now
-            self.link.progress(epoch, step, {"loss": running_loss if math.isfinite(running_loss) else float("nan")})
+            self.link.heartbeat()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,9 @@ class RayLink:
     def persisted(self, rank: int, folder: str, entries: Any, meta: dict[str, Any]) -> None:
         ray.get(self.coordinator.persisted.remote(rank, folder, entries, meta))
 
+    def heartbeat(self) -> None:
+        self.coordinator.heartbeat.remote(self.rank)  # fire and forget
+
 
 def _picklable(exc: BaseException) -> BaseException | None:
     try:
@@ -52,13 +56,21 @@ def _picklable(exc: BaseException) -> BaseException | None:
         return None
 
 
-@ray.remote(max_restarts=0)
+@ray.remote(max_restarts=0, max_concurrency=2)
 class TrainWorker:
-    """Rank ``rank`` of ``world_size``: joins the process group and runs the loop."""
+    """Rank ``rank`` of ``world_size``: joins the process group and runs the loop.
+
+    Two threads: ``run`` occupies one; ``notify_preemption`` can arrive on the other.
+    """
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank
         self.world_size = world_size
+        self.preemption = threading.Event()
+
+    def notify_preemption(self) -> None:
+        """Ask the loop to stop at the next step boundary (every rank agrees on which, via the step signal)."""
+        self.preemption.set()
 
     def info(self) -> dict[str, Any]:
         return {"rank": self.rank, "node": ray.util.get_node_ip_address(), "pid": os.getpid(),
@@ -96,7 +108,8 @@ class TrainWorker:
             try:
                 storage = storage_spec.open() if storage_spec is not None else None
                 loop = TrainLoop(config, self.rank, self.world_size, device, RayLink(coordinator, self.rank),
-                                 epochs, batch_sync_every, storage=storage, resume_from=resume_from)
+                                 epochs, batch_sync_every, storage=storage, resume_from=resume_from,
+                                 preemption=self.preemption)
                 return loop.run()
             finally:
                 torch.distributed.destroy_process_group()

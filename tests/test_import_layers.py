@@ -17,7 +17,7 @@ LAYERS = {
     "callbacks": 2,
     "trainer": 3, "data": 3, "steps": 3, "loop_state": 3,
     "worker": 4, "worker_group": 4, "coordinator": 4,
-    "controller": 5,
+    "controller": 5, "attempt": 5,
     "api": 6, "cli": 7, "__main__": 7, "__init__": 7,
 }
 RAY_MIN_LAYER = 4

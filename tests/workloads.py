@@ -130,3 +130,37 @@ def dropout_model() -> torch.nn.Module:
 
 def adam(params):
     return torch.optim.Adam(params, lr=0.01)
+
+
+def faulty_step(action: str, rank: int, at_call: int, flag_path: str | None):
+    """The default step, but ``rank`` does ``action`` at its ``at_call``-th training call.
+
+    ``action`` is ``"raise"``, ``"sigkill"`` (the worker process kills itself) or ``"hang"`` (sleeps
+    forever). With ``flag_path``, the fault happens only while that file exists (it is removed
+    first, so the next attempt runs through); without it, on every attempt.
+    """
+    import os
+    import signal
+    import time
+
+    calls = {"n": 0}
+
+    def train_step(model, batch):
+        inputs, targets = batch
+        if model.training:
+            armed = flag_path is None or os.path.exists(flag_path)
+            if dist.get_rank() == rank and calls["n"] == at_call and armed:
+                if flag_path is not None:
+                    os.remove(flag_path)
+                if action == "raise":
+                    raise RuntimeError(f"injected failure on rank {rank} at call {at_call}")
+                if action == "sigkill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if action == "hang":
+                    while True:
+                        time.sleep(1)
+            calls["n"] += 1
+        outputs = model(inputs)
+        return {"loss": torch.nn.functional.cross_entropy(outputs, targets), "batch_size": len(targets)}
+
+    return train_step

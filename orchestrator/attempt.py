@@ -1,0 +1,236 @@
+"""One attempt: start the coordinator and the worker group, watch them until they end, clean up.
+
+The watch loop never waits on a collective: it polls Ray for finished ranks, the coordinator for
+events and heartbeat ages (the hang watchdog), and the driver's preemption flag. Any failure
+ends the whole group at once (ranks stuck in a collective are killed, not waited for).
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from orchestrator.callbacks.base import Callback, TrainingView
+from orchestrator.callbacks.history import History
+from orchestrator.config import LoopConfig, ScalingConfig
+from orchestrator.coordinator import Coordinator
+from orchestrator.errors import CoordinatorError, HangError, OrchestratorError, WorkerError, WorkerLostError
+from orchestrator.storage import EventLog, StorageSpec, is_local, write_marker
+from orchestrator.trainer import LoopResult
+from orchestrator.worker import WorkerFailure
+from orchestrator.worker_group import WorkerGroup
+
+logger = logging.getLogger(__name__)
+
+# coordinator event types that go to events.jsonl (progress and batch logs stay in memory)
+PERSISTED_EVENTS = {"lr_changed", "nan_detected", "checkpoint_saved", "backup_committed", "backup_failed",
+                    "epoch_end", "warning"}
+STOP_EVENT_TYPES = {"early_stopping": "early_stopping", "nan_detected": "terminated_on_nan"}
+
+
+@dataclass
+class FitPlan:
+    """Everything one ``fit`` call needs, validated by :class:`orchestrator.Trainer`."""
+
+    loop: LoopConfig
+    scaling: ScalingConfig
+    epochs: int
+    callbacks: list[Callback]
+    driver_callbacks: list[Callback]
+    params: dict[str, Any]
+    storage: StorageSpec
+    batch_sync_every: int | None = None
+    threads_per_worker: int | None = None
+    poll_interval_s: float = 0.2
+    config_snapshot: dict[str, Any] = field(default_factory=dict)
+    backup_dir: str = "backup"
+    keep_backups: int = 1
+    delete_backups_at_end: bool = False
+    max_failures: int = 0
+    hang_timeout_s: float = 1800.0
+    preemption_grace_s: float = 120.0
+
+
+@dataclass
+class FitOutcome:
+    results: list[LoopResult] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    callback_states: list[dict[str, Any]] = field(default_factory=list)
+    preempted: bool = False
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """One failed attempt: which rank, where, and why."""
+
+    attempt: int
+    rank: int | None
+    node: str
+    cause: str
+
+
+class AttemptFailed(Exception):
+    """An attempt ended by a worker failure or a hang (retryable under ``max_failures``)."""
+
+    def __init__(self, record: FailureRecord, error: BaseException) -> None:
+        super().__init__(record.cause)
+        self.record = record
+        self.error = error
+
+
+class DriverCallbacks:
+    """Replays the coordinator's events to display-only callbacks (ProgbarLogger, History)."""
+
+    def __init__(self, callbacks: list[Callback], params: dict[str, Any],
+                 restored_history: list[dict[str, Any]] | None = None) -> None:
+        self.callbacks = callbacks
+        self.params = params
+        self.restored_history = restored_history or []
+        self.view = TrainingView()
+        for cb in callbacks:
+            cb.set_params(params)
+            cb.set_trainer(self.view)
+
+    def dispatch(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        self.view.extra["event_time"] = event["time"]
+        self.view.epoch = event.get("epoch", self.view.epoch)
+        for cb in self.callbacks:
+            if kind == "train_begin":
+                self.params["steps"] = event["steps"]
+                if isinstance(cb, History):  # an attempt starts over from the restored epochs
+                    cb.load_state_dict({})
+                cb.on_train_begin({})
+                if isinstance(cb, History):
+                    for past in self.restored_history:
+                        cb.on_epoch_end(past["epoch"], dict(past["logs"]))
+            elif kind == "epoch_begin":
+                cb.on_epoch_begin(event["epoch"], {})
+            elif kind in ("progress", "batch_end"):
+                cb.on_train_batch_end(event["step"], dict(event["logs"]))
+            elif kind == "epoch_end":
+                cb.on_epoch_end(event["epoch"], dict(event["logs"]))
+            elif kind == "train_end":
+                cb.on_train_end(dict(event["logs"]))
+
+
+def run_attempt(plan: FitPlan, attempt: int, storage: Any, events: EventLog, resume_from: str | None,
+                restore: dict[str, Any] | None, outcome: FitOutcome, preempt: threading.Event) -> list[LoopResult]:
+    """Run one attempt to its end; raise AttemptFailed, a callback's error, or return every rank's result."""
+    group = WorkerGroup(plan.scaling)
+    driver = DriverCallbacks(plan.driver_callbacks, plan.params, (restore or {}).get("history"))
+    coordinator = Coordinator.remote(plan.callbacks, plan.params, plan.scaling.num_workers, plan.storage, restore,
+                                     plan.backup_dir, plan.keep_backups)
+    infos: list[dict[str, Any]] = []
+    try:
+        infos = group.start()
+        _check_storage_visible(group, plan.storage, storage, infos)
+        events.append("started", world_size=plan.scaling.num_workers, nodes=sorted({i["node"] for i in infos}),
+                      resumed_from=resume_from)
+        refs = group.run(plan.loop, plan.epochs, coordinator, plan.scaling.use_gpu, plan.batch_sync_every,
+                         plan.threads_per_worker, plan.storage, resume_from)
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        results: dict[int, LoopResult] = {}
+        pending = list(refs)
+        preempt_deadline: float | None = None
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=plan.poll_interval_s)
+            for ref in ready:
+                results[rank_of[ref]] = _result_or_raise(ref, rank_of[ref], attempt, infos, coordinator, driver,
+                                                         outcome, events)
+            ages = _dispatch(coordinator, driver, outcome, events)
+            if preempt.is_set() and preempt_deadline is None:
+                preempt_deadline = time.monotonic() + plan.preemption_grace_s
+                for w in group.workers:
+                    w.notify_preemption.remote()
+            if preempt_deadline is not None and time.monotonic() > preempt_deadline:
+                raise OrchestratorError(f"the workers did not stop within preemption_grace_s={plan.preemption_grace_s}")
+            stale = {r: a for r, a in ages.items() if r not in results and a > plan.hang_timeout_s}
+            if stale and preempt_deadline is None:
+                rank = max(stale, key=stale.get)
+                error = HangError(f"rank {rank} (node {infos[rank]['node']}) made no progress for "
+                                  f"{stale[rank]:.0f}s (hang_timeout_s={plan.hang_timeout_s:g})")
+                raise AttemptFailed(FailureRecord(attempt, rank, infos[rank]["node"], str(error)), error)
+        _dispatch(coordinator, driver, outcome, events)
+        _raise_coordinator_error(coordinator)
+        outcome.callback_states = ray.get(coordinator.callback_states.remote())
+        return [results[r] for r in sorted(results)]
+    finally:
+        group.shutdown()
+        ray.kill(coordinator, no_restart=True)
+
+
+def _result_or_raise(ref: Any, rank: int, attempt: int, infos: list[dict[str, Any]], coordinator: Any,
+                     driver: DriverCallbacks, outcome: FitOutcome, events: EventLog) -> LoopResult:
+    info = infos[rank]
+    try:
+        value = ray.get(ref)
+    except ray.exceptions.RayActorError as exc:
+        cause = f"rank {rank} (node {info['node']}, pid {info['pid']}) died: {str(exc).splitlines()[0]}"
+        raise AttemptFailed(FailureRecord(attempt, rank, info["node"], cause), WorkerLostError(cause)) from None
+    if isinstance(value, WorkerFailure):
+        _dispatch(coordinator, driver, outcome, events)
+        _raise_coordinator_error(coordinator)
+        error = WorkerError(value.rank, value.node, value.error_type, value.message, value.traceback)
+        error.__cause__ = value.exception
+        cause = f"rank {value.rank} raised {value.error_type}: {value.message}"
+        raise AttemptFailed(FailureRecord(attempt, value.rank, value.node, cause), error)
+    return value
+
+
+def _check_storage_visible(group: WorkerGroup, spec: StorageSpec, storage: Any, infos: list[dict[str, Any]]) -> None:
+    """A local path on a multi-node cluster must be shared storage every worker sees."""
+    if not is_local(storage) or len({i["node_id"] for i in infos}) < 2:
+        return
+    marker = write_marker(storage)
+    try:
+        seen = ray.get([w.can_read.remote(spec, marker) for w in group.workers])
+    finally:
+        storage.rm(marker)
+    blind = [infos[r]["node"] for r, ok in enumerate(seen) if not ok]
+    if blind:
+        raise OrchestratorError(
+            f"storage {storage.url()} is a local path that workers on {sorted(set(blind))} cannot see; "
+            "use shared storage (NFS mounted at the same path on every node) or an object store URL such as s3://")
+
+
+def _dispatch(coordinator: Any, driver: DriverCallbacks, outcome: FitOutcome, events: EventLog) -> dict[int, float]:
+    """Forward new events; return each rank's seconds since its last sign of life."""
+    new_events, ages = ray.get(coordinator.poll.remote())
+    for event in new_events:
+        outcome.events.append(event)
+        _persist_event(events, event)
+        if event["type"] == "warning":
+            category = getattr(builtins, event["category"], UserWarning)
+            if not (isinstance(category, type) and issubclass(category, Warning)):
+                category = UserWarning
+            warnings.warn(event["message"], category, stacklevel=4)
+        driver.dispatch(event)
+    return ages
+
+
+def _persist_event(events: EventLog, event: dict[str, Any]) -> None:
+    kind = event["type"]
+    fields = {k: v for k, v in event.items() if k not in ("type", "time", "epoch", "step")}
+    if kind == "stop":
+        if event.get("reason") == "preempted":
+            return  # the controller records "preempted" once
+        kind = STOP_EVENT_TYPES.get(event.get("reason", ""), "stopped")
+    elif kind not in PERSISTED_EVENTS:
+        return
+    events.append(kind, epoch=event.get("epoch"), step=event.get("step"), **fields)
+
+
+def _raise_coordinator_error(coordinator: Any) -> None:
+    error, tb = ray.get(coordinator.error.remote())
+    if error is not None:
+        raise error from CoordinatorError(f"a callback raised on the coordinator:\n{tb}")
+    if tb:
+        raise CoordinatorError(f"a callback raised on the coordinator:\n{tb}")

@@ -1,0 +1,127 @@
+"""The fault matrix: failures restart the group from the newest committed backup; nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import workloads
+from orchestrator import Trainer, callbacks
+from orchestrator.errors import PREEMPTED_EXIT_CODE, TrainingFailedError, WorkerError
+from orchestrator.storage import StorageSpec, read_events
+
+pytestmark = pytest.mark.timeout(300)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make(tmp_path, run_name, train_step, **overrides):
+    kwargs = dict(model=workloads.dropout_model, optimizer=workloads.adam, data=workloads.odd_data,
+                  train_step=train_step, batch_size=16, num_workers=2, seed=0, storage=str(tmp_path),
+                  run_name=run_name, max_failures=1,
+                  callbacks=[callbacks.BackupAndRestore(save_freq=3, delete_checkpoint=False),
+                             callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=0, min_delta=0.05)])
+    kwargs.update(overrides)
+    return Trainer(**kwargs)
+
+
+def reference(tmp_path):
+    return make(tmp_path, "reference", workloads.faulty_step("raise", 0, 10**6, None)).fit(epochs=3, verbose=0)
+
+
+def assert_same_run(a, b):
+    assert a.history == b.history
+    for (name, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def events_of(tmp_path, run_name):
+    return read_events(StorageSpec(str(tmp_path), run_name).open())
+
+
+@pytest.mark.parametrize("action", ["raise", "sigkill"])
+def test_a_worker_failure_mid_epoch_restarts_the_group_and_ends_bit_identical(ray_cluster, tmp_path, action):
+    flag = tmp_path / "armed"
+    flag.write_text("x")
+    step = workloads.faulty_step(action, 1, 11, str(flag))  # epoch 1, batch 4 (7 steps per epoch)
+    resumed = make(tmp_path, "faulty", step).fit(epochs=3, verbose=0)
+    assert_same_run(reference(tmp_path), resumed)
+    events = events_of(tmp_path, "faulty")
+    failed = [e for e in events if e["type"] == "worker_failed"]
+    assert len(failed) == 1 and failed[0]["rank"] == 1 and failed[0]["attempt"] == 1
+    restored = [e for e in events if e["type"] == "restored"]
+    assert restored and restored[0]["attempt"] == 2 and restored[0]["step"] == 9
+    assert events[-1]["type"] == "finished" and events[-1]["attempt"] == 2
+
+
+def test_more_failures_than_max_failures_raise_an_error_listing_every_failure(ray_cluster, tmp_path):
+    step = workloads.faulty_step("raise", 1, 4, None)  # fails on every attempt
+    with pytest.raises(TrainingFailedError) as info:
+        make(tmp_path, "doomed", step, max_failures=1).fit(epochs=2, verbose=0)
+    assert len(info.value.failures) == 2
+    assert "attempt 1: rank 1" in str(info.value) and "attempt 2: rank 1" in str(info.value)
+    assert "injected failure on rank 1 at call 4" in str(info.value)
+    assert isinstance(info.value.__cause__, WorkerError)
+    types = [e["type"] for e in events_of(tmp_path, "doomed")]
+    assert types.count("worker_failed") == 2 and types[-1] == "failed"
+
+
+def test_a_rank_that_hangs_inside_a_step_is_restarted_by_the_watchdog(ray_cluster, tmp_path):
+    flag = tmp_path / "armed"
+    flag.write_text("x")
+    step = workloads.faulty_step("hang", 0, 8, str(flag))
+    start = time.monotonic()
+    resumed = make(tmp_path, "hung", step, hang_timeout_s=4).fit(epochs=3, verbose=0)
+    assert time.monotonic() - start < 120
+    assert_same_run(reference(tmp_path), resumed)
+    failed = [e for e in events_of(tmp_path, "hung") if e["type"] == "worker_failed"]
+    assert len(failed) == 1 and "made no progress" in failed[0]["cause"]
+
+
+def test_sigterm_to_the_driver_commits_an_emergency_backup_and_a_rerun_loses_no_step(ray_cluster, tmp_path):
+    import ray
+
+    env = dict(os.environ, ORCHESTRATOR_TEST_STORAGE=str(tmp_path),
+               RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "orchestrator", "run", str(ROOT / "tests" / "entries" / "preemptible.py"),
+               "--epochs", "3"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    events_file = tmp_path / "preemptible" / "events.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until training is under way
+        if events_file.exists() and "backup_committed" in events_file.read_text():
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("training never started: " + (proc.stdout.read() if proc.stdout else ""))
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    output, _ = proc.communicate(timeout=90)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, output
+    assert time.monotonic() - sent < 60
+    events = read_events(StorageSpec(str(tmp_path), "preemptible").open())
+    preempted = [e for e in events if e["type"] == "preempted"]
+    assert len(preempted) == 1
+    committed = [e["step"] for e in events if e["type"] == "backup_committed"]
+    stopped_at = max(committed)
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    events = read_events(StorageSpec(str(tmp_path), "preemptible").open())
+    restored = [e for e in events if e["type"] == "restored"]
+    assert restored[-1]["step"] == stopped_at  # the emergency backup: 0 lost steps
+    assert events[-1]["type"] == "finished"
+    run_json = json.loads((tmp_path / "preemptible" / "run.json").read_text())
+    assert run_json["status"] == "finished" and run_json["attempts"] == 2
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already finished" in again.stdout
