@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 # coordinator event types that go to events.jsonl (progress and batch logs stay in memory)
 PERSISTED_EVENTS = {"lr_changed", "nan_detected", "checkpoint_saved", "backup_committed", "backup_failed",
-                    "epoch_end", "warning"}
+                    "epoch_end", "warning", "rolled_back"}
 STOP_EVENT_TYPES = {"early_stopping": "early_stopping", "nan_detected": "terminated_on_nan"}
 
 
@@ -127,7 +127,7 @@ def run_attempt(plan: FitPlan, attempt: int, storage: Any, events: EventLog, res
     group = WorkerGroup(plan.scaling)
     driver = DriverCallbacks(plan.driver_callbacks, plan.params, (restore or {}).get("history"))
     coordinator = Coordinator.remote(plan.callbacks, plan.params, plan.scaling.num_workers, plan.storage, restore,
-                                     plan.backup_dir, plan.keep_backups)
+                                     plan.backup_dir, plan.keep_backups, resume_from)
     infos: list[dict[str, Any]] = []
     try:
         infos = group.start()

@@ -21,8 +21,19 @@ import ray
 
 from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.callbacks.callback_list import CallbackList
-from orchestrator.checkpoint import FileEntry, Manifest, commit, purge_older
-from orchestrator.decisions import Backup, Decision, Report, SaveModel, SetLearningRate, StopTraining
+from orchestrator.checkpoint import FileEntry, Manifest, commit, purge_older, step_dir
+from orchestrator.decisions import (
+    Backup,
+    Decision,
+    Report,
+    Rollback,
+    SaveModel,
+    SetLearningRate,
+    SkipBatches,
+    StopTraining,
+)
+from orchestrator.loop_state import COORDINATOR_FILE
+from orchestrator.state import from_bytes
 from orchestrator.metrics import PhaseSums, aggregate
 
 logger = logging.getLogger(__name__)
@@ -47,8 +58,10 @@ class CoordinatorCore:
 
     def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int,
                  storage: Any = None, restore: dict[str, Any] | None = None, backup_dir: str = "backup",
-                 keep_backups: int = 1) -> None:
+                 keep_backups: int = 1, resumed_from: str | None = None) -> None:
         self.world_size = world_size
+        self.last_committed = resumed_from
+        self.skip: list[tuple[int, int]] = [tuple(p) for p in (restore or {}).get("skip", [])]
         self.backup_dir = backup_dir
         self.keep_backups = keep_backups
         self.view = TrainingView(world_size=world_size)
@@ -66,12 +79,13 @@ class CoordinatorCore:
     # -- state (travels inside Backup decisions) -----------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"callbacks": self.callbacks.state_dict(), "history": [dict(h) for h in self.history],
-                "last_logs": dict(self.last_logs),
+                "last_logs": dict(self.last_logs), "skip": [list(p) for p in self.skip],
                 "view": {"learning_rate": self.view.learning_rate, "epoch": self.view.epoch,
                          "step": self.view.step, "global_step": self.view.global_step}}
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.callbacks.load_state_dict(state.get("callbacks", []))
+        self.history = [dict(h) for h in state.get("history", [])]
         self.last_logs = dict(state.get("last_logs", {}))
         view = state.get("view", {})
         self.view.epoch = int(view.get("epoch", 0))
@@ -98,9 +112,21 @@ class CoordinatorCore:
         self.events.append({"type": type_, "time": time.time(), **fields})
 
     def _record(self, decisions: list[Decision], epoch: int, step: int) -> list[Decision]:
-        """Emit events for the decisions; fill every Backup with the state as of now."""
-        decisions = [dataclasses.replace(d, coordinator_state=self.state_dict()) if isinstance(d, Backup) else d
-                     for d in decisions]
+        """Emit events for the decisions; fill Backups with the state as of now and Rollbacks with a folder."""
+        filled: list[Decision] = []
+        for d in decisions:
+            if isinstance(d, SkipBatches):
+                self.skip = [tuple(p) for p in d.batches]
+            elif isinstance(d, Rollback):
+                d = self._roll_back(d, epoch, step)
+            elif isinstance(d, Backup):
+                if not d.backup_dir:  # "the run's backup folder"
+                    d = dataclasses.replace(d, backup_dir=self.backup_dir, keep=self.keep_backups)
+                if self.last_committed == step_dir(d.backup_dir, self.view.global_step):
+                    continue  # that exact state is already committed; never overwrite it
+                d = dataclasses.replace(d, coordinator_state=self.state_dict())
+            filled.append(d)
+        decisions = filled
         for d in decisions:
             if isinstance(d, SaveModel):
                 self._emit("checkpoint_saved", path=d.filepath, epoch=epoch, step=step)
@@ -109,6 +135,24 @@ class CoordinatorCore:
             elif isinstance(d, SetLearningRate):
                 self._emit("lr_changed", value=d.value, source=d.source, epoch=epoch, step=step)
         return decisions
+
+    def _roll_back(self, decision: Rollback, epoch: int, step: int) -> Decision:
+        """Restore the coordinator to the newest committed backup (keeping the state of callbacks
+        that survive rollbacks); the ranks reload the same folder."""
+        if self.last_committed is None or self.storage is None:
+            self._emit("warning", message="a rollback was requested but no backup has been committed yet; "
+                       "stopping training (add BackupAndRestore with a small save_freq)", category="UserWarning")
+            return StopTraining(reason="nan_detected", source=decision.source)
+        state = from_bytes(self.storage.read_bytes(f"{self.last_committed}/{COORDINATOR_FILE}"))
+        survivors = {i: cb.state_dict() for i, cb in enumerate(self.callbacks.callbacks)
+                     if getattr(cb, "survives_rollback", False)}
+        self._load_state(state)
+        for i, st in survivors.items():
+            self.callbacks.callbacks[i].load_state_dict(st)
+        rate = float(state.get("view", {}).get("learning_rate", self.view.learning_rate))
+        self.view.learning_rate = rate * decision.lr_factor if decision.lr_factor else rate
+        self._emit("rolled_back", epoch=epoch, step=step, folder=self.last_committed, skip=[list(p) for p in self.skip])
+        return dataclasses.replace(decision, folder=self.last_committed)
 
     def _check_same_lr(self, reports: dict[int, Report]) -> float:
         rates = {r.learning_rate for r in reports.values()}
@@ -124,6 +168,8 @@ class CoordinatorCore:
         decisions = self.callbacks.call("on_train_begin", {})
         if self.restore is not None:  # after on_train_begin, which resets callbacks as Keras does
             self._load_state(self.restore)
+        if self.skip:
+            decisions.append(SkipBatches(tuple(self.skip)))
         return self._record(decisions, 0, -1)
 
     def _on_epoch_begin(self, first: Report, reports: dict[int, Report]) -> list[Decision]:
@@ -195,6 +241,7 @@ class CoordinatorCore:
         manifest = Manifest(step=int(meta["step"]), epoch=int(meta["epoch"]), batch=int(meta["batch"]),
                             phase=str(meta["phase"]), world_size=self.world_size, files=files)
         commit(self.storage, meta["backup_dir"], manifest)
+        self.last_committed = folder
         removed = purge_older(self.storage, meta["backup_dir"], manifest.step, keep=int(meta.get("keep", 1)))
         self._emit("backup_committed", epoch=manifest.epoch, step=manifest.step, folder=folder,
                    bytes=sum(f.size for f in files), purged=removed)
@@ -214,9 +261,10 @@ class Coordinator:
 
     def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int,
                  storage_spec: Any = None, restore: dict[str, Any] | None = None, backup_dir: str = "backup",
-                 keep_backups: int = 1) -> None:
+                 keep_backups: int = 1, resumed_from: str | None = None) -> None:
         storage = storage_spec.open() if storage_spec is not None else None
-        self.core = CoordinatorCore(callbacks, params, world_size, storage, restore, backup_dir, keep_backups)
+        self.core = CoordinatorCore(callbacks, params, world_size, storage, restore, backup_dir, keep_backups,
+                                    resumed_from)
         self._barriers: dict[tuple[str, int, int], _Barrier] = {}
         self._beats: dict[int, float] = {}  # a rank is watched from its first sign of life on
         self._waiting: set[int] = set()

@@ -88,8 +88,32 @@ class Backup:
     source: str = ""
 
 
-Decision = Union[StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights, SaveModel, Backup]
-DECISION_TYPES = (StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights, SaveModel, Backup)
+@dataclass(frozen=True)
+class SkipBatches:
+    """Every rank skips these ``(epoch, batch)`` positions (no forward, no update) from now on."""
+
+    batches: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Every rank reloads the newest committed backup in place and continues from it.
+
+    Args:
+        lr_factor: Multiply the learning rate after reloading; ``None`` keeps the saved rate.
+        folder: Filled in by the coordinator: the committed backup folder to reload.
+        source: Name of the callback that decided.
+    """
+
+    lr_factor: float | None = None
+    folder: str | None = None
+    source: str = ""
+
+
+Decision = Union[StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights, SaveModel, Backup, SkipBatches,
+                 Rollback]
+DECISION_TYPES = (StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights, SaveModel, Backup, SkipBatches,
+                  Rollback)
 
 
 def as_decisions(value: object, source: str = "") -> list[Decision]:

@@ -83,6 +83,15 @@ def checkpoint_path(filepath: str) -> str:
     return filepath if "://" in filepath else f"checkpoints/{filepath.lstrip('/')}"
 
 
+def _refuse_non_finite(files: dict[str, Any]) -> str | None:
+    """Why a staged backup must not be committed (checked off the training thread), or None."""
+    shared = files.get(SHARED_FILE)
+    if shared is not None and not all(bool(torch.isfinite(t).all()) for t in shared["model"].values()
+                                      if t.is_floating_point()):
+        return "non-finite weights; backup refused"
+    return None
+
+
 class RankSaver:
     """Backups (two-phase, asynchronous) and model checkpoints for one rank of a TrainLoop."""
 
@@ -102,6 +111,10 @@ class RankSaver:
         if self.persister is None:
             self.persister = AsyncPersister(storage.write_bytes, self._on_persisted)
         self.persister.wait()  # the staging buffers are about to be reused
+        folder = step_dir(decision.backup_dir, loop.pos.global_step)
+        meta = {"epoch": loop.pos.epoch, "batch": loop.pos.batch, "step": loop.pos.global_step,
+                "phase": loop.pos.phase, "world_size": loop.world_size, "backup_dir": decision.backup_dir,
+                "keep": decision.keep, "rank": loop.rank}
         start = time.perf_counter()
         state: dict[str, Any] = {}
         if loop.rank == 0:
@@ -117,10 +130,7 @@ class RankSaver:
         if loop.device.type == "cuda":
             torch.cuda.synchronize(loop.device)
         self.last_stall_s = time.perf_counter() - start
-        meta = {"epoch": loop.pos.epoch, "batch": loop.pos.batch, "step": loop.pos.global_step,
-                "phase": loop.pos.phase, "world_size": loop.world_size, "backup_dir": decision.backup_dir,
-                "keep": decision.keep, "rank": loop.rank}
-        self.persister.submit(step_dir(decision.backup_dir, loop.pos.global_step), staged, meta)
+        self.persister.submit(folder, staged, meta, check=_refuse_non_finite)
 
     def _on_persisted(self, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
         self.loop.link.persisted(self.loop.rank, folder, entries, meta)

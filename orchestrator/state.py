@@ -125,14 +125,21 @@ class AsyncPersister:
         self._error: BaseException | None = None
         self.timing = PersistTiming()
 
-    def submit(self, folder: str, files: dict[str, Any], meta: dict[str, Any]) -> None:
+    def submit(self, folder: str, files: dict[str, Any], meta: dict[str, Any],
+               check: Callable[[dict[str, Any]], str | None] | None = None) -> None:
+        """Persist ``files`` into ``folder`` in the background; ``check(files)`` may refuse (a reason)."""
         self.wait()
-        self._thread = threading.Thread(target=self._persist, args=(folder, files, meta),
+        self._thread = threading.Thread(target=self._persist, args=(folder, files, meta, check),
                                         name="orchestrator-persist", daemon=True)
         self._thread.start()
 
-    def _persist(self, folder: str, files: dict[str, Any], meta: dict[str, Any]) -> None:
+    def _persist(self, folder: str, files: dict[str, Any], meta: dict[str, Any],
+                 check: Callable[[dict[str, Any]], str | None] | None = None) -> None:
         timing = PersistTiming()
+        refusal = check(files) if check is not None else None
+        if refusal is not None:  # not a failure: this state is simply never committed
+            self._on_done(folder, None, dict(meta, error=refusal))
+            return
         try:
             entries = []
             for name, obj in files.items():

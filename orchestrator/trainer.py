@@ -32,8 +32,10 @@ from orchestrator.decisions import (
     Decision,
     Report,
     RestoreWeights,
+    Rollback,
     SaveModel,
     SetLearningRate,
+    SkipBatches,
     SnapshotWeights,
     StopTraining,
 )
@@ -70,6 +72,10 @@ class LoopResult:
     stopped_at: tuple[int, int] | None = None
     preempted: bool = False
     state_dict: dict[str, torch.Tensor] | None = None
+
+
+class _RolledBack(Exception):
+    """Unwinds the loop after every rank reloaded a backup (a Rollback decision)."""
 
 
 class SignalledModule(torch.nn.Module):
@@ -148,6 +154,7 @@ class TrainLoop:
         self.resume_from = resume_from
         self.preemption = preemption or threading.Event()
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
+        self.skip: set[tuple[int, int]] = set()
         self.pos = Position()
         self.sums = Accumulator()
         self.seen = [0.0, 0.0]  # cluster-wide running loss sum and count this epoch (progress only)
@@ -213,6 +220,15 @@ class TrainLoop:
                 self.saver.backup(d)
             elif isinstance(d, SaveModel):
                 self.saver.save_model(d)
+            elif isinstance(d, SkipBatches):
+                self.skip = {(int(e), int(b)) for e, b in d.batches}
+            elif isinstance(d, Rollback):
+                self.saver.flush()
+                restore_rng(self.saver.load(d.folder))
+                if d.lr_factor:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] *= d.lr_factor
+                raise _RolledBack(d.folder)
         return stop
 
     def _sync(self, kind: str, epoch: int = 0, step: int = -1, **kw: Any) -> bool:
@@ -231,25 +247,35 @@ class TrainLoop:
                 restore_rng(rng)  # last, right before the next batch, as it was when saved
             epoch, first_batch = self.pos.next_batch(self.steps_per_epoch)
             while not stop and epoch < self.epochs:
-                if first_batch == 0:
-                    stop = self._sync("epoch_begin", epoch)
-                    self.result.learning_rates.append(self.learning_rate())
-                    self.sums, self.seen = Accumulator(), [0.0, 0.0]
-                stopped_step = None if stop else self._train_epoch(epoch, first_batch)
+                try:
+                    stop, epoch, first_batch = self._epoch(epoch, first_batch)
+                except _RolledBack:  # every rank reloaded the same backup: continue from its position
+                    stop = False
+                    epoch, first_batch = self.pos.next_batch(self.steps_per_epoch)
                 if self.result.preempted:
                     return self._finish()  # the emergency backup holds this step; nothing more runs
-                if stopped_step is not None:
-                    self.result.stopped_at = (epoch, stopped_step)
-                val = self._validate()
-                self.pos = Position(epoch, self.steps_per_epoch - 1, self.pos.global_step, "epoch_end")
-                report_stop = self._sync("epoch_end", epoch, train=self.sums.phase_sums(), val=val)
-                self.result.epochs_run += 1
-                stop = stop or stopped_step is not None or report_stop
-                epoch, first_batch = epoch + 1, 0
             self._sync("train_end", max(epoch - 1, 0))
         finally:
             self.saver.flush()
         return self._finish()
+
+    def _epoch(self, epoch: int, first_batch: int) -> tuple[bool, int, int]:
+        """One epoch from ``first_batch``: (stop, next epoch, next first batch)."""
+        stop = False
+        if first_batch == 0:
+            stop = self._sync("epoch_begin", epoch)
+            self.result.learning_rates.append(self.learning_rate())
+            self.sums, self.seen = Accumulator(), [0.0, 0.0]
+        stopped_step = None if stop else self._train_epoch(epoch, first_batch)
+        if self.result.preempted:
+            return True, epoch, first_batch
+        if stopped_step is not None:
+            self.result.stopped_at = (epoch, stopped_step)
+        val = self._validate()
+        self.pos = Position(epoch, self.steps_per_epoch - 1, self.pos.global_step, "epoch_end")
+        report_stop = self._sync("epoch_end", epoch, train=self.sums.phase_sums(), val=val)
+        self.result.epochs_run += 1
+        return stop or stopped_step is not None or report_stop, epoch + 1, 0
 
     def _finish(self) -> LoopResult:
         self.saver.flush()
@@ -265,6 +291,9 @@ class TrainLoop:
         sums = self.sums
         signal = self.signalled.signal
         for step, batch in enumerate(self.train_loader, start=first_batch):
+            if (epoch, step) in self.skip:  # produced a non-finite loss before a rollback
+                self.pos = Position(epoch, step, self.pos.global_step + 1, "batch")
+                continue
             batch = move_to(batch, self.device)
             loss, metrics, n = split_output(self.train_step(self.ddp, batch), batch)
             detached = loss.detach()
@@ -292,6 +321,8 @@ class TrainLoop:
                 self.result.preempted = True
                 return step
             periodic = self.batch_sync_every is not None and self.pos.global_step % self.batch_sync_every == 0
+            if nonfinite > 0:
+                self.saver.flush()  # pending backups commit first, so a rollback sees the newest one
             if nonfinite > 0 or periodic:
                 if self._sync("batch_end", epoch, step, train=sums.phase_sums(), nonfinite=nonfinite > 0):
                     return step

@@ -17,6 +17,7 @@ import workloads
 from orchestrator import Trainer, callbacks
 from orchestrator.errors import PREEMPTED_EXIT_CODE, TrainingFailedError, WorkerError
 from orchestrator.storage import StorageSpec, read_events
+from s3_server import s3_bucket, s3_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,3 +126,31 @@ def test_sigterm_to_the_driver_commits_an_emergency_backup_and_a_rerun_loses_no_
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_an_s3_outage_of_a_few_seconds_during_backups_is_retried_and_loses_nothing(ray_cluster, tmp_path,
+                                                                                    s3_server, s3_bucket):
+    import threading
+
+    url, options = f"s3://{s3_bucket}/runs", s3_server.storage_options(s3_bucket)
+    slow = workloads.faulty_step("raise", 0, 10**6, None)
+    reference_run = make(tmp_path, "reference", slow, max_failures=0).fit(epochs=3, verbose=0)
+
+    def outage():
+        time.sleep(5.0)  # well into training: workers are up and backing up every 3 steps
+        s3_server.stop()
+        time.sleep(2.0)
+        s3_server.start()
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    try:
+        history = make(tmp_path, "outage", workloads.slow_step(0.25), storage=url, storage_options=options,
+                       max_failures=0).fit(epochs=3, verbose=0)
+    finally:
+        thread.join()
+    assert history.history == reference_run.history
+    events = read_events(StorageSpec(url, "outage", options).open())
+    assert events[-1]["type"] == "finished"
+    assert not any(e["type"] in ("backup_failed", "worker_failed") for e in events)
+    assert sum(e["type"] == "backup_committed" for e in events) >= 5

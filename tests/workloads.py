@@ -164,3 +164,25 @@ def faulty_step(action: str, rank: int, at_call: int, flag_path: str | None):
         return {"loss": torch.nn.functional.cross_entropy(outputs, targets), "batch_size": len(targets)}
 
     return train_step
+
+
+def slow_step(seconds: float):
+    """The default step plus a sleep, so a run lasts long enough for outside events."""
+    import time
+
+    def train_step(model, batch):
+        inputs, targets = batch
+        if model.training:
+            time.sleep(seconds)
+        return {"loss": torch.nn.functional.cross_entropy(model(inputs), targets), "batch_size": len(targets)}
+
+    return train_step
+
+
+def poisoned_data():
+    """odd_data with one training sample holding a NaN feature: whichever batch carries it has a NaN loss."""
+    train, val = odd_data()
+    x, y = train.tensors
+    x = x.clone()
+    x[17, 3] = float("nan")
+    return torch.utils.data.TensorDataset(x, y), val

@@ -15,6 +15,7 @@ from orchestrator.callbacks.model_checkpoint import ModelCheckpoint
 from orchestrator.callbacks.monitor import MonitorCallback
 from orchestrator.callbacks.progbar_logger import ProgbarLogger
 from orchestrator.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
+from orchestrator.callbacks.rollback_on_nan import RollbackOnNaN
 from orchestrator.callbacks.terminate_on_nan import TerminateOnNaN
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "MonitorCallback",
     "ProgbarLogger",
     "ReduceLROnPlateau",
+    "RollbackOnNaN",
     "TerminateOnNaN",
     "TrainingView",
 ]
