@@ -120,6 +120,7 @@ class Trainer:
         hang_timeout_s: float = 1800.0,
         preemption_grace_s: float = 120.0,
     ) -> None:
+        self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if data is None:
             raise ValueError("data is required: pass data=fn returning (train_dataset, val_dataset or None)")
         self.loop = LoopConfig(model=model, optimizer=optimizer, data=data, loss=loss,
@@ -174,6 +175,17 @@ class Trainer:
         for i, cb in enumerate(self.callbacks):
             if cb.runs_on == "coordinator":
                 _check_picklable(f"callbacks[{i}] ({cb.name})", cb)
+
+    def replace(self, **changes: Any) -> "Trainer":
+        """A new Trainer with some constructor arguments changed (validated again).
+
+        Example:
+            >>> bigger = trainer.replace(num_workers=4, storage="s3://bucket/runs")  # doctest: +SKIP
+        """
+        unknown = set(changes) - set(self._init_kwargs)
+        if unknown:
+            raise ValueError(f"Trainer has no argument(s) {sorted(unknown)}")
+        return Trainer(**{**self._init_kwargs, **changes})
 
     def fit(self, epochs: int = 1, verbose: str | int = "auto") -> History:
         """Train for ``epochs`` epochs and return the :class:`History`.

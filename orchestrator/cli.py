@@ -1,63 +1,182 @@
-"""Command line: ``orchestrator run FILE`` (the ``ray job submit`` entry point).
+"""Command line: the ``ray job submit`` entry point.
 
-``FILE`` is a Python file that defines ``trainer`` (an :class:`orchestrator.Trainer`) or
-``make_trainer()`` returning one; ``run`` calls ``fit`` on it.
+    orchestrator run TARGET [--storage URL] [--run-name NAME] [--epochs N] [--num-workers N]
+                            [--use-gpu] [--set KEY=VALUE ...]
+    orchestrator status RUN_URL [--option KEY=VALUE ...]
+
+``TARGET`` is a Python file defining ``make_trainer(**config)`` (or a ``trainer``), or
+``package.module:function`` returning an :class:`orchestrator.Trainer`; ``--set`` values are passed
+to that function as keyword arguments (parsed as JSON when they parse, else kept as strings).
+
+Exit codes: 0 finished (early stopping included, or already finished before); 75 preempted with an
+emergency backup: run the same command again; 1 training failed; 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 
 from orchestrator.api import Trainer
 from orchestrator.errors import Preempted
-from orchestrator.storage import run_status
+from orchestrator.storage import StorageSpec, read_events, run_status
+
+EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, Preempted.exit_code
 
 
-def load_trainer(path: str) -> Trainer:
-    """Import ``path`` as a module and return its ``trainer`` or ``make_trainer()``."""
-    file = Path(path)
-    if not file.is_file():
-        raise SystemExit(f"orchestrator run: {path} is not a file")
-    spec = importlib.util.spec_from_file_location("orchestrator_user_entry", file)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    ray.cloudpickle.register_pickle_by_value(module)  # workers need not import the file
-    spec.loader.exec_module(module)
-    if hasattr(module, "make_trainer"):
-        trainer = module.make_trainer()
-    elif hasattr(module, "trainer"):
-        trainer = module.trainer
-    else:
-        raise SystemExit(f"orchestrator run: {path} defines neither `trainer` nor `make_trainer()`")
+class UsageError(Exception):
+    """A bad command-line argument: printed as one line, exit code 2."""
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        out[key] = _parse_value(value)
+    return out
+
+
+def load_target(target: str) -> Callable[..., Any]:
+    """The factory named by TARGET: a file's ``make_trainer``/``trainer``, or ``module:function``."""
+    if target.endswith(".py") or Path(target).is_file():
+        file = Path(target)
+        if not file.is_file():
+            raise UsageError(f"{target} is not a file")
+        spec = importlib.util.spec_from_file_location("orchestrator_user_entry", file)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        ray.cloudpickle.register_pickle_by_value(module)  # workers need not import the file
+        spec.loader.exec_module(module)
+        if hasattr(module, "make_trainer"):
+            return module.make_trainer
+        if hasattr(module, "trainer"):
+            return lambda: module.trainer
+        raise UsageError(f"{target} defines neither `trainer` nor `make_trainer()`")
+    module_name, sep, attr = target.partition(":")
+    if not sep or not attr:
+        raise UsageError(f"TARGET must be a .py file or module:function, got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from exc
+    if not hasattr(module, attr):
+        raise UsageError(f"{module_name} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def build_trainer(args: argparse.Namespace) -> Trainer:
+    factory = load_target(args.target)
+    config = parse_pairs(args.set or [], "--set")
+    try:
+        trainer = factory(**config)
+    except TypeError as exc:
+        if config:
+            raise UsageError(f"{args.target} does not accept {sorted(config)}: {exc}") from exc
+        raise
     if not isinstance(trainer, Trainer):
-        raise SystemExit(f"orchestrator run: {path}: expected an orchestrator.Trainer, got {type(trainer).__name__}")
-    return trainer
+        raise UsageError(f"{args.target}: expected an orchestrator.Trainer, got {type(trainer).__name__}")
+    changes = {k: v for k, v in (("storage", args.storage), ("run_name", args.run_name),
+                                 ("num_workers", args.num_workers)) if v is not None}
+    if args.use_gpu:
+        changes["use_gpu"] = True
+    return trainer.replace(**changes) if changes else trainer
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="load FILE and call trainer.fit(epochs=...)")
-    run.add_argument("file")
-    run.add_argument("--epochs", type=int, default=1)
-    args = parser.parse_args(argv)
-    trainer = load_trainer(args.file)
+def cmd_run(args: argparse.Namespace) -> int:
+    trainer = build_trainer(args)
     storage = trainer.storage.open()
     if run_status(storage) == "finished":  # safe for RayJob retries and resubmissions
         print(f"run {storage.url()} already finished; nothing to do")
-        return 0
+        return EXIT_FINISHED
     try:
         history = trainer.fit(epochs=args.epochs)
     except Preempted as exc:
         print(f"preempted: {exc}", file=sys.stderr, flush=True)
-        return Preempted.exit_code
+        return EXIT_PREEMPTED
     last = {k: v[-1] for k, v in history.history.items() if v}
-    print("finished:", ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
-    return 0
+    print("finished:", ", ".join(f"{k}={v:.4g}" for k, v in last.items()), flush=True)
+    return EXIT_FINISHED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url = args.run_url.rstrip("/")
+    root, _, run_name = url.rpartition("/")
+    if not root or not run_name:
+        raise UsageError(f"RUN_URL must be <storage>/<run_name>, got {args.run_url!r}")
+    storage = StorageSpec(root, run_name, parse_pairs(args.option or [], "--option")).open()
+    if not storage.exists("run.json"):
+        raise UsageError(f"no run at {storage.url()} (run.json is missing)")
+    run = storage.read_json("run.json")
+    events = read_events(storage)
+    print(f"run {storage.url()}: status {run.get('status', '?')}, attempts {run.get('attempts', 0)}, "
+          f"world size {run.get('world_size', '?')}")
+    epochs = [e for e in events if e["type"] == "epoch_end"]
+    latest = {}
+    for e in epochs:  # a restarted attempt re-runs epochs: keep the newest record of each
+        latest[e["epoch"]] = e["logs"]
+    if latest:
+        keys = list(next(iter(latest.values())))
+        print("epoch  " + "  ".join(f"{k:>14}" for k in keys))
+        for epoch in sorted(latest):
+            print(f"{epoch + 1:>5}  " + "  ".join(f"{latest[epoch].get(k, float('nan')):>14.6g}" for k in keys))
+    commits = [e for e in events if e["type"] == "backup_committed"]
+    if commits:
+        c = commits[-1]
+        print(f"newest committed backup: {c['folder']} (epoch {c['epoch']}, step {c['step']})")
+    decisions = [e for e in events if e["type"] in ("lr_changed", "early_stopping", "terminated_on_nan",
+                                                       "rolled_back", "preempted", "worker_failed", "restored")]
+    for e in decisions:
+        detail = {k: v for k, v in e.items() if k not in ("time", "type", "attempt")}
+        print(f"attempt {e['attempt']}: {e['type']} {json.dumps(detail, default=str)}")
+    return EXIT_FINISHED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.split("\n\n")[0],
+                                     epilog="exit codes: 0 finished, 75 preempted (run again), 1 failed, 2 usage")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="build the trainer from TARGET and fit it")
+    run.add_argument("target", help="a .py file with make_trainer()/trainer, or module:function")
+    run.add_argument("--storage", help="fsspec URL of the run storage (overrides the target's)")
+    run.add_argument("--run-name", help="run directory name; the same storage + run name resumes")
+    run.add_argument("--epochs", type=int, default=1, help="epochs to train (default 1)")
+    run.add_argument("--num-workers", type=int, help="data-parallel workers (overrides the target's)")
+    run.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="keyword argument for the target")
+    run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="print a run's epochs, metrics, backups, attempts and decisions")
+    status.add_argument("run_url", help="<storage>/<run_name>")
+    status.add_argument("--option", action="append", metavar="KEY=VALUE", help="fsspec storage option")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ValueError) as exc:
+        print(f"orchestrator {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a failed run: one line, the traceback is in the logs above
+        print(f"orchestrator {args.command}: training failed: {type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        return EXIT_FAILED

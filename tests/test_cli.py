@@ -1,4 +1,4 @@
-"""`orchestrator run FILE` loads a file's trainer and fits it (on the session's Ray cluster)."""
+"""`orchestrator run TARGET` and `orchestrator status RUN_URL` (on the session's Ray cluster)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,58 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(180)
-def test_cli_run_fits_the_trainer_that_the_example_file_makes(ray_cluster, capsys):
-    assert cli.main(["run", str(ROOT / "examples" / "digits.py"), "--epochs", "2"]) == 0
+def test_cli_run_fits_the_example_then_status_prints_its_epochs_and_a_rerun_does_nothing(ray_cluster, capsys,
+                                                                                         tmp_path):
+    argv = ["run", str(ROOT / "examples" / "digits.py"), "--epochs", "2", "--storage", str(tmp_path),
+            "--run-name", "cli-digits"]
+    assert cli.main(argv) == cli.EXIT_FINISHED
     out = capsys.readouterr().out
     assert "Epoch 2/2" in out
     assert "finished:" in out and "val_accuracy=" in out
+    assert cli.main(["status", f"{tmp_path}/cli-digits"]) == 0
+    status = capsys.readouterr().out
+    assert "status finished, attempts 1" in status
+    assert "val_accuracy" in status and status.count("\n    2  ") == 1
+    assert cli.main(argv) == cli.EXIT_FINISHED
+    assert "already finished" in capsys.readouterr().out
 
 
-def test_cli_run_names_a_file_that_has_no_trainer(tmp_path):
+@pytest.mark.timeout(180)
+def test_cli_run_accepts_module_function_targets_with_set_overrides(ray_cluster, capsys, tmp_path):
+    argv = ["run", "cli_target:make_trainer", "--set", "hidden=4", "--storage", str(tmp_path), "--epochs", "1",
+            "--num-workers", "1"]
+    assert cli.main(argv) == cli.EXIT_FINISHED
+    assert (tmp_path / "cli-target" / "run.json").exists()
+    assert '"num_workers": 1' in (tmp_path / "cli-target" / "run.json").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "nope.py"], "nope.py is not a file"),
+    (["run", "no_colon_here"], "TARGET must be a .py file or module:function"),
+    (["run", "cli_target:missing"], "has no attribute 'missing'"),
+    (["run", "cli_target:make_trainer", "--set", "oops"], "--set expects KEY=VALUE"),
+    (["run", "cli_target:make_trainer", "--set", "depth=3"], "does not accept ['depth']"),
+])
+def test_cli_argument_errors_are_one_clear_line_with_exit_code_2(argv, message, capsys):
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_run_names_a_file_that_has_no_trainer(tmp_path, capsys):
     entry = tmp_path / "empty.py"
     entry.write_text("x = 1\n")
-    with pytest.raises(SystemExit, match="defines neither `trainer` nor `make_trainer"):
-        cli.main(["run", str(entry)])
+    assert cli.main(["run", str(entry)]) == cli.EXIT_USAGE
+    assert "defines neither `trainer` nor `make_trainer" in capsys.readouterr().err
 
 
-def test_cli_run_names_a_missing_file(tmp_path):
-    with pytest.raises(SystemExit, match="is not a file"):
-        cli.main(["run", str(tmp_path / "nope.py")])
+def test_cli_status_of_a_missing_run_says_so(tmp_path, capsys):
+    assert cli.main(["status", f"{tmp_path}/nothing"]) == cli.EXIT_USAGE
+    assert "run.json is missing" in capsys.readouterr().err
+
+
+def test_cli_help_lists_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    assert "75 preempted" in capsys.readouterr().out
