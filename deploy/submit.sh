@@ -11,9 +11,10 @@
 # RUN_NAME (default digits), EPOCHS (default 30). The same STORAGE + RUN_NAME resumes a run; a run
 # that already finished exits 0 at once, so resubmitting is always safe.
 #
-# Exit code: `ray job submit` follows the job's logs and fails when the job fails. The job's own
-# code is `orchestrator run`'s: 0 finished, 75 preempted (submit the same command again), 1 failed,
-# 2 bad arguments.
+# Exit code: `ray job submit` follows the job's logs and exits 1 when the job fails (checked with
+# Ray 2.60); the job's own code is in the final "Status message: Job entrypoint command failed with
+# exit code N" line: `orchestrator run`'s 0 finished, 75 preempted (submit the same command again),
+# 1 failed, 2 bad arguments.
 #
 # Stopping a run gracefully: `ray job stop --address "$RAY_ADDRESS" <submission-id>` sends SIGTERM
 # to the driver, which makes every rank stop at the same step and commit an emergency backup, then
