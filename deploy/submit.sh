@@ -5,7 +5,7 @@
 #   export RAY_ADDRESS=http://127.0.0.1:8265
 #   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=~/.ray/orchestrator.token   # token-auth clusters
 #   STORAGE=s3://<bucket>/runs deploy/submit.sh                    # extra args go to `orchestrator run`
-#   STORAGE=s3://<bucket>/runs RUN_NAME=digits-lr01 deploy/submit.sh --num-workers 4 --set lr=0.01
+#   STORAGE=s3://<bucket>/runs RUN_NAME=digits-4w deploy/submit.sh --num-workers 4
 #
 # Environment: RAY_ADDRESS (required), STORAGE (required), TARGET (default examples/digits.py),
 # RUN_NAME (default digits), EPOCHS (default 30). The same STORAGE + RUN_NAME resumes a run; a run

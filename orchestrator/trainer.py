@@ -2,7 +2,7 @@
 
 Every rank runs :class:`TrainLoop`. Per step it does forward, backward and the optimizer step.
 The step's per-rank signals ``[non-finite loss flag, loss * n, n]`` ride the step's own gradient
-all-reduce: they are the gradient of a 3-element "signal" parameter (see :class:`SignalledModule`),
+all-reduce: they are the gradient of a small "signal" parameter (see :class:`SignalledModule`),
 so DDP averages them together with the model's gradients and no extra collective runs. Per
 epoch (and at the rare batch sync points) it sends a :class:`~orchestrator.decisions.Report`
 through a :class:`CoordinatorLink` and applies the decisions it gets back. All ranks get the
@@ -79,7 +79,7 @@ class _RolledBack(Exception):
 
 
 class SignalledModule(torch.nn.Module):
-    """The user's model plus a 3-element parameter whose gradient carries per-step signals.
+    """The user's model plus a small parameter whose gradient carries per-step signals.
 
     The loop adds ``(signal * values).sum()`` to the loss before ``backward``; the gradient of
     ``signal`` is then exactly ``values``, and DDP all-reduces it in the same buckets as the

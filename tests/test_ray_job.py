@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,21 +37,47 @@ def _env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A Ray head on 127.0.0.1: (dashboard address, env for the `ray job` client)."""
+    """A Ray head on 127.0.0.1: (dashboard address, env for the `ray job` client).
+
+    It runs with ``--block`` in its own session, so teardown stops exactly its processes (``ray stop``
+    would also stop the test session's own Ray instance).
+    """
     temp = Path("/tmp") / f"ojob{os.getpid()}"  # short: Ray's socket paths have a length limit
     port, dashboard = free_port(), free_port()
     env = _env(RAY_JOB_STOP_WAIT_TIME_S="90")  # the supervisor waits this long after SIGTERM
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--num-cpus", "2", "--temp-dir", str(temp), "--include-dashboard", "true",
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--port", str(port), "--num-cpus", "2", "--temp-dir", str(temp),
+                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                             "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
+    client = (address, _env(RAY_AUTH_MODE="token"))  # the client then sends ~/.ray/auth_token
     try:
-        yield address, _env(RAY_AUTH_MODE="token")  # the client then sends ~/.ray/auth_token
+        deadline = time.monotonic() + 120
+        while _job(client, "list", timeout=60).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(1)
+        yield client
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(RAY_ADDRESS=f"127.0.0.1:{port}"),
-                       capture_output=True, timeout=120)
+        _stop_session(proc, temp)
+        log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_session(proc: subprocess.Popen, temp: Path) -> None:
+    """SIGTERM, then SIGKILL, to the head's process group and to anything left using its temp dir."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    subprocess.run(["pkill", "-9", "-f", str(temp)], capture_output=True)
 
 
 def _job(head, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
