@@ -55,8 +55,11 @@ def head(tmp_path_factory):
     client = (address, _env(RAY_AUTH_MODE="token"))  # the client then sends ~/.ray/auth_token
     try:
         deadline = time.monotonic() + 120
-        while _job(client, "list", timeout=60).returncode != 0:
-            assert proc.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
+        while True:  # the dashboard answers before the head's job agent can take submissions
+            ready = _job(client, "submit", "--", "true", timeout=120)
+            if ready.returncode == 0:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, ready.stdout + ready.stderr
             time.sleep(1)
         yield client
     finally:

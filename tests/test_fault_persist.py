@@ -1,0 +1,41 @@
+"""A worker killed while a backup is being persisted: that backup never counts; the previous one is used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import workloads_big
+from orchestrator import Trainer, callbacks
+from orchestrator.storage import StorageSpec, read_events
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def make(tmp_path, run_name, train_step):
+    return Trainer(model=workloads_big.big_model, optimizer=workloads_big.adam, loss=workloads_big.mse,
+                   data=workloads_big.data, train_step=train_step, batch_size=8, num_workers=2, seed=0,
+                   storage=str(tmp_path), run_name=run_name, max_failures=1,
+                   callbacks=[callbacks.BackupAndRestore(save_freq=1, delete_checkpoint=False)])
+
+
+def test_sigkill_during_a_background_persist_falls_back_to_the_previous_committed_backup(ray_cluster, tmp_path):
+    reference = make(tmp_path, "reference", workloads_big.step_killing_rank0_at(0, None)).fit(epochs=2, verbose=0)
+
+    flag = tmp_path / "armed"
+    flag.write_text("x")
+    # rank 0 kills itself at the start of its 4th step: the backup of step 3 was submitted a moment
+    # earlier and its ~200 MB are still being serialised and written in the background
+    kill = workloads_big.step_killing_rank0_at(3, str(flag))
+    resumed = make(tmp_path, "killed", kill).fit(epochs=2, verbose=0)
+
+    events = read_events(StorageSpec(str(tmp_path), "killed").open())
+    committed_first_attempt = [e["step"] for e in events if e["type"] == "backup_committed" and e["attempt"] == 1]
+    restored = [e for e in events if e["type"] == "restored"]
+    assert committed_first_attempt and max(committed_first_attempt) == 2
+    assert restored and restored[0]["step"] == 2
+    assert any(e["type"] == "backup_skipped" and e["step"] == 3 for e in events) or \
+        3 not in committed_first_attempt
+    assert reference.history == resumed.history
+    for (name, a), (_, b) in zip(reference.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
