@@ -49,7 +49,13 @@ def head(tmp_path_factory):
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                              "--port", str(port), "--num-cpus", "2", "--temp-dir", str(temp),
                              "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                             "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+                             "--dashboard-port", str(dashboard), "--disable-usage-stats",
+                             # its own agent ports: the test session's Ray already holds the defaults
+                             "--dashboard-agent-listen-port", str(free_port()),
+                             "--dashboard-agent-grpc-port", str(free_port()),
+                             "--runtime-env-agent-port", str(free_port()),
+                             "--metrics-export-port", str(free_port()),
+                             "--ray-client-server-port", str(free_port())],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     client = (address, _env(RAY_AUTH_MODE="token"))  # the client then sends ~/.ray/auth_token
