@@ -8,14 +8,6 @@ from typing import Any, Iterable
 from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.decisions import Decision, SetLearningRate, as_decisions
 
-BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
-
-
-def overrides_batch_hooks(callback: Callback) -> bool:
-    """True when the callback's class defines any batch hook of its own."""
-    return any(getattr(type(callback), h) is not getattr(Callback, h) for h in BATCH_HOOKS)
-
-
 class CallbackList:
     """Calls each hook on every callback in order, as Keras's ``fit`` does.
 
