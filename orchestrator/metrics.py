@@ -7,7 +7,6 @@ cluster, never a mean of per-rank means. No torch here: values are Python floats
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -51,10 +50,6 @@ def aggregate(reports: Iterable[PhaseSums]) -> dict[str, float]:
     if count == 0:
         return {}
     return {name: value / count for name, value in totals.items()}
-
-
-def is_finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
 
 
 def metric_directions(metric_names: Iterable[str]) -> dict[str, str]:

@@ -278,7 +278,6 @@ class TrainLoop:
         return stop or stopped_step is not None or report_stop, epoch + 1, 0
 
     def _finish(self) -> LoopResult:
-        self.saver.flush()
         if self.rank == 0:
             self.result.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         return self.result
