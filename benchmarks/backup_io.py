@@ -13,12 +13,13 @@ For a stack of ``nn.Linear`` layers with about ``--params-millions`` parameters 
     into preallocated buffers (median). Target <= 1.5. Stage and memcpy timings alternate; the
     "paired ratio" (median of stage_i / memcpy_i over adjacent pairs) is printed as well, since
     memory bandwidth on a shared VM swings by several times from one second to the next.
-(b) persist ratio = ``AsyncPersister`` submit -> ``wait()`` (serialize + write + hash; median)
+(b) persist ratio = ``AsyncPersister`` submit -> ``wait()`` (torch.save streamed into storage with
+    the manifest's CRC-32 computed on the way; median)
     divided by ``RunStorage.write_bytes`` of the same files pre-serialized (median), on
     ``file://`` (a temporary directory) and on ``s3://`` (moto). Target <= 1.3.
 
-It also prints a breakdown of the persist CPU time (torch.save into BytesIO with and without CRC-32,
-SHA-256, a copy into fresh memory) and a plain ``fs.pipe_file`` for reference. Everything goes to stdout.
+It also prints a breakdown of the persist CPU time (torch.save into BytesIO with and without torch's
+zip CRC-32, CRC-32 and SHA-256 of the result) and a plain ``fs.pipe_file`` for reference. Everything goes to stdout.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zlib
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -175,7 +177,7 @@ def settle(storage: RunStorage) -> None:
 
 def measure_persist(storage: RunStorage, staged: dict[str, Any], repeats: int, warmup: bool) -> dict[str, Any]:
     done: list[Any] = []
-    persister = AsyncPersister(storage.write_bytes, lambda folder, entries, meta: done.append(entries))
+    persister = AsyncPersister(storage.write_stream, lambda folder, entries, meta: done.append(entries))
     blobs = {name: to_bytes(obj) for name, obj in staged.items()}  # the raw writes' payload
     total = sum(len(b) for b in blobs.values())
     storage.makedirs("bench")
@@ -192,7 +194,7 @@ def measure_persist(storage: RunStorage, staged: dict[str, Any], repeats: int, w
         storage.rm("bench/warmup-raw", recursive=True)
         storage.rm("bench/warmup-persist", recursive=True)
 
-    persist_s, raw_s, ser_s, wr_s = [], [], [], []
+    persist_s, raw_s = [], []
     for i in range(repeats):  # interleaved, so drift (page cache, server memory) hits both alike
         folder = f"bench/raw-{uuid.uuid4().hex[:8]}"
         settle(storage)
@@ -207,8 +209,6 @@ def measure_persist(storage: RunStorage, staged: dict[str, Any], repeats: int, w
         persister.submit(folder, staged, {"step": i})
         persister.wait()
         persist_s.append(time.perf_counter() - t0)
-        ser_s.append(persister.timing.serialize_s)
-        wr_s.append(persister.timing.write_s)
         assert done and done[-1] is not None and sum(e.size for e in done[-1]) == persister.timing.bytes_written
         storage.rm(folder, recursive=True)
 
@@ -228,14 +228,14 @@ def measure_persist(storage: RunStorage, staged: dict[str, Any], repeats: int, w
     del blobs
     free_memory()
     return {"bytes": total, "persist_s": median(persist_s), "raw_s": median(raw_s),
-            "pipe_s": median(pipe_s), "serialize_s": median(ser_s), "write_s": median(wr_s),
+            "pipe_s": median(pipe_s),
             "ratio": median(persist_s) / median(raw_s), "persist_all": persist_s, "raw_all": raw_s}
 
 
 def breakdown(staged: dict[str, Any]) -> dict[str, float]:
     """Where the persister's CPU time goes, for the big file: torch.save into BytesIO (with and
-    without torch's per-record zip CRC-32), SHA-256 of the result (FileEntry.of), and a copy of
-    it into freshly allocated memory (what every new 700 MB buffer costs in page faults)."""
+    without torch's per-record zip CRC-32, which backups leave off), and CRC-32 (the manifest's
+    checksum, computed while streaming) and SHA-256 (for comparison) of the result."""
     obj = staged[SHARED_FILE]
     out: dict[str, float] = {}
     buf = io.BytesIO()
@@ -248,9 +248,8 @@ def breakdown(staged: dict[str, Any]) -> dict[str, float]:
     hashlib.sha256(view).hexdigest()
     out["sha256_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    copy = bytearray(view)
-    out["fresh_copy_s"] = time.perf_counter() - t0
-    del copy
+    zlib.crc32(view)
+    out["crc32_s"] = time.perf_counter() - t0
     view.release()
     del buf
     free_memory()
@@ -325,8 +324,8 @@ def main() -> None:
     bd = breakdown(staged)
     nocrc = f"{bd['torch_save_nocrc_s']:.3f}s" if "torch_save_nocrc_s" in bd else "n/a"
     print(f"persist CPU breakdown ({SHARED_FILE}, {bd['bytes'] / 1e6:.1f} MB, one run each): torch.save->BytesIO "
-          f"{bd['torch_save_s']:.3f}s (CRC-32 off: {nocrc}), sha256 {bd['sha256_s']:.3f}s, "
-          f"copy into fresh memory {bd['fresh_copy_s']:.3f}s", flush=True)
+          f"{bd['torch_save_s']:.3f}s (zip CRC-32 off: {nocrc}), crc32 {bd['crc32_s']:.3f}s, "
+          f"sha256 {bd['sha256_s']:.3f}s", flush=True)
 
     results: dict[str, dict[str, Any]] = {}
     tmp = tempfile.mkdtemp(prefix="backup_io-")
@@ -369,11 +368,11 @@ def main() -> None:
           "in memory bandwidth; stall+state_dict() also counts building the tree as RankSaver.backup does.")
     print()
     print("== (b) persist (AsyncPersister submit -> wait) vs raw RunStorage.write_bytes of the same bytes ==")
-    print(f"{'target':<10} {'bytes':>13} {'persist s':>10} {'serialize s':>12} {'write s':>8} {'raw write s':>12} "
+    print(f"{'target':<10} {'bytes':>13} {'persist s':>10} {'raw write s':>12} "
           f"{'persist ratio':>14} {'target':>7} {'':>5}  {'fs.pipe_file s':>14}")
     for name, r in results.items():
-        print(f"{name:<10} {r['bytes']:>13,d} {fmt_s(r['persist_s']):>10} {fmt_s(r['serialize_s']):>12} "
-              f"{fmt_s(r['write_s']):>8} {fmt_s(r['raw_s']):>12} {r['ratio']:>14.2f} "
+        print(f"{name:<10} {r['bytes']:>13,d} {fmt_s(r['persist_s']):>10} "
+              f"{fmt_s(r['raw_s']):>12} {r['ratio']:>14.2f} "
               f"{'<=' + str(PERSIST_TARGET):>7} {ok(r['ratio'], PERSIST_TARGET):>5}  {fmt_s(r['pipe_s']):>14}")
     print()
     print(f"medians of {args.repeats} (stall, memcpy), {args.file_repeats} (file persist, writes; after one "

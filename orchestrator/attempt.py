@@ -22,7 +22,8 @@ from orchestrator.callbacks.history import History
 from orchestrator.config import LoopConfig, ScalingConfig
 from orchestrator.coordinator import Coordinator
 from orchestrator.errors import CoordinatorError, HangError, OrchestratorError, WorkerError, WorkerLostError
-from orchestrator.storage import EventLog, StorageSpec, is_local, write_marker
+from orchestrator.run_files import EventLog, write_marker
+from orchestrator.storage import StorageSpec
 from orchestrator.trainer import LoopResult
 from orchestrator.worker import WorkerFailure
 from orchestrator.worker_group import WorkerGroup
@@ -187,7 +188,7 @@ def _result_or_raise(ref: Any, rank: int, attempt: int, infos: list[dict[str, An
 
 def _check_storage_visible(group: WorkerGroup, spec: StorageSpec, storage: Any, infos: list[dict[str, Any]]) -> None:
     """A local path on a multi-node cluster must be shared storage every worker sees."""
-    if not is_local(storage) or len({i["node_id"] for i in infos}) < 2:
+    if not storage.is_local or len({i["node_id"] for i in infos}) < 2:
         return
     marker = write_marker(storage)
     try:

@@ -26,7 +26,8 @@ import ray
 
 from orchestrator.api import Trainer
 from orchestrator.errors import Preempted
-from orchestrator.storage import StorageSpec, read_events, run_status
+from orchestrator.run_files import read_events, run_status
+from orchestrator.storage import StorageSpec
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, Preempted.exit_code
 

@@ -24,7 +24,7 @@ from orchestrator.checkpoint import latest_valid, remove_newer
 from orchestrator.errors import OrchestratorError, Preempted, TrainingFailedError
 from orchestrator.loop_state import COORDINATOR_FILE
 from orchestrator.state import from_bytes
-from orchestrator.storage import EventLog, bump_attempt, update_run_json, write_run_json
+from orchestrator.run_files import EventLog, bump_attempt, update_run_json, write_run_json
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 from orchestrator.checkpoint import FileEntry, step_dir
 from orchestrator.decisions import Backup, SaveModel
 from orchestrator.metrics import PhaseSums
-from orchestrator.state import AsyncPersister, StagingArea, capture_rng, from_bytes, to_bytes
+from orchestrator.state import AsyncPersister, StagingArea, capture_rng, from_bytes, save_to
 
 SHARED_FILE = "train_state.pt"
 COORDINATOR_FILE = "coordinator.pt"
@@ -109,7 +109,7 @@ class RankSaver:
     def backup(self, decision: Backup) -> None:
         loop, storage = self.loop, self._storage()
         if self.persister is None:
-            self.persister = AsyncPersister(storage.write_bytes, self._on_persisted)
+            self.persister = AsyncPersister(storage.write_stream, self._on_persisted)
         self.persister.wait()  # the staging buffers are about to be reused
         folder = step_dir(decision.backup_dir, loop.pos.global_step)
         meta = {"epoch": loop.pos.epoch, "batch": loop.pos.batch, "step": loop.pos.global_step,
@@ -149,7 +149,7 @@ class RankSaver:
         else:
             obj = {"model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
                    "epoch": loop.pos.epoch, "step": loop.pos.global_step}
-        storage.write_bytes(checkpoint_path(decision.filepath), to_bytes(obj))
+        storage.write_stream(checkpoint_path(decision.filepath), lambda out: save_to(obj, out))
         for old in decision.delete:
             if old != decision.filepath:
                 storage.rm(checkpoint_path(old))

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from orchestrator.checkpoint import FileEntry
+from orchestrator.checkpoint import ChecksumWriter, FileEntry
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +88,44 @@ class StagingArea:
         return node
 
 
+# torch.save reads its "zip CRC-32 per record" option (a process-wide setting) once, when it opens
+# its zip writer. Backups skip that CRC, since the manifest's CRC-32 over the whole file (computed in
+# the same pass) already covers them; every other save keeps the setting it had. The lock is held
+# from setting the option until the writer has been opened (its first write), not for the whole save.
+_ZIP_CRC_LOCK = threading.Lock()
+
+
+def save_to(obj: Any, out: Any, *, zip_crc: bool | None = None) -> ChecksumWriter:
+    """``torch.save(obj)`` streamed into ``out``; returns the writer that holds its size and CRC-32.
+
+    Args:
+        obj: What to save (tensors, containers of them, plain Python values).
+        out: A file object (anything with ``write``).
+        zip_crc: Whether torch computes its per-record zip CRC-32; None keeps the process setting.
+    """
+    _ZIP_CRC_LOCK.acquire()
+    previous = torch.serialization.get_crc32_options()
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            torch.serialization.set_crc32_options(previous)
+            _ZIP_CRC_LOCK.release()
+
+    writer = ChecksumWriter(out, before_first_write=release)
+    try:
+        torch.serialization.set_crc32_options(previous if zip_crc is None else zip_crc)
+        torch.save(obj, writer)
+    finally:
+        release()
+    return writer
+
+
 def to_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    save_to(obj, buf)
     return buf.getvalue()
 
 
@@ -101,25 +136,28 @@ def from_bytes(data: bytes) -> Any:
 # -- phase 2 ---------------------------------------------------------------------------------
 @dataclass
 class PersistTiming:
-    """Seconds spent serialising and writing the latest save (for benchmarks and logs)."""
+    """The latest save: seconds from start to every file durable, and bytes written."""
 
-    serialize_s: float = 0.0
-    write_s: float = 0.0
+    persist_s: float = 0.0
     bytes_written: int = 0
 
 
 class AsyncPersister:
     """Writes staged states in a background thread, one save at a time.
 
+    Each file is serialised straight into storage (no in-memory copy of the serialised state) while
+    its size and CRC-32 are computed in the same pass.
+
     Args:
-        write: ``write(path, data)``; retries are the storage's job.
+        write_stream: ``write_stream(path, fill)`` calls ``fill(file)`` and makes the file durable
+            (:meth:`orchestrator.storage.RunStorage.write_stream`); retries are its job.
         on_done: Called from the thread with ``(folder, entries, meta)`` once every file is
             durable, or ``(folder, None, meta | {"error": ...})`` if writing failed.
     """
 
-    def __init__(self, write: Callable[[str, bytes], None],
+    def __init__(self, write_stream: Callable[[str, Callable[[Any], None]], None],
                  on_done: Callable[[str, list[FileEntry] | None, dict[str, Any]], None]) -> None:
-        self._write = write
+        self._write_stream = write_stream
         self._on_done = on_done
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -135,23 +173,14 @@ class AsyncPersister:
 
     def _persist(self, folder: str, files: dict[str, Any], meta: dict[str, Any],
                  check: Callable[[dict[str, Any]], str | None] | None = None) -> None:
-        timing = PersistTiming()
         refusal = check(files) if check is not None else None
         if refusal is not None:  # not a failure: this state is simply never committed
             self._on_done(folder, None, dict(meta, error=refusal))
             return
         try:
-            entries = []
-            for name, obj in files.items():
-                t0 = time.perf_counter()
-                data = obj if isinstance(obj, bytes) else to_bytes(obj)
-                t1 = time.perf_counter()
-                self._write(f"{folder}/{name}", data)
-                timing.serialize_s += t1 - t0
-                timing.write_s += time.perf_counter() - t1
-                timing.bytes_written += len(data)
-                entries.append(FileEntry.of(name, data))
-            self.timing = timing
+            start = time.perf_counter()
+            entries = [self._write_file(f"{folder}/{name}", name, obj) for name, obj in files.items()]
+            self.timing = PersistTiming(time.perf_counter() - start, sum(e.size for e in entries))
             self._on_done(folder, entries, meta)
         except BaseException as exc:  # reported, never dropped: wait() raises it
             self._error = exc
@@ -160,6 +189,20 @@ class AsyncPersister:
                 self._on_done(folder, None, dict(meta, error=f"{type(exc).__name__}: {exc}"))
             except Exception:
                 pass
+
+    def _write_file(self, path: str, name: str, obj: Any) -> FileEntry:
+        written: list[FileEntry] = []  # the last (successful) try's entry; a retry calls fill again
+
+        def fill(out: Any) -> None:
+            if isinstance(obj, bytes):
+                writer = ChecksumWriter(out)
+                writer.write(obj)
+            else:
+                writer = save_to(obj, out, zip_crc=False)
+            written.append(writer.entry(name))
+
+        self._write_stream(path, fill)
+        return written[-1]
 
     def wait(self) -> None:
         """Block until the pending save is durable; raise if it failed."""

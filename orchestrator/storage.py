@@ -20,28 +20,27 @@ Example:
 spec = StorageSpec("s3://bucket/runs", "digits", {"client_kwargs": {"endpoint_url": url}})
 storage = check_access(spec)            # clear errors before any worker starts
 storage.write_json("state/meta.json", {"step": 3})
-EventLog(storage, attempt=bump_attempt(storage)).append("started", epoch=0)
 ```
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import platform
 import posixpath
 import re
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from importlib import metadata
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, BinaryIO, Callable, Mapping, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from orchestrator.redaction import json_default, public_config, redact
+from orchestrator.storage_errors import (
+    access_error, credentials_hint, describe, is_credentials_error, is_transient)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +48,6 @@ T = TypeVar("T")
 
 #: Where runs go when ``storage`` is not given (expanded to an absolute path of the driver's home).
 DEFAULT_STORAGE = "~/orchestrator_results"
-RUN_JSON = "run.json"
-EVENTS_JSONL = "events.jsonl"
 
 # Protocols whose "directories" are key prefixes: no makedirs, no rename, no append.
 OBJECT_STORE_PROTOCOLS = frozenset(
@@ -69,155 +66,6 @@ _BACKEND_PACKAGES = {
 # Bounded client settings for S3 unless the user passes their own ``config_kwargs``: a dead
 # endpoint fails in seconds, and our own retry loop (RunStorage.retries) does the patient part.
 _S3_DEFAULT_CONFIG = {"connect_timeout": 5, "retries": {"max_attempts": 2}}
-
-# Exceptions that never get better by retrying.
-_PERMANENT_TYPES = (
-    FileNotFoundError, PermissionError, ValueError, TypeError, KeyError, NotImplementedError,
-    IsADirectoryError, NotADirectoryError, FileExistsError,
-)
-_PERMANENT_ERRNOS = frozenset(
-    {errno.EINVAL, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
-     errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.EDQUOT, errno.EMSGSIZE}
-)
-# Exception classes (by name: this layer does not import botocore/google/azure) that mean
-# "missing or rejected credentials".
-_CREDENTIAL_ERRORS = frozenset(
-    {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
-     "UnauthorizedSSOTokenError", "TokenRetrievalError", "NoAuthTokenError", "InvalidConfigError",
-     "ProfileNotFound", "DefaultCredentialsError", "RefreshError", "ClientAuthenticationError",
-     "CredentialUnavailableError"}
-)
-# Exception classes (by name) that mean "could not reach the endpoint".
-_CONNECTION_ERRORS = frozenset(
-    {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError",
-     "ProxyConnectionError", "HTTPClientError", "ClientConnectorError", "ClientConnectionError",
-     "ServerDisconnectedError", "ServerTimeoutError", "ClientOSError", "FSTimeoutError",
-     "ConnectionError", "ConnectTimeout", "ReadTimeout", "NewConnectionError", "MaxRetryError",
-     "TransportError", "ServiceRequestError"}
-)
-# Third-party packages whose exceptions are I/O problems worth retrying (unless permanent above).
-_IO_MODULES = frozenset(
-    {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "http", "google", "azure",
-     "fsspec", "s3fs", "gcsfs", "adlfs", "huggingface_hub"}
-)
-
-
-# ----------------------------------------------------------------------------------------------
-# Redaction
-
-
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s'\"]+@")
-_MIN_SECRET_LEN = 4  # shorter values ("s3", "v4", "aws") would shred messages, and are no secrets
-
-
-def _secret_values(options: Any) -> set[str]:
-    found: set[str] = set()
-    if isinstance(options, Mapping):
-        for value in options.values():
-            found |= _secret_values(value)
-    elif isinstance(options, (list, tuple, set, frozenset)):
-        for value in options:
-            found |= _secret_values(value)
-    elif isinstance(options, bytes):
-        found |= _secret_values(options.decode("utf-8", "replace"))
-    elif isinstance(options, str) and len(options) >= _MIN_SECRET_LEN:
-        found.add(options)
-        # An endpoint URL may also appear with its userinfo already stripped, or JSON-escaped.
-        found.add(_USERINFO.sub(r"\g<scheme>", options))
-        found.add(json.dumps(options)[1:-1])
-    return {v for v in found if len(v) >= _MIN_SECRET_LEN}
-
-
-def redact(text: Any, options: Mapping[str, Any] | None = None) -> str:
-    """Return ``str(text)`` with every string value of ``options`` and URL userinfo replaced by ``***``.
-
-    Args:
-        text: The message, log line or JSON text to clean.
-        options: The ``storage_options`` (searched recursively: keys, secrets, tokens, endpoint
-            URLs, ...). Values shorter than 4 characters are left alone. Defaults to ``None``
-            (only ``user:password@`` parts of URLs are removed).
-
-    Example:
-        >>> redact("s3://me:pw@host/b key=abcd1234", {"key": "abcd1234"})
-        's3://***@host/b key=***'
-    """
-    out = str(text)
-    for value in sorted(_secret_values(options or {}), key=len, reverse=True):
-        out = out.replace(value, "***")
-    return _USERINFO.sub(r"\g<scheme>***@", out)
-
-
-def _redact_values(obj: Any, options: Mapping[str, Any] | None) -> Any:
-    """Redact every string inside a JSON-like value (before serialising, so escaping cannot hide a secret)."""
-    if isinstance(obj, str):
-        return redact(obj, options)
-    if isinstance(obj, Mapping):
-        return {str(k): _redact_values(v, options) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_redact_values(v, options) for v in obj]
-    return obj
-
-
-def public_config(options: Mapping[str, Any] | None) -> list[str]:
-    """The option keys (nested keys dotted, sorted) of ``storage_options``, never their values; for run.json."""
-    keys: list[str] = []
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping) and value:
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif prefix:
-            keys.append(prefix)
-
-    walk("", options or {})
-    return sorted(keys)
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        try:
-            return obj.item()
-        except Exception:  # noqa: BLE001 - fall back to text
-            pass
-    if callable(obj):
-        return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=repr)
-    return repr(obj)
-
-
-# ----------------------------------------------------------------------------------------------
-# Error classification
-
-
-def _type_names(exc: BaseException) -> set[str]:
-    return {cls.__name__ for cls in type(exc).__mro__}
-
-
-def _is_credentials_error(exc: BaseException) -> bool:
-    return bool(_type_names(exc) & _CREDENTIAL_ERRORS)
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    return bool(_type_names(exc) & _CONNECTION_ERRORS) and not _is_credentials_error(exc)
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Worth retrying: network and server-side trouble, not missing files, permissions or bad arguments."""
-    if isinstance(exc, _PERMANENT_TYPES) or _is_credentials_error(exc):
-        return False
-    if isinstance(exc, OSError):
-        return exc.errno not in _PERMANENT_ERRNOS
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    modules = {cls.__module__.split(".")[0] for cls in type(exc).__mro__}
-    return bool(modules & _IO_MODULES)
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _protocol_of(url: str) -> str | None:
@@ -433,17 +281,17 @@ class RunStorage:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - classified below
                 url = self._redact(self._to_url(fs_path))
-                if _is_credentials_error(exc):
+                if is_credentials_error(exc):
                     raise PermissionError(self._redact(
-                        f"{what} {url}: {_credentials_hint(self.spec)} ({_describe(exc)})")) from exc
-                if not _is_transient(exc):
+                        f"{what} {url}: {credentials_hint(self.spec.protocol)} ({describe(exc)})")) from exc
+                if not is_transient(exc):
                     raise
                 if attempt == attempts:
                     raise OSError(self._redact(
-                        f"{what} {url} failed after {attempts} attempts: {_describe(exc)}")) from exc
+                        f"{what} {url} failed after {attempts} attempts: {describe(exc)}")) from exc
                 delay = self.backoff_s * 2 ** (attempt - 1)
                 log.warning("%s", self._redact(
-                    f"{what} {url} failed ({_describe(exc)}); retry {attempt}/{attempts - 1} in {delay:.2f}s"))
+                    f"{what} {url} failed ({describe(exc)}); retry {attempt}/{attempts - 1} in {delay:.2f}s"))
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -470,6 +318,33 @@ class RunStorage:
                 if parent and parent != p:
                     self.fs.makedirs(parent, exist_ok=True)
             self.fs.pipe_file(p, data)
+
+        self._retry("write", p, put)
+
+    def write_stream(self, path: str, fill: Callable[[BinaryIO], None]) -> None:
+        """Write a file by calling ``fill(file)``, without holding it in memory.
+
+        Locally the file appears atomically (temporary file, fsync, rename). Elsewhere it is streamed
+        through ``fs.open`` (multipart on object stores) and discarded, where the filesystem can,
+        if ``fill`` raises. A transient failure retries the whole write, calling ``fill`` again.
+        """
+        p = self._fs_path(path)
+        if self.is_local:
+            self._retry("write", p, lambda: _atomic_local_write(p, fill))
+            return
+
+        def put() -> None:
+            if not self.is_object_store:
+                parent = posixpath.dirname(p)
+                if parent and parent != p:
+                    self.fs.makedirs(parent, exist_ok=True)
+            f = self.fs.open(p, "wb")
+            try:
+                fill(f)
+            except BaseException:
+                _abandon(f)
+                raise
+            f.close()
 
         self._retry("write", p, put)
 
@@ -524,7 +399,7 @@ class RunStorage:
         return self.fs.open(p, mode, **kwargs)
 
     def write_json(self, path: str, obj: Any, *, indent: int | None = 2) -> None:
-        text = json.dumps(obj, indent=indent, default=_json_default)
+        text = json.dumps(obj, indent=indent, default=json_default)
         self.write_bytes(path, (text + "\n").encode())
 
     def read_json(self, path: str) -> Any:
@@ -557,54 +432,30 @@ class RunStorage:
                 raise OSError(f"read back {len(got)} bytes, wrote {len(payload)}")
             self.fs.rm(probe)
         except Exception as exc:  # noqa: BLE001 - mapped to a clear built-in error
-            raise self._access_error(exc) from exc
-
-    def _access_error(self, exc: BaseException) -> Exception:
-        url = self.url()
-        detail = self._redact(_describe(exc))
-        if self.is_local and isinstance(exc, PermissionError):
-            return PermissionError(self._redact(
-                f"no write permission for the run directory {url} ({detail}); choose a writable "
-                "directory with storage=... or fix the directory's permissions"))
-        if isinstance(exc, PermissionError) or _is_credentials_error(exc):
-            return PermissionError(self._redact(
-                f"no credentials / access denied for {url}: {_credentials_hint(self.spec)} ({detail})"))
-        if isinstance(exc, FileNotFoundError) and self.is_object_store:
-            bucket = self.root.lstrip("/").split("/", 1)[0]
-            return FileNotFoundError(self._redact(
-                f"bucket {bucket!r} for {url} does not exist; create it or change storage ({detail})"))
-        if _is_connection_error(exc):
-            where = ("the endpoint in storage_options['client_kwargs']['endpoint_url']"
-                     if isinstance(self.spec.options.get("client_kwargs"), Mapping)
-                     and "endpoint_url" in self.spec.options["client_kwargs"] else "the storage endpoint")
-            return ConnectionError(self._redact(
-                f"cannot reach {where} for {url} ({detail}); check that it is up and reachable from "
-                "this machine, or change storage / storage_options"))
-        if isinstance(exc, (FileNotFoundError, NotADirectoryError, FileExistsError)):
-            return type(exc)(self._redact(f"cannot create the run directory {url} ({detail}); change storage"))
-        return OSError(self._redact(f"storage check failed for {url} ({detail})"))
+            raise access_error(self, exc) from exc
 
 
-def _credentials_hint(spec: StorageSpec) -> str:
-    proto = spec.protocol
-    if proto in ("s3", "s3a"):
-        return ("pass storage_options={'key': ..., 'secret': ...} (or 'profile': ...) or set "
-                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment")
-    if proto in ("gs", "gcs"):
-        return "pass storage_options={'token': ...} or set GOOGLE_APPLICATION_CREDENTIALS"
-    if proto in ("abfs", "abfss", "az", "adl"):
-        return ("pass storage_options={'account_name': ..., 'account_key': ...} or set "
-                "AZURE_STORAGE_CONNECTION_STRING")
-    return "pass the credentials in storage_options=..."
+
+def _abandon(f: Any) -> None:
+    """Give up a partly written fsspec file: abort its upload where possible, never finalise it."""
+    try:
+        f.discard()  # s3fs aborts the multipart upload; a no-op where there is nothing to abort
+        f.closed = True  # close() (also from __del__) would otherwise upload what was buffered
+    except Exception:  # noqa: BLE001 - the original error matters more
+        log.debug("could not discard a partly written file", exc_info=True)
 
 
-def _atomic_local_write(path: str, data: bytes) -> None:
+def _atomic_local_write(path: str, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write ``data`` (or let ``data(file)`` write) into a temporary file, fsync it, rename it."""
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -626,209 +477,3 @@ def check_access(spec: StorageSpec) -> RunStorage:
     storage = spec.open()
     storage.check_access()
     return storage
-
-
-# ----------------------------------------------------------------------------------------------
-# events.jsonl
-
-_RESERVED_EVENT_KEYS = ("time", "attempt", "epoch", "step", "type")
-
-
-class EventLog:
-    """``events.jsonl`` in the run directory: one JSON object a line.
-
-    Each line has ``time`` (Unix seconds), ``attempt``, ``epoch``, ``step``, ``type`` and the
-    event's own fields; string values are redacted. Locally lines are appended to the file; on
-    other filesystems (object stores have no append) the lines are kept in memory, starting
-    from the existing file so a resumed run continues it, and the whole object is rewritten on
-    each :meth:`flush`. Use one EventLog per run at a time (the driver).
-
-    Args:
-        storage: The run's storage.
-        attempt: The attempt number written on every line (see :func:`bump_attempt`).
-        autoflush: Flush after every :meth:`append`. Defaults to ``True``.
-    """
-
-    def __init__(self, storage: RunStorage, attempt: int, *, autoflush: bool = True) -> None:
-        self.storage = storage
-        self.attempt = attempt
-        self.autoflush = autoflush
-        self._lock = threading.Lock()
-        self._pending: list[str] = []
-        self._append_mode = storage.is_local
-        self._lines: list[str] = []
-        if not self._append_mode:
-            try:
-                text = storage.read_bytes(EVENTS_JSONL).decode("utf-8", "replace")
-            except FileNotFoundError:
-                text = ""
-            self._lines = [line for line in text.splitlines() if line.strip()]
-
-    def append(self, type: str, epoch: int | None = None, step: int | None = None, **fields: Any) -> dict:
-        """Record one event; returns the dict written. Fields named like a common key are dropped (logged)."""
-        clash = sorted(k for k in fields if k in _RESERVED_EVENT_KEYS)
-        if clash:
-            log.warning("event %r: fields %s clash with the common keys and are dropped", type, clash)
-        record = {"time": round(time.time(), 3), "attempt": self.attempt, "epoch": epoch,
-                  "step": step, "type": type}
-        extra = {k: v for k, v in fields.items() if k not in _RESERVED_EVENT_KEYS}
-        record.update(_redact_values(extra, self.storage.spec.options))
-        line = json.dumps(record, default=_json_default)
-        line = redact(line, self.storage.spec.options)
-        with self._lock:
-            self._pending.append(line)
-        if self.autoflush:
-            self.flush()
-        return json.loads(line)
-
-    def flush(self) -> None:
-        """Write pending lines (append locally; rewrite the whole object elsewhere)."""
-        with self._lock:
-            if not self._pending:
-                return
-            pending, self._pending = self._pending, []
-            try:
-                if self._append_mode:
-                    path = self.storage._fs_path(EVENTS_JSONL)
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    with open(path, "a", encoding="utf-8") as f:
-                        f.write("".join(line + "\n" for line in pending))
-                        f.flush()
-                else:
-                    lines = self._lines + pending
-                    self.storage.write_bytes(EVENTS_JSONL, "".join(l + "\n" for l in lines).encode())
-                    self._lines = lines
-            except BaseException:
-                self._pending = pending + self._pending
-                raise
-
-
-def read_events(storage: RunStorage) -> list[dict]:
-    """All events of the run, oldest first; ``[]`` if there are none. A torn last line is skipped."""
-    try:
-        text = storage.read_bytes(EVENTS_JSONL).decode("utf-8", "replace")
-    except FileNotFoundError:
-        return []
-    events = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s", storage._redact(f"{storage.url(EVENTS_JSONL)} line {number} is not JSON; skipped"))
-    return events
-
-
-# ----------------------------------------------------------------------------------------------
-# run.json
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of python and the main packages (via package metadata; imports nothing)."""
-    return {"python": platform.python_version(), **{d: _version(d) for d in ("orchestrator", "torch", "ray", "fsspec")}}
-
-
-def _read_run_json(storage: RunStorage) -> dict:
-    try:
-        data = storage.read_json(RUN_JSON)
-    except FileNotFoundError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_run_json_dict(storage: RunStorage, data: dict) -> dict:
-    options = storage.spec.options
-    text = redact(json.dumps(_redact_values(data, options), indent=2, default=_json_default), options)
-    storage.write_bytes(RUN_JSON, (text + "\n").encode())
-    return json.loads(text)
-
-
-def write_run_json(storage: RunStorage, config: Mapping[str, Any], *, world_size: int | None = None) -> dict:
-    """Write ``run.json``: the config snapshot, versions, world size; keeps the ``attempts`` counter.
-
-    Credentials never appear: a ``storage_options`` entry of ``config`` is replaced by its keys,
-    every string is redacted, and the final JSON text is redacted again.
-
-    Args:
-        storage: The run's storage.
-        config: A JSON-able snapshot of the run's configuration (callables become their names).
-        world_size: Number of workers. Defaults to ``config["world_size"]`` or ``config["num_workers"]``.
-
-    Returns:
-        The dict written (after redaction).
-    """
-    previous = _read_run_json(storage)
-    snapshot = dict(config)
-    if "storage_options" in snapshot:
-        snapshot["storage_options"] = public_config(snapshot["storage_options"] or {})
-    data = {
-        "run_name": storage.spec.run_name,
-        "storage": storage.url(),
-        "storage_options_keys": public_config(storage.spec.options),
-        "config": snapshot,
-        "versions": versions(),
-        "world_size": world_size if world_size is not None else snapshot.get("world_size", snapshot.get("num_workers")),
-        "attempts": int(previous.get("attempts", 0) or 0),
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    return _write_run_json_dict(storage, data)
-
-
-def bump_attempt(storage: RunStorage) -> int:
-    """Increment ``attempts`` in run.json (creating it if needed) and return the new attempt number (1 first)."""
-    data = _read_run_json(storage)
-    data["attempts"] = int(data.get("attempts", 0) or 0) + 1
-    _write_run_json_dict(storage, data)
-    return data["attempts"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Is a local run directory visible from every worker?
-
-
-def is_local(storage: RunStorage) -> bool:
-    """Whether the run directory is on a local filesystem (then every node must share it)."""
-    return storage.is_local
-
-
-def write_marker(storage: RunStorage) -> str:
-    """Write ``.marker-<uuid>`` in the run directory and return its name (for :func:`can_read_marker`)."""
-    name = f".marker-{uuid.uuid4().hex}"
-    storage.write_bytes(name, name.encode())
-    return name
-
-
-def can_read_marker(spec: StorageSpec, name: str) -> bool:
-    """On a worker: whether the marker written by the driver is visible here."""
-    try:
-        storage = spec.open(retries=0)
-        return storage.read_bytes(name) == name.encode()
-    except Exception:  # noqa: BLE001 - any failure means "not visible"
-        return False
-
-
-__all__ = [
-    "DEFAULT_STORAGE", "EVENTS_JSONL", "RUN_JSON", "EventLog", "RunStorage", "StorageSpec",
-    "bump_attempt", "can_read_marker", "check_access", "is_local", "public_config", "read_events",
-    "redact", "versions", "write_marker", "write_run_json",
-]
-
-
-def update_run_json(storage: RunStorage, **fields: Any) -> dict:
-    """Set top-level fields of run.json (e.g. ``status``), keeping the rest."""
-    data = _read_run_json(storage)
-    data.update(fields)
-    return _write_run_json_dict(storage, data)
-
-
-def run_status(storage: RunStorage) -> str | None:
-    """The ``status`` recorded in run.json (``running``, ``finished``, ``failed``, ``preempted``), if any."""
-    return _read_run_json(storage).get("status")

@@ -13,6 +13,7 @@ import ray
 
 from orchestrator.config import LoopConfig
 from orchestrator.decisions import Decision, Report
+from orchestrator.run_files import can_read_marker
 
 
 @dataclass
@@ -78,10 +79,7 @@ class TrainWorker:
 
     def can_read(self, storage_spec: Any, marker: str) -> bool:
         """Whether this worker sees the marker file the driver wrote into the run directory."""
-        try:
-            return storage_spec.open().exists(marker)
-        except Exception:
-            return False
+        return can_read_marker(storage_spec, marker)
 
     def free_port(self) -> tuple[str, int]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

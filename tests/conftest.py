@@ -18,6 +18,7 @@ def ray_session():
     if not ray.is_initialized():
         pythonpath = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
         ray.init(
+            address="local",  # always a fresh instance of our own, even if another cluster runs here
             num_cpus=4,
             include_dashboard=False,
             logging_level="WARNING",

@@ -12,8 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "orchestrator"
 
 LAYERS = {
-    "config": 0, "errors": 0, "decisions": 0, "metrics": 0,
-    "storage": 1, "state": 1, "checkpoint": 1,
+    "config": 0, "errors": 0, "decisions": 0, "metrics": 0, "redaction": 0,
+    "storage": 1, "storage_errors": 1, "run_files": 1, "state": 1, "checkpoint": 1,
     "callbacks": 2,
     "trainer": 3, "data": 3, "steps": 3, "loop_state": 3,
     "worker": 4, "worker_group": 4, "coordinator": 4,

@@ -9,7 +9,8 @@ import torch
 
 import workloads
 from orchestrator import Trainer, callbacks
-from orchestrator.storage import StorageSpec, read_events
+from orchestrator.run_files import read_events
+from orchestrator.storage import StorageSpec
 
 pytestmark = pytest.mark.timeout(240)
 

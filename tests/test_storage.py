@@ -12,19 +12,16 @@ import uuid
 
 import pytest
 
-from orchestrator.storage import (
+from orchestrator.redaction import public_config, redact
+from orchestrator.run_files import (
     EventLog,
-    StorageSpec,
     bump_attempt,
     can_read_marker,
-    check_access,
-    is_local,
-    public_config,
     read_events,
-    redact,
     write_marker,
     write_run_json,
 )
+from orchestrator.storage import StorageSpec, check_access
 from s3_server import free_port, s3_bucket, s3_server  # noqa: F401
 
 SECRET = "s3cr3t-VALUE-do-not-leak"
@@ -107,7 +104,7 @@ def test_plain_relative_paths_and_file_urls_are_local_absolute_paths(tmp_path, m
     assert StorageSpec("results", "r").url == str(tmp_path / "results")
     assert StorageSpec(f"file://{tmp_path}/results/", "r").url == str(tmp_path / "results")
     storage = StorageSpec(f"file://{tmp_path}/results", "r").open()
-    assert is_local(storage)
+    assert storage.is_local
     storage.write_bytes("a.txt", b"hi")
     assert (tmp_path / "results" / "r" / "a.txt").read_bytes() == b"hi"
 
@@ -180,7 +177,7 @@ def test_a_marker_written_by_the_driver_is_readable_through_the_spec(tmp_path):
     assert can_read_marker(spec, name)
     assert not can_read_marker(spec, ".marker-missing")
     assert not can_read_marker(StorageSpec(str(tmp_path / "other-node"), "r"), name)
-    assert is_local(storage) and not is_local(StorageSpec(_memory_url(), "r").open())
+    assert storage.is_local and not StorageSpec(_memory_url(), "r").open().is_local
 
 
 # -- check_access ------------------------------------------------------------------------------
