@@ -16,7 +16,9 @@ For a stack of ``nn.Linear`` layers with about ``--params-millions`` parameters 
 (b) persist ratio = ``AsyncPersister`` submit -> ``wait()`` (torch.save streamed into storage with
     the manifest's CRC-32 computed on the way; median)
     divided by ``RunStorage.write_bytes`` of the same files pre-serialized (median), on
-    ``file://`` (a temporary directory) and on ``s3://`` (moto). Target <= 1.3.
+    ``file://`` (a temporary directory) and on ``s3://`` (moto). Target <= 1.3. Local disk
+    timings on a shared VM swing by 2-3x from one write to the next (page-cache writeback), so the
+    ratio of the best persist to the best raw write is printed too.
 
 It also prints a breakdown of the persist CPU time (torch.save into BytesIO with and without torch's
 zip CRC-32, CRC-32 and SHA-256 of the result) and a plain ``fs.pipe_file`` for reference. Everything goes to stdout.
@@ -229,7 +231,8 @@ def measure_persist(storage: RunStorage, staged: dict[str, Any], repeats: int, w
     free_memory()
     return {"bytes": total, "persist_s": median(persist_s), "raw_s": median(raw_s),
             "pipe_s": median(pipe_s),
-            "ratio": median(persist_s) / median(raw_s), "persist_all": persist_s, "raw_all": raw_s}
+            "ratio": median(persist_s) / median(raw_s), "best_ratio": min(persist_s) / min(raw_s),
+            "persist_all": persist_s, "raw_all": raw_s}
 
 
 def breakdown(staged: dict[str, Any]) -> dict[str, float]:
@@ -369,11 +372,12 @@ def main() -> None:
     print()
     print("== (b) persist (AsyncPersister submit -> wait) vs raw RunStorage.write_bytes of the same bytes ==")
     print(f"{'target':<10} {'bytes':>13} {'persist s':>10} {'raw write s':>12} "
-          f"{'persist ratio':>14} {'target':>7} {'':>5}  {'fs.pipe_file s':>14}")
+          f"{'persist ratio':>14} {'target':>7} {'':>5}  {'best-of ratio':>13}  {'fs.pipe_file s':>14}")
     for name, r in results.items():
         print(f"{name:<10} {r['bytes']:>13,d} {fmt_s(r['persist_s']):>10} "
               f"{fmt_s(r['raw_s']):>12} {r['ratio']:>14.2f} "
-              f"{'<=' + str(PERSIST_TARGET):>7} {ok(r['ratio'], PERSIST_TARGET):>5}  {fmt_s(r['pipe_s']):>14}")
+              f"{'<=' + str(PERSIST_TARGET):>7} {ok(r['ratio'], PERSIST_TARGET):>5}  {r['best_ratio']:>13.2f}  "
+              f"{fmt_s(r['pipe_s']):>14}")
     print()
     print(f"medians of {args.repeats} (stall, memcpy), {args.file_repeats} (file persist, writes; after one "
           f"untimed warm-up) and {args.persist_repeats} (s3 persist, writes); "

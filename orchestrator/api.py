@@ -83,8 +83,10 @@ class Trainer:
         hang_timeout_s: A rank that shows no sign of life (steps, validation batches, syncs) for this
             long, once it has built its model and data, is treated as failed and the group
             restarts. Defaults to ``1800``.
-        preemption_grace_s: After SIGTERM, how long the workers get to reach a step boundary and
-            commit an emergency backup. Defaults to ``120``.
+        preemption_grace_s: After SIGTERM or a drain of a node the run uses, how long the workers
+            get to reach a step boundary and commit an emergency backup. Defaults to ``120``.
+        placement_timeout_s: How long an attempt waits for the cluster to grant every worker's
+            resources, e.g. for a replacement node after a drain left too few. Defaults to ``600``.
 
     Example:
         >>> trainer = Trainer(model=build_model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
@@ -119,6 +121,7 @@ class Trainer:
         threads_per_worker: int | None = None,
         hang_timeout_s: float = 1800.0,
         preemption_grace_s: float = 120.0,
+        placement_timeout_s: float = 600.0,
     ) -> None:
         self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if data is None:
@@ -142,11 +145,13 @@ class Trainer:
         if not isinstance(max_failures, int) or max_failures < 0:
             raise ValueError(f"max_failures must be an integer >= 0, got {max_failures!r}")
         self.max_failures = max_failures
-        for name, value in (("hang_timeout_s", hang_timeout_s), ("preemption_grace_s", preemption_grace_s)):
+        for name, value in (("hang_timeout_s", hang_timeout_s), ("preemption_grace_s", preemption_grace_s),
+                            ("placement_timeout_s", placement_timeout_s)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         self.hang_timeout_s = float(hang_timeout_s)
         self.preemption_grace_s = float(preemption_grace_s)
+        self.placement_timeout_s = float(placement_timeout_s)
         if threads_per_worker is not None and (not isinstance(threads_per_worker, int) or threads_per_worker < 1):
             raise ValueError(f"threads_per_worker must be an integer >= 1, got {threads_per_worker!r}")
         cpus = self.scaling.worker_resources().get("CPU", 1)
@@ -214,7 +219,8 @@ class Trainer:
                        keep_backups=self.backup.keep if self.backup else 1,
                        delete_backups_at_end=bool(self.backup and self.backup.delete_checkpoint),
                        max_failures=self.max_failures, hang_timeout_s=self.hang_timeout_s,
-                       preemption_grace_s=self.preemption_grace_s)
+                       preemption_grace_s=self.preemption_grace_s,
+                       placement_timeout_s=self.placement_timeout_s)
         outcome = run_fit(plan)
         for cb, state in zip(coordinator_cbs, outcome.callback_states):
             cb.load_state_dict(state)

@@ -26,7 +26,7 @@ from orchestrator.run_files import EventLog, write_marker
 from orchestrator.storage import StorageSpec
 from orchestrator.trainer import LoopResult
 from orchestrator.worker import WorkerFailure
-from orchestrator.worker_group import WorkerGroup
+from orchestrator.worker_group import WorkerGroup, draining_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class FitPlan:
     max_failures: int = 0
     hang_timeout_s: float = 1800.0
     preemption_grace_s: float = 120.0
+    placement_timeout_s: float = 600.0
+    drain_poll_interval_s: float = 1.0
 
 
 @dataclass
@@ -84,6 +86,41 @@ class AttemptFailed(Exception):
         super().__init__(record.cause)
         self.record = record
         self.error = error
+
+
+class NodesDrained(Exception):
+    """Ray is draining nodes that host this attempt (a preemption with notice): not a failure.
+
+    Every rank stopped at the same step and the emergency backup there was committed (``step``),
+    or, when ranks on those nodes were lost first, the attempt ended (``lost``); either way the
+    next attempt resumes from the newest committed backup on the remaining nodes.
+    """
+
+    def __init__(self, nodes: list[str], step: int | None = None, lost: str | None = None) -> None:
+        super().__init__(f"nodes {nodes} are being drained")
+        self.nodes = nodes
+        self.step = step
+        self.lost = lost
+
+
+class DrainWatch:
+    """Polls Ray (at most every ``interval_s``) for drains of the nodes an attempt runs on."""
+
+    def __init__(self, nodes: set[str], interval_s: float) -> None:
+        self.nodes = nodes
+        self.interval_s = interval_s
+        self.draining: dict[str, int] = {}
+        self._next = 0.0
+
+    def check(self) -> dict[str, int]:
+        """Watched nodes newly seen draining: node id -> deadline (ms since the epoch; 0: none)."""
+        now = time.monotonic()
+        if now < self._next:
+            return {}
+        self._next = now + self.interval_s
+        new = {n: d for n, d in draining_nodes().items() if n in self.nodes and n not in self.draining}
+        self.draining.update(new)
+        return new
 
 
 class DriverCallbacks:
@@ -124,48 +161,79 @@ class DriverCallbacks:
 
 def run_attempt(plan: FitPlan, attempt: int, storage: Any, events: EventLog, resume_from: str | None,
                 restore: dict[str, Any] | None, outcome: FitOutcome, preempt: threading.Event) -> list[LoopResult]:
-    """Run one attempt to its end; raise AttemptFailed, a callback's error, or return every rank's result."""
-    group = WorkerGroup(plan.scaling)
+    """Run one attempt to its end; return every rank's result.
+
+    Raises:
+        AttemptFailed: A worker died or raised, or a rank hung (retryable under ``max_failures``).
+        NodesDrained: Nodes of this attempt are being drained (restart without counting a failure).
+        Anything else: a callback's error, or the preemption grace exceeded.
+    """
+    group = WorkerGroup(plan.scaling, placement_timeout_s=plan.placement_timeout_s)
     driver = DriverCallbacks(plan.driver_callbacks, plan.params, (restore or {}).get("history"))
     coordinator = Coordinator.remote(plan.callbacks, plan.params, plan.scaling.num_workers, plan.storage, restore,
                                      plan.backup_dir, plan.keep_backups, resume_from)
     infos: list[dict[str, Any]] = []
+    drain = DrainWatch(set(), plan.drain_poll_interval_s)
     try:
         infos = group.start()
+        drain.nodes = {i["node_id"] for i in infos} | {ray.get(coordinator.node_id.remote())}
         _check_storage_visible(group, plan.storage, storage, infos)
         events.append("started", world_size=plan.scaling.num_workers, nodes=sorted({i["node"] for i in infos}),
-                      resumed_from=resume_from)
+                      node_ids=[i["node_id"] for i in infos], resumed_from=resume_from)
         refs = group.run(plan.loop, plan.epochs, coordinator, plan.scaling.use_gpu, plan.batch_sync_every,
                          plan.threads_per_worker, plan.storage, resume_from)
-        rank_of = {ref: rank for rank, ref in enumerate(refs)}
-        results: dict[int, LoopResult] = {}
-        pending = list(refs)
-        preempt_deadline: float | None = None
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=plan.poll_interval_s)
-            for ref in ready:
-                results[rank_of[ref]] = _result_or_raise(ref, rank_of[ref], attempt, infos, coordinator, driver,
-                                                         outcome, events)
-            ages = _dispatch(coordinator, driver, outcome, events)
-            if preempt.is_set() and preempt_deadline is None:
-                preempt_deadline = time.monotonic() + plan.preemption_grace_s
-                for w in group.workers:
-                    w.notify_preemption.remote()
-            if preempt_deadline is not None and time.monotonic() > preempt_deadline:
-                raise OrchestratorError(f"the workers did not stop within preemption_grace_s={plan.preemption_grace_s}")
-            stale = {r: a for r, a in ages.items() if r not in results and a > plan.hang_timeout_s}
-            if stale and preempt_deadline is None:
-                rank = max(stale, key=stale.get)
-                error = HangError(f"rank {rank} (node {infos[rank]['node']}) made no progress for "
-                                  f"{stale[rank]:.0f}s (hang_timeout_s={plan.hang_timeout_s:g})")
-                raise AttemptFailed(FailureRecord(attempt, rank, infos[rank]["node"], str(error)), error)
-        _dispatch(coordinator, driver, outcome, events)
-        _raise_coordinator_error(coordinator)
+        try:
+            results = _watch(plan, attempt, group, coordinator, driver, outcome, events, infos, refs, preempt, drain)
+        except AttemptFailed as failed:
+            rank = failed.record.rank
+            if rank is not None and infos[rank]["node_id"] in drain.draining:  # expected: its node is going away
+                raise NodesDrained(sorted(drain.draining), lost=failed.record.cause) from failed.error
+            raise
+        if drain.draining and not preempt.is_set() and any(r.preempted for r in results):
+            raise NodesDrained(sorted(drain.draining), step=max(r.steps_run for r in results))
         outcome.callback_states = ray.get(coordinator.callback_states.remote())
-        return [results[r] for r in sorted(results)]
+        return results
     finally:
         group.shutdown()
         ray.kill(coordinator, no_restart=True)
+
+
+def _watch(plan: FitPlan, attempt: int, group: WorkerGroup, coordinator: Any, driver: DriverCallbacks,
+           outcome: FitOutcome, events: EventLog, infos: list[dict[str, Any]], refs: list[Any],
+           preempt: threading.Event, drain: DrainWatch) -> list[LoopResult]:
+    """Wait for every rank, relaying events; handle hangs, SIGTERM and node drains."""
+    rank_of = {ref: rank for rank, ref in enumerate(refs)}
+    results: dict[int, LoopResult] = {}
+    pending = list(refs)
+    stop_deadline: float | None = None
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=plan.poll_interval_s)
+        for ref in ready:
+            results[rank_of[ref]] = _result_or_raise(ref, rank_of[ref], attempt, infos, coordinator, driver,
+                                                     outcome, events)
+        ages = _dispatch(coordinator, driver, outcome, events)
+        newly_draining = drain.check()
+        if newly_draining:
+            hosts = sorted({i["node"] for i in infos if i["node_id"] in newly_draining})
+            logger.warning("Ray is draining nodes %s (%s) of this run: stopping at the next step with an "
+                           "emergency backup, then continuing on the remaining nodes", sorted(newly_draining), hosts)
+            events.append("node_draining", nodes=sorted(newly_draining), hosts=hosts,
+                          deadlines_ms=[newly_draining[n] for n in sorted(newly_draining)])
+        if (preempt.is_set() or drain.draining) and stop_deadline is None:
+            stop_deadline = time.monotonic() + plan.preemption_grace_s
+            for w in group.workers:
+                w.notify_preemption.remote()
+        if stop_deadline is not None and time.monotonic() > stop_deadline:
+            raise OrchestratorError(f"the workers did not stop within preemption_grace_s={plan.preemption_grace_s}")
+        stale = {r: a for r, a in ages.items() if r not in results and a > plan.hang_timeout_s}
+        if stale and stop_deadline is None:
+            rank = max(stale, key=stale.get)
+            error = HangError(f"rank {rank} (node {infos[rank]['node']}) made no progress for "
+                              f"{stale[rank]:.0f}s (hang_timeout_s={plan.hang_timeout_s:g})")
+            raise AttemptFailed(FailureRecord(attempt, rank, infos[rank]["node"], str(error)), error)
+    _dispatch(coordinator, driver, outcome, events)
+    _raise_coordinator_error(coordinator)
+    return [results[r] for r in sorted(results)]
 
 
 def _result_or_raise(ref: Any, rank: int, attempt: int, infos: list[dict[str, Any]], coordinator: Any,

@@ -11,10 +11,11 @@ Older steps are purged only after a newer commit, and a purge logs rather than r
 from __future__ import annotations
 
 import hashlib
-import zlib
 import logging
 import re
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -78,22 +79,29 @@ def _crc32_hex(value: int) -> str:
 class ChecksumWriter:
     """A write-only file object that forwards to ``out`` and keeps the size and CRC-32 of what passed.
 
+    Chunks of at least ``overlap_min_bytes`` are checksummed on a helper thread while ``out``
+    writes them (both release the GIL), so the checksum adds little to a large write; ``write``
+    returns only once both are done, so the caller may reuse its buffer.
+
     Args:
         out: Any object with ``write(bytes)``.
         before_first_write: Called once, just before the first byte is forwarded.
+        overlap_min_bytes: Smallest chunk checksummed concurrently with its write. Defaults to 1 MiB.
 
     Example:
         >>> import io
-        >>> w = ChecksumWriter(io.BytesIO())
-        >>> w.write(b"abc")
-        3
+        >>> with ChecksumWriter(io.BytesIO()) as w:
+        ...     _ = w.write(b"abc")
         >>> w.entry("f").digest
         '352441c2'
     """
 
-    def __init__(self, out: Any, before_first_write: Callable[[], None] | None = None) -> None:
+    def __init__(self, out: Any, before_first_write: Callable[[], None] | None = None,
+                 overlap_min_bytes: int = 1 << 20) -> None:
         self._out = out
         self._before_first_write = before_first_write
+        self._overlap_min_bytes = overlap_min_bytes
+        self._pool: ThreadPoolExecutor | None = None
         self._crc = 0
         self.size = 0
 
@@ -101,16 +109,37 @@ class ChecksumWriter:
         if self._before_first_write is not None:
             hook, self._before_first_write = self._before_first_write, None
             hook()
-        view = memoryview(data)
-        self._crc = zlib.crc32(view, self._crc)
+        view = memoryview(data).cast("B")
+        if view.nbytes >= self._overlap_min_bytes:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="orchestrator-crc")
+            crc = self._pool.submit(zlib.crc32, view, self._crc)
+            try:
+                self._out.write(view)
+            finally:
+                self._crc = crc.result()
+        else:
+            self._crc = zlib.crc32(view, self._crc)
+            self._out.write(view)
         self.size += view.nbytes
-        self._out.write(view)
         return view.nbytes
 
     def flush(self) -> None:
         flush = getattr(self._out, "flush", None)
         if flush is not None:
             flush()
+
+    def close(self) -> None:
+        """Stop the helper thread (``out`` stays open: it belongs to the caller)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> "ChecksumWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def entry(self, name: str) -> FileEntry:
         return FileEntry(name, self.size, _crc32_hex(self._crc))

@@ -4,7 +4,10 @@
 
 Each attempt starts a fresh coordinator and worker group and resumes from the newest committed
 backup in the run directory. A failed attempt is handed to :class:`FailurePolicy`, which says
-whether to restart; past ``max_failures`` ``fit`` raises an error listing every failure.
+whether to restart; past ``max_failures`` ``fit`` raises an error listing every failure. A drain
+of a node the attempt runs on (:class:`~orchestrator.attempt.NodesDrained`) is a preemption with
+notice: the ranks stop at one step with an emergency backup and the next attempt resumes there on
+the remaining nodes (Ray places nothing on a draining node), without counting a failure.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from typing import Any
 
 import ray
 
-from orchestrator.attempt import AttemptFailed, FailureRecord, FitOutcome, FitPlan, run_attempt
+from orchestrator.attempt import AttemptFailed, FailureRecord, FitOutcome, FitPlan, NodesDrained, run_attempt
 from orchestrator.checkpoint import latest_valid, remove_newer
 from orchestrator.errors import OrchestratorError, Preempted, TrainingFailedError
 from orchestrator.loop_state import COORDINATOR_FILE
 from orchestrator.state import from_bytes
 from orchestrator.run_files import EventLog, bump_attempt, update_run_json, write_run_json
+from orchestrator.worker_group import WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +123,12 @@ def run_fit(plan: FitPlan) -> FitOutcome:
     write_run_json(storage, dict(plan.config_snapshot, world_size=plan.scaling.num_workers))
     update_run_json(storage, status="running")
     started_ray = ensure_ray()
+    try:
+        WorkerGroup(plan.scaling).check_capacity()  # a clear error before any worker starts
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
     policy = FailurePolicy(plan.max_failures)
     failures: list[FailureRecord] = []
     outcome = FitOutcome()
@@ -133,6 +143,13 @@ def run_fit(plan: FitPlan) -> FitOutcome:
                 state = ControllerState.RUNNING
                 try:
                     results = run_attempt(plan, attempt, storage, events, resume_from, restore, outcome, preempt)
+                except NodesDrained as drained:  # a preemption with notice: not a failure
+                    state = ControllerState.RESTARTING
+                    events.append("preempted", step=drained.step, reason="node_drain", nodes=drained.nodes,
+                                  lost=drained.lost)
+                    logger.warning("nodes %s are being drained; resuming on the remaining nodes (waiting up to "
+                                   "%gs for enough of them)", drained.nodes, plan.placement_timeout_s)
+                    continue
                 except AttemptFailed as failed:
                     failures.append(failed.record)
                     events.append("worker_failed", rank=failed.record.rank, node=failed.record.node,

@@ -290,6 +290,10 @@ class Coordinator:
     def heartbeat(self, rank: int) -> None:
         self._beats[rank] = time.monotonic()
 
+    def node_id(self) -> str:
+        """The Ray node this coordinator runs on (watched for drains like the workers' nodes)."""
+        return ray.get_runtime_context().get_node_id()
+
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         self._beats[0] = time.monotonic()
         self.core.progress(epoch, step, logs)

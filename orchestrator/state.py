@@ -114,12 +114,12 @@ def save_to(obj: Any, out: Any, *, zip_crc: bool | None = None) -> ChecksumWrite
             torch.serialization.set_crc32_options(previous)
             _ZIP_CRC_LOCK.release()
 
-    writer = ChecksumWriter(out, before_first_write=release)
-    try:
-        torch.serialization.set_crc32_options(previous if zip_crc is None else zip_crc)
-        torch.save(obj, writer)
-    finally:
-        release()
+    with ChecksumWriter(out, before_first_write=release) as writer:
+        try:
+            torch.serialization.set_crc32_options(previous if zip_crc is None else zip_crc)
+            torch.save(obj, writer)
+        finally:
+            release()
     return writer
 
 
@@ -195,8 +195,8 @@ class AsyncPersister:
 
         def fill(out: Any) -> None:
             if isinstance(obj, bytes):
-                writer = ChecksumWriter(out)
-                writer.write(obj)
+                with ChecksumWriter(out) as writer:
+                    writer.write(obj)
             else:
                 writer = save_to(obj, out, zip_crc=False)
             written.append(writer.entry(name))

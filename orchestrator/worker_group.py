@@ -31,10 +31,9 @@ class WorkerGroup:
         self.workers: list[Any] = []
 
     def start(self) -> list[dict[str, Any]]:
-        """Reserve the bundles, start the actors; return each rank's node info."""
+        """Reserve the bundles (waiting up to ``placement_timeout_s``), start the actors; return each rank's node info."""
         res = self.scaling.worker_resources()
         n = self.scaling.num_workers
-        self._check_cluster_capacity(res, n)
         self.pg = placement_group([dict(res) for _ in range(n)], strategy=self.scaling.placement_strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=self.placement_timeout_s)
         if not ready:
@@ -57,7 +56,9 @@ class WorkerGroup:
         ]
         return ray.get([w.info.remote() for w in self.workers])
 
-    def _check_cluster_capacity(self, res: dict[str, float], n: int) -> None:
+    def check_capacity(self) -> None:
+        """Raise ValueError when the whole cluster could never host the group (before any worker starts)."""
+        res, n = self.scaling.worker_resources(), self.scaling.num_workers
         total = ray.cluster_resources()
         for key, amount in res.items():
             if amount * n > total.get(key, 0):
@@ -84,3 +85,20 @@ class WorkerGroup:
             except Exception as exc:
                 logger.warning("could not remove placement group: %s", exc)
             self.pg = None
+
+
+def draining_nodes() -> dict[str, int]:
+    """Node id (hex) -> drain deadline (ms since the epoch; 0: none) of every node Ray is draining.
+
+    A node is drained by ``ray drain-node`` (e.g. ``--reason DRAIN_NODE_REASON_PREEMPTION``), by an
+    autoscaler, or by Ray itself when its ``ray start`` process gets SIGTERM (a reclaimed spot node
+    or an evicted pod). Ray schedules nothing new there; what runs there keeps running until the
+    node is idle or killed. Returns ``{}`` when the GCS cannot be asked (logged at debug level).
+    """
+    try:
+        from ray._private import state
+
+        return {str(node): int(deadline) for node, deadline in state.state.get_draining_nodes().items()}
+    except Exception as exc:  # noqa: BLE001 - a private API: never let it break training
+        logger.debug("could not list draining nodes: %s", exc)
+        return {}

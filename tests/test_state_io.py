@@ -52,6 +52,17 @@ def test_the_checksum_writer_reports_the_size_and_crc32_of_everything_forwarded(
     assert entry.matches(b"abcdefgh") and not entry.matches(b"abcdefgX")
 
 
+def test_large_chunks_checksummed_beside_their_write_give_the_same_crc_and_bytes_in_order():
+    chunks = [os.urandom(3 << 20), b"small", os.urandom(1 << 20), os.urandom(10)]
+    out = io.BytesIO()
+    with ChecksumWriter(out, overlap_min_bytes=1 << 20) as writer:
+        for chunk in chunks:
+            assert writer.write(chunk) == len(chunk)
+    whole = b"".join(chunks)
+    assert out.getvalue() == whole
+    assert writer.entry("f") == FileEntry("f", len(whole), f"{zlib.crc32(whole):08x}")
+
+
 def test_a_streamed_save_loads_with_weights_only_and_its_entry_matches_the_bytes():
     out = io.BytesIO()
     writer = save_to(_state(), out, zip_crc=False)

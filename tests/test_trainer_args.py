@@ -34,6 +34,9 @@ def make(**overrides):
     ({"seed": "zero"}, "seed"),
     ({"callbacks": [object()]}, r"callbacks\[0\]"),
     ({"use_gpu": "yes"}, "use_gpu"),
+    ({"hang_timeout_s": 0}, "hang_timeout_s"),
+    ({"preemption_grace_s": -5}, "preemption_grace_s"),
+    ({"placement_timeout_s": "soon"}, "placement_timeout_s"),
 ])
 def test_a_bad_trainer_argument_raises_value_error_naming_it(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -186,3 +186,14 @@ def poisoned_data():
     x = x.clone()
     x[17, 3] = float("nan")
     return torch.utils.data.TensorDataset(x, y), val
+
+
+def drainable_trainer(storage: str, run_name: str):
+    """The run that tests/entries/drain_cluster.py drains twice, and its undisturbed reference."""
+    from orchestrator import Trainer, callbacks
+
+    return Trainer(model=dropout_model, optimizer=adam, data=odd_data, train_step=slow_step(0.05), batch_size=8,
+                   num_workers=2, seed=0, storage=storage, run_name=run_name, max_failures=0,
+                   callbacks=[callbacks.BackupAndRestore(save_freq=5, delete_checkpoint=False),
+                              callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=0, min_delta=0.05)],
+                   preemption_grace_s=60, placement_timeout_s=120)
