@@ -263,10 +263,10 @@ def _check_storage_visible(group: WorkerGroup, spec: StorageSpec, storage: Any, 
         seen = ray.get([w.can_read.remote(spec, marker) for w in group.workers])
     finally:
         storage.rm(marker)
-    blind = [infos[r]["node"] for r, ok in enumerate(seen) if not ok]
+    blind = sorted({f"{infos[r]['node']} (node id {infos[r]['node_id'][:12]})" for r, ok in enumerate(seen) if not ok})
     if blind:
         raise OrchestratorError(
-            f"storage {storage.url()} is a local path that workers on {sorted(set(blind))} cannot see; "
+            f"storage {storage.url()} is a local path that workers on {', '.join(blind)} cannot see; "
             "use shared storage (NFS mounted at the same path on every node) or an object store URL such as s3://")
 
 
