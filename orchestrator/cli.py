@@ -142,7 +142,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         c = commits[-1]
         print(f"newest committed backup: {c['folder']} (epoch {c['epoch']}, step {c['step']})")
     decisions = [e for e in events if e["type"] in ("lr_changed", "early_stopping", "terminated_on_nan",
-                                                       "rolled_back", "preempted", "worker_failed", "restored")]
+                                                       "rolled_back", "node_draining", "preempted", "worker_failed",
+                                                       "restored")]
     for e in decisions:
         detail = {k: v for k, v in e.items() if k not in ("time", "type", "attempt")}
         print(f"attempt {e['attempt']}: {e['type']} {json.dumps(detail, default=str)}")

@@ -17,7 +17,7 @@ class BackupAndRestore(Callback):
     the resumed run ends bit-identical to one that was never interrupted.
 
     A backup is ``<backup_dir>/step-<N>/``; it counts only once its manifest (file sizes and
-    SHA-256 checksums, written last) exists. Resuming picks the newest committed step whose
+    CRC-32 checksums, written last) exists. Resuming picks the newest committed step whose
     files verify; older steps are removed after a newer one commits.
 
     Args:
