@@ -1,6 +1,12 @@
 """Trains on a local multi-node Ray cluster while Ray drains the nodes its workers run on (tests only).
 
-Usage: ``python drain_cluster.py STORAGE_DIR RUN_NAME EPOCHS``, with ``tests/`` on PYTHONPATH.
+Usage: ``python drain_cluster.py drain|sigterm STORAGE_DIR RUN_NAME EPOCHS``, with ``tests/`` on PYTHONPATH.
+
+``sigterm``: one worker node is a ``ray start --block`` process (as in a Kubernetes pod); once
+training is under way a spare node is added and that process gets SIGTERM, as when a spot VM or a
+pod is reclaimed. Ray then drains the node itself.
+
+``drain``:
 
 Starts a ``ray.cluster_utils.Cluster`` (a head without CPUs and three 1-CPU nodes: two for the
 workers and a spare) and fits ``workloads.drainable_trainer``. A thread drains, with the
@@ -18,6 +24,7 @@ Writes ``<STORAGE_DIR>/<RUN_NAME>-result.pt`` (parameters, History) and ``...-cl
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -79,26 +86,56 @@ def disturb(cluster: Cluster, events_file: Path, record: dict) -> None:
     record["added"].append(cluster.add_node(**NODE_ARGS).node_id)
 
 
-def main(storage: str, run_name: str, epochs: int) -> int:
+def fit_in_thread(storage: str, run_name: str, epochs: int, outcome: dict) -> threading.Thread:
+    def fit() -> None:  # in a thread: nodes can only be added from the main thread
+        try:
+            outcome["history"] = workloads.drainable_trainer(storage, run_name).fit(epochs=epochs, verbose=0)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    return thread
+
+
+def alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def sigterm_spot_node(cluster: Cluster, events_file: Path, record: dict, spot: subprocess.Popen,
+                      spot_id: str) -> None:
+    wait_for(lambda: committed_in_attempt(events_file, 1), 240, "a backup in attempt 1")
+    record["workers_before"].append(worker_nodes())
+    record["added"].append(cluster.add_node(**NODE_ARGS).node_id)
+    spot.send_signal(signal.SIGTERM)
+    record["drained"].append(spot_id)
+
+
+def main(mode: str, storage: str, run_name: str, epochs: int) -> int:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20})
     record: dict = {"drained": [], "added": [], "workers_before": []}
+    spot = None
     try:
-        for _ in range(3):
+        for _ in range(3 if mode == "drain" else 1):
             cluster.add_node(**NODE_ARGS)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="WARNING")
+        if mode == "sigterm":
+            known = alive_nodes()
+            spot = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--block",
+                                     f"--address={cluster.gcs_address}", "--num-cpus=1",
+                                     f"--object-store-memory={NODE_ARGS['object_store_memory']}",
+                                     "--disable-usage-stats"], start_new_session=True,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_for(lambda: len(alive_nodes()) == len(known) + 1, 60, "the spot node to join")
+            spot_id = (alive_nodes() - known).pop()
         events_file = Path(storage) / run_name / "events.jsonl"
         outcome: dict = {}
-
-        def fit() -> None:  # in a thread: nodes can only be added from the main thread
-            try:
-                outcome["history"] = workloads.drainable_trainer(storage, run_name).fit(epochs=epochs, verbose=0)
-            except BaseException as exc:
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=fit, daemon=True)
-        thread.start()
-        disturb(cluster, events_file, record)
+        thread = fit_in_thread(storage, run_name, epochs, outcome)
+        if mode == "sigterm":
+            sigterm_spot_node(cluster, events_file, record, spot, spot_id)
+        else:
+            disturb(cluster, events_file, record)
         thread.join(300)
         if "error" in outcome:
             raise outcome["error"]
@@ -113,8 +150,14 @@ def main(storage: str, run_name: str, epochs: int) -> int:
         return 1
     finally:
         ray.shutdown()
+        if spot is not None and spot.poll() is None:
+            spot.send_signal(signal.SIGTERM)
+            try:
+                spot.wait(60)
+            except subprocess.TimeoutExpired:
+                spot.kill()
         cluster.shutdown()
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
