@@ -1,6 +1,7 @@
 """Recovery from a worker SIGKILL: Trainer.fit (max_failures=1, BackupAndRestore) against Ray Train's
 TorchTrainer (FailureConfig(max_failures=1) and its checkpoints), same model and data, in one run.
 
+    pip install -e ".[bench]"   # ray[train]
     python benchmarks/recovery.py [--repeats 3] [--kill-step 70] [--save-every 40] [--step-seconds 0.1]
 
 Both sides train benchmarks/workload.py's model and data (batch 64, SGD with momentum) for one epoch
@@ -214,19 +215,21 @@ def main() -> None:
     if not args.save_every <= args.kill_step < steps_per_epoch:
         parser.error(f"need --save-every <= --kill-step < {steps_per_epoch} (one epoch)")
     path = ray_train_path()
+    print(f"ray {ray.__version__}, torch {torch.__version__}, {path}", flush=True)
     root = tempfile.mkdtemp(prefix="recovery-bench-")
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}})
     rows: list[tuple[dict[str, float], dict[str, float]]] = []
     try:
-        for i in range(args.repeats):  # interleaved, so drift hits both sides alike
-            results = []
-            for side, run in (("orch", run_orchestrator), ("ray", run_ray_train)):
+        for i in range(args.repeats):  # interleaved, alternating which side goes first
+            results: dict[str, dict[str, float]] = {}
+            sides = [("orch", run_orchestrator), ("ray", run_ray_train)]
+            for side, run in sides if i % 2 == 0 else sides[::-1]:
                 probe = Probe(os.path.join(root, f"{side}-{i}"), args.kill_step, args.step_seconds)
                 os.makedirs(probe.folder)
                 probe.arm()
-                results.append(run(probe, args.save_every))
-            ours, theirs = results
+                results[side] = run(probe, args.save_every)
+            ours, theirs = results["orch"], results["ray"]
             rows.append((ours, theirs))
             print(f"repeat {i + 1}: orchestrator recovery {ours['recovery']:.2f}s, lost {ours['lost']:.0f}, "
                   f"regain {ours['regain']:.2f}s | {path} recovery {theirs['recovery']:.2f}s, "
