@@ -87,6 +87,9 @@ class Trainer:
             get to reach a step boundary and commit an emergency backup. Defaults to ``120``.
         placement_timeout_s: How long an attempt waits for the cluster to grant every worker's
             resources, e.g. for a replacement node after a drain left too few. Defaults to ``600``.
+        warm_standbys: With ``max_failures > 0`` on CPU workers, keep one idle standby process per
+            worker (torch imported, no resources of its own, in the worker's placement bundle) so
+            that a restart after a failure skips the cold start. Defaults to ``True``.
 
     Example:
         >>> trainer = Trainer(model=build_model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
@@ -122,6 +125,7 @@ class Trainer:
         hang_timeout_s: float = 1800.0,
         preemption_grace_s: float = 120.0,
         placement_timeout_s: float = 600.0,
+        warm_standbys: bool = True,
     ) -> None:
         self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if data is None:
@@ -152,6 +156,9 @@ class Trainer:
         self.hang_timeout_s = float(hang_timeout_s)
         self.preemption_grace_s = float(preemption_grace_s)
         self.placement_timeout_s = float(placement_timeout_s)
+        if not isinstance(warm_standbys, bool):
+            raise ValueError(f"warm_standbys must be True or False, got {warm_standbys!r}")
+        self.warm_standbys = warm_standbys
         if threads_per_worker is not None and (not isinstance(threads_per_worker, int) or threads_per_worker < 1):
             raise ValueError(f"threads_per_worker must be an integer >= 1, got {threads_per_worker!r}")
         cpus = self.scaling.worker_resources().get("CPU", 1)
@@ -220,7 +227,7 @@ class Trainer:
                        delete_backups_at_end=bool(self.backup and self.backup.delete_checkpoint),
                        max_failures=self.max_failures, hang_timeout_s=self.hang_timeout_s,
                        preemption_grace_s=self.preemption_grace_s,
-                       placement_timeout_s=self.placement_timeout_s)
+                       placement_timeout_s=self.placement_timeout_s, warm_standbys=self.warm_standbys)
         outcome = run_fit(plan)
         for cb, state in zip(coordinator_cbs, outcome.callback_states):
             cb.load_state_dict(state)

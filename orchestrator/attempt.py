@@ -20,7 +20,6 @@ import ray
 from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.callbacks.history import History
 from orchestrator.config import LoopConfig, ScalingConfig
-from orchestrator.coordinator import Coordinator
 from orchestrator.errors import CoordinatorError, HangError, OrchestratorError, WorkerError, WorkerLostError
 from orchestrator.run_files import EventLog, write_marker
 from orchestrator.storage import StorageSpec
@@ -59,6 +58,7 @@ class FitPlan:
     preemption_grace_s: float = 120.0
     placement_timeout_s: float = 600.0
     drain_poll_interval_s: float = 1.0
+    warm_standbys: bool = True
 
 
 @dataclass
@@ -160,26 +160,35 @@ class DriverCallbacks:
 
 
 def run_attempt(plan: FitPlan, attempt: int, storage: Any, events: EventLog, resume_from: str | None,
-                restore: dict[str, Any] | None, outcome: FitOutcome, preempt: threading.Event) -> list[LoopResult]:
-    """Run one attempt to its end; return every rank's result.
+                restore: dict[str, Any] | None, outcome: FitOutcome, preempt: threading.Event,
+                group: WorkerGroup) -> list[LoopResult]:
+    """Run one attempt to its end on ``group`` (whose workers it stops at the end); return every rank's result.
 
     Raises:
         AttemptFailed: A worker died or raised, or a rank hung (retryable under ``max_failures``).
         NodesDrained: Nodes of this attempt are being drained (restart without counting a failure).
         Anything else: a callback's error, or the preemption grace exceeded.
     """
-    group = WorkerGroup(plan.scaling, placement_timeout_s=plan.placement_timeout_s)
     driver = DriverCallbacks(plan.driver_callbacks, plan.params, (restore or {}).get("history"))
-    coordinator = Coordinator.remote(plan.callbacks, plan.params, plan.scaling.num_workers, plan.storage, restore,
-                                     plan.backup_dir, plan.keep_backups, resume_from)
+    setup = (plan.callbacks, plan.params, plan.scaling.num_workers, plan.storage, restore, plan.backup_dir,
+             plan.keep_backups, resume_from)
+    coordinator, ready = group.coordinator(*setup)  # starts (or is a spare) while the workers start
     infos: list[dict[str, Any]] = []
     drain = DrainWatch(set(), plan.drain_poll_interval_s)
     try:
         infos = group.start()
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError as exc:  # a spare lost with its node: start a new one
+            logger.info("coordinator lost before setup (%s); starting a new one", exc)
+            ray.kill(coordinator, no_restart=True)
+            coordinator, ready = group.coordinator(*setup)
+            ray.get(ready)
         drain.nodes = {i["node_id"] for i in infos} | {ray.get(coordinator.node_id.remote())}
-        _check_storage_visible(group, plan.storage, storage, infos)
+        if not group.promoted:  # promoted standbys sit where the checked workers were
+            _check_storage_visible(group, plan.storage, storage, infos)
         events.append("started", world_size=plan.scaling.num_workers, nodes=sorted({i["node"] for i in infos}),
-                      node_ids=[i["node_id"] for i in infos], resumed_from=resume_from)
+                      node_ids=[i["node_id"] for i in infos], resumed_from=resume_from, warm=group.promoted)
         refs = group.run(plan.loop, plan.epochs, coordinator, plan.scaling.use_gpu, plan.batch_sync_every,
                          plan.threads_per_worker, plan.storage, resume_from)
         try:
@@ -194,7 +203,7 @@ def run_attempt(plan: FitPlan, attempt: int, storage: Any, events: EventLog, res
         outcome.callback_states = ray.get(coordinator.callback_states.remote())
         return results
     finally:
-        group.shutdown()
+        group.stop_workers()
         ray.kill(coordinator, no_restart=True)
 
 
@@ -212,6 +221,8 @@ def _watch(plan: FitPlan, attempt: int, group: WorkerGroup, coordinator: Any, dr
             results[rank_of[ref]] = _result_or_raise(ref, rank_of[ref], attempt, infos, coordinator, driver,
                                                      outcome, events)
         ages = _dispatch(coordinator, driver, outcome, events)
+        if len(ages) == len(refs):  # every rank built its model and data: warm replacements up now
+            group.prepare_standbys()
         newly_draining = drain.check()
         if newly_draining:
             hosts = sorted({i["node"] for i in infos if i["node_id"] in newly_draining})

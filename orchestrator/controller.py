@@ -123,8 +123,10 @@ def run_fit(plan: FitPlan) -> FitOutcome:
     write_run_json(storage, dict(plan.config_snapshot, world_size=plan.scaling.num_workers))
     update_run_json(storage, status="running")
     started_ray = ensure_ray()
+    group = WorkerGroup(plan.scaling, placement_timeout_s=plan.placement_timeout_s,
+                        warm_standbys=plan.warm_standbys and plan.max_failures > 0)
     try:
-        WorkerGroup(plan.scaling).check_capacity()  # a clear error before any worker starts
+        group.check_capacity()  # a clear error before any worker starts
     except BaseException:
         if started_ray:
             ray.shutdown()
@@ -142,9 +144,11 @@ def run_fit(plan: FitPlan) -> FitOutcome:
                 resume_from, restore = find_resume(plan, storage, events)
                 state = ControllerState.RUNNING
                 try:
-                    results = run_attempt(plan, attempt, storage, events, resume_from, restore, outcome, preempt)
+                    results = run_attempt(plan, attempt, storage, events, resume_from, restore, outcome, preempt,
+                                          group)
                 except NodesDrained as drained:  # a preemption with notice: not a failure
                     state = ControllerState.RESTARTING
+                    group.shutdown()  # its placement group has bundles on the draining nodes
                     events.append("preempted", step=drained.step, reason="node_drain", nodes=drained.nodes,
                                   lost=drained.lost)
                     logger.warning("nodes %s are being drained; resuming on the remaining nodes (waiting up to "
@@ -184,6 +188,7 @@ def run_fit(plan: FitPlan) -> FitOutcome:
                 return outcome
     finally:
         logger.debug("controller ended in state %s", state.value)
+        group.shutdown()
         if started_ray:
             ray.shutdown()
 

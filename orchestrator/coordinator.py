@@ -257,17 +257,24 @@ def _sums(value: object) -> PhaseSums:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class Coordinator:
-    """Ray actor around :class:`CoordinatorCore` with a per-sync-point barrier."""
+    """Ray actor around :class:`CoordinatorCore` with a per-sync-point barrier.
 
-    def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int,
-                 storage_spec: Any = None, restore: dict[str, Any] | None = None, backup_dir: str = "backup",
-                 keep_backups: int = 1, resumed_from: str | None = None) -> None:
-        storage = storage_spec.open() if storage_spec is not None else None
-        self.core = CoordinatorCore(callbacks, params, world_size, storage, restore, backup_dir, keep_backups,
-                                    resumed_from)
+    Started bare (so that a spare can be started ahead of a restart), then given its run with
+    :meth:`setup` before any rank talks to it.
+    """
+
+    def __init__(self) -> None:
+        self.core: CoordinatorCore = None  # type: ignore[assignment] - set by setup()
         self._barriers: dict[tuple[str, int, int], _Barrier] = {}
         self._beats: dict[int, float] = {}  # a rank is watched from its first sign of life on
         self._waiting: set[int] = set()
+
+    def setup(self, callbacks: list[Callback], params: dict[str, Any], world_size: int,
+              storage_spec: Any = None, restore: dict[str, Any] | None = None, backup_dir: str = "backup",
+              keep_backups: int = 1, resumed_from: str | None = None) -> None:
+        storage = storage_spec.open() if storage_spec is not None else None
+        self.core = CoordinatorCore(callbacks, params, world_size, storage, restore, backup_dir, keep_backups,
+                                    resumed_from)
 
     async def sync(self, rank: int, report: Report) -> list[Decision]:
         key = (report.kind, report.epoch, report.step)

@@ -57,17 +57,39 @@ def _picklable(exc: BaseException) -> BaseException | None:
         return None
 
 
+def _warm_up() -> None:
+    """Import torch and the loop, and what the first optimizer imports (torch._dynamo and more:
+    about a second), the costly part of a cold start, at the lowest CPU priority.
+
+    A standby warms up while the workers it may replace train on the same CPUs; on Linux the
+    priority is per thread, so the thread that later runs the loop keeps the normal priority.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+    import torch
+
+    import orchestrator.trainer  # noqa: F401
+
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+
+
 @ray.remote(max_restarts=0, max_concurrency=2)
 class TrainWorker:
     """Rank ``rank`` of ``world_size``: joins the process group and runs the loop.
 
-    Two threads: ``run`` occupies one; ``notify_preemption`` can arrive on the other.
+    Two threads: ``run`` occupies one; ``notify_preemption`` can arrive on the other. A *warm
+    standby* (``warm=True``) imports torch and the training loop at once and then waits, so that
+    it can take over rank ``rank`` after a failure without a cold start.
     """
 
-    def __init__(self, rank: int, world_size: int) -> None:
+    def __init__(self, rank: int, world_size: int, warm: bool = False) -> None:
         self.rank = rank
         self.world_size = world_size
         self.preemption = threading.Event()
+        if warm:
+            threading.Thread(target=_warm_up, name="orchestrator-warm-up", daemon=True).start()
 
     def notify_preemption(self) -> None:
         """Ask the loop to stop at the next step boundary (every rank agrees on which, via the step signal)."""

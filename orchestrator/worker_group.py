@@ -10,6 +10,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.config import ScalingConfig
+from orchestrator.coordinator import Coordinator
 from orchestrator.errors import OrchestratorError
 from orchestrator.worker import TrainWorker
 
@@ -17,21 +18,38 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerGroup:
-    """Creates, runs and removes the worker actors.
+    """Creates, runs and removes the worker actors, across the attempts of one ``fit``.
+
+    With ``warm_standbys`` (CPU groups), once an attempt's workers are under way (so as not to slow
+    their start) :meth:`prepare_standbys` starts a spare coordinator and one idle actor per rank inside the same placement-group bundle, with no resources of
+    its own (the bundle's resources are the group's already), which imports torch and the loop.
+    After a failure, :meth:`stop_workers` kills the workers but keeps the placement group, and the
+    next :meth:`start` promotes the standbys instead of cold-starting processes. Anything that
+    makes that unsafe (a lost standby, a bundle being rescheduled) falls back to a fresh start.
 
     Args:
         scaling: Number of workers, GPUs, resources and placement strategy.
         placement_timeout_s: How long to wait for the cluster to grant the resources.
+        warm_standbys: Keep warm standbys (ignored for GPU groups). Defaults to ``False``.
     """
 
-    def __init__(self, scaling: ScalingConfig, placement_timeout_s: float = 120.0) -> None:
+    def __init__(self, scaling: ScalingConfig, placement_timeout_s: float = 120.0,
+                 warm_standbys: bool = False) -> None:
         self.scaling = scaling
         self.placement_timeout_s = placement_timeout_s
+        self.warm_standbys = warm_standbys and not scaling.use_gpu
         self.pg: PlacementGroup | None = None
         self.workers: list[Any] = []
+        self.standbys: list[Any] = []
+        self.spare_coordinator: Any = None
+        self.promoted = False  # whether the running workers are promoted standbys
 
     def start(self) -> list[dict[str, Any]]:
-        """Reserve the bundles (waiting up to ``placement_timeout_s``), start the actors; return each rank's node info."""
+        """Start the workers (standbys promoted when ready, else fresh); return each rank's node info."""
+        infos = self._promote_standbys()
+        if infos is not None:
+            return infos
+        self.shutdown()
         res = self.scaling.worker_resources()
         n = self.scaling.num_workers
         self.pg = placement_group([dict(res) for _ in range(n)], strategy=self.scaling.placement_strategy)
@@ -46,15 +64,46 @@ class WorkerGroup:
         custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
         if custom:
             options["resources"] = custom
-        self.workers = [
-            TrainWorker.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=rank),
-                **options,
-            ).remote(rank, n)
-            for rank in range(n)
-        ]
+        self.workers = [self._actor(rank, options, warm=False) for rank in range(n)]
         return ray.get([w.info.remote() for w in self.workers])
+
+    def _actor(self, rank: int, options: dict[str, Any], warm: bool) -> Any:
+        strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
+        return TrainWorker.options(scheduling_strategy=strategy, **options).remote(rank, self.scaling.num_workers,
+                                                                                   warm)
+
+    def prepare_standbys(self) -> None:
+        """Start warm standbys for the running workers and a spare coordinator (no-op when disabled)."""
+        if not self.warm_standbys:
+            return
+        if self.pg is not None and not self.standbys:
+            self.standbys = [self._actor(rank, {"num_cpus": 0}, warm=True)
+                             for rank in range(self.scaling.num_workers)]
+        if self.spare_coordinator is None:
+            self.spare_coordinator = Coordinator.remote()
+
+    def coordinator(self, *setup: Any) -> tuple[Any, Any]:
+        """The spare coordinator (or a new one) and the ref of its ``setup(*setup)`` call; don't wait."""
+        spare, self.spare_coordinator = self.spare_coordinator, None
+        coordinator = spare if spare is not None else Coordinator.remote()
+        return coordinator, coordinator.setup.remote(*setup)
+
+    def _promote_standbys(self) -> list[dict[str, Any]] | None:
+        standbys, self.standbys = self.standbys, []
+        self.promoted = False
+        if self.pg is None or self.workers or len(standbys) != self.scaling.num_workers:
+            _kill(standbys)
+            return None
+        try:
+            if ray.util.placement_group_table(self.pg).get("state") != "CREATED":
+                raise OrchestratorError("the placement group is being rescheduled")
+            infos = ray.get([s.info.remote() for s in standbys], timeout=30)
+        except Exception as exc:  # noqa: BLE001 - a lost standby or node: start fresh instead
+            logger.info("warm standbys unusable (%s); starting fresh workers", exc)
+            _kill(standbys)
+            return None
+        self.workers, self.promoted = standbys, True
+        return infos
 
     def check_capacity(self) -> None:
         """Raise ValueError when the whole cluster could never host the group (before any worker starts)."""
@@ -71,20 +120,29 @@ class WorkerGroup:
         master = ray.get(self.workers[0].free_port.remote())
         return [w.run.remote(args[0], args[1], master, *args[2:]) for w in self.workers]
 
+    def stop_workers(self) -> None:
+        """Kill the workers (ranks stuck in a collective included); keep the placement group and standbys."""
+        _kill(self.workers)
+        self.workers = []
+
     def shutdown(self) -> None:
         """Kill every actor and remove the placement group; never raises."""
-        for w in self.workers:
-            try:
-                ray.kill(w, no_restart=True)
-            except Exception as exc:  # already dead
-                logger.debug("kill worker: %s", exc)
-        self.workers = []
+        _kill(self.workers + self.standbys + [c for c in (self.spare_coordinator,) if c is not None])
+        self.workers, self.standbys, self.spare_coordinator = [], [], None
         if self.pg is not None:
             try:
                 remove_placement_group(self.pg)
             except Exception as exc:
                 logger.warning("could not remove placement group: %s", exc)
             self.pg = None
+
+
+def _kill(actors: list[Any]) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as exc:  # already dead
+            logger.debug("kill actor: %s", exc)
 
 
 def draining_nodes() -> dict[str, int]:

@@ -48,14 +48,17 @@ def events_of(tmp_path, run_name):
     return read_events(StorageSpec(str(tmp_path), run_name).open())
 
 
-@pytest.mark.parametrize("action", ["raise", "sigkill"])
-def test_a_worker_failure_mid_epoch_restarts_the_group_and_ends_bit_identical(ray_cluster, tmp_path, action):
+@pytest.mark.parametrize("action,warm", [("raise", False), ("sigkill", True)])
+def test_a_worker_failure_mid_epoch_restarts_the_group_and_ends_bit_identical(ray_cluster, tmp_path, action, warm):
     flag = tmp_path / "armed"
     flag.write_text("x")
-    step = workloads.faulty_step(action, 1, 11, str(flag))  # epoch 1, batch 4 (7 steps per epoch)
-    resumed = make(tmp_path, "faulty", step).fit(epochs=3, verbose=0)
+    # epoch 1, batch 4 (7 steps per epoch); with standbys, once they are up (2 workers + 2 standbys)
+    step = workloads.faulty_step(action, 1, 11, str(flag), wait_for_workers=4 if warm else 0)
+    resumed = make(tmp_path, "faulty", step, warm_standbys=warm).fit(epochs=3, verbose=0)
     assert_same_run(reference(tmp_path), resumed)
     events = events_of(tmp_path, "faulty")
+    started = [e for e in events if e["type"] == "started"]
+    assert [e["warm"] for e in started] == [False, warm]  # the restart promoted warm standbys, or not
     failed = [e for e in events if e["type"] == "worker_failed"]
     assert len(failed) == 1 and failed[0]["rank"] == 1 and failed[0]["attempt"] == 1
     restored = [e for e in events if e["type"] == "restored"]

@@ -132,12 +132,14 @@ def adam(params):
     return torch.optim.Adam(params, lr=0.01)
 
 
-def faulty_step(action: str, rank: int, at_call: int, flag_path: str | None):
+def faulty_step(action: str, rank: int, at_call: int, flag_path: str | None, wait_for_workers: int = 0):
     """The default step, but ``rank`` does ``action`` at its ``at_call``-th training call.
 
     ``action`` is ``"raise"``, ``"sigkill"`` (the worker process kills itself) or ``"hang"`` (sleeps
     forever). With ``flag_path``, the fault happens only while that file exists (it is removed
-    first, so the next attempt runs through); without it, on every attempt.
+    first, so the next attempt runs through); without it, on every attempt. With
+    ``wait_for_workers``, the fault waits until that many TrainWorker actors are alive (workers
+    plus warm standbys).
     """
     import os
     import signal
@@ -152,6 +154,7 @@ def faulty_step(action: str, rank: int, at_call: int, flag_path: str | None):
             if dist.get_rank() == rank and calls["n"] == at_call and armed:
                 if flag_path is not None:
                     os.remove(flag_path)
+                _wait_for_workers(wait_for_workers)
                 if action == "raise":
                     raise RuntimeError(f"injected failure on rank {rank} at call {at_call}")
                 if action == "sigkill":
@@ -164,6 +167,19 @@ def faulty_step(action: str, rank: int, at_call: int, flag_path: str | None):
         return {"loss": torch.nn.functional.cross_entropy(outputs, targets), "batch_size": len(targets)}
 
     return train_step
+
+
+def _wait_for_workers(n: int, timeout_s: float = 120.0) -> None:
+    import time
+
+    from ray._private import state
+
+    deadline = time.monotonic() + timeout_s
+    while n and time.monotonic() < deadline:
+        alive = [a for a in state.actors().values() if a["ActorClassName"] == "TrainWorker" and a["State"] == "ALIVE"]
+        if len(alive) >= n:
+            return
+        time.sleep(0.1)
 
 
 def slow_step(seconds: float):
