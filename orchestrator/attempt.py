@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import re
 import threading
 import time
 import warnings
@@ -218,8 +219,11 @@ def _watch(plan: FitPlan, attempt: int, group: WorkerGroup, coordinator: Any, dr
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=plan.poll_interval_s)
         for ref in ready:
-            results[rank_of[ref]] = _result_or_raise(ref, rank_of[ref], attempt, infos, coordinator, driver,
-                                                     outcome, events)
+            try:
+                results[rank_of[ref]] = _result_or_raise(ref, rank_of[ref], attempt, infos, coordinator, driver,
+                                                         outcome, events)
+            except AttemptFailed as failed:
+                raise _lost_rank_behind(failed, pending, rank_of, attempt, infos) from failed.error
         ages = _dispatch(coordinator, driver, outcome, events)
         if len(ages) == len(refs):  # every rank built its model and data: warm replacements up now
             group.prepare_standbys()
@@ -245,6 +249,37 @@ def _watch(plan: FitPlan, attempt: int, group: WorkerGroup, coordinator: Any, dr
     _dispatch(coordinator, driver, outcome, events)
     _raise_coordinator_error(coordinator)
     return [results[r] for r in sorted(results)]
+
+
+# A survivor's collective error when a peer process is gone (gloo, NCCL, the TCP store).
+_PEER_LOSS = re.compile(r"connection (reset|closed|refused)|broken pipe|by peer|remote process|"
+                        r"nccl|gloo|tcpstore", re.IGNORECASE)
+PEER_LOSS_WAIT_S = 3.0
+
+
+def _lost_rank_behind(failed: AttemptFailed, pending: list[Any], rank_of: dict[Any, int], attempt: int,
+                      infos: list[dict[str, Any]]) -> AttemptFailed:
+    """The failure to record: when a rank reports a lost peer, the death of that peer if it shows up soon.
+
+    A killed rank's peers often raise in their collective before Ray reports the death itself;
+    blaming the survivor would name the wrong rank, node and cause.
+    """
+    if not isinstance(failed.error, WorkerError) or not _PEER_LOSS.search(failed.record.cause):
+        return failed
+    deadline = time.monotonic() + PEER_LOSS_WAIT_S
+    waiting = list(pending)
+    while waiting and time.monotonic() < deadline:
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                rank, info = rank_of[ref], infos[rank_of[ref]]
+                cause = f"rank {rank} (node {info['node']}, pid {info['pid']}) died: {str(exc).splitlines()[0]}"
+                return AttemptFailed(FailureRecord(attempt, rank, info["node"], cause), WorkerLostError(cause))
+            except Exception:  # noqa: BLE001 - another rank's error: keep looking for a death
+                pass
+    return failed
 
 
 def _result_or_raise(ref: Any, rank: int, attempt: int, infos: list[dict[str, Any]], coordinator: Any,
