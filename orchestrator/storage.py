@@ -304,6 +304,12 @@ class RunStorage:
         p = self._fs_path(path)
         self._retry("makedirs", p, lambda: self.fs.makedirs(p, exist_ok=True))
 
+    def _make_parent(self, fs_path: str) -> None:
+        """Create the parent directory of ``fs_path`` where the filesystem has directories."""
+        parent = posixpath.dirname(fs_path)
+        if not self.is_object_store and parent and parent != fs_path:
+            self.fs.makedirs(parent, exist_ok=True)
+
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a whole file. Locally atomic (temporary file + rename); on object stores one PUT."""
         p = self._fs_path(path)
@@ -313,10 +319,7 @@ class RunStorage:
             return
 
         def put() -> None:
-            if not self.is_object_store:
-                parent = posixpath.dirname(p)
-                if parent and parent != p:
-                    self.fs.makedirs(parent, exist_ok=True)
+            self._make_parent(p)
             self.fs.pipe_file(p, data)
 
         self._retry("write", p, put)
@@ -334,10 +337,7 @@ class RunStorage:
             return
 
         def put() -> None:
-            if not self.is_object_store:
-                parent = posixpath.dirname(p)
-                if parent and parent != p:
-                    self.fs.makedirs(parent, exist_ok=True)
+            self._make_parent(p)
             f = self.fs.open(p, "wb")
             try:
                 fill(f)
