@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from orchestrator.loop_state import (  # noqa: E402
     COORDINATOR_FILE, SHARED_FILE, Accumulator, Position, rank_file)
-from orchestrator.state import AsyncPersister, StagingArea, capture_rng, to_bytes  # noqa: E402
+from orchestrator.state import AsyncPersister, StagingArea, capture_rng, save_to  # noqa: E402
 from orchestrator.storage import RunStorage, StorageSpec  # noqa: E402
 
 STALL_TARGET = 1.5
@@ -62,6 +62,13 @@ S3_REGION = "us-east-1"
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def to_bytes(obj: Any) -> bytes:
+    """What the persister writes for ``obj``, in memory (the raw writes' payload)."""
+    buf = io.BytesIO()
+    save_to(obj, buf, zip_crc=False)
+    return buf.getvalue()
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

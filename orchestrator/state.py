@@ -123,12 +123,6 @@ def save_to(obj: Any, out: Any, *, zip_crc: bool | None = None) -> ChecksumWrite
     return writer
 
 
-def to_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    save_to(obj, buf)
-    return buf.getvalue()
-
-
 def from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 

@@ -391,13 +391,6 @@ class RunStorage:
         p = self._fs_path(path)
         return int(self._retry("size", p, lambda: self.fs.size(p)))
 
-    def open(self, path: str, mode: str = "rb", **kwargs: Any):
-        """A file object from ``fs.open`` (streaming; no temporary file, no retries)."""
-        p = self._fs_path(path)
-        if any(c in mode for c in "wax") and not self.is_object_store:
-            self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
-        return self.fs.open(p, mode, **kwargs)
-
     def write_json(self, path: str, obj: Any, *, indent: int | None = 2) -> None:
         text = json.dumps(obj, indent=indent, default=json_default)
         self.write_bytes(path, (text + "\n").encode())
