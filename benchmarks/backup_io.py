@@ -49,10 +49,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from orchestrator.loop_state import (  # noqa: E402
+from orchestrator.loop.rank_state import (  # noqa: E402
     COORDINATOR_FILE, SHARED_FILE, Accumulator, Position, rank_file)
-from orchestrator.state import AsyncPersister, StagingArea, capture_rng, save_to  # noqa: E402
-from orchestrator.storage import RunStorage, StorageSpec  # noqa: E402
+from orchestrator.loop.state_io import AsyncPersister, StagingArea, capture_rng, save_to  # noqa: E402
+from orchestrator.storage.fs import RunStorage, StorageSpec  # noqa: E402
 
 STALL_TARGET = 1.5
 PERSIST_TARGET = 1.3

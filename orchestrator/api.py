@@ -8,10 +8,10 @@ import ray
 
 from orchestrator.callbacks import BackupAndRestore, Callback, History, ProgbarLogger
 from orchestrator.callbacks.callback_list import CallbackList
-from orchestrator.config import LoopConfig, ScalingConfig, validate_epochs, validate_run_name
-from orchestrator.controller import FitPlan, run_fit
-from orchestrator.metrics import BUILTIN_METRICS, metric_directions
-from orchestrator.storage import StorageSpec
+from orchestrator.core.config import LoopConfig, ScalingConfig, validate_epochs, validate_run_name
+from orchestrator.control.controller import FitPlan, run_fit
+from orchestrator.core.metrics import BUILTIN_METRICS, metric_directions
+from orchestrator.storage.fs import StorageSpec
 
 VERBOSE = ("auto", 0, 1, 2)
 

@@ -26,8 +26,8 @@ import ray
 
 from orchestrator.api import Trainer
 from orchestrator.errors import Preempted
-from orchestrator.run_files import read_events, run_status
-from orchestrator.storage import StorageSpec
+from orchestrator.storage.run_files import read_events, run_status
+from orchestrator.storage.fs import StorageSpec
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, Preempted.exit_code
 

@@ -10,10 +10,10 @@ import torch
 
 import workloads
 from orchestrator import Trainer, callbacks
-from orchestrator.checkpoint import MANIFEST, list_steps, step_dir
+from orchestrator.storage.checkpoint import MANIFEST, list_steps, step_dir
 from orchestrator.errors import WorkerError
-from orchestrator.run_files import read_events
-from orchestrator.storage import StorageSpec
+from orchestrator.storage.run_files import read_events
+from orchestrator.storage.fs import StorageSpec
 from s3_server import s3_bucket, s3_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(300)

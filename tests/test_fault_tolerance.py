@@ -16,8 +16,8 @@ import torch
 import workloads
 from orchestrator import Trainer, callbacks
 from orchestrator.errors import PREEMPTED_EXIT_CODE, TrainingFailedError, WorkerError
-from orchestrator.run_files import read_events
-from orchestrator.storage import StorageSpec
+from orchestrator.storage.run_files import read_events
+from orchestrator.storage.fs import StorageSpec
 from s3_server import s3_bucket, s3_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(300)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import workloads
-from orchestrator.run_files import read_events
-from orchestrator.storage import StorageSpec
+from orchestrator.storage.run_files import read_events
+from orchestrator.storage.fs import StorageSpec
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parent.parent

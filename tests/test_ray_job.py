@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.run_files import read_events
-from orchestrator.storage import StorageSpec
+from orchestrator.storage.run_files import read_events
+from orchestrator.storage.fs import StorageSpec
 from s3_server import free_port
 
 pytestmark = pytest.mark.timeout(420)

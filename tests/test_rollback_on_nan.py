@@ -9,8 +9,8 @@ import torch
 
 import workloads
 from orchestrator import Trainer, callbacks
-from orchestrator.run_files import read_events
-from orchestrator.storage import StorageSpec
+from orchestrator.storage.run_files import read_events
+from orchestrator.storage.fs import StorageSpec
 
 pytestmark = pytest.mark.timeout(240)
 

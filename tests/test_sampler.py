@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.data import ShardSampler
+from orchestrator.loop.data import ShardSampler
 
 
 @pytest.mark.parametrize("n,world", [(10, 2), (11, 2), (101, 3), (1, 2), (7, 1)])

@@ -13,9 +13,9 @@ import zlib
 import pytest
 import torch
 
-from orchestrator.checkpoint import ChecksumWriter, FileEntry, Manifest, verify
-from orchestrator.state import AsyncPersister, from_bytes, save_to
-from orchestrator.storage import StorageSpec
+from orchestrator.storage.checkpoint import ChecksumWriter, FileEntry, Manifest, verify
+from orchestrator.loop.state_io import AsyncPersister, from_bytes, save_to
+from orchestrator.storage.fs import StorageSpec
 from s3_server import free_port, s3_bucket, s3_server  # noqa: F401
 
 

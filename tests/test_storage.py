@@ -1,4 +1,4 @@
-"""orchestrator.storage on real filesystems: a local tmp dir, memory://, and S3 on a moto server."""
+"""orchestrator.storage.fs on real filesystems: a local tmp dir, memory://, and S3 on a moto server."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import uuid
 
 import pytest
 
-from orchestrator.redaction import public_config, redact
-from orchestrator.run_files import (
+from orchestrator.core.redaction import public_config, redact
+from orchestrator.storage.run_files import (
     EventLog,
     bump_attempt,
     can_read_marker,
@@ -21,7 +21,7 @@ from orchestrator.run_files import (
     write_marker,
     write_run_json,
 )
-from orchestrator.storage import StorageSpec, check_access
+from orchestrator.storage.fs import StorageSpec, check_access
 from s3_server import free_port, s3_bucket, s3_server  # noqa: F401
 
 SECRET = "s3cr3t-VALUE-do-not-leak"
@@ -145,7 +145,7 @@ def test_reading_a_missing_file_raises_file_not_found_at_once(storage):
 
 def test_listdir_of_a_missing_directory_is_empty_and_rm_of_a_missing_file_is_logged(storage, caplog):
     assert storage.listdir("never/created") == []
-    with caplog.at_level(logging.INFO, logger="orchestrator.storage"):
+    with caplog.at_level(logging.INFO, logger="orchestrator.storage.fs"):
         storage.rm("never/created.bin")
     if storage.is_local:  # s3fs and memory:// treat deleting a missing key as success
         assert any("already gone" in r.getMessage() for r in caplog.records)
@@ -378,7 +378,7 @@ def test_a_write_retries_through_a_short_s3_outage(s3_server, s3_bucket, caplog)
     restarter = threading.Timer(2.0, s3_server.start)
     restarter.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="orchestrator.storage"):
+        with caplog.at_level(logging.WARNING, logger="orchestrator.storage.fs"):
             storage.write_bytes("during.bin", b"1")
     finally:
         restarter.join()

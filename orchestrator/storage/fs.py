@@ -38,8 +38,8 @@ from typing import Any, BinaryIO, Callable, Mapping, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from orchestrator.redaction import json_default, public_config, redact
-from orchestrator.storage_errors import (
+from orchestrator.core.redaction import json_default, public_config, redact
+from orchestrator.storage.errors import (
     access_error, credentials_hint, describe, is_credentials_error, is_transient)
 
 log = logging.getLogger(__name__)

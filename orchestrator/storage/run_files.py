@@ -21,8 +21,8 @@ import uuid
 from importlib import metadata
 from typing import Any, Mapping
 
-from orchestrator.redaction import json_default, public_config, redact, redact_values
-from orchestrator.storage import RunStorage, StorageSpec
+from orchestrator.core.redaction import json_default, public_config, redact, redact_values
+from orchestrator.storage.fs import RunStorage, StorageSpec
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 Each attempt starts a fresh coordinator and worker group and resumes from the newest committed
 backup in the run directory. A failed attempt is handed to :class:`FailurePolicy`, which says
 whether to restart; past ``max_failures`` ``fit`` raises an error listing every failure. A drain
-of a node the attempt runs on (:class:`~orchestrator.attempt.NodesDrained`) is a preemption with
+of a node the attempt runs on (:class:`~orchestrator.control.attempt.NodesDrained`) is a preemption with
 notice: the ranks stop at one step with an emergency backup and the next attempt resumes there on
 the remaining nodes (Ray places nothing on a draining node), without counting a failure.
 """
@@ -22,13 +22,13 @@ from typing import Any
 
 import ray
 
-from orchestrator.attempt import AttemptFailed, FailureRecord, FitOutcome, FitPlan, NodesDrained, run_attempt
-from orchestrator.checkpoint import latest_valid, remove_newer
+from orchestrator.control.attempt import AttemptFailed, FailureRecord, FitOutcome, FitPlan, NodesDrained, run_attempt
+from orchestrator.storage.checkpoint import latest_valid, remove_newer
 from orchestrator.errors import OrchestratorError, Preempted, TrainingFailedError
-from orchestrator.loop_state import COORDINATOR_FILE
-from orchestrator.state import from_bytes
-from orchestrator.run_files import EventLog, bump_attempt, update_run_json, write_run_json
-from orchestrator.worker_group import WorkerGroup
+from orchestrator.loop.rank_state import COORDINATOR_FILE
+from orchestrator.loop.state_io import from_bytes
+from orchestrator.storage.run_files import EventLog, bump_attempt, update_run_json, write_run_json
+from orchestrator.cluster.worker_group import WorkerGroup
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What a rank saves and restores: its position, partial epoch sums, RNG, and (rank 0) the model.
 
-Used by :class:`orchestrator.trainer.TrainLoop` when it applies a ``Backup`` or ``SaveModel``
+Used by :class:`orchestrator.loop.train_loop.TrainLoop` when it applies a ``Backup`` or ``SaveModel``
 decision, and when it resumes from a committed backup.
 """
 
@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from orchestrator.checkpoint import FileEntry, step_dir
+from orchestrator.storage.checkpoint import FileEntry, step_dir
 from orchestrator.decisions import Backup, SaveModel
-from orchestrator.metrics import PhaseSums
-from orchestrator.state import AsyncPersister, StagingArea, capture_rng, from_bytes, save_to
+from orchestrator.core.metrics import PhaseSums
+from orchestrator.loop.state_io import AsyncPersister, StagingArea, capture_rng, from_bytes, save_to
 
 SHARED_FILE = "train_state.pt"
 COORDINATOR_FILE = "coordinator.pt"

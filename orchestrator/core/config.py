@@ -64,7 +64,7 @@ class LoopConfig:
         metrics: Names of built-in metrics or ``name -> fn(outputs, targets)``.
         batch_size: Per-worker batch size.
         val_batch_size: Per-worker validation batch size. Defaults to ``batch_size``.
-        train_step / val_step: Optional custom steps, see :mod:`orchestrator.steps`.
+        train_step / val_step: Optional custom steps, see :mod:`orchestrator.loop.steps`.
         clip_grad_norm: Clip the global gradient norm to this value. Defaults to ``None``.
         seed: Seed for model init, shuffling and RNGs. Defaults to ``0``.
         progress_interval_s: Seconds between progress updates sent to the driver.

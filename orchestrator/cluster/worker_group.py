@@ -9,10 +9,10 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.config import ScalingConfig
-from orchestrator.coordinator import Coordinator
+from orchestrator.core.config import ScalingConfig
+from orchestrator.cluster.coordinator import Coordinator
 from orchestrator.errors import OrchestratorError
-from orchestrator.worker import TrainWorker
+from orchestrator.cluster.worker import TrainWorker
 
 logger = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ import ray
 
 from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.callbacks.history import History
-from orchestrator.config import LoopConfig, ScalingConfig
+from orchestrator.core.config import LoopConfig, ScalingConfig
 from orchestrator.errors import CoordinatorError, HangError, OrchestratorError, WorkerError, WorkerLostError
-from orchestrator.run_files import EventLog, write_marker
-from orchestrator.storage import StorageSpec
-from orchestrator.trainer import LoopResult
-from orchestrator.worker import WorkerFailure
-from orchestrator.worker_group import WorkerGroup, draining_nodes
+from orchestrator.storage.run_files import EventLog, write_marker
+from orchestrator.storage.fs import StorageSpec
+from orchestrator.loop.train_loop import LoopResult
+from orchestrator.cluster.worker import WorkerFailure
+from orchestrator.cluster.worker_group import WorkerGroup, draining_nodes
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import ray
 
-from orchestrator.config import LoopConfig
+from orchestrator.core.config import LoopConfig
 from orchestrator.decisions import Decision, Report
-from orchestrator.run_files import can_read_marker
+from orchestrator.storage.run_files import can_read_marker
 
 
 @dataclass
@@ -30,7 +30,7 @@ class WorkerFailure:
 
 
 class RayLink:
-    """The :class:`~orchestrator.trainer.CoordinatorLink` over a Ray actor handle."""
+    """The :class:`~orchestrator.loop.train_loop.CoordinatorLink` over a Ray actor handle."""
 
     def __init__(self, coordinator: Any, rank: int) -> None:
         self.coordinator = coordinator
@@ -70,7 +70,7 @@ def _warm_up() -> None:
         pass
     import torch
 
-    import orchestrator.trainer  # noqa: F401
+    import orchestrator.loop.train_loop  # noqa: F401
 
     torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
 
@@ -113,7 +113,7 @@ class TrainWorker:
             resume_from: str | None = None):
         import torch
 
-        from orchestrator.trainer import TrainLoop, init_process_group
+        from orchestrator.loop.train_loop import TrainLoop, init_process_group
 
         try:
             if threads:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from orchestrator.checkpoint import ChecksumWriter, FileEntry
+from orchestrator.storage.checkpoint import ChecksumWriter, FileEntry
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import ray
 
 from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.callbacks.callback_list import CallbackList
-from orchestrator.checkpoint import FileEntry, Manifest, commit, purge_older, step_dir
+from orchestrator.storage.checkpoint import FileEntry, Manifest, commit, purge_older, step_dir
 from orchestrator.decisions import (
     Backup,
     Decision,
@@ -32,9 +32,9 @@ from orchestrator.decisions import (
     SkipBatches,
     StopTraining,
 )
-from orchestrator.loop_state import COORDINATOR_FILE
-from orchestrator.state import from_bytes
-from orchestrator.metrics import PhaseSums, aggregate
+from orchestrator.loop.rank_state import COORDINATOR_FILE
+from orchestrator.loop.state_io import from_bytes
+from orchestrator.core.metrics import PhaseSums, aggregate
 
 logger = logging.getLogger(__name__)
 

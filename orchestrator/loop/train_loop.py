@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from orchestrator.config import LoopConfig
-from orchestrator.data import ShardSampler
+from orchestrator.core.config import LoopConfig
+from orchestrator.loop.data import ShardSampler
 from orchestrator.decisions import (
     Backup,
     Decision,
@@ -39,10 +39,10 @@ from orchestrator.decisions import (
     SnapshotWeights,
     StopTraining,
 )
-from orchestrator.loop_state import Accumulator, Position, RankSaver
-from orchestrator.metrics import PhaseSums
-from orchestrator.state import restore_rng
-from orchestrator.steps import make_default_step, move_to, resolve_metrics, split_output
+from orchestrator.loop.rank_state import Accumulator, Position, RankSaver
+from orchestrator.core.metrics import PhaseSums
+from orchestrator.loop.state_io import restore_rng
+from orchestrator.loop.steps import make_default_step, move_to, resolve_metrics, split_output
 
 
 class CoordinatorLink(Protocol):

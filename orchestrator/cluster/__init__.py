@@ -1,0 +1,1 @@
+"""The Ray layer: worker actors, the worker group, and the coordinator (its core is torch-free)."""

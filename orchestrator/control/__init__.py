@@ -1,0 +1,1 @@
+"""The driver's control: one attempt, the controller's states and the failure policy (no torch)."""
