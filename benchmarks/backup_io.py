@@ -49,8 +49,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from orchestrator.loop.rank_state import (  # noqa: E402
-    COORDINATOR_FILE, SHARED_FILE, Accumulator, Position, rank_file)
+from orchestrator.loop.rank_state import Accumulator, Position  # noqa: E402
+from orchestrator.storage.checkpoint import COORDINATOR_FILE, SHARED_FILE, encode_state, rank_file  # noqa: E402
 from orchestrator.loop.state_io import AsyncPersister, StagingArea, capture_rng, save_to  # noqa: E402
 from orchestrator.storage.fs import RunStorage, StorageSpec  # noqa: E402
 
@@ -123,7 +123,7 @@ def backup_tree(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     """What RankSaver.backup stages on rank 0 (same files, same structure)."""
     return {
         SHARED_FILE: {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "snapshots": []},
-        COORDINATOR_FILE: {},
+        COORDINATOR_FILE: encode_state({}),
         rank_file(0): {"rng": capture_rng(), "pos": asdict(Position()), "sums": Accumulator().state(),
                        "seen": [], "result": {"learning_rates": [], "epochs_run": 0, "steps_run": 1,
                                               "stopped_at": None}},

@@ -9,7 +9,8 @@ import ray
 from orchestrator.callbacks import BackupAndRestore, Callback, History, ProgbarLogger
 from orchestrator.callbacks.callback_list import CallbackList
 from orchestrator.core.config import LoopConfig, ScalingConfig, validate_epochs, validate_run_name
-from orchestrator.control.controller import FitPlan, run_fit
+from orchestrator.control.controller import run_fit
+from orchestrator.control.specs import BackupPolicy, FaultPolicy, FitSpec
 from orchestrator.core.metrics import BUILTIN_METRICS, metric_directions
 from orchestrator.storage.fs import StorageSpec
 
@@ -136,7 +137,8 @@ class Trainer:
                                clip_grad_norm=clip_grad_norm, seed=seed)
         self.scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources_per_worker,
-                                     placement_strategy=placement_strategy)
+                                     placement_strategy=placement_strategy,
+                                     threads_per_worker=threads_per_worker)
         self.run_name = validate_run_name(run_name)
         if storage is not None and not isinstance(storage, str):
             raise ValueError(f"storage must be an fsspec URL or a path string, got {type(storage).__name__}")
@@ -159,10 +161,6 @@ class Trainer:
         if not isinstance(warm_standbys, bool):
             raise ValueError(f"warm_standbys must be True or False, got {warm_standbys!r}")
         self.warm_standbys = warm_standbys
-        if threads_per_worker is not None and (not isinstance(threads_per_worker, int) or threads_per_worker < 1):
-            raise ValueError(f"threads_per_worker must be an integer >= 1, got {threads_per_worker!r}")
-        cpus = self.scaling.worker_resources().get("CPU", 1)
-        self.threads_per_worker = threads_per_worker or max(1, int(cpus))
         self.callbacks = list(callbacks or [])
         for i, cb in enumerate(self.callbacks):
             if not isinstance(cb, Callback):
@@ -218,17 +216,16 @@ class Trainer:
         driver_cbs.append(history)
         coordinator_cbs = [cb for cb in self.callbacks if cb.runs_on == "coordinator"]
         sync_every = CallbackList(coordinator_cbs).batch_sync_every()
-        plan = FitPlan(loop=self.loop, scaling=self.scaling, epochs=epochs, callbacks=coordinator_cbs,
-                       driver_callbacks=driver_cbs, params=params, batch_sync_every=sync_every,
-                       threads_per_worker=self.threads_per_worker, storage=self.storage,
-                       config_snapshot=self._config_snapshot(epochs),
-                       backup_dir=self.backup.backup_dir if self.backup else "backup",
-                       keep_backups=self.backup.keep if self.backup else 1,
-                       delete_backups_at_end=bool(self.backup and self.backup.delete_checkpoint),
-                       max_failures=self.max_failures, hang_timeout_s=self.hang_timeout_s,
-                       preemption_grace_s=self.preemption_grace_s,
-                       placement_timeout_s=self.placement_timeout_s, warm_standbys=self.warm_standbys)
-        outcome = run_fit(plan)
+        backups = BackupPolicy(folder=self.backup.backup_dir, keep=self.backup.keep,
+                               delete_at_end=self.backup.delete_checkpoint) if self.backup else BackupPolicy()
+        faults = FaultPolicy(max_failures=self.max_failures, hang_timeout_s=self.hang_timeout_s,
+                             preemption_grace_s=self.preemption_grace_s,
+                             placement_timeout_s=self.placement_timeout_s, warm_standbys=self.warm_standbys)
+        spec = FitSpec(loop=self.loop, scaling=self.scaling, epochs=epochs, storage=self.storage,
+                       callbacks=coordinator_cbs, driver_callbacks=driver_cbs, params=params,
+                       batch_sync_every=sync_every, backups=backups, faults=faults,
+                       config_snapshot=self._config_snapshot(epochs))
+        outcome = run_fit(spec)
         for cb, state in zip(coordinator_cbs, outcome.callback_states):
             cb.load_state_dict(state)
         history.model = self._build_final_model(outcome.results[0].state_dict)

@@ -21,7 +21,7 @@ import ray
 
 from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.callbacks.callback_list import CallbackList
-from orchestrator.storage.checkpoint import FileEntry, Manifest, commit, purge_older, step_dir
+from orchestrator.storage.checkpoint import FileEntry, Manifest, commit, purge_older, read_coordinator_state, step_dir
 from orchestrator.decisions import (
     Backup,
     Decision,
@@ -32,8 +32,7 @@ from orchestrator.decisions import (
     SkipBatches,
     StopTraining,
 )
-from orchestrator.loop.rank_state import COORDINATOR_FILE
-from orchestrator.loop.state_io import from_bytes
+from orchestrator.cluster.specs import CoordinatorSpec
 from orchestrator.core.metrics import PhaseSums, aggregate
 
 logger = logging.getLogger(__name__)
@@ -143,7 +142,7 @@ class CoordinatorCore:
             self._emit("warning", message="a rollback was requested but no backup has been committed yet; "
                        "stopping training (add BackupAndRestore with a small save_freq)", category="UserWarning")
             return StopTraining(reason="nan_detected", source=decision.source)
-        state = from_bytes(self.storage.read_bytes(f"{self.last_committed}/{COORDINATOR_FILE}"))
+        state = read_coordinator_state(self.storage, self.last_committed)
         survivors = {i: cb.state_dict() for i, cb in enumerate(self.callbacks.callbacks)
                      if getattr(cb, "survives_rollback", False)}
         self._load_state(state)
@@ -269,12 +268,10 @@ class Coordinator:
         self._beats: dict[int, float] = {}  # a rank is watched from its first sign of life on
         self._waiting: set[int] = set()
 
-    def setup(self, callbacks: list[Callback], params: dict[str, Any], world_size: int,
-              storage_spec: Any = None, restore: dict[str, Any] | None = None, backup_dir: str = "backup",
-              keep_backups: int = 1, resumed_from: str | None = None) -> None:
-        storage = storage_spec.open() if storage_spec is not None else None
-        self.core = CoordinatorCore(callbacks, params, world_size, storage, restore, backup_dir, keep_backups,
-                                    resumed_from)
+    def setup(self, spec: CoordinatorSpec) -> None:
+        storage = spec.storage.open() if spec.storage is not None else None
+        self.core = CoordinatorCore(spec.callbacks, spec.params, spec.world_size, storage, spec.restore,
+                                    spec.backup_dir, spec.keep_backups, spec.resumed_from)
 
     async def sync(self, rank: int, report: Report) -> list[Decision]:
         key = (report.kind, report.epoch, report.step)

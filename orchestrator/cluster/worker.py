@@ -11,8 +11,8 @@ from typing import Any
 
 import ray
 
-from orchestrator.core.config import LoopConfig
 from orchestrator.decisions import Decision, Report
+from orchestrator.loop.specs import TrainSpec
 from orchestrator.storage.run_files import can_read_marker
 
 
@@ -108,17 +108,16 @@ class TrainWorker:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def run(self, config: LoopConfig, epochs: int, master: tuple[str, int], coordinator: Any,
-            use_gpu: bool, batch_sync_every: int | None, threads: int | None, storage_spec: Any = None,
-            resume_from: str | None = None):
+    def run(self, spec: TrainSpec, master: tuple[str, int], coordinator: Any) -> Any:
+        """Join the process group at ``master`` and run this rank's loop; a failure is returned as a value."""
         import torch
 
         from orchestrator.loop.train_loop import TrainLoop, init_process_group
 
         try:
-            if threads:
-                torch.set_num_threads(threads)
-            if use_gpu:
+            if spec.threads:
+                torch.set_num_threads(spec.threads)
+            if spec.use_gpu:
                 device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
                 torch.cuda.set_device(device)
                 backend = "nccl"
@@ -126,10 +125,9 @@ class TrainWorker:
                 device, backend = torch.device("cpu"), "gloo"
             init_process_group(backend, master[0], master[1], self.rank, self.world_size)
             try:
-                storage = storage_spec.open() if storage_spec is not None else None
-                loop = TrainLoop(config, self.rank, self.world_size, device, RayLink(coordinator, self.rank),
-                                 epochs, batch_sync_every, storage=storage, resume_from=resume_from,
-                                 preemption=self.preemption)
+                storage = spec.storage.open() if spec.storage is not None else None
+                loop = TrainLoop(spec, self.rank, self.world_size, device, RayLink(coordinator, self.rank),
+                                 storage=storage, preemption=self.preemption)
                 return loop.run()
             finally:
                 torch.distributed.destroy_process_group()

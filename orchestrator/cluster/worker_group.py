@@ -11,8 +11,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.core.config import ScalingConfig
 from orchestrator.cluster.coordinator import Coordinator
+from orchestrator.cluster.specs import CoordinatorSpec
 from orchestrator.errors import OrchestratorError
 from orchestrator.cluster.worker import TrainWorker
+from orchestrator.loop.specs import TrainSpec
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +84,11 @@ class WorkerGroup:
         if self.spare_coordinator is None:
             self.spare_coordinator = Coordinator.remote()
 
-    def coordinator(self, *setup: Any) -> tuple[Any, Any]:
-        """The spare coordinator (or a new one) and the ref of its ``setup(*setup)`` call; don't wait."""
+    def coordinator(self, spec: CoordinatorSpec) -> tuple[Any, Any]:
+        """The spare coordinator (or a new one) and the ref of its ``setup(spec)`` call; don't wait."""
         spare, self.spare_coordinator = self.spare_coordinator, None
         coordinator = spare if spare is not None else Coordinator.remote()
-        return coordinator, coordinator.setup.remote(*setup)
+        return coordinator, coordinator.setup.remote(spec)
 
     def _promote_standbys(self) -> list[dict[str, Any]] | None:
         standbys, self.standbys = self.standbys, []
@@ -116,9 +118,10 @@ class WorkerGroup:
                     f"{total.get(key, 0):g}; lower num_workers or resources_per_worker, or add nodes"
                 )
 
-    def run(self, *args: Any) -> list[ray.ObjectRef]:
+    def run(self, spec: TrainSpec, coordinator: Any) -> list[ray.ObjectRef]:
+        """Start every rank's loop on ``spec`` (rank 0's node hosts the process group's store)."""
         master = ray.get(self.workers[0].free_port.remote())
-        return [w.run.remote(args[0], args[1], master, *args[2:]) for w in self.workers]
+        return [w.run.remote(spec, master, coordinator) for w in self.workers]
 
     def stop_workers(self) -> None:
         """Kill the workers (ranks stuck in a collective included); keep the placement group and standbys."""

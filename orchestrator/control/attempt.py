@@ -20,47 +20,16 @@ import ray
 
 from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.callbacks.history import History
-from orchestrator.core.config import LoopConfig, ScalingConfig
 from orchestrator.errors import CoordinatorError, HangError, OrchestratorError, WorkerError, WorkerLostError
 from orchestrator.storage.run_files import EventLog, write_marker
-from orchestrator.storage.fs import StorageSpec
-from orchestrator.loop.train_loop import LoopResult
 from orchestrator.cluster.worker import WorkerFailure
 from orchestrator.cluster.worker_group import WorkerGroup, draining_nodes
+from orchestrator.control.specs import FitSpec, Resume
+from orchestrator.core.events import EventType, event_type, stop_event_type
+from orchestrator.loop.specs import LoopResult
+from orchestrator.storage.fs import StorageSpec
 
 logger = logging.getLogger(__name__)
-
-# coordinator event types that go to events.jsonl (progress and batch logs stay in memory)
-PERSISTED_EVENTS = {"lr_changed", "nan_detected", "checkpoint_saved", "backup_committed", "backup_failed",
-                    "epoch_end", "warning", "rolled_back"}
-STOP_EVENT_TYPES = {"early_stopping": "early_stopping", "nan_detected": "terminated_on_nan"}
-
-
-@dataclass
-class FitPlan:
-    """Everything one ``fit`` call needs, validated by :class:`orchestrator.Trainer`."""
-
-    loop: LoopConfig
-    scaling: ScalingConfig
-    epochs: int
-    callbacks: list[Callback]
-    driver_callbacks: list[Callback]
-    params: dict[str, Any]
-    storage: StorageSpec
-    batch_sync_every: int | None = None
-    threads_per_worker: int | None = None
-    poll_interval_s: float = 0.2
-    config_snapshot: dict[str, Any] = field(default_factory=dict)
-    backup_dir: str = "backup"
-    keep_backups: int = 1
-    delete_backups_at_end: bool = False
-    max_failures: int = 0
-    hang_timeout_s: float = 1800.0
-    preemption_grace_s: float = 120.0
-    placement_timeout_s: float = 600.0
-    drain_poll_interval_s: float = 1.0
-    warm_standbys: bool = True
-
 
 @dataclass
 class FitOutcome:
@@ -160,9 +129,8 @@ class DriverCallbacks:
                 cb.on_train_end(dict(event["logs"]))
 
 
-def run_attempt(plan: FitPlan, attempt: int, storage: Any, events: EventLog, resume_from: str | None,
-                restore: dict[str, Any] | None, outcome: FitOutcome, preempt: threading.Event,
-                group: WorkerGroup) -> list[LoopResult]:
+def run_attempt(fit: FitSpec, attempt: int, storage: Any, events: EventLog, resume: Resume,
+                outcome: FitOutcome, preempt: threading.Event, group: WorkerGroup) -> list[LoopResult]:
     """Run one attempt to its end on ``group`` (whose workers it stops at the end); return every rank's result.
 
     Raises:
@@ -170,12 +138,11 @@ def run_attempt(plan: FitPlan, attempt: int, storage: Any, events: EventLog, res
         NodesDrained: Nodes of this attempt are being drained (restart without counting a failure).
         Anything else: a callback's error, or the preemption grace exceeded.
     """
-    driver = DriverCallbacks(plan.driver_callbacks, plan.params, (restore or {}).get("history"))
-    setup = (plan.callbacks, plan.params, plan.scaling.num_workers, plan.storage, restore, plan.backup_dir,
-             plan.keep_backups, resume_from)
-    coordinator, ready = group.coordinator(*setup)  # starts (or is a spare) while the workers start
+    driver = DriverCallbacks(fit.driver_callbacks, fit.params, (resume.state or {}).get("history"))
+    coordinator_spec = fit.coordinator_spec(resume)
+    coordinator, ready = group.coordinator(coordinator_spec)  # starts (or is a spare) while the workers start
     infos: list[dict[str, Any]] = []
-    drain = DrainWatch(set(), plan.drain_poll_interval_s)
+    drain = DrainWatch(set(), fit.faults.drain_poll_interval_s)
     try:
         infos = group.start()
         try:
@@ -183,17 +150,16 @@ def run_attempt(plan: FitPlan, attempt: int, storage: Any, events: EventLog, res
         except ray.exceptions.RayActorError as exc:  # a spare lost with its node: start a new one
             logger.info("coordinator lost before setup (%s); starting a new one", exc)
             ray.kill(coordinator, no_restart=True)
-            coordinator, ready = group.coordinator(*setup)
+            coordinator, ready = group.coordinator(coordinator_spec)
             ray.get(ready)
         drain.nodes = {i["node_id"] for i in infos} | {ray.get(coordinator.node_id.remote())}
         if not group.promoted:  # promoted standbys sit where the checked workers were
-            _check_storage_visible(group, plan.storage, storage, infos)
-        events.append("started", world_size=plan.scaling.num_workers, nodes=sorted({i["node"] for i in infos}),
-                      node_ids=[i["node_id"] for i in infos], resumed_from=resume_from, warm=group.promoted)
-        refs = group.run(plan.loop, plan.epochs, coordinator, plan.scaling.use_gpu, plan.batch_sync_every,
-                         plan.threads_per_worker, plan.storage, resume_from)
+            _check_storage_visible(group, fit.storage, storage, infos)
+        events.append(EventType.STARTED, world_size=fit.scaling.num_workers, nodes=sorted({i["node"] for i in infos}),
+                      node_ids=[i["node_id"] for i in infos], resumed_from=resume.folder, warm=group.promoted)
+        refs = group.run(fit.train_spec(resume.folder), coordinator)
         try:
-            results = _watch(plan, attempt, group, coordinator, driver, outcome, events, infos, refs, preempt, drain)
+            results = _watch(fit, attempt, group, coordinator, driver, outcome, events, infos, refs, preempt, drain)
         except AttemptFailed as failed:
             rank = failed.record.rank
             if rank is not None and infos[rank]["node_id"] in drain.draining:  # expected: its node is going away
@@ -208,7 +174,7 @@ def run_attempt(plan: FitPlan, attempt: int, storage: Any, events: EventLog, res
         ray.kill(coordinator, no_restart=True)
 
 
-def _watch(plan: FitPlan, attempt: int, group: WorkerGroup, coordinator: Any, driver: DriverCallbacks,
+def _watch(fit: FitSpec, attempt: int, group: WorkerGroup, coordinator: Any, driver: DriverCallbacks,
            outcome: FitOutcome, events: EventLog, infos: list[dict[str, Any]], refs: list[Any],
            preempt: threading.Event, drain: DrainWatch) -> list[LoopResult]:
     """Wait for every rank, relaying events; handle hangs, SIGTERM and node drains."""
@@ -217,7 +183,7 @@ def _watch(plan: FitPlan, attempt: int, group: WorkerGroup, coordinator: Any, dr
     pending = list(refs)
     stop_deadline: float | None = None
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=plan.poll_interval_s)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=fit.faults.poll_interval_s)
         for ref in ready:
             try:
                 results[rank_of[ref]] = _result_or_raise(ref, rank_of[ref], attempt, infos, coordinator, driver,
@@ -232,19 +198,19 @@ def _watch(plan: FitPlan, attempt: int, group: WorkerGroup, coordinator: Any, dr
             hosts = sorted({i["node"] for i in infos if i["node_id"] in newly_draining})
             logger.warning("Ray is draining nodes %s (%s) of this run: stopping at the next step with an "
                            "emergency backup, then continuing on the remaining nodes", sorted(newly_draining), hosts)
-            events.append("node_draining", nodes=sorted(newly_draining), hosts=hosts,
+            events.append(EventType.NODE_DRAINING, nodes=sorted(newly_draining), hosts=hosts,
                           deadlines_ms=[newly_draining[n] for n in sorted(newly_draining)])
         if (preempt.is_set() or drain.draining) and stop_deadline is None:
-            stop_deadline = time.monotonic() + plan.preemption_grace_s
+            stop_deadline = time.monotonic() + fit.faults.preemption_grace_s
             for w in group.workers:
                 w.notify_preemption.remote()
         if stop_deadline is not None and time.monotonic() > stop_deadline:
-            raise OrchestratorError(f"the workers did not stop within preemption_grace_s={plan.preemption_grace_s}")
-        stale = {r: a for r, a in ages.items() if r not in results and a > plan.hang_timeout_s}
+            raise OrchestratorError(f"the workers did not stop within preemption_grace_s={fit.faults.preemption_grace_s}")
+        stale = {r: a for r, a in ages.items() if r not in results and a > fit.faults.hang_timeout_s}
         if stale and stop_deadline is None:
             rank = max(stale, key=stale.get)
             error = HangError(f"rank {rank} (node {infos[rank]['node']}) made no progress for "
-                              f"{stale[rank]:.0f}s (hang_timeout_s={plan.hang_timeout_s:g})")
+                              f"{stale[rank]:.0f}s (hang_timeout_s={fit.faults.hang_timeout_s:g})")
             raise AttemptFailed(FailureRecord(attempt, rank, infos[rank]["node"], str(error)), error)
     _dispatch(coordinator, driver, outcome, events)
     _raise_coordinator_error(coordinator)
@@ -332,13 +298,13 @@ def _dispatch(coordinator: Any, driver: DriverCallbacks, outcome: FitOutcome, ev
 
 
 def _persist_event(events: EventLog, event: dict[str, Any]) -> None:
-    kind = event["type"]
+    kind = event_type(event["type"])
     fields = {k: v for k, v in event.items() if k not in ("type", "time", "epoch", "step")}
-    if kind == "stop":
+    if kind is EventType.STOP:
         if event.get("reason") == "preempted":
             return  # the controller records "preempted" once
-        kind = STOP_EVENT_TYPES.get(event.get("reason", ""), "stopped")
-    elif kind not in PERSISTED_EVENTS:
+        kind = stop_event_type(event.get("reason", ""))
+    elif kind is None or not kind.persisted or kind is EventType.PREEMPTED:
         return
     events.append(kind, epoch=event.get("epoch"), step=event.get("step"), **fields)
 

@@ -22,17 +22,17 @@ from typing import Any
 
 import ray
 
-from orchestrator.control.attempt import AttemptFailed, FailureRecord, FitOutcome, FitPlan, NodesDrained, run_attempt
-from orchestrator.storage.checkpoint import latest_valid, remove_newer
+from orchestrator.control.attempt import AttemptFailed, FailureRecord, FitOutcome, NodesDrained, run_attempt
+from orchestrator.control.specs import FitSpec, Resume
+from orchestrator.core.events import EventType
 from orchestrator.errors import OrchestratorError, Preempted, TrainingFailedError
-from orchestrator.loop.rank_state import COORDINATOR_FILE
-from orchestrator.loop.state_io import from_bytes
+from orchestrator.storage.checkpoint import latest_valid, read_coordinator_state, remove_newer
 from orchestrator.storage.run_files import EventLog, bump_attempt, update_run_json, write_run_json
 from orchestrator.cluster.worker_group import WorkerGroup
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ControllerState", "FailurePolicy", "FitOutcome", "FitPlan", "ensure_ray", "run_fit"]
+__all__ = ["ControllerState", "FailurePolicy", "FitOutcome", "FitSpec", "ensure_ray", "run_fit"]
 
 
 class ControllerState(enum.Enum):
@@ -78,25 +78,26 @@ def ensure_ray() -> bool:
     return True
 
 
-def find_resume(plan: FitPlan, storage: Any, events: EventLog) -> tuple[str | None, dict[str, Any] | None]:
+def find_resume(fit: FitSpec, storage: Any, events: EventLog) -> Resume:
     """The newest valid committed backup (folder, coordinator state), after removing newer leftovers."""
+    backup_dir = fit.backups.folder
 
     def skipped(step: int, reason: str) -> None:
-        warnings.warn(f"skipping backup step {step} in {storage.url(plan.backup_dir)}: {reason}", stacklevel=4)
-        events.append("backup_skipped", step=step, reason=reason)
+        warnings.warn(f"skipping backup step {step} in {storage.url(backup_dir)}: {reason}", stacklevel=4)
+        events.append(EventType.BACKUP_SKIPPED, step=step, reason=reason)
 
-    found = latest_valid(storage, plan.backup_dir, on_skip=skipped)
-    remove_newer(storage, plan.backup_dir, found.manifest.step if found else None)
+    found = latest_valid(storage, backup_dir, on_skip=skipped)
+    remove_newer(storage, backup_dir, found.manifest.step if found else None)
     if found is None:
-        return None, None
-    if found.manifest.world_size != plan.scaling.num_workers:
+        return Resume()
+    if found.manifest.world_size != fit.scaling.num_workers:
         raise OrchestratorError(
             f"the backup in {storage.url(found.folder)} was written by {found.manifest.world_size} workers; "
             f"resume with num_workers={found.manifest.world_size}")
-    restore = from_bytes(storage.read_bytes(f"{found.folder}/{COORDINATOR_FILE}"))
-    events.append("restored", epoch=found.manifest.epoch, step=found.manifest.step, folder=found.folder,
+    state = read_coordinator_state(storage, found.folder)
+    events.append(EventType.RESTORED, epoch=found.manifest.epoch, step=found.manifest.step, folder=found.folder,
                   phase=found.manifest.phase)
-    return found.folder, restore
+    return Resume(folder=found.folder, state=state)
 
 
 class _SigtermToPreemption:
@@ -116,22 +117,22 @@ class _SigtermToPreemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def run_fit(plan: FitPlan) -> FitOutcome:
+def run_fit(fit: FitSpec) -> FitOutcome:
     """Run training to the end across attempts; raise what ends it otherwise."""
-    storage = plan.storage.open()
+    storage = fit.storage.open()
     storage.check_access()  # before any worker starts
-    write_run_json(storage, dict(plan.config_snapshot, world_size=plan.scaling.num_workers))
+    write_run_json(storage, dict(fit.config_snapshot, world_size=fit.scaling.num_workers))
     update_run_json(storage, status="running")
     started_ray = ensure_ray()
-    group = WorkerGroup(plan.scaling, placement_timeout_s=plan.placement_timeout_s,
-                        warm_standbys=plan.warm_standbys and plan.max_failures > 0)
+    group = WorkerGroup(fit.scaling, placement_timeout_s=fit.faults.placement_timeout_s,
+                        warm_standbys=fit.faults.warm_standbys and fit.faults.max_failures > 0)
     try:
         group.check_capacity()  # a clear error before any worker starts
     except BaseException:
         if started_ray:
             ray.shutdown()
         raise
-    policy = FailurePolicy(plan.max_failures)
+    policy = FailurePolicy(fit.faults.max_failures)
     failures: list[FailureRecord] = []
     outcome = FitOutcome()
     preempt = threading.Event()
@@ -141,22 +142,21 @@ def run_fit(plan: FitPlan) -> FitOutcome:
             while True:
                 attempt = bump_attempt(storage)
                 events = EventLog(storage, attempt)
-                resume_from, restore = find_resume(plan, storage, events)
+                resume = find_resume(fit, storage, events)
                 state = ControllerState.RUNNING
                 try:
-                    results = run_attempt(plan, attempt, storage, events, resume_from, restore, outcome, preempt,
-                                          group)
+                    results = run_attempt(fit, attempt, storage, events, resume, outcome, preempt, group)
                 except NodesDrained as drained:  # a preemption with notice: not a failure
                     state = ControllerState.RESTARTING
                     group.shutdown()  # its placement group has bundles on the draining nodes
-                    events.append("preempted", step=drained.step, reason="node_drain", nodes=drained.nodes,
+                    events.append(EventType.PREEMPTED, step=drained.step, reason="node_drain", nodes=drained.nodes,
                                   lost=drained.lost)
                     logger.warning("nodes %s are being drained; resuming on the remaining nodes (waiting up to "
-                                   "%gs for enough of them)", drained.nodes, plan.placement_timeout_s)
+                                   "%gs for enough of them)", drained.nodes, fit.faults.placement_timeout_s)
                     continue
                 except AttemptFailed as failed:
                     failures.append(failed.record)
-                    events.append("worker_failed", rank=failed.record.rank, node=failed.record.node,
+                    events.append(EventType.WORKER_FAILED, rank=failed.record.rank, node=failed.record.node,
                                   cause=failed.record.cause)
                     decision = policy.decide(failures)
                     if decision.restart:
@@ -175,15 +175,15 @@ def run_fit(plan: FitPlan) -> FitOutcome:
                 outcome.results = results
                 if any(r.preempted for r in results):
                     state = ControllerState.PREEMPTED
-                    events.append("preempted", step=max(r.steps_run for r in results))
+                    events.append(EventType.PREEMPTED, step=max(r.steps_run for r in results))
                     update_run_json(storage, status="preempted")
                     outcome.preempted = True
-                    raise Preempted(f"training was preempted; an emergency backup is in {storage.url(plan.backup_dir)}"
+                    raise Preempted(f"training was preempted; an emergency backup is in {storage.url(fit.backups.folder)}"
                                     "; run the same command again to resume")
                 state = ControllerState.FINISHED
-                if plan.delete_backups_at_end:
-                    storage.rm(plan.backup_dir, recursive=True)
-                events.append("finished", epochs=len(results[0].learning_rates))
+                if fit.backups.delete_at_end:
+                    storage.rm(fit.backups.folder, recursive=True)
+                events.append(EventType.FINISHED, epochs=len(results[0].learning_rates))
                 update_run_json(storage, status="finished")
                 return outcome
     finally:
@@ -197,7 +197,7 @@ def _fail(storage: Any, events: EventLog, exc: BaseException) -> None:
     """Record a failure without masking the error being raised."""
     try:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        events.append("failed", error=f"{type(exc).__name__}: {first}")
+        events.append(EventType.FAILED, error=f"{type(exc).__name__}: {first}")
         update_run_json(storage, status="failed")
     except Exception as record_error:
         logger.warning("could not record the failure: %s", record_error)

@@ -25,12 +25,14 @@ class ScalingConfig:
         resources_per_worker: Ray resources per worker. Defaults to ``{"CPU": 1}`` (plus
             ``{"GPU": 1}`` with ``use_gpu``).
         placement_strategy: Ray placement-group strategy. Defaults to ``"PACK"``.
+        threads_per_worker: torch intra-op threads per worker. Defaults to the worker's CPUs.
     """
 
     num_workers: int = 1
     use_gpu: bool = False
     resources_per_worker: Mapping[str, float] | None = None
     placement_strategy: str = "PACK"
+    threads_per_worker: int | None = None
 
     def __post_init__(self) -> None:
         _require(isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool)
@@ -44,6 +46,12 @@ class ScalingConfig:
                      and all(isinstance(v, (int, float)) and v >= 0 for v in self.resources_per_worker.values()),
                      "resources_per_worker must map resource names to non-negative numbers, "
                      f"got {self.resources_per_worker!r}")
+        _require(self.threads_per_worker is None or (isinstance(self.threads_per_worker, int)
+                                                     and not isinstance(self.threads_per_worker, bool)
+                                                     and self.threads_per_worker >= 1),
+                 f"threads_per_worker must be an integer >= 1, got {self.threads_per_worker!r}")
+        if self.threads_per_worker is None:  # the worker's CPUs
+            object.__setattr__(self, "threads_per_worker", max(1, int(self.worker_resources().get("CPU", 1))))
 
     def worker_resources(self) -> dict[str, float]:
         res = dict(self.resources_per_worker or {"CPU": 1})

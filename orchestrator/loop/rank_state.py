@@ -12,18 +12,10 @@ from typing import Any
 
 import torch
 
-from orchestrator.storage.checkpoint import FileEntry, step_dir
+from orchestrator.storage.checkpoint import COORDINATOR_FILE, SHARED_FILE, FileEntry, encode_state, rank_file, step_dir
 from orchestrator.decisions import Backup, SaveModel
 from orchestrator.core.metrics import PhaseSums
 from orchestrator.loop.state_io import AsyncPersister, StagingArea, capture_rng, from_bytes, save_to
-
-SHARED_FILE = "train_state.pt"
-COORDINATOR_FILE = "coordinator.pt"
-
-
-def rank_file(rank: int) -> str:
-    return f"rank-{rank}.pt"
-
 
 @dataclass(frozen=True)
 class Position:
@@ -120,7 +112,7 @@ class RankSaver:
         if loop.rank == 0:
             state[SHARED_FILE] = {"model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
                                   "snapshots": loop.snapshots}
-            state[COORDINATOR_FILE] = decision.coordinator_state or {}
+            state[COORDINATOR_FILE] = encode_state(decision.coordinator_state or {})
         state[rank_file(loop.rank)] = {
             "rng": capture_rng(), "pos": asdict(loop.pos), "sums": loop.sums.state(), "seen": list(loop.seen),
             "result": {"learning_rates": list(loop.result.learning_rates), "epochs_run": loop.result.epochs_run,

@@ -25,7 +25,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from orchestrator.core.config import LoopConfig
 from orchestrator.loop.data import ShardSampler
 from orchestrator.decisions import (
     Backup,
@@ -40,6 +39,7 @@ from orchestrator.decisions import (
     StopTraining,
 )
 from orchestrator.loop.rank_state import Accumulator, Position, RankSaver
+from orchestrator.loop.specs import LoopResult, TrainSpec
 from orchestrator.core.metrics import PhaseSums
 from orchestrator.loop.state_io import restore_rng
 from orchestrator.loop.steps import make_default_step, move_to, resolve_metrics, split_output
@@ -59,19 +59,6 @@ class CoordinatorLink(Protocol):
 
     def heartbeat(self) -> None:
         """Fire-and-forget sign of life for the hang watchdog (time-gated by the loop)."""
-
-
-@dataclass
-class LoopResult:
-    """What a rank returns when its loop ends normally."""
-
-    rank: int
-    learning_rates: list[float] = field(default_factory=list)
-    epochs_run: int = 0
-    steps_run: int = 0
-    stopped_at: tuple[int, int] | None = None
-    preempted: bool = False
-    state_dict: dict[str, torch.Tensor] | None = None
 
 
 class _RolledBack(Exception):
@@ -127,31 +114,27 @@ class TrainLoop:
     """One rank's training loop.
 
     Args:
-        config: The loop configuration (factories, batch size, steps, seed).
+        spec: What every rank of this attempt runs (loop config, epochs, resume point, ...).
         rank: This rank.
         world_size: Number of ranks.
         device: Where the model lives.
         link: The coordinator link.
-        epochs: Number of epochs to run.
-        batch_sync_every: Global steps between batch syncs (callbacks with batch hooks), or None.
-        storage: The run storage (for backups and checkpoints), or None.
-        resume_from: A committed backup folder (relative to the run directory) to resume from.
+        storage: The opened run storage (for backups and checkpoints), or None.
         preemption: Set (from another thread) when a preemption notice arrives.
     """
 
-    def __init__(self, config: LoopConfig, rank: int, world_size: int, device: torch.device,
-                 link: CoordinatorLink, epochs: int, batch_sync_every: int | None = None,
-                 storage: Any = None, resume_from: str | None = None,
-                 preemption: threading.Event | None = None) -> None:
-        self.config = config
+    def __init__(self, spec: TrainSpec, rank: int, world_size: int, device: torch.device,
+                 link: CoordinatorLink, storage: Any = None, preemption: threading.Event | None = None) -> None:
+        self.spec = spec
+        self.config = spec.loop
         self.rank = rank
         self.world_size = world_size
         self.device = device
         self.link = link
-        self.epochs = epochs
-        self.batch_sync_every = batch_sync_every
+        self.epochs = spec.epochs
+        self.batch_sync_every = spec.batch_sync_every
         self.storage = storage
-        self.resume_from = resume_from
+        self.resume_from = spec.resume_from
         self.preemption = preemption or threading.Event()
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
         self.skip: set[tuple[int, int]] = set()

@@ -11,7 +11,9 @@ Older steps are purged only after a newer commit, and a purge logs rather than r
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import re
 import time
 import zlib
@@ -21,7 +23,17 @@ from typing import Any, Callable, Protocol
 
 logger = logging.getLogger(__name__)
 
+# The layout of one step folder: the shared training state (rank 0), each rank's own state, the
+# coordinator's state (JSON, so that the coordinator and the controller never need torch), the manifest.
 MANIFEST = "manifest.json"
+SHARED_FILE = "train_state.pt"
+COORDINATOR_FILE = "coordinator.json"
+
+
+def rank_file(rank: int) -> str:
+    """The file holding rank ``rank``'s own state (RNG streams, position, partial sums)."""
+    return f"rank-{rank}.pt"
+
 FORMAT_VERSION = 2  # 1: SHA-256 per file (still read); 2: CRC-32 per file
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -272,3 +284,56 @@ def _remove(storage: Storage, backup_dir: str, step: int) -> None:
         storage.rm(folder, recursive=True)
     except Exception as exc:  # a purge never fails the run
         logger.warning("could not remove backup %s: %s", folder, exc)
+
+
+# -- the coordinator's state: JSON with tuples, non-string keys and non-finite floats kept ----
+def _tag(value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"__float__": repr(value)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_tag(v) for v in value]}
+    if isinstance(value, list):
+        return [_tag(v) for v in value]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _tag(v) for k, v in value.items()}
+        return {"__items__": [[_tag(k), _tag(v)] for k, v in value.items()]}
+    raise TypeError(f"cannot save a {type(value).__name__} in the coordinator state ({value!r:.80}); "
+                    "a callback's state_dict() must hold only None, bool, int, float, str, list, tuple and dict")
+
+
+def _untag(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_untag(v) for v in value]
+    if isinstance(value, dict):
+        if len(value) == 1:
+            (key, inner), = value.items()
+            if key == "__float__":
+                return float(inner)
+            if key == "__tuple__":
+                return tuple(_untag(v) for v in inner)
+            if key == "__items__":
+                return {_untag(k): _untag(v) for k, v in inner}
+        return {k: _untag(v) for k, v in value.items()}
+    return value
+
+
+def encode_state(state: Any) -> bytes:
+    """The coordinator's state as JSON bytes that :func:`decode_state` turns back into equal values.
+
+    Example:
+        >>> decode_state(encode_state({"best": float("inf"), "skip": [(0, 3)], "by_epoch": {1: 0.5}}))
+        {'best': inf, 'skip': [(0, 3)], 'by_epoch': {1: 0.5}}
+    """
+    return json.dumps(_tag(state), allow_nan=False, separators=(",", ":")).encode()
+
+
+def decode_state(data: bytes) -> Any:
+    return _untag(json.loads(data))
+
+
+def read_coordinator_state(storage: Storage, folder: str) -> dict[str, Any]:
+    """The coordinator state saved in a committed step folder."""
+    return decode_state(storage.read_bytes(f"{folder}/{COORDINATOR_FILE}"))

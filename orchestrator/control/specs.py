@@ -1,0 +1,106 @@
+"""What one ``fit`` asks of the controller, and what one attempt adds: typed values, no torch.
+
+:class:`FitSpec` is built and validated by :class:`orchestrator.Trainer`; the controller derives
+from it, per attempt, the :class:`~orchestrator.loop.specs.TrainSpec` every rank gets and the
+:class:`~orchestrator.cluster.specs.CoordinatorSpec` the coordinator gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.callbacks.base import Callback
+from orchestrator.cluster.specs import CoordinatorSpec
+from orchestrator.core.config import LoopConfig, ScalingConfig
+from orchestrator.loop.specs import TrainSpec
+from orchestrator.storage.fs import StorageSpec
+
+
+@dataclass(frozen=True)
+class BackupPolicy:
+    """Where BackupAndRestore's ``step-<N>/`` folders go and how many are kept.
+
+    Args:
+        folder: Relative to the run directory. Defaults to ``"backup"``.
+        keep: Committed backups kept after each commit. Defaults to ``1``.
+        delete_at_end: Delete the backups once training finished. Defaults to ``False``.
+    """
+
+    folder: str = "backup"
+    keep: int = 1
+    delete_at_end: bool = False
+
+
+@dataclass(frozen=True)
+class FaultPolicy:
+    """How the controller reacts to failures, hangs, preemptions and drains.
+
+    Args:
+        max_failures: Failed attempts that are restarted. Defaults to ``0``.
+        hang_timeout_s: No sign of life from a rank for this long is a failure. Defaults to ``1800``.
+        preemption_grace_s: Time the ranks get to stop with an emergency backup. Defaults to ``120``.
+        placement_timeout_s: Time an attempt waits for the cluster's resources. Defaults to ``600``.
+        warm_standbys: Keep idle pre-warmed workers for restarts (CPU groups). Defaults to ``True``.
+        poll_interval_s: How often the driver polls the coordinator and the ranks. Defaults to ``0.2``.
+        drain_poll_interval_s: How often the driver asks Ray for draining nodes. Defaults to ``1``.
+    """
+
+    max_failures: int = 0
+    hang_timeout_s: float = 1800.0
+    preemption_grace_s: float = 120.0
+    placement_timeout_s: float = 600.0
+    warm_standbys: bool = True
+    poll_interval_s: float = 0.2
+    drain_poll_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """Everything one ``fit`` call needs, validated by :class:`orchestrator.Trainer`.
+
+    Args:
+        loop: What every rank builds and runs.
+        scaling: Number of workers and what each one holds.
+        epochs: Epochs of the whole run.
+        storage: The run storage.
+        callbacks: Callbacks that decide, run once on the coordinator.
+        driver_callbacks: Display-only callbacks run on the driver (ProgbarLogger, History).
+        params: Keras-style params given to every callback.
+        batch_sync_every: Global steps between batch sync points, or None.
+        backups: Where backups go and how many are kept.
+        faults: Failure, hang, preemption and placement policy.
+        config_snapshot: What run.json records (no credentials).
+    """
+
+    loop: LoopConfig
+    scaling: ScalingConfig
+    epochs: int
+    storage: StorageSpec
+    callbacks: list[Callback] = field(default_factory=list)
+    driver_callbacks: list[Callback] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    batch_sync_every: int | None = None
+    backups: BackupPolicy = BackupPolicy()
+    faults: FaultPolicy = FaultPolicy()
+    config_snapshot: dict[str, Any] = field(default_factory=dict)
+
+    def train_spec(self, resume_from: str | None) -> TrainSpec:
+        """What every rank of an attempt resuming from ``resume_from`` (or from scratch) runs."""
+        return TrainSpec(loop=self.loop, epochs=self.epochs, batch_sync_every=self.batch_sync_every,
+                         storage=self.storage, resume_from=resume_from, use_gpu=self.scaling.use_gpu,
+                         threads=self.scaling.threads_per_worker)
+
+    def coordinator_spec(self, resume: "Resume") -> CoordinatorSpec:
+        """What the coordinator of an attempt resuming from ``resume`` runs."""
+        return CoordinatorSpec(callbacks=self.callbacks, params=self.params, world_size=self.scaling.num_workers,
+                               storage=self.storage, restore=resume.state, resumed_from=resume.folder,
+                               backup_dir=self.backups.folder, keep_backups=self.backups.keep)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where an attempt starts: a committed backup (folder and coordinator state) or scratch (both None)."""
+
+    folder: str | None = None
+    state: dict[str, Any] | None = None

@@ -1,0 +1,93 @@
+"""The one vocabulary of events: every type, its fields, and whether it goes to ``events.jsonl``.
+
+The coordinator emits events as it handles reports; the driver's attempt and controller emit the
+lifecycle ones; :mod:`orchestrator.storage.run_files` writes the persisted ones to
+``<run>/events.jsonl``; ``orchestrator status`` and the docs read them. Every line of
+``events.jsonl`` carries ``time``, ``attempt``, ``epoch``, ``step`` and ``type``; the fields below
+come on top.
+
+Example:
+    >>> EventType.LR_CHANGED.value, EventType.LR_CHANGED.persisted
+    ('lr_changed', True)
+    >>> stop_event_type("early_stopping")
+    <EventType.EARLY_STOPPING: 'early_stopping'>
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class _Spec:
+    value: str
+    fields: tuple[str, ...]
+    persisted: bool
+    doc: str
+
+
+class EventType(enum.StrEnum):
+    """An event's ``type``. A ``StrEnum``: ``EventType.STARTED == "started"`` and ``str()`` gives the value."""
+
+    def __new__(cls, spec: _Spec) -> "EventType":
+        member = str.__new__(cls, spec.value)
+        member._value_ = spec.value
+        member.fields = spec.fields  # type: ignore[attr-defined]
+        member.persisted = spec.persisted  # type: ignore[attr-defined]
+        member.doc = spec.doc  # type: ignore[attr-defined]
+        return member
+
+    # -- lifecycle (driver: controller and attempt) ------------------------------------------
+    STARTED = _Spec("started", ("world_size", "nodes", "node_ids", "resumed_from", "warm"), True,
+                    "an attempt's workers are up")
+    RESTORED = _Spec("restored", ("folder", "phase"), True, "an attempt resumes from a committed backup")
+    BACKUP_SKIPPED = _Spec("backup_skipped", ("reason",), True,
+                           "a backup step was not trusted on resume (torn, corrupt, uncommitted)")
+    WORKER_FAILED = _Spec("worker_failed", ("rank", "node", "cause"), True, "a rank died, raised or hung")
+    NODE_DRAINING = _Spec("node_draining", ("nodes", "hosts", "deadlines_ms"), True,
+                          "Ray is draining nodes of this attempt")
+    PREEMPTED = _Spec("preempted", ("reason", "nodes", "lost"), True,
+                      "every rank stopped at one step with an emergency backup")
+    FINISHED = _Spec("finished", ("epochs",), True, "training ended normally (early stopping included)")
+    FAILED = _Spec("failed", ("error",), True, "training ended with an error")
+    # -- decisions and their effects (coordinator) -------------------------------------------
+    LR_CHANGED = _Spec("lr_changed", ("value", "source"), True, "a callback set the learning rate")
+    NAN_DETECTED = _Spec("nan_detected", (), True, "a rank saw a non-finite loss at this step")
+    EARLY_STOPPING = _Spec("early_stopping", ("reason", "source"), True, "EarlyStopping stopped training")
+    TERMINATED_ON_NAN = _Spec("terminated_on_nan", ("reason", "source"), True,
+                              "TerminateOnNaN (or RollbackOnNaN past its budget) stopped training")
+    STOPPED = _Spec("stopped", ("reason", "source"), True, "another callback stopped training")
+    ROLLED_BACK = _Spec("rolled_back", ("folder", "skip"), True,
+                        "every rank reloaded the newest committed backup after a non-finite loss")
+    CHECKPOINT_SAVED = _Spec("checkpoint_saved", ("path",), True, "ModelCheckpoint wrote a file")
+    BACKUP_COMMITTED = _Spec("backup_committed", ("folder", "bytes", "purged"), True,
+                             "every rank's files of a backup were durable and its manifest was written")
+    BACKUP_FAILED = _Spec("backup_failed", ("rank", "folder", "error"), True, "a rank could not write a backup")
+    EPOCH_END = _Spec("epoch_end", ("logs",), True, "the epoch's cluster-wide logs")
+    WARNING = _Spec("warning", ("message", "category"), True, "a callback warned (re-issued on the driver)")
+    # -- in memory only (driver display) -----------------------------------------------------
+    TRAIN_BEGIN = _Spec("train_begin", ("steps", "global_step"), False, "on_train_begin ran")
+    EPOCH_BEGIN = _Spec("epoch_begin", (), False, "on_epoch_begin ran")
+    BATCH_END = _Spec("batch_end", ("logs",), False, "a batch sync point's logs")
+    PROGRESS = _Spec("progress", ("logs",), False, "rank 0's running loss, about once a second")
+    TRAIN_END = _Spec("train_end", ("logs",), False, "on_train_end ran")
+    STOP = _Spec("stop", ("reason", "source"), False,
+                 "a StopTraining decision; written to events.jsonl as early_stopping, terminated_on_nan or stopped")
+
+
+# A StopTraining decision's reason -> the type written to events.jsonl.
+_STOP_TYPES = {"early_stopping": EventType.EARLY_STOPPING, "nan_detected": EventType.TERMINATED_ON_NAN}
+
+
+def stop_event_type(reason: str) -> EventType:
+    """The persisted type of a ``stop`` event with this reason."""
+    return _STOP_TYPES.get(reason, EventType.STOPPED)
+
+
+def event_type(value: str) -> EventType | None:
+    """The member for a ``type`` string, or None for a type this version does not know."""
+    try:
+        return EventType(value)
+    except ValueError:
+        return None

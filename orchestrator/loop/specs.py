@@ -1,0 +1,53 @@
+"""What one attempt asks of every rank, and what a rank returns: typed values, no torch.
+
+:class:`TrainSpec` is built once per attempt on the driver and sent to every worker unchanged;
+the rank's own coordinates (rank, world size, device) travel beside it. :class:`LoopResult` is
+what a rank's loop returns when it ends normally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.core.config import LoopConfig
+from orchestrator.storage.fs import StorageSpec
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything every rank of one attempt needs besides its own rank.
+
+    Args:
+        loop: The validated loop configuration (factories, batch size, seed, ...).
+        epochs: Number of epochs of the whole run (a resumed attempt continues inside it).
+        batch_sync_every: Global steps between batch sync points, or None (see ``Callback``).
+        storage: The run storage, or None (no backups or checkpoints).
+        resume_from: A committed backup folder, relative to the run directory, to resume from.
+        use_gpu: One GPU per rank and NCCL; else CPU and gloo.
+        threads: torch intra-op threads per rank (None: torch's default).
+
+    Example:
+        >>> spec = TrainSpec(loop=config, epochs=3, storage=StorageSpec("/tmp/runs", "r"))  # doctest: +SKIP
+    """
+
+    loop: LoopConfig
+    epochs: int
+    batch_sync_every: int | None = None
+    storage: StorageSpec | None = None
+    resume_from: str | None = None
+    use_gpu: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class LoopResult:
+    """What a rank returns when its loop ends normally."""
+
+    rank: int
+    learning_rates: list[float] = field(default_factory=list)
+    epochs_run: int = 0
+    steps_run: int = 0
+    stopped_at: tuple[int, int] | None = None
+    preempted: bool = False
+    state_dict: dict[str, Any] | None = None  # rank 0: the final model weights, on CPU
