@@ -8,6 +8,7 @@ compare by value in tests.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Iterable, Union
 
@@ -143,12 +144,22 @@ def stops(decisions: Iterable[Decision]) -> bool:
     return any(isinstance(d, StopTraining) for d in decisions)
 
 
+class ReportKind(enum.StrEnum):
+    """The sync point a :class:`Report` belongs to (each has its own handler on the coordinator)."""
+
+    TRAIN_BEGIN = "train_begin"
+    EPOCH_BEGIN = "epoch_begin"
+    BATCH_END = "batch_end"
+    EPOCH_END = "epoch_end"
+    TRAIN_END = "train_end"
+
+
 @dataclass(frozen=True)
 class Report:
     """What a rank sends to the coordinator at a sync point.
 
     Args:
-        kind: ``"train_begin"``, ``"epoch_begin"``, ``"batch_end"``, ``"epoch_end"`` or ``"train_end"``.
+        kind: The sync point (a :class:`ReportKind`; its string value is accepted too).
         epoch: 0-based epoch.
         step: 0-based batch index within the epoch (``-1`` when not applicable).
         train: Sums of training metrics so far this epoch (``metrics.PhaseSums``).
@@ -160,7 +171,7 @@ class Report:
         preempted: Some rank received a preemption notice before this step.
     """
 
-    kind: str
+    kind: ReportKind
     epoch: int = 0
     step: int = -1
     train: object | None = None
@@ -170,3 +181,6 @@ class Report:
     steps_per_epoch: int = 0
     global_step: int = 0
     preempted: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ReportKind(self.kind))  # ValueError for an unknown kind
