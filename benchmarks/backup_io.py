@@ -41,7 +41,6 @@ import tempfile
 import time
 import uuid
 import zlib
-from dataclasses import asdict
 from typing import Any, Callable
 
 import torch
@@ -49,9 +48,11 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from orchestrator.loop.rank_state import Accumulator, Position  # noqa: E402
-from orchestrator.storage.checkpoint import COORDINATOR_FILE, SHARED_FILE, encode_state, rank_file  # noqa: E402
-from orchestrator.loop.state_io import AsyncPersister, StagingArea, capture_rng, save_to  # noqa: E402
+from orchestrator.loop.rank_state import MetricSums, Position, Snapshots, rank_components  # noqa: E402
+from orchestrator.loop.saver import RankSaver  # noqa: E402
+from orchestrator.loop.specs import LoopResult  # noqa: E402
+from orchestrator.storage.checkpoint import SHARED_FILE  # noqa: E402
+from orchestrator.loop.state_io import AsyncPersister, StagingArea, save_to  # noqa: E402
 from orchestrator.storage.fs import RunStorage, StorageSpec  # noqa: E402
 
 STALL_TARGET = 1.5
@@ -120,14 +121,11 @@ def build(params_millions: float) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 
 def backup_tree(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """What RankSaver.backup stages on rank 0 (same files, same structure)."""
-    return {
-        SHARED_FILE: {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "snapshots": []},
-        COORDINATOR_FILE: encode_state({}),
-        rank_file(0): {"rng": capture_rng(), "pos": asdict(Position()), "sums": Accumulator().state(),
-                       "seen": [], "result": {"learning_rates": [], "epochs_run": 0, "steps_run": 1,
-                                              "stopped_at": None}},
-    }
+    """What RankSaver.backup stages on rank 0: the files of a training rank's components."""
+    components = rank_components(model, optimizer, snapshots=Snapshots(), position=Position(),
+                                 metric_sums=MetricSums(torch.device("cpu")), result=LoopResult(rank=0))
+    saver = RankSaver(components, rank=0, world_size=1, storage=None, on_persisted=lambda *_: None)
+    return saver.files(coordinator_state={})
 
 
 # -- (a) stall -------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import threading
@@ -178,14 +177,3 @@ def test_a_retried_stream_calls_fill_again_and_the_last_entry_counts(s3_server, 
     assert len(calls) == 2
     assert storage.read_bytes("f.bin") == b"payload"
 
-
-def test_a_format_1_manifest_with_sha256_digests_still_verifies(tmp_path):
-    storage = StorageSpec(str(tmp_path), "run").open()
-    storage.write_bytes("backup/step-3/a.pt", b"abc")
-    manifest = Manifest.from_json({"version": 1, "step": 3, "epoch": 0, "batch": 3, "phase": "train",
-                                   "world_size": 1, "files": [{"name": "a.pt", "size": 3,
-                                                               "sha256": hashlib.sha256(b"abc").hexdigest()}]})
-    assert manifest.files == [FileEntry("a.pt", 3, hashlib.sha256(b"abc").hexdigest(), "sha256")]
-    assert verify(storage, "backup/step-3", manifest) is None
-    storage.write_bytes("backup/step-3/a.pt", b"abd")
-    assert "checksum" in verify(storage, "backup/step-3", manifest)

@@ -1,26 +1,73 @@
-"""What a rank saves and restores: its position, partial epoch sums, RNG, and (rank 0) the model.
+"""What a rank's training state is made of: named :class:`Stateful` components.
 
-Used by :class:`orchestrator.loop.train_loop.TrainLoop` when it applies a ``Backup`` or ``SaveModel``
-decision, and when it resumes from a committed backup.
+A rank's state is a mapping ``{name: Component}``. Each :class:`Component` wraps an object with
+``state_dict()`` / ``load_state_dict(state)`` (a torch module or optimizer as they are, or one of
+the small holders below) and says where it is saved and when it is restored. The saver
+(:mod:`orchestrator.loop.saver`) iterates over the mapping; adding state is one more entry in
+:func:`rank_components`.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 
-from orchestrator.storage.checkpoint import COORDINATOR_FILE, SHARED_FILE, FileEntry, encode_state, rank_file, step_dir
-from orchestrator.decisions import Backup, SaveModel
 from orchestrator.core.metrics import PhaseSums
-from orchestrator.loop.state_io import AsyncPersister, StagingArea, capture_rng, from_bytes, save_to
+from orchestrator.loop.specs import LoopResult
+from orchestrator.loop.state_io import capture_rng, restore_rng
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything that can hand out its state and take it back (torch modules and optimizers do)."""
+
+    def state_dict(self) -> Any:
+        """The state: tensors, containers of them and plain Python values (``weights_only``-loadable)."""
+
+    def load_state_dict(self, state: Any, /) -> Any:
+        """Take back a state returned by :meth:`state_dict` (possibly of another instance)."""
+
 
 @dataclass(frozen=True)
+class Component:
+    """One named piece of a rank's state, and how it is saved and restored.
+
+    Args:
+        stateful: The object whose ``state_dict()`` is saved and ``load_state_dict()`` restores it.
+        shared: Identical on every rank: rank 0 alone saves it (into the step folder's shared file)
+            and every rank loads it. Defaults to ``False``: every rank saves its own (its rank file).
+        restore_last: Restored after every other component, only when the loaded backup's pending
+            part is applied (right before the next batch runs). Defaults to ``False``.
+        finite: A backup whose copy of this state holds a non-finite float is refused (never
+            committed). Defaults to ``False``.
+
+    Example:
+        >>> components = {"model": Component(torch.nn.Linear(2, 1), shared=True, finite=True),
+        ...               "rng": Component(RngStreams(), restore_last=True)}
+    """
+
+    stateful: Stateful
+    shared: bool = False
+    restore_last: bool = False
+    finite: bool = False
+
+
+Components = Mapping[str, Component]
+
+
+@dataclass
 class Position:
     """Where a rank is: the last completed batch of ``epoch`` (phase ``"batch"``), the end of
-    ``epoch`` (``"epoch_end"``), or nothing done yet (``"start"``)."""
+    ``epoch`` (``"epoch_end"``), or nothing done yet (``"start"``).
+
+    Example:
+        >>> pos = Position()
+        >>> pos.advance(0, 0)
+        >>> pos.next_batch(steps_per_epoch=4), pos.global_step
+        ((0, 1), 1)
+    """
 
     epoch: int = 0
     batch: int = -1
@@ -35,11 +82,37 @@ class Position:
             return self.epoch + 1, 0
         return self.epoch, self.batch + 1
 
+    def advance(self, epoch: int, batch: int) -> None:
+        """Batch ``batch`` of ``epoch`` is done (run or skipped): one more global step."""
+        self.epoch, self.batch, self.global_step, self.phase = epoch, batch, self.global_step + 1, "batch"
+
+    def end_epoch(self, epoch: int, last_batch: int) -> None:
+        """Epoch ``epoch`` (batches up to ``last_batch``) is done, validation included."""
+        self.epoch, self.batch, self.phase = epoch, last_batch, "epoch_end"
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: Mapping[str, Any], /) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.global_step, self.phase = int(state["global_step"]), str(state["phase"])
+
 
 class Accumulator:
-    """Sums of ``value * n`` for the loss and every metric, kept on the device in float64."""
+    """Sums of ``value * n`` for the loss and every metric, kept on the device in float64.
 
-    def __init__(self) -> None:
+    Args:
+        device: Where a loaded state's sums go. Defaults to ``None``: where they were saved from (CPU).
+
+    Example:
+        >>> acc = Accumulator()
+        >>> _ = acc.add(torch.tensor(2.0), {"mae": torch.tensor(1.0)}, n=3)
+        >>> acc.phase_sums()
+        PhaseSums(totals={'loss': 6.0, 'mae': 3.0}, count=3)
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
         self.names: list[str] = []
         self.totals: torch.Tensor | None = None
         self.count = 0
@@ -54,112 +127,155 @@ class Accumulator:
         self.count += n
         return weighted[0]
 
+    def clear(self) -> None:
+        self.names, self.totals, self.count = [], None, 0
+
     def phase_sums(self) -> PhaseSums:
         """The sums as Python floats (one device sync)."""
         values = self.totals.tolist() if self.totals is not None else []
         return PhaseSums(totals=dict(zip(self.names, values)), count=self.count)
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"names": list(self.names), "totals": self.totals, "count": self.count}
 
-    @staticmethod
-    def from_state(state: dict[str, Any], device: torch.device) -> "Accumulator":
-        acc = Accumulator()
-        acc.names, acc.count = list(state["names"]), int(state["count"])
-        acc.totals = state["totals"].to(device) if state["totals"] is not None else None
-        return acc
+    def load_state_dict(self, state: Mapping[str, Any], /) -> None:
+        totals = state["totals"]
+        self.names, self.count = list(state["names"]), int(state["count"])
+        self.totals = totals.to(self.device) if totals is not None and self.device is not None else totals
 
 
-def checkpoint_path(filepath: str) -> str:
-    """ModelCheckpoint paths: URLs as given, relative paths under ``checkpoints/``."""
-    return filepath if "://" in filepath else f"checkpoints/{filepath.lstrip('/')}"
+class MetricSums:
+    """The epoch so far: this rank's exact training sums, and the cluster-wide running loss
+    (sum and count, for progress reports only).
+
+    Args:
+        device: Where the training sums live.
+
+    Example:
+        >>> sums = MetricSums(torch.device("cpu"))
+        >>> sums.see(loss_sum=6.0, count=3.0)
+        >>> sums.running_loss()
+        2.0
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.train = Accumulator(device)
+        self.seen_loss = 0.0
+        self.seen_count = 0.0
+
+    def reset(self) -> None:
+        """A new epoch begins."""
+        self.train.clear()
+        self.seen_loss = self.seen_count = 0.0
+
+    def see(self, loss_sum: float, count: float) -> None:
+        self.seen_loss += loss_sum
+        self.seen_count += count
+
+    def running_loss(self) -> float:
+        return self.seen_loss / max(self.seen_count, 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train": self.train.state_dict(), "seen": [self.seen_loss, self.seen_count]}
+
+    def load_state_dict(self, state: Mapping[str, Any], /) -> None:
+        self.train.load_state_dict(state["train"])
+        self.seen_loss, self.seen_count = (float(v) for v in state["seen"])
 
 
-def _refuse_non_finite(files: dict[str, Any]) -> str | None:
-    """Why a staged backup must not be committed (checked off the training thread), or None."""
-    shared = files.get(SHARED_FILE)
-    if shared is not None and not all(bool(torch.isfinite(t).all()) for t in shared["model"].values()
-                                      if t.is_floating_point()):
-        return "non-finite weights; backup refused"
-    return None
+@dataclass
+class Snapshots:
+    """CPU copies of the model's weights kept under a key (``SnapshotWeights`` / ``RestoreWeights``).
+
+    Example:
+        >>> model, snapshots = torch.nn.Linear(2, 1), Snapshots()
+        >>> snapshots.keep("best", model)
+        >>> snapshots.restore("best", model)
+    """
+
+    kept: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def keep(self, key: str, model: torch.nn.Module) -> None:
+        self.kept[key] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def restore(self, key: str, model: torch.nn.Module) -> None:
+        if key not in self.kept:
+            raise RuntimeError(f"no weights were kept under {key!r} to restore")
+        model.load_state_dict(self.kept[key])
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.kept
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]], /) -> None:
+        self.kept = {key: dict(weights) for key, weights in state.items()}
 
 
-class RankSaver:
-    """Backups (two-phase, asynchronous) and model checkpoints for one rank of a TrainLoop."""
+class RngStreams:
+    """The process's Python, numpy, torch and CUDA random streams, as one component.
 
-    def __init__(self, loop: Any) -> None:
-        self.loop = loop
-        self.area = StagingArea()
-        self.persister: AsyncPersister | None = None
-        self.last_stall_s = 0.0
+    Example:
+        >>> streams = RngStreams()
+        >>> saved = streams.state_dict()
+        >>> first = torch.rand(1)
+        >>> streams.load_state_dict(saved)
+        >>> torch.equal(torch.rand(1), first)
+        True
+    """
 
-    def _storage(self) -> Any:
-        if self.loop.storage is None:
-            raise RuntimeError("a backup or checkpoint was requested but the run has no storage")
-        return self.loop.storage
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng()
 
-    def backup(self, decision: Backup) -> None:
-        loop, storage = self.loop, self._storage()
-        if self.persister is None:
-            self.persister = AsyncPersister(storage.write_stream, self._on_persisted)
-        self.persister.wait()  # the staging buffers are about to be reused
-        folder = step_dir(decision.backup_dir, loop.pos.global_step)
-        meta = {"epoch": loop.pos.epoch, "batch": loop.pos.batch, "step": loop.pos.global_step,
-                "phase": loop.pos.phase, "world_size": loop.world_size, "backup_dir": decision.backup_dir,
-                "keep": decision.keep, "rank": loop.rank}
-        start = time.perf_counter()
-        state: dict[str, Any] = {}
-        if loop.rank == 0:
-            state[SHARED_FILE] = {"model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
-                                  "snapshots": loop.snapshots}
-            state[COORDINATOR_FILE] = encode_state(decision.coordinator_state or {})
-        state[rank_file(loop.rank)] = {
-            "rng": capture_rng(), "pos": asdict(loop.pos), "sums": loop.sums.state(), "seen": list(loop.seen),
-            "result": {"learning_rates": list(loop.result.learning_rates), "epochs_run": loop.result.epochs_run,
-                       "steps_run": loop.result.steps_run, "stopped_at": loop.result.stopped_at},
-        }
-        staged = self.area.stage(state)
-        if loop.device.type == "cuda":
-            torch.cuda.synchronize(loop.device)
-        self.last_stall_s = time.perf_counter() - start
-        self.persister.submit(folder, staged, meta, check=_refuse_non_finite)
+    def load_state_dict(self, state: dict[str, Any], /) -> None:
+        restore_rng(state)
 
-    def _on_persisted(self, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
-        self.loop.link.persisted(self.loop.rank, folder, entries, meta)
 
-    def flush(self) -> None:
-        if self.persister is not None:
-            self.persister.wait()
+@dataclass
+class ResultCounters:
+    """The part of a rank's :class:`~orchestrator.loop.specs.LoopResult` that accumulates over the
+    run (learning rate per epoch, epochs and steps run, where a decision stopped training).
 
-    def save_model(self, decision: SaveModel) -> None:
-        loop = self.loop
-        if loop.rank != 0:
-            return  # one writer per file
-        storage = self._storage()
-        if decision.weights_only:
-            obj: Any = loop.model.state_dict()
-        else:
-            obj = {"model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
-                   "epoch": loop.pos.epoch, "step": loop.pos.global_step}
-        storage.write_stream(checkpoint_path(decision.filepath), lambda out: save_to(obj, out))
-        for old in decision.delete:
-            if old != decision.filepath:
-                storage.rm(checkpoint_path(old))
+    Example:
+        >>> counters = ResultCounters(LoopResult(rank=0))
+        >>> counters.load_state_dict({"learning_rates": [0.1], "epochs_run": 1, "steps_run": 5,
+        ...                           "stopped_at": None})
+        >>> counters.result.epochs_run
+        1
+    """
 
-    def load(self, folder: str) -> dict[str, Any]:
-        """Restore everything but the RNG from a committed backup; return the RNG state to set last."""
-        loop, storage = self.loop, self._storage()
-        shared = from_bytes(storage.read_bytes(f"{folder}/{SHARED_FILE}"))
-        loop.model.load_state_dict(shared["model"])
-        loop.optimizer.load_state_dict(shared["optimizer"])
-        loop.snapshots = shared["snapshots"]
-        mine = from_bytes(storage.read_bytes(f"{folder}/{rank_file(loop.rank)}"))
-        loop.pos = Position(**mine["pos"])
-        loop.sums = Accumulator.from_state(mine["sums"], loop.device)
-        loop.seen = list(mine["seen"])
-        result = mine["result"]
-        loop.result.learning_rates = list(result["learning_rates"])
-        loop.result.epochs_run = int(result["epochs_run"])
-        loop.result.steps_run = int(result["steps_run"])
-        loop.result.stopped_at = tuple(result["stopped_at"]) if result["stopped_at"] else None
-        return mine["rng"]
+    result: LoopResult
+
+    def state_dict(self) -> dict[str, Any]:
+        r = self.result
+        return {"learning_rates": list(r.learning_rates), "epochs_run": r.epochs_run, "steps_run": r.steps_run,
+                "stopped_at": r.stopped_at}
+
+    def load_state_dict(self, state: Mapping[str, Any], /) -> None:
+        r = self.result
+        r.learning_rates = [float(v) for v in state["learning_rates"]]
+        r.epochs_run, r.steps_run = int(state["epochs_run"]), int(state["steps_run"])
+        stopped = state["stopped_at"]
+        r.stopped_at = (int(stopped[0]), int(stopped[1])) if stopped else None
+
+
+def rank_components(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, snapshots: Snapshots,
+                    position: Position, metric_sums: MetricSums, result: LoopResult) -> dict[str, Component]:
+    """A training rank's state by name: what a backup saves and a resume or rollback loads.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> components = rank_components(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                              snapshots=Snapshots(), position=Position(),
+        ...                              metric_sums=MetricSums(torch.device("cpu")), result=LoopResult(rank=0))
+        >>> [name for name, c in components.items() if c.shared]
+        ['model', 'optimizer', 'snapshots']
+    """
+    return {
+        "model": Component(model, shared=True, finite=True),
+        "optimizer": Component(optimizer, shared=True),
+        "snapshots": Component(snapshots, shared=True),
+        "position": Component(position),
+        "metric_sums": Component(metric_sums),
+        "result": Component(ResultCounters(result)),
+        "rng": Component(RngStreams(), restore_last=True),
+    }
+

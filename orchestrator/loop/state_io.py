@@ -64,11 +64,17 @@ class StagingArea:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._from_cuda = False
         self.staged_bytes = 0
 
     def stage(self, tree: Any) -> Any:
+        """CPU copies of every tensor in ``tree`` (other values as they are); complete on return."""
         self.staged_bytes = 0
-        return self._copy(tree, "")
+        self._from_cuda = False
+        staged = self._copy(tree, "")
+        if self._from_cuda:
+            torch.cuda.synchronize()  # the device-to-host copies were asynchronous
+        return staged
 
     def _copy(self, node: Any, path: str) -> Any:
         if isinstance(node, torch.Tensor):
@@ -79,6 +85,7 @@ class StagingArea:
                                   pin_memory=src.is_cuda and torch.cuda.is_available())
                 self._buffers[path] = buf
             buf.copy_(src, non_blocking=src.is_cuda)
+            self._from_cuda |= src.is_cuda
             self.staged_bytes += buf.numel() * buf.element_size()
             return buf
         if isinstance(node, dict):

@@ -15,7 +15,6 @@ import math
 import random
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Protocol
 
@@ -25,11 +24,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from orchestrator.loop.data import ShardSampler
+from orchestrator.core.metrics import PhaseSums
 from orchestrator.decisions import (
     Backup,
     Decision,
     Report,
+    ReportKind,
     RestoreWeights,
     Rollback,
     SaveModel,
@@ -38,10 +38,10 @@ from orchestrator.decisions import (
     SnapshotWeights,
     StopTraining,
 )
-from orchestrator.loop.rank_state import Accumulator, Position, RankSaver
+from orchestrator.loop.data import ShardSampler
+from orchestrator.loop.rank_state import Accumulator, MetricSums, Position, Snapshots, rank_components
+from orchestrator.loop.saver import PendingRestore, RankSaver
 from orchestrator.loop.specs import LoopResult, TrainSpec
-from orchestrator.core.metrics import PhaseSums
-from orchestrator.loop.state_io import restore_rng
 from orchestrator.loop.steps import make_default_step, move_to, resolve_metrics, split_output
 
 
@@ -113,6 +113,12 @@ def _as_datasets(value: Any) -> tuple[Any, Any]:
 class TrainLoop:
     """One rank's training loop.
 
+    Its state is :attr:`components`, a mapping of named components
+    (:class:`~orchestrator.loop.rank_state.Component`) built with the model: ``model``,
+    ``optimizer``, ``snapshots`` (shared by all ranks) and ``position``, ``metric_sums``,
+    ``result``, ``rng`` (each rank's own; ``rng`` restored last). Backups, resumes and
+    rollbacks save and load exactly that mapping.
+
     Args:
         spec: What every rank of this attempt runs (loop config, epochs, resume point, ...).
         rank: This rank.
@@ -121,6 +127,10 @@ class TrainLoop:
         link: The coordinator link.
         storage: The opened run storage (for backups and checkpoints), or None.
         preemption: Set (from another thread) when a preemption notice arrives.
+
+    Example:
+        >>> result = TrainLoop(spec, rank=0, world_size=1, device=torch.device("cpu"),
+        ...                    link=link, storage=spec.storage.open()).run()  # doctest: +SKIP
     """
 
     def __init__(self, spec: TrainSpec, rank: int, world_size: int, device: torch.device,
@@ -136,13 +146,11 @@ class TrainLoop:
         self.storage = storage
         self.resume_from = spec.resume_from
         self.preemption = preemption or threading.Event()
-        self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
         self.skip: set[tuple[int, int]] = set()
-        self.pos = Position()
-        self.sums = Accumulator()
-        self.seen = [0.0, 0.0]  # cluster-wide running loss sum and count this epoch (progress only)
+        self.position = Position()
+        self.metric_sums = MetricSums(device)
+        self.snapshots = Snapshots()
         self.result = LoopResult(rank=rank)
-        self.saver = RankSaver(self)
         self._last_progress = 0.0
 
     # -- setup ---------------------------------------------------------------------------
@@ -177,6 +185,10 @@ class TrainLoop:
         default = make_default_step(cfg.loss, metric_fns) if cfg.loss is not None else None
         self.train_step: Callable[..., Any] = cfg.train_step or default  # type: ignore[assignment]
         self.val_step: Callable[..., Any] = cfg.val_step or self.train_step
+        self.components = rank_components(self.model, self.optimizer, snapshots=self.snapshots,
+                                          position=self.position, metric_sums=self.metric_sums, result=self.result)
+        self.saver = RankSaver(self.components, self.rank, self.world_size, self.storage,
+                               on_persisted=self.link.persisted)
         seed_everything(cfg.seed + 1000 * (self.rank + 1))  # per-rank streams (dropout, augmentation)
 
     # -- decisions -----------------------------------------------------------------------
@@ -193,51 +205,47 @@ class TrainLoop:
                 for group in self.optimizer.param_groups:
                     group["lr"] = float(d.value)
             elif isinstance(d, SnapshotWeights):
-                self.snapshots[d.key] = {k: v.detach().to("cpu", copy=True)
-                                         for k, v in self.model.state_dict().items()}
+                self.snapshots.keep(d.key, self.model)
             elif isinstance(d, RestoreWeights):
-                if d.key not in self.snapshots:
-                    raise RuntimeError(f"no weights were kept under {d.key!r} to restore")
-                self.model.load_state_dict(self.snapshots[d.key])
+                self.snapshots.restore(d.key, self.model)
             elif isinstance(d, Backup):
-                self.saver.backup(d)
+                self.saver.backup(d, self.position)
             elif isinstance(d, SaveModel):
-                self.saver.save_model(d)
+                self.saver.save_model(d, self.model, self.optimizer, self.position)
             elif isinstance(d, SkipBatches):
                 self.skip = {(int(e), int(b)) for e, b in d.batches}
             elif isinstance(d, Rollback):
                 self.saver.flush()
-                restore_rng(self.saver.load(d.folder))
+                self.saver.load(d.folder).apply()
                 if d.lr_factor:
                     for group in self.optimizer.param_groups:
                         group["lr"] *= d.lr_factor
                 raise _RolledBack(d.folder)
         return stop
 
-    def _sync(self, kind: str, epoch: int = 0, step: int = -1, **kw: Any) -> bool:
+    def _sync(self, kind: ReportKind, epoch: int = 0, step: int = -1, **kw: Any) -> bool:
         report = Report(kind=kind, epoch=epoch, step=step, learning_rate=self.learning_rate(),
-                        steps_per_epoch=self.steps_per_epoch, global_step=self.pos.global_step, **kw)
+                        steps_per_epoch=self.steps_per_epoch, global_step=self.position.global_step, **kw)
         return self.apply(self.link.sync(report))
 
     # -- loop ----------------------------------------------------------------------------
     def run(self) -> LoopResult:
         self._build()
         self.link.heartbeat()  # the hang watchdog watches this rank from now on
-        rng = self.saver.load(self.resume_from) if self.resume_from else None
+        pending = self.saver.load(self.resume_from) if self.resume_from else PendingRestore()
         try:
-            stop = self._sync("train_begin")
-            if rng is not None:
-                restore_rng(rng)  # last, right before the next batch, as it was when saved
-            epoch, first_batch = self.pos.next_batch(self.steps_per_epoch)
+            stop = self._sync(ReportKind.TRAIN_BEGIN)
+            pending.apply()
+            epoch, first_batch = self.position.next_batch(self.steps_per_epoch)
             while not stop and epoch < self.epochs:
                 try:
                     stop, epoch, first_batch = self._epoch(epoch, first_batch)
                 except _RolledBack:  # every rank reloaded the same backup: continue from its position
                     stop = False
-                    epoch, first_batch = self.pos.next_batch(self.steps_per_epoch)
+                    epoch, first_batch = self.position.next_batch(self.steps_per_epoch)
                 if self.result.preempted:
                     return self._finish()  # the emergency backup holds this step; nothing more runs
-            self._sync("train_end", max(epoch - 1, 0))
+            self._sync(ReportKind.TRAIN_END, max(epoch - 1, 0))
         finally:
             self.saver.flush()
         return self._finish()
@@ -246,17 +254,17 @@ class TrainLoop:
         """One epoch from ``first_batch``: (stop, next epoch, next first batch)."""
         stop = False
         if first_batch == 0:
-            stop = self._sync("epoch_begin", epoch)
+            stop = self._sync(ReportKind.EPOCH_BEGIN, epoch)
             self.result.learning_rates.append(self.learning_rate())
-            self.sums, self.seen = Accumulator(), [0.0, 0.0]
+            self.metric_sums.reset()
         stopped_step = None if stop else self._train_epoch(epoch, first_batch)
         if self.result.preempted:
             return True, epoch, first_batch
         if stopped_step is not None:
             self.result.stopped_at = (epoch, stopped_step)
         val = self._validate()
-        self.pos = Position(epoch, self.steps_per_epoch - 1, self.pos.global_step, "epoch_end")
-        report_stop = self._sync("epoch_end", epoch, train=self.sums.phase_sums(), val=val)
+        self.position.end_epoch(epoch, self.steps_per_epoch - 1)
+        report_stop = self._sync(ReportKind.EPOCH_END, epoch, train=self.metric_sums.train.phase_sums(), val=val)
         self.result.epochs_run += 1
         return stop or stopped_step is not None or report_stop, epoch + 1, 0
 
@@ -270,16 +278,16 @@ class TrainLoop:
         self.ddp.train()
         self.train_sampler.set_epoch(epoch, start=first_batch * self.config.batch_size)
         cfg = self.config
-        sums = self.sums
+        sums = self.metric_sums
         signal = self.signalled.signal
         for step, batch in enumerate(self.train_loader, start=first_batch):
             if (epoch, step) in self.skip:  # produced a non-finite loss before a rollback
-                self.pos = Position(epoch, step, self.pos.global_step + 1, "batch")
+                self.position.advance(epoch, step)
                 continue
             batch = move_to(batch, self.device)
             loss, metrics, n = split_output(self.train_step(self.ddp, batch), batch)
             detached = loss.detach()
-            weighted_loss = sums.add(detached, metrics, n)
+            weighted_loss = sums.train.add(detached, metrics, n)
             notice = 1.0 if self.preemption.is_set() else 0.0
             values = torch.cat([torch.stack([(~torch.isfinite(detached)).to(signal.dtype), weighted_loss.to(signal.dtype)]),
                                 torch.tensor([float(n), notice], dtype=signal.dtype, device=signal.device)])
@@ -294,19 +302,18 @@ class TrainLoop:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            self.pos = Position(epoch, step, self.pos.global_step + 1, "batch")
-            self.seen[0] += loss_sum
-            self.seen[1] += n_sum
-            self._maybe_progress(epoch, step, self.seen[0] / max(self.seen[1], 1.0))
+            self.position.advance(epoch, step)
+            sums.see(loss_sum, n_sum)
+            self._maybe_progress(epoch, step, sums.running_loss())
             if preempted > 0:  # every rank sees it at this same step
-                self._sync("batch_end", epoch, step, train=sums.phase_sums(), preempted=True)
+                self._sync(ReportKind.BATCH_END, epoch, step, train=sums.train.phase_sums(), preempted=True)
                 self.result.preempted = True
                 return step
-            periodic = self.batch_sync_every is not None and self.pos.global_step % self.batch_sync_every == 0
+            periodic = self.batch_sync_every is not None and self.position.global_step % self.batch_sync_every == 0
             if nonfinite > 0:
                 self.saver.flush()  # pending backups commit first, so a rollback sees the newest one
             if nonfinite > 0 or periodic:
-                if self._sync("batch_end", epoch, step, train=sums.phase_sums(), nonfinite=nonfinite > 0):
+                if self._sync(ReportKind.BATCH_END, epoch, step, train=sums.train.phase_sums(), nonfinite=nonfinite > 0):
                     return step
         return None
 

@@ -10,7 +10,6 @@ Older steps are purged only after a newer commit, and a purge logs rather than r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -34,7 +33,7 @@ def rank_file(rank: int) -> str:
     """The file holding rank ``rank``'s own state (RNG streams, position, partial sums)."""
     return f"rank-{rank}.pt"
 
-FORMAT_VERSION = 2  # 1: SHA-256 per file (still read); 2: CRC-32 per file
+FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -52,36 +51,25 @@ class Storage(Protocol):
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a backup: name inside the step folder, size in bytes and a checksum.
+    """One file of a backup: name inside the step folder, size in bytes and its CRC-32 (hex).
 
-    The checksum guards against torn and corrupted files (not against tampering): CRC-32 costs
-    about a third of SHA-256 and is computed in the write path, so a backup is read only once.
-    Manifests of format 1 carry SHA-256 digests, which :func:`verify` still checks.
+    The checksum guards against torn and corrupted files (not against tampering); it is computed
+    in the write path (:class:`ChecksumWriter`), so a backup is read only once.
     """
 
     name: str
     size: int
     digest: str
-    algorithm: str = "crc32"
-
-    @staticmethod
-    def of(name: str, data: bytes) -> "FileEntry":
-        return FileEntry(name, len(data), _crc32_hex(zlib.crc32(data)))
 
     def matches(self, data: bytes) -> bool:
-        if len(data) != self.size:
-            return False
-        if self.algorithm == "sha256":
-            return hashlib.sha256(data).hexdigest() == self.digest
-        return _crc32_hex(zlib.crc32(data)) == self.digest
+        return len(data) == self.size and _crc32_hex(zlib.crc32(data)) == self.digest
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "size": self.size, self.algorithm: self.digest}
+        return {"name": self.name, "size": self.size, "crc32": self.digest}
 
     @staticmethod
     def from_json(obj: dict[str, Any]) -> "FileEntry":
-        algorithm = "sha256" if "sha256" in obj else "crc32"
-        return FileEntry(str(obj["name"]), int(obj["size"]), str(obj[algorithm]), algorithm)
+        return FileEntry(str(obj["name"]), int(obj["size"]), str(obj["crc32"]))
 
 
 def _crc32_hex(value: int) -> str:

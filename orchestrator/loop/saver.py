@@ -1,0 +1,177 @@
+"""Saving and loading a rank's named components, and ModelCheckpoint's model files.
+
+One save path and one load path, both over the component mapping
+(:mod:`orchestrator.loop.rank_state`). A step folder holds:
+
+- the shared file (rank 0): ``{name: state}`` of every shared component;
+- the coordinator file (rank 0): the coordinator's and callbacks' state, JSON;
+- one rank file per rank: ``{name: state}`` of that rank's own components.
+
+A backup is two-phase: :class:`~orchestrator.loop.state_io.StagingArea` copies the states to CPU
+(the only stall), :class:`~orchestrator.loop.state_io.AsyncPersister` writes them in the background.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from orchestrator.decisions import Backup, SaveModel
+from orchestrator.loop.rank_state import Component, Components, Position
+from orchestrator.loop.state_io import AsyncPersister, StagingArea, from_bytes, save_to
+from orchestrator.storage.checkpoint import COORDINATOR_FILE, SHARED_FILE, FileEntry, encode_state, rank_file, step_dir
+
+OnPersisted = Callable[[int, str, list[FileEntry] | None, dict[str, Any]], None]
+
+
+def checkpoint_path(filepath: str) -> str:
+    """ModelCheckpoint paths: URLs as given, relative paths under ``checkpoints/``."""
+    return filepath if "://" in filepath else f"checkpoints/{filepath.lstrip('/')}"
+
+
+def _all_finite(node: Any) -> bool:
+    if isinstance(node, torch.Tensor):
+        return not node.is_floating_point() or bool(torch.isfinite(node).all())
+    if isinstance(node, float):
+        return math.isfinite(node)
+    if isinstance(node, dict):
+        return all(_all_finite(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return all(_all_finite(v) for v in node)
+    return True
+
+
+@dataclass
+class PendingRestore:
+    """The loaded states of the components that restore last; :meth:`apply` restores them.
+
+    Example:
+        >>> pending = saver.load("backup/step-5")  # doctest: +SKIP
+        >>> pending.apply()  # right before the next batch  # doctest: +SKIP
+    """
+
+    items: list[tuple[Component, Any]] = field(default_factory=list)
+
+    def apply(self) -> None:
+        items, self.items = self.items, []
+        for component, state in items:
+            component.stateful.load_state_dict(state)
+
+
+class RankSaver:
+    """Backups (two-phase, asynchronous) of one rank's components, and model checkpoints.
+
+    Args:
+        components: The rank's state, by name; read at every save, written at every load.
+        rank: This rank.
+        world_size: Number of ranks (recorded with every backup).
+        storage: The opened run storage, or None (then a save or load raises).
+        on_persisted: ``(rank, folder, entries, meta)`` once a backup's files on this rank are
+            durable (``entries``) or failed or were refused (``None``, ``meta["error"]`` says why);
+            called from the persist thread.
+
+    Example:
+        >>> saver = RankSaver({"model": Component(model, shared=True)}, rank=0, world_size=1,
+        ...                   storage=storage, on_persisted=link.persisted)  # doctest: +SKIP
+        >>> saver.backup(Backup(backup_dir="backup"), Position())  # doctest: +SKIP
+        >>> saver.flush()  # doctest: +SKIP
+        >>> saver.load("backup/step-0").apply()  # doctest: +SKIP
+    """
+
+    def __init__(self, components: Components, rank: int, world_size: int, storage: Any,
+                 on_persisted: OnPersisted) -> None:
+        self.components = components
+        self.rank = rank
+        self.world_size = world_size
+        self.storage = storage
+        self.on_persisted = on_persisted
+        self.area = StagingArea()
+        self.persister: AsyncPersister | None = None
+
+    def _storage(self) -> Any:
+        if self.storage is None:
+            raise RuntimeError("a backup or checkpoint was requested but the run has no storage")
+        return self.storage
+
+    def files(self, coordinator_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What this rank writes into a step folder: ``{file name: {component name: state}}`` (and
+        the coordinator's JSON bytes on rank 0). The states are live references, not copies."""
+        files: dict[str, Any] = {}
+        if self.rank == 0:
+            files[SHARED_FILE] = {name: c.stateful.state_dict() for name, c in self.components.items() if c.shared}
+            files[COORDINATOR_FILE] = encode_state(coordinator_state or {})
+        files[rank_file(self.rank)] = {name: c.stateful.state_dict() for name, c in self.components.items()
+                                       if not c.shared}
+        return files
+
+    def backup(self, decision: Backup, position: Position) -> None:
+        """Stage every component now; write the step folder of ``position`` in the background."""
+        storage = self._storage()
+        if self.persister is None:
+            self.persister = AsyncPersister(storage.write_stream, self._done)
+        self.persister.wait()  # the staging buffers are about to be reused
+        meta = {"epoch": position.epoch, "batch": position.batch, "step": position.global_step,
+                "phase": position.phase, "world_size": self.world_size, "backup_dir": decision.backup_dir,
+                "keep": decision.keep, "rank": self.rank}
+        staged = self.area.stage(self.files(decision.coordinator_state))
+        self.persister.submit(step_dir(decision.backup_dir, position.global_step), staged, meta,
+                              check=self._refusal)
+
+    def _refusal(self, files: dict[str, Any]) -> str | None:
+        """Why a staged backup must not be committed (checked in the persist thread), or None."""
+        for name, c in self.components.items():
+            if not c.finite:
+                continue
+            states = files.get(SHARED_FILE if c.shared else rank_file(self.rank), {})
+            if name in states and not _all_finite(states[name]):
+                return f"non-finite values in {name!r}; backup refused"
+        return None
+
+    def _done(self, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
+        self.on_persisted(self.rank, folder, entries, meta)
+
+    def flush(self) -> None:
+        """Block until the pending backup is durable; raise if it failed."""
+        if self.persister is not None:
+            self.persister.wait()
+
+    def load(self, folder: str) -> PendingRestore:
+        """Restore every component from a step folder except those that restore last; return those.
+
+        Raises:
+            KeyError: the folder holds no state for one of the components.
+        """
+        storage = self._storage()
+        shared = from_bytes(storage.read_bytes(f"{folder}/{SHARED_FILE}"))
+        mine = from_bytes(storage.read_bytes(f"{folder}/{rank_file(self.rank)}"))
+        pending = PendingRestore()
+        for name, c in self.components.items():
+            source, states = (SHARED_FILE, shared) if c.shared else (rank_file(self.rank), mine)
+            if name not in states:
+                raise KeyError(f"{folder}/{source} holds no state for component {name!r} "
+                               f"(it holds {sorted(states)})")
+            if c.restore_last:
+                pending.items.append((c, states[name]))
+            else:
+                c.stateful.load_state_dict(states[name])
+        return pending
+
+    def save_model(self, decision: SaveModel, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   position: Position) -> None:
+        """Rank 0 writes a ModelCheckpoint file (weights, or weights, optimizer and position)."""
+        if self.rank != 0:
+            return  # one writer per file
+        storage = self._storage()
+        if decision.weights_only:
+            obj: Any = model.state_dict()
+        else:
+            obj = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "epoch": position.epoch, "step": position.global_step}
+        storage.write_stream(checkpoint_path(decision.filepath), lambda out: save_to(obj, out))
+        for old in decision.delete:
+            if old != decision.filepath:
+                storage.rm(checkpoint_path(old))
+
