@@ -29,10 +29,25 @@ class WorkerGroup:
     next :meth:`start` promotes the standbys instead of cold-starting processes. Anything that
     makes that unsafe (a lost standby, a bundle being rescheduled) falls back to a fresh start.
 
+    One owner (the controller) creates it once per ``fit`` and alone calls :meth:`shutdown`;
+    each attempt starts and stops its workers, and :meth:`release` gives the placement back
+    when it must be placed anew (nodes being drained).
+
     Args:
         scaling: Number of workers, GPUs, resources and placement strategy.
         placement_timeout_s: How long to wait for the cluster to grant the resources.
         warm_standbys: Keep warm standbys (ignored for GPU groups). Defaults to ``False``.
+
+    Example:
+        group = WorkerGroup(ScalingConfig(num_workers=2), placement_timeout_s=60)
+        group.check_capacity()
+        try:
+            infos = group.start()
+            coordinator, ready = group.coordinator(coordinator_spec)
+            results = ray.get(group.run(train_spec, coordinator))
+            group.stop_workers()
+        finally:
+            group.shutdown()
     """
 
     def __init__(self, scaling: ScalingConfig, placement_timeout_s: float = 120.0,
@@ -45,13 +60,20 @@ class WorkerGroup:
         self.standbys: list[Any] = []
         self.spare_coordinator: Any = None
         self.promoted = False  # whether the running workers are promoted standbys
+        self.closed = False
 
     def start(self) -> list[dict[str, Any]]:
-        """Start the workers (standbys promoted when ready, else fresh); return each rank's node info."""
+        """Start the workers (standbys promoted when ready, else fresh); return each rank's node info.
+
+        Raises:
+            OrchestratorError: The group was shut down, or the cluster did not grant the resources in time.
+        """
+        if self.closed:
+            raise OrchestratorError("this worker group was shut down; a new fit creates a new one")
         infos = self._promote_standbys()
         if infos is not None:
             return infos
-        self.shutdown()
+        self.release()
         res = self.scaling.worker_resources()
         n = self.scaling.num_workers
         self.pg = placement_group([dict(res) for _ in range(n)], strategy=self.scaling.placement_strategy)
@@ -129,7 +151,15 @@ class WorkerGroup:
         self.workers = []
 
     def shutdown(self) -> None:
-        """Kill every actor and remove the placement group; never raises."""
+        """End the group: release everything, and refuse any later :meth:`start`; never raises."""
+        self.closed = True
+        self.release()
+
+    def release(self) -> None:
+        """Kill every actor (standbys included) and remove the placement group; the next start places anew.
+
+        Never raises.
+        """
         _kill(self.workers + self.standbys + [c for c in (self.spare_coordinator,) if c is not None])
         self.workers, self.standbys, self.spare_coordinator = [], [], None
         if self.pg is not None:

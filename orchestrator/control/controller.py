@@ -1,70 +1,43 @@
-"""The driver's controller: explicit states, a failure policy that returns a decision, restarts.
+"""The driver's controller: a state machine stepped one attempt at a time, a failure policy, restarts.
 
     Starting -> Running -> (Restarting -> Running)* -> Finished | Failed | Preempted
 
-Each attempt starts a fresh coordinator and worker group and resumes from the newest committed
-backup in the run directory. A failed attempt is handed to :class:`FailurePolicy`, which says
-whether to restart; past ``max_failures`` ``fit`` raises an error listing every failure. A drain
-of a node the attempt runs on (:class:`~orchestrator.control.attempt.NodesDrained`) is a preemption with
-notice: the ranks stop at one step with an emergency backup and the next attempt resumes there on
-the remaining nodes (Ray places nothing on a draining node), without counting a failure.
+Each attempt starts a fresh coordinator and the group's workers, and resumes from the newest
+committed backup in the run directory. A failed attempt is handed to
+:class:`~orchestrator.control.failures.FailurePolicy`, which says whether to restart; past
+``max_failures`` ``fit`` raises an error listing every failure. A drain of a node the attempt
+runs on (:class:`~orchestrator.control.failures.NodesDrained`) is a preemption with notice: the
+ranks stop at one step with an emergency backup and the next attempt resumes there on the
+remaining nodes (Ray places nothing on a draining node), without counting a failure.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import signal
 import threading
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from orchestrator.control.attempt import AttemptFailed, FailureRecord, FitOutcome, NodesDrained, run_attempt
-from orchestrator.control.specs import FitSpec, Resume
-from orchestrator.core.events import EventType
-from orchestrator.errors import OrchestratorError, Preempted, TrainingFailedError
-from orchestrator.storage.checkpoint import latest_valid, read_coordinator_state, remove_newer
-from orchestrator.storage.run_files import EventLog, bump_attempt, update_run_json, write_run_json
 from orchestrator.cluster.worker_group import WorkerGroup
+from orchestrator.control.attempt import Attempt, AttemptRunner, run_attempt
+from orchestrator.control.failures import AttemptFailed, FailureDecision, FailurePolicy, FailureRecord, NodesDrained
+from orchestrator.control.specs import FitSpec, Resume
+from orchestrator.control.states import (TERMINAL, ControllerState, Failed, Finished, FitOutcome, Preempted,
+                                         Restarting, Running, Starting)
+from orchestrator.core.events import EventType
+from orchestrator.errors import OrchestratorError, TrainingFailedError
+from orchestrator.loop.specs import LoopResult
+from orchestrator.storage.checkpoint import latest_valid, read_coordinator_state, remove_newer
+from orchestrator.storage.fs import RunStorage
+from orchestrator.storage.run_files import EventLog, bump_attempt, update_run_json, write_run_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ControllerState", "FailurePolicy", "FitOutcome", "FitSpec", "ensure_ray", "run_fit"]
-
-
-class ControllerState(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    RESTARTING = "restarting"
-    FINISHED = "finished"
-    FAILED = "failed"
-    PREEMPTED = "preempted"
-
-
-@dataclass(frozen=True)
-class FailureDecision:
-    restart: bool
-    reason: str
-
-
-class FailurePolicy:
-    """Restart while the number of failures is at most ``max_failures``.
-
-    Example:
-        >>> FailurePolicy(1).decide([object()]).restart, FailurePolicy(1).decide([object(), object()]).restart
-        (True, False)
-    """
-
-    def __init__(self, max_failures: int) -> None:
-        self.max_failures = max_failures
-
-    def decide(self, failures: list[Any]) -> FailureDecision:
-        if len(failures) <= self.max_failures:
-            return FailureDecision(True, f"failure {len(failures)} of at most {self.max_failures}: restarting")
-        return FailureDecision(False, f"{len(failures)} failures exceed max_failures={self.max_failures}")
+__all__ = ["Controller", "ControllerState", "FailureDecision", "FailurePolicy", "FitOutcome", "FitSpec",
+           "ensure_ray", "find_resume", "run_fit"]
 
 
 def ensure_ray() -> bool:
@@ -78,8 +51,12 @@ def ensure_ray() -> bool:
     return True
 
 
-def find_resume(fit: FitSpec, storage: Any, events: EventLog) -> Resume:
-    """The newest valid committed backup (folder, coordinator state), after removing newer leftovers."""
+def find_resume(fit: FitSpec, storage: RunStorage, events: EventLog) -> Resume:
+    """The newest valid committed backup (folder, coordinator state), after removing newer leftovers.
+
+    Raises:
+        OrchestratorError: The backup was written by another number of workers.
+    """
     backup_dir = fit.backups.folder
 
     def skipped(step: int, reason: str) -> None:
@@ -100,6 +77,170 @@ def find_resume(fit: FitSpec, storage: Any, events: EventLog) -> Resume:
     return Resume(folder=found.folder, state=state)
 
 
+class Controller:
+    """Runs one ``fit`` as a state machine: each :meth:`step` moves to the next state and returns it.
+
+    ``Starting`` checks the storage and the cluster's capacity, writes run.json and begins attempt
+    1; each ``Running`` step runs one attempt to its end; ``Restarting`` begins the next attempt.
+    The controller owns the worker group: it creates it (or takes the one given) and is the only
+    one to shut it down, in :meth:`close`.
+
+    Args:
+        fit: What to train, validated.
+        storage: The run's storage (``fit.storage`` opened).
+        group: The worker group of every attempt. Defaults to a :class:`WorkerGroup` created at
+            the first step, on the Ray cluster running (or a local one started, and shut down in
+            :meth:`close`).
+        run_attempt: Runs one attempt. Defaults to :func:`~orchestrator.control.attempt.run_attempt`.
+        policy: Whether to restart after a failure. Defaults to ``FailurePolicy(fit.faults.max_failures)``.
+        preempt: Set it to stop at the next step with an emergency backup. Defaults to a new event.
+
+    Example:
+        with Controller(fit, fit.storage.open()) as controller:
+            state = controller.state
+            while not state.terminal:
+                state = controller.step()
+        outcome = state.result()  # or raises what ended training
+    """
+
+    def __init__(self, fit: FitSpec, storage: RunStorage, *, group: WorkerGroup | None = None,
+                 run_attempt: AttemptRunner = run_attempt, policy: FailurePolicy | None = None,
+                 preempt: threading.Event | None = None) -> None:
+        self.fit = fit
+        self.storage = storage
+        self.group = group
+        self.run_attempt = run_attempt
+        self.policy = policy if policy is not None else FailurePolicy(fit.faults.max_failures)
+        self.preempt = preempt if preempt is not None else threading.Event()
+        self.state: ControllerState = Starting()
+        self.failures: list[FailureRecord] = []
+        self.outcome = FitOutcome()
+        self.events: EventLog | None = None  # the current attempt's
+        self._started_ray = False
+
+    def step(self) -> ControllerState:
+        """Leave the current state; return (and hold) the next one. What ends training ends in ``Failed``.
+
+        Raises:
+            RuntimeError: The controller is already in a terminal state.
+        """
+        previous = self.state
+        match previous:
+            case Starting():
+                state = self._start()
+            case Running():
+                state = self._run(previous)
+            case Restarting():
+                state = self._next_attempt()
+            case _:
+                raise RuntimeError(f"the controller has ended ({type(previous).__name__}); nothing to step")
+        logger.debug("controller: %s -> %s", type(previous).__name__, type(state).__name__)
+        self.state = state
+        return state
+
+    def close(self) -> None:
+        """Shut the worker group down, and Ray when this controller started it; never raises."""
+        logger.debug("controller ended in state %s", type(self.state).__name__)
+        if self.group is not None:
+            self.group.shutdown()
+        if self._started_ray:
+            self._started_ray = False
+            ray.shutdown()
+
+    def __enter__(self) -> "Controller":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _start(self) -> ControllerState:
+        try:  # nothing has started yet, so there is nothing to record
+            self.storage.check_access()
+            if self.group is None:
+                self._started_ray = ensure_ray()
+                self.group = WorkerGroup(self.fit.scaling, placement_timeout_s=self.fit.faults.placement_timeout_s,
+                                         warm_standbys=self.fit.faults.warm_standbys and self.fit.faults.max_failures > 0)
+            self.group.check_capacity()  # a clear error before any worker starts
+            write_run_json(self.storage, dict(self.fit.config_snapshot, world_size=self.fit.scaling.num_workers))
+            update_run_json(self.storage, status="running")
+        except BaseException as exc:
+            return Failed(exc)
+        return self._next_attempt()
+
+    def _next_attempt(self) -> ControllerState:
+        try:
+            attempt = bump_attempt(self.storage)
+            self.events = EventLog(self.storage, attempt)
+            resume = find_resume(self.fit, self.storage, self.events)
+        except BaseException as exc:
+            return self._failed(exc)
+        return Running(attempt, resume)
+
+    def _run(self, state: Running) -> ControllerState:
+        try:
+            return self._run_to_end(state)
+        except BaseException as exc:
+            return self._failed(exc)
+
+    def _run_to_end(self, state: Running) -> ControllerState:
+        assert self.group is not None and self.events is not None
+        attempt = Attempt(number=state.attempt, resume=state.resume, storage=self.storage, events=self.events,
+                          preempt=self.preempt)
+        try:
+            results = self.run_attempt(self.fit, attempt, self.group, self.outcome)
+        except NodesDrained as drained:  # a preemption with notice: not a failure
+            self.events.append(EventType.PREEMPTED, step=drained.step, reason="node_drain", nodes=drained.nodes,
+                               lost=drained.lost)
+            logger.warning("nodes %s are being drained; resuming on the remaining nodes (waiting up to "
+                           "%gs for enough of them)", drained.nodes, self.fit.faults.placement_timeout_s)
+            return Restarting(drained=drained.drain)
+        except AttemptFailed as failed:
+            return self._after_failure(failed)
+        return self._after_results(results)
+
+    def _after_failure(self, failed: AttemptFailed) -> ControllerState:
+        assert self.events is not None
+        self.failures.append(failed.record)
+        self.events.append(EventType.WORKER_FAILED, rank=failed.record.rank, node=failed.record.node,
+                           cause=failed.record.cause)
+        decision = self.policy.decide(self.failures)
+        if decision.restart:
+            logger.warning("attempt %d failed (%s); %s", failed.record.attempt, failed.record.cause, decision.reason)
+            return Restarting(failure=failed.record)
+        if len(self.failures) == 1:
+            return self._failed(failed.error)
+        error = TrainingFailedError(self.failures)
+        error.__cause__ = failed.error
+        return self._failed(error, recorded=failed.error)
+
+    def _after_results(self, results: list[LoopResult]) -> ControllerState:
+        assert self.events is not None
+        self.outcome.results = results
+        if any(r.preempted for r in results):
+            step = max(r.steps_run for r in results)
+            self.events.append(EventType.PREEMPTED, step=step)
+            update_run_json(self.storage, status="preempted")
+            self.outcome.preempted = True
+            return Preempted(self.outcome, step, self.storage.url(self.fit.backups.folder))
+        if self.fit.backups.delete_at_end:
+            self.storage.rm(self.fit.backups.folder, recursive=True)
+        self.events.append(EventType.FINISHED, epochs=len(results[0].learning_rates))
+        update_run_json(self.storage, status="finished")
+        return Finished(self.outcome)
+
+    def _failed(self, error: BaseException, recorded: BaseException | None = None) -> Failed:
+        """End in ``Failed`` raising ``error``; record ``recorded`` (defaults to ``error``) without masking it."""
+        exc = recorded if recorded is not None else error
+        try:
+            if self.events is not None:
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                self.events.append(EventType.FAILED, error=f"{type(exc).__name__}: {first}")
+            update_run_json(self.storage, status="failed")
+        except Exception as record_error:
+            logger.warning("could not record the failure: %s", record_error)
+        return Failed(error, tuple(self.failures))
+
+
 class _SigtermToPreemption:
     """While active (main thread only), SIGTERM sets ``event`` instead of killing the driver."""
 
@@ -117,87 +258,23 @@ class _SigtermToPreemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def run_fit(fit: FitSpec) -> FitOutcome:
-    """Run training to the end across attempts; raise what ends it otherwise."""
-    storage = fit.storage.open()
-    storage.check_access()  # before any worker starts
-    write_run_json(storage, dict(fit.config_snapshot, world_size=fit.scaling.num_workers))
-    update_run_json(storage, status="running")
-    started_ray = ensure_ray()
-    group = WorkerGroup(fit.scaling, placement_timeout_s=fit.faults.placement_timeout_s,
-                        warm_standbys=fit.faults.warm_standbys and fit.faults.max_failures > 0)
-    try:
-        group.check_capacity()  # a clear error before any worker starts
-    except BaseException:
-        if started_ray:
-            ray.shutdown()
-        raise
-    policy = FailurePolicy(fit.faults.max_failures)
-    failures: list[FailureRecord] = []
-    outcome = FitOutcome()
-    preempt = threading.Event()
-    state = ControllerState.STARTING
-    try:
-        with _SigtermToPreemption(preempt):
-            while True:
-                attempt = bump_attempt(storage)
-                events = EventLog(storage, attempt)
-                resume = find_resume(fit, storage, events)
-                state = ControllerState.RUNNING
-                try:
-                    results = run_attempt(fit, attempt, storage, events, resume, outcome, preempt, group)
-                except NodesDrained as drained:  # a preemption with notice: not a failure
-                    state = ControllerState.RESTARTING
-                    group.shutdown()  # its placement group has bundles on the draining nodes
-                    events.append(EventType.PREEMPTED, step=drained.step, reason="node_drain", nodes=drained.nodes,
-                                  lost=drained.lost)
-                    logger.warning("nodes %s are being drained; resuming on the remaining nodes (waiting up to "
-                                   "%gs for enough of them)", drained.nodes, fit.faults.placement_timeout_s)
-                    continue
-                except AttemptFailed as failed:
-                    failures.append(failed.record)
-                    events.append(EventType.WORKER_FAILED, rank=failed.record.rank, node=failed.record.node,
-                                  cause=failed.record.cause)
-                    decision = policy.decide(failures)
-                    if decision.restart:
-                        state = ControllerState.RESTARTING
-                        logger.warning("attempt %d failed (%s); %s", attempt, failed.record.cause, decision.reason)
-                        continue
-                    state = ControllerState.FAILED
-                    _fail(storage, events, failed.error)
-                    if len(failures) == 1:
-                        raise failed.error
-                    raise TrainingFailedError(failures) from failed.error
-                except BaseException as exc:
-                    state = ControllerState.FAILED
-                    _fail(storage, events, exc)
-                    raise
-                outcome.results = results
-                if any(r.preempted for r in results):
-                    state = ControllerState.PREEMPTED
-                    events.append(EventType.PREEMPTED, step=max(r.steps_run for r in results))
-                    update_run_json(storage, status="preempted")
-                    outcome.preempted = True
-                    raise Preempted(f"training was preempted; an emergency backup is in {storage.url(fit.backups.folder)}"
-                                    "; run the same command again to resume")
-                state = ControllerState.FINISHED
-                if fit.backups.delete_at_end:
-                    storage.rm(fit.backups.folder, recursive=True)
-                events.append(EventType.FINISHED, epochs=len(results[0].learning_rates))
-                update_run_json(storage, status="finished")
-                return outcome
-    finally:
-        logger.debug("controller ended in state %s", state.value)
-        group.shutdown()
-        if started_ray:
-            ray.shutdown()
+def run_fit(fit: FitSpec, *, group: WorkerGroup | None = None, run_attempt: AttemptRunner = run_attempt) -> FitOutcome:
+    """Run training to the end across attempts; raise what ends it otherwise.
 
+    Args:
+        fit: What to train, validated.
+        group: The worker group to use (the controller shuts it down). Defaults to a new one.
+        run_attempt: Runs one attempt. Defaults to :func:`~orchestrator.control.attempt.run_attempt`.
 
-def _fail(storage: Any, events: EventLog, exc: BaseException) -> None:
-    """Record a failure without masking the error being raised."""
-    try:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        events.append(EventType.FAILED, error=f"{type(exc).__name__}: {first}")
-        update_run_json(storage, status="failed")
-    except Exception as record_error:
-        logger.warning("could not record the failure: %s", record_error)
+    Raises:
+        Preempted: The ranks stopped at a preemption with an emergency backup.
+        TrainingFailedError: More failures than ``max_failures`` (a single failure raises its own error).
+        Anything else that ended training: a callback's error, a storage or capacity error.
+    """
+    controller = Controller(fit, fit.storage.open(), group=group, run_attempt=run_attempt)
+    with controller:
+        state = controller.step()  # Starting: connecting to Ray installs Ray's own SIGTERM handler
+        with _SigtermToPreemption(controller.preempt):
+            while not isinstance(state, TERMINAL):
+                state = controller.step()
+    return state.result()
