@@ -25,11 +25,19 @@ from typing import Any, Callable, Sequence
 import ray
 
 from orchestrator.api import Trainer
+from orchestrator.core.events import EventType, event_type
 from orchestrator.errors import Preempted
 from orchestrator.storage.run_files import read_events, run_status
 from orchestrator.storage.fs import StorageSpec
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, Preempted.exit_code
+
+# The events `orchestrator status` lists one a line: decisions, failures and recoveries.
+STATUS_EVENTS = frozenset({
+    EventType.LR_CHANGED, EventType.EARLY_STOPPING, EventType.TERMINATED_ON_NAN, EventType.STOPPED,
+    EventType.ROLLED_BACK, EventType.NODE_DRAINING, EventType.PREEMPTED, EventType.WORKER_FAILED,
+    EventType.RESTORED,
+})
 
 
 class UsageError(Exception):
@@ -125,28 +133,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not storage.exists("run.json"):
         raise UsageError(f"no run at {storage.url()} (run.json is missing)")
     run = storage.read_json("run.json")
-    events = read_events(storage)
+    events = [(event_type(e.get("type", "")), e) for e in read_events(storage)]
     print(f"run {storage.url()}: status {run.get('status', '?')}, attempts {run.get('attempts', 0)}, "
           f"world size {run.get('world_size', '?')}")
-    epochs = [e for e in events if e["type"] == "epoch_end"]
-    latest = {}
-    for e in epochs:  # a restarted attempt re-runs epochs: keep the newest record of each
-        latest[e["epoch"]] = e["logs"]
+    latest: dict[int, dict[str, float]] = {}
+    for kind, e in events:  # a restarted attempt re-runs epochs: keep the newest record of each
+        if kind is EventType.EPOCH_END:
+            latest[e["epoch"]] = e["logs"]
     if latest:
         keys = list(next(iter(latest.values())))
         print("epoch  " + "  ".join(f"{k:>14}" for k in keys))
         for epoch in sorted(latest):
             print(f"{epoch + 1:>5}  " + "  ".join(f"{latest[epoch].get(k, float('nan')):>14.6g}" for k in keys))
-    commits = [e for e in events if e["type"] == "backup_committed"]
+    commits = [e for kind, e in events if kind is EventType.BACKUP_COMMITTED]
     if commits:
         c = commits[-1]
         print(f"newest committed backup: {c['folder']} (epoch {c['epoch']}, step {c['step']})")
-    decisions = [e for e in events if e["type"] in ("lr_changed", "early_stopping", "terminated_on_nan",
-                                                       "rolled_back", "node_draining", "preempted", "worker_failed",
-                                                       "restored")]
-    for e in decisions:
-        detail = {k: v for k, v in e.items() if k not in ("time", "type", "attempt")}
-        print(f"attempt {e['attempt']}: {e['type']} {json.dumps(detail, default=str)}")
+    for kind, e in events:
+        if kind in STATUS_EVENTS:
+            detail = {k: v for k, v in e.items() if k not in ("time", "type", "attempt")}
+            print(f"attempt {e['attempt']}: {kind.value} {json.dumps(detail, default=str)}")
     return EXIT_FINISHED
 
 

@@ -75,16 +75,27 @@ class SaveModel:
 class Backup:
     """Every rank saves the full training state; the coordinator commits it when all are durable.
 
+    A callback leaves ``backup_dir`` and ``keep`` as ``None`` to use the run's backup policy (the
+    folder and count of :class:`~orchestrator.callbacks.BackupAndRestore`, ``"backup"`` and 1
+    without it); the coordinator fills them in before the decision reaches the ranks, so a rank
+    always receives both set.
+
     Args:
-        backup_dir: Where ``step-<N>/`` folders go (URL or path relative to the run directory).
-        keep: How many committed backups to keep after a commit.
+        backup_dir: Where ``step-<N>/`` folders go (URL or path relative to the run directory);
+            ``None`` means the run's backup folder. Defaults to ``None``.
+        keep: How many committed backups to keep after a commit; ``None`` means the run's policy.
+            Defaults to ``None``.
         coordinator_state: Filled in by the coordinator: its own and every callback's state as of
             this sync point (callbacks return ``Backup`` without it).
         source: Name of the callback that decided.
+
+    Example:
+        >>> Backup(source="RollbackOnNaN").backup_dir is None
+        True
     """
 
-    backup_dir: str = "backup"
-    keep: int = 1
+    backup_dir: str | None = None
+    keep: int | None = None
     coordinator_state: dict | None = None
     source: str = ""
 

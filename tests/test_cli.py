@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cli
+from orchestrator.core.events import EventType
+from orchestrator.storage.fs import StorageSpec
+from orchestrator.storage.run_files import EventLog
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,3 +70,30 @@ def test_cli_help_lists_the_exit_codes(capsys):
         cli.main(["--help"])
     assert info.value.code == 0
     assert "75 preempted" in capsys.readouterr().out
+
+
+def test_cli_status_reads_the_event_vocabulary_and_lists_epochs_the_newest_backup_and_decisions(tmp_path, capsys):
+    storage = StorageSpec(str(tmp_path), "r").open()
+    storage.write_json("run.json", {"status": "finished", "attempts": 2, "world_size": 2})
+    first, second = EventLog(storage, attempt=1), EventLog(storage, attempt=2)
+    first.append(EventType.STARTED, world_size=2)
+    first.append(EventType.EPOCH_END, epoch=0, logs={"loss": 2.0, "learning_rate": 0.1})
+    first.append(EventType.BACKUP_COMMITTED, epoch=0, step=4, folder="backup/step-4", bytes=1, purged=[])
+    first.append(EventType.LR_CHANGED, epoch=0, step=-1, value=0.05, source="ReduceLROnPlateau")
+    first.append(EventType.WORKER_FAILED, rank=1, node="n1", cause="died")
+    second.append(EventType.RESTORED, epoch=0, step=4, folder="backup/step-4", phase="epoch_end")
+    second.append(EventType.EPOCH_END, epoch=1, logs={"loss": 1.0, "learning_rate": 0.05})
+    second.append(EventType.EARLY_STOPPING, epoch=1, step=-1, reason="early_stopping", source="EarlyStopping")
+    second.append(EventType.CHECKPOINT_SAVED, epoch=1, step=-1, path="m.pt")
+    with open(tmp_path / "r" / "events.jsonl", "a") as f:
+        f.write('{"time": 1, "attempt": 2, "epoch": 1, "step": null, "type": "from_a_newer_version"}\n')
+
+    assert cli.main(["status", f"{tmp_path}/r"]) == cli.EXIT_FINISHED
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("status finished, attempts 2, world size 2")
+    assert out[1].split() == ["epoch", "loss", "learning_rate"]
+    assert [line.split()[:2] for line in out[2:4]] == [["1", "2"], ["2", "1"]]
+    assert out[4] == "newest committed backup: backup/step-4 (epoch 0, step 4)"
+    assert [line.split()[:3] for line in out[5:]] == [
+        ["attempt", "1:", "lr_changed"], ["attempt", "1:", "worker_failed"], ["attempt", "2:", "restored"],
+        ["attempt", "2:", "early_stopping"]]

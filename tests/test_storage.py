@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from orchestrator.core.events import EventType
 from orchestrator.core.redaction import public_config, redact
 from orchestrator.storage.run_files import (
     EventLog,
@@ -349,6 +350,29 @@ def test_events_on_s3_rewrite_the_object_and_a_resumed_run_continues_it(s3_serve
     events = read_events(storage)
     assert [(e["type"], e["attempt"]) for e in events] == [("started", 1), ("worker_failed", 1), ("restored", 2)]
     assert SECRET not in storage.read_bytes("events.jsonl").decode()
+
+
+def test_events_take_the_vocabulary_members_and_write_their_string_values(tmp_path):
+    storage = StorageSpec(str(tmp_path), "r").open()
+    record = EventLog(storage, attempt=1).append(EventType.BACKUP_COMMITTED, epoch=0, step=8,
+                                                 folder="backup/step-8", bytes=10, purged=[4])
+    assert record["type"] == "backup_committed"
+    assert '"type": "backup_committed"' in (tmp_path / "r" / "events.jsonl").read_text()
+
+
+def test_an_unknown_event_type_is_rejected_naming_it(tmp_path):
+    storage = StorageSpec(str(tmp_path), "r").open()
+    with pytest.raises(ValueError, match="unknown event type 'lr_change'"):
+        EventLog(storage, attempt=1).append("lr_change", epoch=0)
+    assert read_events(storage) == []
+
+
+def test_fields_not_declared_for_an_event_type_are_written_and_logged(tmp_path, caplog):
+    storage = StorageSpec(str(tmp_path), "r").open()
+    with caplog.at_level(logging.WARNING, logger="orchestrator.storage.run_files"):
+        record = EventLog(storage, attempt=1).append(EventType.LR_CHANGED, value=0.05, source="cb", old=0.1)
+    assert record["old"] == 0.1
+    assert "['old'] are not declared" in caplog.text
 
 
 def test_a_torn_last_event_line_is_skipped(tmp_path):

@@ -23,6 +23,8 @@ class BackupAndRestore(Callback):
     Args:
         backup_dir: Where backups go: a path relative to the run directory, or an fsspec URL on
             the run's filesystem. Defaults to ``"backup"`` (``<storage>/<run_name>/backup``).
+            It becomes the run's backup folder: emergency backups on preemption and those of
+            :class:`RollbackOnNaN` (``Backup(backup_dir=None)``) go there too.
         save_freq: ``"epoch"`` to back up at the end of every epoch, or an integer number of
             batches (counted across epochs, as Keras does). Defaults to ``"epoch"``.
         double_checkpoint: Keep the previous committed backup as well as the newest, as a

@@ -46,6 +46,9 @@ class Callback:
 
     A hook returns ``None``, one :class:`~orchestrator.decisions.Decision` or a list of them.
 
+    What the orchestrator needs to know about a callback is declared as class attributes, read
+    as such (never probed): ``runs_on``, ``batch_sync_every`` and ``survives_rollback``.
+
     Attributes:
         params: Keras-style run parameters (``epochs``, ``steps``, ``verbose``, ``metrics``).
         trainer: A :class:`TrainingView` with the current learning rate, epoch and step.
@@ -63,6 +66,10 @@ class Callback:
     runs_on: ClassVar[str] = "coordinator"
     #: Steps between batch-hook calls; None = batch hooks only on non-finite-loss events.
     batch_sync_every: int | None = None
+    #: When the coordinator rolls training back to a committed backup (a ``Rollback`` decision),
+    #: every callback reloads its state from that backup, except those that set this to True:
+    #: they keep their current state (e.g. ``RollbackOnNaN`` keeps counting its rollbacks).
+    survives_rollback: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}

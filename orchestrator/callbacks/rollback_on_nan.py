@@ -32,7 +32,6 @@ class RollbackOnNaN(Callback):
         ['SkipBatches', 'Rollback']
     """
 
-    #: This callback's own state is kept when the coordinator rolls everything else back.
     survives_rollback: ClassVar[bool] = True
 
     def __init__(self, max_rollbacks: int = 3, lr_factor: float | None = None, skip_batches: bool = True) -> None:
@@ -50,7 +49,7 @@ class RollbackOnNaN(Callback):
     def on_train_begin(self, logs: dict | None = None) -> Backup | None:
         """A fresh run backs up its initial state, so even a NaN in the first batches can roll back."""
         if self.trainer.global_step == 0:
-            return Backup(backup_dir="", source="RollbackOnNaN")
+            return Backup(source="RollbackOnNaN")  # the run's backup folder and policy
         return None
 
     def on_batch_end(self, batch: int, logs: dict | None = None) -> list | StopTraining | None:

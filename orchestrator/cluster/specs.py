@@ -20,8 +20,10 @@ class CoordinatorSpec:
         storage: The run storage (backups are committed there), or None.
         restore: The coordinator state of the backup this attempt resumes from, or None.
         resumed_from: That backup's folder (never overwritten by this attempt).
-        backup_dir: Where ``step-<N>/`` folders go, relative to the run directory.
-        keep_backups: How many committed backups to keep after each commit.
+        backup_dir: The run's backup folder, relative to the run directory: where ``step-<N>/``
+            folders go for ``Backup`` decisions that leave ``backup_dir`` as ``None``.
+        keep_backups: How many committed backups to keep after each commit, for ``Backup``
+            decisions that leave ``keep`` as ``None``.
 
     Example:
         >>> CoordinatorSpec(callbacks=[], params={"epochs": 1}, world_size=2).backup_dir

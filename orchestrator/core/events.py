@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,20 @@ class EventType(enum.StrEnum):
     TRAIN_END = _Spec("train_end", ("logs",), False, "on_train_end ran")
     STOP = _Spec("stop", ("reason", "source"), False,
                  "a StopTraining decision; written to events.jsonl as early_stopping, terminated_on_nan or stopped")
+
+
+#: Keys every event carries besides its own fields (``attempt`` is added when it is written to events.jsonl).
+COMMON_FIELDS: frozenset[str] = frozenset({"time", "attempt", "epoch", "step", "type"})
+
+
+def undeclared_fields(kind: EventType, fields: Iterable[str]) -> list[str]:
+    """The names in ``fields`` that are neither common keys nor declared for ``kind``, sorted.
+
+    Example:
+        >>> undeclared_fields(EventType.LR_CHANGED, ["value", "source", "epoch", "old"])
+        ['old']
+    """
+    return sorted(set(fields) - COMMON_FIELDS - set(kind.fields))
 
 
 # A StopTraining decision's reason -> the type written to events.jsonl.

@@ -5,7 +5,7 @@ Example:
 ```python
 storage = check_access(StorageSpec("s3://bucket/runs", "digits"))
 write_run_json(storage, {"epochs": 3}, world_size=2)
-EventLog(storage, attempt=bump_attempt(storage)).append("started", epoch=0)
+EventLog(storage, attempt=bump_attempt(storage)).append(EventType.STARTED, epoch=0)
 ```
 """
 
@@ -21,6 +21,7 @@ import uuid
 from importlib import metadata
 from typing import Any, Mapping
 
+from orchestrator.core.events import EventType, event_type, undeclared_fields
 from orchestrator.core.redaction import json_default, public_config, redact, redact_values
 from orchestrator.storage.fs import RunStorage, StorageSpec
 
@@ -62,13 +63,33 @@ class EventLog:
                 text = ""
             self._lines = [line for line in text.splitlines() if line.strip()]
 
-    def append(self, type: str, epoch: int | None = None, step: int | None = None, **fields: Any) -> dict:
-        """Record one event; returns the dict written. Fields named like a common key are dropped (logged)."""
+    def append(self, kind: EventType | str, epoch: int | None = None, step: int | None = None,
+               **fields: Any) -> dict:
+        """Record one event; returns the dict written.
+
+        Args:
+            kind: The event's type: an :class:`~orchestrator.core.events.EventType` (its string
+                value is accepted too).
+            epoch: The 0-based epoch it belongs to, if any.
+            step: The step it belongs to, if any.
+            **fields: The event's own fields (see ``EventType.<X>.fields``). Fields named like a
+                common key are dropped; undeclared ones are written but logged.
+
+        Raises:
+            ValueError: ``kind`` is not a type of the event vocabulary.
+        """
+        member = event_type(kind)
+        if member is None:
+            raise ValueError(f"unknown event type {kind!r}; the types are those of "
+                             f"orchestrator.core.events.EventType: {', '.join(t.value for t in EventType)}")
         clash = sorted(k for k in fields if k in _RESERVED_EVENT_KEYS)
         if clash:
-            log.warning("event %r: fields %s clash with the common keys and are dropped", type, clash)
+            log.warning("event %r: fields %s clash with the common keys and are dropped", member.value, clash)
+        undeclared = undeclared_fields(member, fields)
+        if undeclared:
+            log.warning("event %r: fields %s are not declared in orchestrator.core.events", member.value, undeclared)
         record = {"time": round(time.time(), 3), "attempt": self.attempt, "epoch": epoch,
-                  "step": step, "type": type}
+                  "step": step, "type": member.value}
         extra = {k: v for k, v in fields.items() if k not in _RESERVED_EVENT_KEYS}
         record.update(redact_values(extra, self.storage.spec.options))
         line = json.dumps(record, default=json_default)

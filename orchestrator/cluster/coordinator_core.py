@@ -1,0 +1,358 @@
+"""The coordinator's logic, without Ray or torch: reports in, one list of decisions out.
+
+:class:`CoordinatorCore` aggregates every rank's report for one sync point exactly, runs the
+callbacks once on the cluster-wide logs, records events in the vocabulary of
+:mod:`orchestrator.core.events`, and commits a backup once every rank's files are durable.
+:class:`SyncBarrier` gathers the ranks at a sync point so that the core runs once per point.
+The Ray actor in :mod:`orchestrator.cluster.coordinator` only wires the two together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from orchestrator.callbacks.base import Callback, TrainingView
+from orchestrator.callbacks.callback_list import CallbackList
+from orchestrator.cluster.specs import CoordinatorSpec
+from orchestrator.core.events import EventType, undeclared_fields
+from orchestrator.core.metrics import PhaseSums, aggregate
+from orchestrator.decisions import (
+    Backup,
+    Decision,
+    Report,
+    ReportKind,
+    Rollback,
+    SaveModel,
+    SetLearningRate,
+    SkipBatches,
+    StopTraining,
+)
+from orchestrator.storage.checkpoint import FileEntry, Manifest, commit, purge_older, read_coordinator_state, step_dir
+
+Reports = dict[int, Report]
+
+
+class CoordinatorCore:
+    """The coordinator's logic: run the callbacks once per sync point on cluster-wide logs.
+
+    Args:
+        callbacks: Callbacks that decide (``runs_on == "coordinator"``), in the user's order.
+        params: Keras-style params given to every callback.
+        world_size: Number of ranks that report at each sync point.
+        storage: The run storage backups are committed to (a ``RunStorage``), or None.
+        restore: The coordinator state of the backup this attempt resumes from, or None.
+        backup_dir: The run's backup folder, used by ``Backup`` decisions that leave it ``None``.
+        keep_backups: Committed backups kept, used by ``Backup`` decisions that leave ``keep`` ``None``.
+        resumed_from: The committed folder this attempt resumes from (never overwritten).
+
+    Example:
+        >>> from orchestrator.decisions import ReportKind
+        >>> core = CoordinatorCore([], {"epochs": 1}, world_size=1)
+        >>> core.handle({0: Report(ReportKind.TRAIN_BEGIN, learning_rate=0.1, steps_per_epoch=4)})
+        []
+        >>> core.view.learning_rate
+        0.1
+    """
+
+    def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int, *,
+                 storage: Any = None, restore: dict[str, Any] | None = None, backup_dir: str = "backup",
+                 keep_backups: int = 1, resumed_from: str | None = None) -> None:
+        self.world_size = world_size
+        self.last_committed = resumed_from
+        self.skip: list[tuple[int, int]] = [tuple(p) for p in (restore or {}).get("skip", [])]
+        self.backup_dir = backup_dir
+        self.keep_backups = keep_backups
+        self.view = TrainingView(world_size=world_size)
+        self.callbacks = CallbackList(callbacks, self.view)
+        self.callbacks.set_params(params)
+        self.storage = storage
+        self.restore = restore
+        self.events: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.error_traceback: str = ""
+        self.last_logs: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = list((restore or {}).get("history", []))
+        self._persisted: dict[str, dict[int, list[FileEntry]]] = {}
+        self._failed: set[str] = set()
+        self._handlers: dict[ReportKind, Callable[[Report, Reports], list[Decision]]] = {
+            ReportKind.TRAIN_BEGIN: self._on_train_begin,
+            ReportKind.EPOCH_BEGIN: self._on_epoch_begin,
+            ReportKind.BATCH_END: self._on_batch_end,
+            ReportKind.EPOCH_END: self._on_epoch_end,
+            ReportKind.TRAIN_END: self._on_train_end,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: CoordinatorSpec) -> "CoordinatorCore":
+        """The core for one attempt, its storage opened from the spec."""
+        return cls(spec.callbacks, spec.params, spec.world_size,
+                   storage=spec.storage.open() if spec.storage is not None else None, restore=spec.restore,
+                   backup_dir=spec.backup_dir, keep_backups=spec.keep_backups, resumed_from=spec.resumed_from)
+
+    # -- state (travels inside Backup decisions) -----------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"callbacks": self.callbacks.state_dict(), "history": [dict(h) for h in self.history],
+                "last_logs": dict(self.last_logs), "skip": [list(p) for p in self.skip],
+                "view": {"learning_rate": self.view.learning_rate, "epoch": self.view.epoch,
+                         "step": self.view.step, "global_step": self.view.global_step}}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.callbacks.load_state_dict(state.get("callbacks", []))
+        self.history = [dict(h) for h in state.get("history", [])]
+        self.last_logs = dict(state.get("last_logs", {}))
+        view = state.get("view", {})
+        self.view.epoch = int(view.get("epoch", 0))
+        self.view.step = int(view.get("step", 0))
+
+    # -- sync points -----------------------------------------------------------------------
+    def handle(self, reports: Reports) -> list[Decision]:
+        """Run the hooks of one sync point once, on every rank's report; return the decisions for all ranks.
+
+        A callback that raises stops every rank (``StopTraining(reason="callback_error")``); the
+        exception is kept in :attr:`error` for the driver. Warnings become ``warning`` events.
+        """
+        if self.error is not None:
+            return [StopTraining(reason="callback_error", source="coordinator")]
+        first = reports[min(reports)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                decisions = self._handlers[first.kind](first, reports)
+            except Exception as exc:  # a callback raised: stop every rank, re-raise on the driver
+                self.error = exc
+                self.error_traceback = traceback.format_exc()
+                decisions = [StopTraining(reason="callback_error", source="coordinator")]
+        for w in caught:  # the driver re-issues them, so users see Keras's warnings where they run fit
+            self._emit(EventType.WARNING, message=str(w.message), category=w.category.__name__)
+        return decisions
+
+    def _emit(self, kind: EventType, **fields: Any) -> None:
+        undeclared = undeclared_fields(kind, fields)
+        if undeclared:
+            raise ValueError(f"event {kind.value!r} has no fields {undeclared}; declare them in "
+                             "orchestrator.core.events")
+        self.events.append({"type": kind, "time": time.time(), **fields})
+
+    def _record(self, decisions: list[Decision], epoch: int, step: int) -> list[Decision]:
+        """Emit events for the decisions; fill Backups with the state as of now and Rollbacks with a folder."""
+        filled: list[Decision] = []
+        for d in decisions:
+            if isinstance(d, SkipBatches):
+                self.skip = [tuple(p) for p in d.batches]
+            elif isinstance(d, Rollback):
+                d = self._roll_back(d, epoch, step)
+            elif isinstance(d, Backup):
+                d = dataclasses.replace(d, backup_dir=self.backup_dir if d.backup_dir is None else d.backup_dir,
+                                        keep=self.keep_backups if d.keep is None else d.keep)
+                folder = step_dir(d.backup_dir, self.view.global_step)
+                if self.last_committed == folder:
+                    continue  # that exact state is already committed; never overwrite it
+                self._persisted.pop(folder, None)  # a new save of this folder: earlier reports are stale
+                self._failed.discard(folder)
+                d = dataclasses.replace(d, coordinator_state=self.state_dict())
+            filled.append(d)
+        for d in filled:
+            if isinstance(d, SaveModel):
+                self._emit(EventType.CHECKPOINT_SAVED, path=d.filepath, epoch=epoch, step=step)
+            elif isinstance(d, StopTraining):
+                self._emit(EventType.STOP, reason=d.reason, source=d.source, epoch=epoch, step=step)
+            elif isinstance(d, SetLearningRate):
+                self._emit(EventType.LR_CHANGED, value=d.value, source=d.source, epoch=epoch, step=step)
+        return filled
+
+    def _roll_back(self, decision: Rollback, epoch: int, step: int) -> Decision:
+        """Restore the coordinator to the newest committed backup (keeping the state of callbacks
+        that survive rollbacks); the ranks reload the same folder."""
+        if self.last_committed is None or self.storage is None:
+            self._emit(EventType.WARNING, message="a rollback was requested but no backup has been committed yet; "
+                       "stopping training (add BackupAndRestore with a small save_freq)", category="UserWarning")
+            return StopTraining(reason="nan_detected", source=decision.source)
+        state = read_coordinator_state(self.storage, self.last_committed)
+        survivors = {i: cb.state_dict() for i, cb in enumerate(self.callbacks.callbacks) if cb.survives_rollback}
+        self._load_state(state)
+        for i, st in survivors.items():
+            self.callbacks.callbacks[i].load_state_dict(st)
+        rate = float(state.get("view", {}).get("learning_rate", self.view.learning_rate))
+        self.view.learning_rate = rate * decision.lr_factor if decision.lr_factor else rate
+        self._emit(EventType.ROLLED_BACK, epoch=epoch, step=step, folder=self.last_committed,
+                   skip=[list(p) for p in self.skip])
+        return dataclasses.replace(decision, folder=self.last_committed)
+
+    @staticmethod
+    def _same_lr(reports: Reports) -> float:
+        rates = {r.learning_rate for r in reports.values()}
+        if len(rates) > 1:
+            by_rank = {rank: reports[rank].learning_rate for rank in sorted(reports)}
+            raise RuntimeError(f"ranks disagree on the learning rate: {by_rank}; every rank must apply the "
+                               "same SetLearningRate decisions (does an LR scheduler run on some ranks only?)")
+        return rates.pop()
+
+    def _on_train_begin(self, first: Report, reports: Reports) -> list[Decision]:
+        self.view.learning_rate = self._same_lr(reports)
+        self.callbacks.params["steps"] = first.steps_per_epoch
+        self.view.global_step = first.global_step
+        self._emit(EventType.TRAIN_BEGIN, steps=first.steps_per_epoch, global_step=first.global_step)
+        decisions = self.callbacks.call("on_train_begin", {})
+        if self.restore is not None:  # after on_train_begin, which resets callbacks as Keras does
+            self._load_state(self.restore)
+        if self.skip:
+            decisions.append(SkipBatches(tuple(self.skip)))
+        return self._record(decisions, 0, -1)
+
+    def _on_epoch_begin(self, first: Report, reports: Reports) -> list[Decision]:
+        self.view.epoch, self.view.step = first.epoch, 0
+        self.view.learning_rate = self._same_lr(reports)
+        self._emit(EventType.EPOCH_BEGIN, epoch=first.epoch)
+        decisions = self.callbacks.call("on_epoch_begin", first.epoch, {})
+        if self.callbacks.batch_sync_every() is not None:
+            decisions += self.callbacks.call("on_train_batch_begin", 0, {})
+        return self._record(decisions, first.epoch, -1)
+
+    def _on_batch_end(self, first: Report, reports: Reports) -> list[Decision]:
+        self.view.step, self.view.global_step = first.step, first.global_step
+        nonfinite = any(r.nonfinite for r in reports.values())
+        if any(r.preempted for r in reports.values()):  # an emergency backup at this very step, then a stop
+            self._emit(EventType.PREEMPTED, epoch=first.epoch, step=first.global_step)
+            return self._record([Backup(source="preemption"), StopTraining(reason="preempted", source="preemption")],
+                                first.epoch, first.step)
+        logs = aggregate(_sums(r.train) for r in reports.values())
+        if nonfinite and math.isfinite(logs.get("loss", math.nan)):
+            logs["loss"] = math.nan
+        if nonfinite:
+            self._emit(EventType.NAN_DETECTED, epoch=first.epoch, step=first.step)
+        decisions = self.callbacks.call("on_train_batch_end", first.step, dict(logs))
+        self._emit(EventType.BATCH_END, epoch=first.epoch, step=first.step, logs=logs)
+        if not any(isinstance(d, StopTraining) for d in decisions) and first.step + 1 < first.steps_per_epoch \
+                and self.callbacks.batch_sync_every() is not None:
+            decisions += self.callbacks.call("on_train_batch_begin", first.step + 1, {})
+        return self._record(decisions, first.epoch, first.step)
+
+    def _on_epoch_end(self, first: Report, reports: Reports) -> list[Decision]:
+        self.view.global_step = first.global_step
+        lr_used = self.view.learning_rate
+        logs = aggregate(_sums(r.train) for r in reports.values())
+        if first.val is not None:
+            val_logs = aggregate(_sums(r.val) for r in reports.values())
+            decisions = self.callbacks.call("on_test_begin", {})
+            decisions += self.callbacks.call("on_test_end", dict(val_logs))
+            logs.update({f"val_{k}": v for k, v in val_logs.items()})
+        else:
+            decisions = []
+        logs["learning_rate"] = lr_used
+        decisions += self.callbacks.call("on_epoch_end", first.epoch, logs)
+        logs["learning_rate"] = lr_used  # Keras logs the rate used during the epoch
+        self.last_logs = dict(logs)
+        self.history.append({"epoch": first.epoch, "logs": dict(logs)})
+        self._emit(EventType.EPOCH_END, epoch=first.epoch, logs=dict(logs))
+        return self._record(decisions, first.epoch, -1)
+
+    def _on_train_end(self, first: Report, reports: Reports) -> list[Decision]:
+        decisions = self.callbacks.call("on_train_end", dict(self.last_logs))
+        self._emit(EventType.TRAIN_END, logs=dict(self.last_logs))
+        return self._record(decisions, first.epoch, -1)
+
+    # -- between sync points ---------------------------------------------------------------
+    def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
+        """Rank 0's running logs, for the driver's progress bar."""
+        self._emit(EventType.PROGRESS, epoch=epoch, step=step, logs=logs)
+
+    def persisted(self, rank: int, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
+        """Record one rank's durable files; commit the step once every rank's are in (in any order).
+
+        ``entries`` is None when the rank could not write its files: the step is never committed.
+        """
+        if entries is None:
+            self._emit(EventType.BACKUP_FAILED, rank=rank, folder=folder, step=meta.get("step"),
+                       error=meta.get("error"))
+            self._persisted.pop(folder, None)
+            self._failed.add(folder)
+            return
+        if folder in self._failed:
+            return
+        ranks = self._persisted.setdefault(folder, {})
+        ranks[rank] = entries
+        if len(ranks) < self.world_size:
+            return
+        del self._persisted[folder]
+        files = [e for r in sorted(ranks) for e in ranks[r]]
+        manifest = Manifest(step=int(meta["step"]), epoch=int(meta["epoch"]), batch=int(meta["batch"]),
+                            phase=str(meta["phase"]), world_size=self.world_size, files=files)
+        commit(self.storage, meta["backup_dir"], manifest)
+        self.last_committed = folder
+        removed = purge_older(self.storage, meta["backup_dir"], manifest.step, keep=int(meta.get("keep", 1)))
+        self._emit(EventType.BACKUP_COMMITTED, epoch=manifest.epoch, step=manifest.step, folder=folder,
+                   bytes=sum(f.size for f in files), purged=removed)
+
+    def drain(self) -> list[dict[str, Any]]:
+        """The events recorded since the previous call, oldest first."""
+        events, self.events = self.events, []
+        return events
+
+
+def _sums(value: object) -> PhaseSums:
+    return value if isinstance(value, PhaseSums) else PhaseSums()
+
+
+@dataclass
+class _SyncPoint:
+    reports: Reports = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    result: list[Decision] = field(default_factory=list)
+    error: BaseException | None = None
+    served: int = 0
+
+
+class SyncBarrier:
+    """Gathers the reports of one sync point from every rank; the last to arrive runs ``handler`` once.
+
+    A sync point is keyed by the report's ``(kind, epoch, step)``; every rank waiting at it gets
+    the same result, whatever order the ranks arrive in.
+
+    Args:
+        world_size: Number of ranks that report at each sync point.
+        handler: Turns every rank's report into the decisions for all (``CoordinatorCore.handle``).
+
+    Example:
+        >>> import asyncio
+        >>> from orchestrator.decisions import ReportKind
+        >>> barrier = SyncBarrier(1, lambda reports: [])
+        >>> asyncio.run(barrier.arrive(0, Report(ReportKind.TRAIN_BEGIN)))
+        []
+    """
+
+    def __init__(self, world_size: int, handler: Callable[[Reports], list[Decision]]) -> None:
+        self.world_size = world_size
+        self.handler = handler
+        self._points: dict[tuple[str, int, int], _SyncPoint] = {}
+
+    @property
+    def pending(self) -> tuple[tuple[str, int, int], ...]:
+        """The sync points some rank is waiting at, or whose result not every rank has collected yet."""
+        return tuple(self._points)
+
+    async def arrive(self, rank: int, report: Report) -> list[Decision]:
+        """Wait until every rank has reported this sync point; return the decisions for all ranks."""
+        key = (str(report.kind), report.epoch, report.step)
+        point = self._points.setdefault(key, _SyncPoint())
+        point.reports[rank] = report
+        if len(point.reports) == self.world_size:
+            try:
+                point.result = self.handler(point.reports)
+            except BaseException as exc:  # every waiting rank raises it, none hangs
+                point.error = exc
+            finally:
+                point.done.set()
+        await point.done.wait()
+        point.served += 1
+        if point.served == self.world_size:
+            del self._points[key]
+        if point.error is not None:
+            raise point.error
+        return point.result

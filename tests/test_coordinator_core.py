@@ -1,0 +1,424 @@
+"""The coordinator's core on recorded reports, and its sync barrier, without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import math
+import warnings
+from typing import Any
+
+import pytest
+
+from orchestrator.callbacks import (
+    Callback,
+    EarlyStopping,
+    ModelCheckpoint,
+    ReduceLROnPlateau,
+    RollbackOnNaN,
+)
+from orchestrator.cluster.coordinator_core import CoordinatorCore, SyncBarrier
+from orchestrator.core.events import EventType
+from orchestrator.core.metrics import PhaseSums
+from orchestrator.decisions import (
+    Backup,
+    Report,
+    ReportKind,
+    Rollback,
+    SaveModel,
+    SetLearningRate,
+    SkipBatches,
+    StopTraining,
+)
+from orchestrator.storage.checkpoint import (
+    COORDINATOR_FILE,
+    ChecksumWriter,
+    FileEntry,
+    encode_state,
+    latest_valid,
+    list_steps,
+    rank_file,
+    step_dir,
+)
+from orchestrator.storage.fs import StorageSpec
+
+DIRECTIONS = {"loss": "min", "accuracy": "max"}
+STEPS = 4
+
+
+class Recorder(Callback):
+    """Counts its hook calls, keeps the logs it saw, and an epoch counter as its state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.seen: dict[str, dict] = {}
+        self.epochs = 0
+
+    def on_train_begin(self, logs=None):
+        self.calls.append("train_begin")
+
+    def on_test_end(self, logs=None):
+        self.calls.append("test_end")
+        self.seen["test_end"] = dict(logs or {})
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.calls.append(f"epoch_end:{epoch}")
+        self.seen["epoch_end"] = dict(logs or {})
+        self.epochs += 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls.append(f"batch_end:{batch}")
+        self.seen["batch_end"] = dict(logs or {})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epochs = int(state.get("epochs", 0))
+
+
+def make_core(callbacks: list[Callback], world_size: int = 2, storage: Any = None, **kwargs: Any) -> CoordinatorCore:
+    params = {"epochs": 3, "steps": STEPS, "verbose": 0, "metric_directions": dict(DIRECTIONS)}
+    core = CoordinatorCore(callbacks, params, world_size, storage=storage, **kwargs)
+    for cb in callbacks:
+        cb.validate(params)
+    return core
+
+
+def reports(kind: ReportKind, world_size: int = 2, lr: float = 0.1, **fields: Any) -> dict[int, Report]:
+    fields.setdefault("steps_per_epoch", STEPS)
+    return {rank: Report(kind, learning_rate=lr, **fields) for rank in range(world_size)}
+
+
+def epoch_end(epoch: int, train: list[PhaseSums], val: list[PhaseSums] | None = None,
+              lr: float = 0.1) -> dict[int, Report]:
+    return {rank: Report(ReportKind.EPOCH_END, epoch=epoch, train=sums, val=val[rank] if val else None,
+                         learning_rate=lr, steps_per_epoch=STEPS, global_step=(epoch + 1) * STEPS)
+            for rank, sums in enumerate(train)}
+
+
+def same_loss(value: float, world_size: int = 2) -> list[PhaseSums]:
+    return [PhaseSums({"loss": value}, 1) for _ in range(world_size)]
+
+
+def start(core: CoordinatorCore, epoch: int = 0, lr: float = 0.1) -> list:
+    made = core.handle(reports(ReportKind.TRAIN_BEGIN, lr=lr)) if epoch == 0 else []
+    return made + core.handle(reports(ReportKind.EPOCH_BEGIN, epoch=epoch, lr=lr, global_step=epoch * STEPS))
+
+
+def events_of(core: CoordinatorCore, kind: EventType) -> list[dict]:
+    return [e for e in core.events if e["type"] is kind]
+
+
+def write_rank_files(storage: Any, folder: str, rank: int, state: dict | None = None) -> list[FileEntry]:
+    files = {rank_file(rank): f"the state of rank {rank}".encode()}
+    if state is not None:
+        files[COORDINATOR_FILE] = encode_state(state)
+    entries = []
+    for name, data in files.items():
+        storage.write_bytes(f"{folder}/{name}", data)
+        with ChecksumWriter(io.BytesIO()) as writer:
+            writer.write(data)
+        entries.append(writer.entry(name))
+    return entries
+
+
+def meta(step: int, rank: int, epoch: int = 0, **extra: Any) -> dict[str, Any]:
+    return {"epoch": epoch, "batch": -1, "step": step, "phase": "epoch_end", "world_size": 2,
+            "backup_dir": "backup", "keep": 1, "rank": rank, **extra}
+
+
+def persist_from_every_rank(core: CoordinatorCore, storage: Any, step: int, state: dict | None = None,
+                            order: tuple[int, ...] = (0, 1)) -> str:
+    folder = step_dir("backup", step)
+    for rank in order:
+        entries = write_rank_files(storage, folder, rank, state if rank == 0 else None)
+        core.persisted(rank, folder, entries, meta(step, rank))
+    return folder
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return StorageSpec(url=str(tmp_path), run_name="r").open()
+
+
+# -- one run of the hooks per sync point ---------------------------------------------------------
+
+
+def test_handle_runs_the_callbacks_once_per_sync_point_and_returns_one_decision_list_for_every_rank():
+    recorder = Recorder()
+
+    class StopAtFirstEpoch(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            return StopTraining(reason="enough", source="StopAtFirstEpoch")
+
+    core = make_core([recorder, StopAtFirstEpoch()], world_size=3)
+    start(core)
+    made = core.handle(epoch_end(0, same_loss(1.0, 3)))
+    assert recorder.calls == ["train_begin", "epoch_end:0"]
+    assert made == [StopTraining(reason="enough", source="StopAtFirstEpoch")]
+
+
+def test_epoch_logs_are_the_sample_weighted_mean_of_every_ranks_sums_and_validation_logs_are_prefixed_val():
+    recorder = Recorder()
+    core = make_core([recorder])
+    start(core)
+    train = [PhaseSums({"loss": 3.0, "accuracy": 1.0}, 2), PhaseSums({"loss": 1.0, "accuracy": 1.0}, 1)]
+    val = [PhaseSums({"loss": 0.5}, 1), PhaseSums({"loss": 1.5}, 3)]
+    core.handle(epoch_end(0, train, val))
+    expected = {"loss": 4 / 3, "accuracy": 2 / 3, "val_loss": 0.5, "learning_rate": 0.1}
+    assert recorder.seen["test_end"] == {"loss": 0.5}
+    assert recorder.seen["epoch_end"] == pytest.approx(expected)
+    assert events_of(core, EventType.EPOCH_END)[-1]["logs"] == pytest.approx(expected)
+    assert core.history == [{"epoch": 0, "logs": pytest.approx(expected)}]
+
+
+def test_a_non_finite_loss_on_any_rank_reaches_the_batch_hooks_as_nan_with_a_nan_detected_event():
+    recorder = Recorder()
+    core = make_core([recorder])
+    start(core)
+    batch = {rank: Report(ReportKind.BATCH_END, epoch=0, step=2, train=PhaseSums({"loss": 2.0}, 3),
+                          learning_rate=0.1, nonfinite=True, steps_per_epoch=STEPS, global_step=3)
+             for rank in range(2)}
+    core.handle(batch)
+    assert math.isnan(recorder.seen["batch_end"]["loss"])
+    assert [(e["epoch"], e["step"]) for e in events_of(core, EventType.NAN_DETECTED)] == [(0, 2)]
+
+
+@pytest.mark.parametrize("order", ["reduce_first", "stop_first"])
+def test_decisions_follow_the_order_of_the_callbacks(order):
+    reduce = ReduceLROnPlateau(monitor="loss", patience=0, factor=0.5)
+    stop = EarlyStopping(monitor="loss", patience=0)
+    core = make_core([reduce, stop] if order == "reduce_first" else [stop, reduce])
+    start(core)
+    core.handle(epoch_end(0, same_loss(1.0)))
+    start(core, epoch=1)
+    made = core.handle(epoch_end(1, same_loss(1.0)))
+    kinds = [type(d) for d in made]
+    assert kinds == ([SetLearningRate, StopTraining] if order == "reduce_first" else [StopTraining, SetLearningRate])
+    assert core.view.learning_rate == 0.05
+
+
+def test_ranks_that_disagree_on_the_learning_rate_stop_training_with_a_clear_error():
+    core = make_core([Recorder()])
+    disagreeing = {0: Report(ReportKind.TRAIN_BEGIN, learning_rate=0.1, steps_per_epoch=STEPS),
+                   1: Report(ReportKind.TRAIN_BEGIN, learning_rate=0.2, steps_per_epoch=STEPS)}
+    assert core.handle(disagreeing) == [StopTraining(reason="callback_error", source="coordinator")]
+    assert isinstance(core.error, RuntimeError)
+    assert "ranks disagree on the learning rate: {0: 0.1, 1: 0.2}" in str(core.error)
+    assert core.handle(reports(ReportKind.EPOCH_BEGIN)) == [StopTraining(reason="callback_error",
+                                                                          source="coordinator")]
+
+
+def test_a_callback_that_raises_stops_every_rank_and_keeps_the_error_for_the_driver():
+    class Broken(Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            raise KeyError("no such log")
+
+    core = make_core([Broken()])
+    core.handle(reports(ReportKind.TRAIN_BEGIN))
+    assert core.handle(reports(ReportKind.EPOCH_BEGIN)) == [StopTraining("callback_error", "coordinator")]
+    assert isinstance(core.error, KeyError) and "no such log" in core.error_traceback
+
+
+def test_a_callbacks_warning_becomes_a_warning_event_for_the_driver():
+    class Warns(Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            warnings.warn("careful", RuntimeWarning)
+
+    core = make_core([Warns()])
+    start(core)
+    assert [(e["message"], e["category"]) for e in events_of(core, EventType.WARNING)] == [
+        ("careful", "RuntimeWarning")]
+
+
+def test_a_preempted_batch_asks_every_rank_for_an_emergency_backup_in_the_runs_folder_then_a_stop():
+    core = make_core([Recorder()], backup_dir="backups", keep_backups=2)
+    start(core)
+    preempted = {rank: Report(ReportKind.BATCH_END, epoch=0, step=1, learning_rate=0.1, preempted=True,
+                              steps_per_epoch=STEPS, global_step=2) for rank in range(2)}
+    backup, stop = core.handle(preempted)
+    assert (backup.backup_dir, backup.keep, backup.source) == ("backups", 2, "preemption")
+    assert backup.coordinator_state is not None
+    assert stop == StopTraining(reason="preempted", source="preemption")
+    assert [e["step"] for e in events_of(core, EventType.PREEMPTED)] == [2]
+
+
+def test_a_backup_without_a_folder_gets_the_runs_folder_and_policy_and_an_explicit_one_is_kept():
+    class Backs(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            return [Backup(source="Backs"), Backup(backup_dir="elsewhere", keep=3, source="Backs")]
+
+    core = make_core([Backs()], backup_dir="backup", keep_backups=2)
+    start(core)
+    run_folder, explicit = core.handle(epoch_end(0, same_loss(1.0)))
+    assert (run_folder.backup_dir, run_folder.keep) == ("backup", 2)
+    assert (explicit.backup_dir, explicit.keep) == ("elsewhere", 3)
+    assert run_folder.coordinator_state == explicit.coordinator_state == core.state_dict()
+
+
+# -- commit and purge ------------------------------------------------------------------------------
+
+
+def test_persisted_from_every_rank_writes_the_manifest_and_purges_the_older_step(storage):
+    core = make_core([Recorder()], storage=storage)
+    persist_from_every_rank(core, storage, step=4)
+    newest = persist_from_every_rank(core, storage, step=8)
+    found = latest_valid(storage, "backup")
+    assert found is not None and found.folder == newest and found.manifest.world_size == 2
+    assert [f.name for f in found.manifest.files] == [rank_file(0), rank_file(1)]
+    assert list_steps(storage, "backup") == [8]
+    assert core.last_committed == newest
+    commits = events_of(core, EventType.BACKUP_COMMITTED)
+    assert [(e["folder"], e["step"], e["purged"]) for e in commits] == [("backup/step-4", 4, []),
+                                                                        ("backup/step-8", 8, [4])]
+
+
+def test_persisted_reports_out_of_rank_order_still_commit_once(storage):
+    core = make_core([Recorder()], storage=storage)
+    folder = step_dir("backup", 4)
+    core.persisted(1, folder, write_rank_files(storage, folder, 1), meta(4, 1))
+    assert latest_valid(storage, "backup") is None and events_of(core, EventType.BACKUP_COMMITTED) == []
+    core.persisted(0, folder, write_rank_files(storage, folder, 0), meta(4, 0))
+    assert latest_valid(storage, "backup").folder == folder
+    assert len(events_of(core, EventType.BACKUP_COMMITTED)) == 1
+
+
+def test_a_failed_rank_emits_backup_failed_and_its_step_never_commits(storage):
+    core = make_core([Recorder()], storage=storage)
+    folder = step_dir("backup", 4)
+    core.persisted(0, folder, write_rank_files(storage, folder, 0), meta(4, 0))
+    core.persisted(1, folder, None, meta(4, 1, error="OSError: disk full"))
+    assert [(e["rank"], e["folder"], e["step"], e["error"]) for e in events_of(core, EventType.BACKUP_FAILED)] == [
+        (1, folder, 4, "OSError: disk full")]
+    assert latest_valid(storage, "backup") is None and core.last_committed is None
+
+
+# -- rollback ----------------------------------------------------------------------------------------
+
+
+def test_survives_rollback_is_declared_on_every_callback_and_only_rollback_on_nan_sets_it():
+    assert Callback.survives_rollback is False and Recorder().survives_rollback is False
+    assert RollbackOnNaN.survives_rollback is True
+
+
+def test_a_rollback_reloads_the_coordinator_state_of_the_newest_committed_folder_except_survivors(storage):
+    recorder, rollback = Recorder(), RollbackOnNaN(lr_factor=0.5)
+    core = make_core([recorder, rollback], storage=storage)
+    (initial,) = core.handle(reports(ReportKind.TRAIN_BEGIN))
+    assert isinstance(initial, Backup) and (initial.backup_dir, initial.source) == ("backup", "RollbackOnNaN")
+    folder = persist_from_every_rank(core, storage, step=0, state=initial.coordinator_state)
+
+    core.handle(reports(ReportKind.EPOCH_BEGIN, epoch=0))
+    core.handle(epoch_end(0, same_loss(1.0)))
+    core.handle(reports(ReportKind.EPOCH_BEGIN, epoch=1, global_step=STEPS))
+    assert recorder.epochs == 1 and len(core.history) == 1
+    nan = {rank: Report(ReportKind.BATCH_END, epoch=1, step=1, train=PhaseSums({"loss": 1.0}, 2),
+                        learning_rate=0.1, nonfinite=rank == 1, steps_per_epoch=STEPS, global_step=STEPS + 2)
+           for rank in range(2)}
+    made = core.handle(nan)
+
+    assert made == [SkipBatches(((1, 1),)), Rollback(lr_factor=0.5, folder=folder, source="RollbackOnNaN")]
+    assert recorder.epochs == 0 and core.history == []  # back to the committed state
+    assert rollback.rollbacks == 1 and rollback.skipped == [(1, 1)]  # a survivor keeps its own
+    assert core.view.learning_rate == pytest.approx(0.05)
+    assert [(e["folder"], e["skip"]) for e in events_of(core, EventType.ROLLED_BACK)] == [(folder, [[1, 1]])]
+
+
+def test_a_rollback_before_any_commit_stops_training_with_a_warning():
+    core = make_core([RollbackOnNaN()])
+    core.handle(reports(ReportKind.TRAIN_BEGIN))
+    core.handle(reports(ReportKind.EPOCH_BEGIN))
+    nan = reports(ReportKind.BATCH_END, epoch=0, step=0, train=PhaseSums({"loss": math.inf}, 1), nonfinite=True,
+                  global_step=1)
+    assert core.handle(nan)[-1] == StopTraining(reason="nan_detected", source="RollbackOnNaN")
+    assert "no backup has been committed yet" in events_of(core, EventType.WARNING)[0]["message"]
+
+
+# -- the event vocabulary ------------------------------------------------------------------------------
+
+
+def test_dispatch_knows_every_report_kind():
+    core = make_core([])
+    for kind in ReportKind:
+        core.handle(reports(kind))
+    assert core.error is None
+
+
+def test_every_event_the_core_emits_is_a_vocabulary_member_with_only_its_declared_fields(storage, tmp_path):
+    callbacks = [ReduceLROnPlateau(monitor="loss", patience=0), EarlyStopping(monitor="loss", patience=1),
+                 ModelCheckpoint("m.pt", monitor="loss"), RollbackOnNaN()]
+    core = make_core(callbacks, storage=storage)
+    (initial,) = core.handle(reports(ReportKind.TRAIN_BEGIN))
+    persist_from_every_rank(core, storage, step=0, state=initial.coordinator_state)
+    for epoch in range(3):
+        start(core, epoch=epoch, lr=core.view.learning_rate)
+        core.progress(epoch, 1, {"loss": 1.0})
+        made = core.handle(epoch_end(epoch, same_loss(1.0), same_loss(2.0), lr=core.view.learning_rate))
+    assert any(isinstance(d, StopTraining) for d in made) and any(isinstance(d, SaveModel) for d in made)
+    core.handle(reports(ReportKind.BATCH_END, epoch=2, step=1, train=same_loss(1.0)[0], nonfinite=True,
+                        lr=core.view.learning_rate, global_step=10))
+    core.handle(reports(ReportKind.BATCH_END, epoch=2, step=2, preempted=True, lr=core.view.learning_rate,
+                        global_step=11))
+    core.persisted(1, step_dir("backup", 11), None, meta(11, 1, error="boom"))
+    core.handle(reports(ReportKind.TRAIN_END, epoch=2))
+    events = core.drain()
+
+    emitted = {e["type"] for e in events}
+    assert emitted >= {EventType.TRAIN_BEGIN, EventType.EPOCH_BEGIN, EventType.EPOCH_END, EventType.PROGRESS,
+                       EventType.LR_CHANGED, EventType.STOP, EventType.CHECKPOINT_SAVED, EventType.BACKUP_COMMITTED,
+                       EventType.NAN_DETECTED, EventType.ROLLED_BACK, EventType.PREEMPTED, EventType.BACKUP_FAILED,
+                       EventType.BATCH_END, EventType.TRAIN_END}
+    for event in events:
+        assert isinstance(event["type"], EventType)
+        assert set(event) - {"time", "type", "epoch", "step"} <= set(event["type"].fields), event
+    assert core.drain() == []
+
+
+# -- the barrier ---------------------------------------------------------------------------------------
+
+
+def _run_barrier(world_size: int, arrivals: list[tuple[int, Report]]) -> tuple[list, list[dict[int, Report]]]:
+    handled: list[dict[int, Report]] = []
+
+    def handler(reps):
+        handled.append(dict(reps))
+        return [StopTraining(reason=f"call {len(handled)}")]
+
+    async def main():
+        barrier = SyncBarrier(world_size, handler)
+        results = await asyncio.gather(*(barrier.arrive(rank, rep) for rank, rep in arrivals))
+        assert barrier.pending == ()
+        return results
+
+    return asyncio.run(main()), handled
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_the_barrier_gives_every_rank_the_same_result_whatever_the_arrival_order_and_handles_once(order):
+    arrivals = [(rank, Report(ReportKind.EPOCH_END, epoch=1, learning_rate=rank)) for rank in order]
+    results, handled = _run_barrier(3, arrivals)
+    assert results == [[StopTraining(reason="call 1")]] * 3
+    assert len(handled) == 1 and sorted(handled[0]) == [0, 1, 2]
+
+
+def test_the_barrier_keeps_sync_points_apart():
+    arrivals = [(0, Report(ReportKind.BATCH_END, step=1)), (0, Report(ReportKind.BATCH_END, step=2)),
+                (1, Report(ReportKind.BATCH_END, step=2)), (1, Report(ReportKind.BATCH_END, step=1))]
+    results, handled = _run_barrier(2, arrivals)
+    assert [{r.step for r in reps.values()} for reps in handled] == [{2}, {1}]
+    assert results[0] == results[3] and results[1] == results[2] and results[0] != results[1]
+
+
+def test_the_barrier_raises_the_handlers_error_on_every_rank():
+    def handler(reps):
+        raise RuntimeError("handler broke")
+
+    async def main():
+        barrier = SyncBarrier(2, handler)
+        return await asyncio.gather(*(barrier.arrive(r, Report(ReportKind.TRAIN_BEGIN)) for r in range(2)),
+                                    return_exceptions=True)
+
+    assert [str(e) for e in asyncio.run(main())] == ["handler broke", "handler broke"]
