@@ -8,40 +8,29 @@ import ray
 
 from orchestrator.callbacks import BackupAndRestore, Callback, History, ProgbarLogger
 from orchestrator.callbacks.callback_list import CallbackList
-from orchestrator.core.config import LoopConfig, ScalingConfig, validate_epochs, validate_run_name
 from orchestrator.control.controller import run_fit
 from orchestrator.control.specs import BackupPolicy, FaultPolicy, FitSpec
-from orchestrator.core.metrics import BUILTIN_METRICS, metric_directions
+from orchestrator.core.config import (
+    LoopConfig, ScalingConfig, validate_epochs, validate_flag, validate_int, validate_seconds, validate_verbose)
+from orchestrator.core.metrics import metric_directions
 from orchestrator.storage.fs import StorageSpec
 
-VERBOSE = ("auto", 0, 1, 2)
 
-
-def _normalise_metrics(metrics: Any) -> dict[str, Any]:
-    if metrics is None:
-        return {}
-    if isinstance(metrics, str):
-        metrics = [metrics]
-    if isinstance(metrics, Mapping):
-        out = {}
-        for name, fn in metrics.items():
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"metrics: every key must be a metric name, got {name!r}")
-            if isinstance(fn, str) and fn not in BUILTIN_METRICS:
-                raise ValueError(f"metrics[{name!r}]: unknown built-in {fn!r}; built-ins are {BUILTIN_METRICS}")
-            if not isinstance(fn, str) and not callable(fn):
-                raise ValueError(f"metrics[{name!r}] must be fn(outputs, targets) -> scalar tensor, got {fn!r}")
-            out[name] = fn
-        return out
-    out = {}
-    for name in metrics:
-        if name not in BUILTIN_METRICS:
-            raise ValueError(
-                f"metrics: unknown metric {name!r}; built-ins are {BUILTIN_METRICS}, or pass "
-                "{'name': fn(outputs, targets)} for your own"
-            )
-        out[name] = name
-    return out
+def _checked_callbacks(callbacks: Iterable[Callback] | None, params: Mapping[str, Any]) -> list[Callback]:
+    """The callbacks as a list, each validated against the run's params (monitors, directions)."""
+    checked = list(callbacks or [])
+    for i, cb in enumerate(checked):
+        if not isinstance(cb, Callback):
+            raise ValueError(f"callbacks[{i}] must be an orchestrator.callbacks.Callback, got {type(cb).__name__}")
+    for cb in checked:
+        cb.validate(dict(params))
+    backups = [cb for cb in checked if isinstance(cb, BackupAndRestore)]
+    if len(backups) > 1:
+        raise ValueError("callbacks: pass at most one BackupAndRestore")
+    if backups and "://" in backups[0].backup_dir:
+        raise ValueError("BackupAndRestore(backup_dir=...) must be a path relative to the run directory "
+                         f"here, got {backups[0].backup_dir!r}; set Trainer(storage=...) to move the run")
+    return checked
 
 
 def _check_picklable(name: str, value: Any) -> None:
@@ -62,14 +51,16 @@ class Trainer:
         optimizer: ``(params) -> torch.optim.Optimizer``, called on every worker.
         loss: ``(outputs, targets) -> scalar tensor`` (the batch mean). Optional with ``train_step``.
         data: ``() -> (train_dataset, val_dataset or None)``, map-style datasets, called on every worker.
-        metrics: Built-in names (``"accuracy"``, ``"mse"``, ``"mae"``) or ``{"name": fn(outputs, targets)}``
-            returning the batch mean. Defaults to none.
+        metrics: Built-in names (``"accuracy"`` or ``"acc"``, ``"mse"``, ``"mae"``; see
+            :data:`orchestrator.core.metrics.BUILTIN_METRICS`), logged under the name given, or
+            ``{"name": fn(outputs, targets)}`` returning the batch mean. Defaults to none.
         batch_size: Samples per worker per step. Defaults to ``32``.
         num_workers: Data-parallel ranks. Defaults to ``1``.
         use_gpu: One GPU per worker and NCCL. Defaults to ``False``.
         storage: fsspec URL of the run storage. Defaults to a local folder.
         storage_options: Passed to fsspec; never logged.
-        run_name: Name of the run directory. Defaults to ``"run"``.
+        run_name: Name of the run directory: 1-128 letters, digits, ``.``, ``_`` or ``-``, starting with a
+            letter or digit. Defaults to ``"run"``.
         callbacks: ``orchestrator.callbacks`` instances. Defaults to none.
         max_failures: Restarts allowed after worker failures. Defaults to ``0``.
         seed: Seed for initial weights and shuffling. Defaults to ``0``.
@@ -129,54 +120,33 @@ class Trainer:
         warm_standbys: bool = True,
     ) -> None:
         self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        if data is None:
-            raise ValueError("data is required: pass data=fn returning (train_dataset, val_dataset or None)")
-        self.loop = LoopConfig(model=model, optimizer=optimizer, data=data, loss=loss,
-                               metrics=_normalise_metrics(metrics), batch_size=batch_size,
-                               val_batch_size=val_batch_size, train_step=train_step, val_step=val_step,
-                               clip_grad_norm=clip_grad_norm, seed=seed)
+        self.loop = LoopConfig(model=model, optimizer=optimizer, data=data, loss=loss, metrics=metrics,
+                               batch_size=batch_size, val_batch_size=val_batch_size, train_step=train_step,
+                               val_step=val_step, clip_grad_norm=clip_grad_norm, seed=seed)
         self.scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources_per_worker,
                                      placement_strategy=placement_strategy,
                                      threads_per_worker=threads_per_worker)
-        self.run_name = validate_run_name(run_name)
-        if storage is not None and not isinstance(storage, str):
-            raise ValueError(f"storage must be an fsspec URL or a path string, got {type(storage).__name__}")
-        if storage_options is not None and not isinstance(storage_options, Mapping):
-            raise ValueError("storage_options must be a dict of fsspec options")
-        self.storage = StorageSpec(url=storage, run_name=self.run_name, options=dict(storage_options or {}))
-        if self.storage.protocol == "memory":
-            raise ValueError("storage: memory:// lives inside one process and the workers cannot share it; "
-                             "use a local path, file:// or an object store such as s3://")
-        if not isinstance(max_failures, int) or max_failures < 0:
-            raise ValueError(f"max_failures must be an integer >= 0, got {max_failures!r}")
-        self.max_failures = max_failures
-        for name, value in (("hang_timeout_s", hang_timeout_s), ("preemption_grace_s", preemption_grace_s),
-                            ("placement_timeout_s", placement_timeout_s)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        self.hang_timeout_s = float(hang_timeout_s)
-        self.preemption_grace_s = float(preemption_grace_s)
-        self.placement_timeout_s = float(placement_timeout_s)
-        if not isinstance(warm_standbys, bool):
-            raise ValueError(f"warm_standbys must be True or False, got {warm_standbys!r}")
-        self.warm_standbys = warm_standbys
-        self.callbacks = list(callbacks or [])
-        for i, cb in enumerate(self.callbacks):
-            if not isinstance(cb, Callback):
-                raise ValueError(f"callbacks[{i}] must be an orchestrator.callbacks.Callback, got {type(cb).__name__}")
+        self.storage = StorageSpec(url=storage, run_name=run_name, options=storage_options).check_shared()
+        self.faults = FaultPolicy(max_failures=validate_int("max_failures", max_failures, 0),
+                                  hang_timeout_s=validate_seconds("hang_timeout_s", hang_timeout_s),
+                                  preemption_grace_s=validate_seconds("preemption_grace_s", preemption_grace_s),
+                                  placement_timeout_s=validate_seconds("placement_timeout_s", placement_timeout_s),
+                                  warm_standbys=validate_flag("warm_standbys", warm_standbys))
         self._base_params = {"metrics": list(self.loop.metrics),
                              "metric_directions": metric_directions(self.loop.metrics),
                              "num_workers": num_workers, "batch_size": batch_size}
-        for cb in self.callbacks:
-            cb.validate(dict(self._base_params))
+        self.callbacks = _checked_callbacks(callbacks, self._base_params)
         backups = [cb for cb in self.callbacks if isinstance(cb, BackupAndRestore)]
-        if len(backups) > 1:
-            raise ValueError("callbacks: pass at most one BackupAndRestore")
         self.backup = backups[0] if backups else None
-        if self.backup is not None and "://" in self.backup.backup_dir:
-            raise ValueError("BackupAndRestore(backup_dir=...) must be a path relative to the run directory "
-                             f"here, got {self.backup.backup_dir!r}; set Trainer(storage=...) to move the run")
+        self._check_picklable()
+
+    @property
+    def run_name(self) -> str:
+        """The run directory's name under ``storage``."""
+        return self.storage.run_name
+
+    def _check_picklable(self) -> None:
         for name in ("model", "optimizer", "loss", "data", "train_step", "val_step"):
             if getattr(self.loop, name) is not None:
                 _check_picklable(name, getattr(self.loop, name))
@@ -206,8 +176,7 @@ class Trainer:
                 ``2`` (one line per epoch) or ``0`` (silent). Defaults to ``"auto"``.
         """
         validate_epochs(epochs)
-        if verbose not in VERBOSE:
-            raise ValueError(f"verbose must be one of {VERBOSE}, got {verbose!r}")
+        validate_verbose(verbose)
         params = dict(self._base_params, epochs=epochs, verbose=verbose, steps=None)
         history = History()
         driver_cbs = [cb for cb in self.callbacks if cb.runs_on == "driver"]
@@ -218,12 +187,9 @@ class Trainer:
         sync_every = CallbackList(coordinator_cbs).batch_sync_every()
         backups = BackupPolicy(folder=self.backup.backup_dir, keep=self.backup.keep,
                                delete_at_end=self.backup.delete_checkpoint) if self.backup else BackupPolicy()
-        faults = FaultPolicy(max_failures=self.max_failures, hang_timeout_s=self.hang_timeout_s,
-                             preemption_grace_s=self.preemption_grace_s,
-                             placement_timeout_s=self.placement_timeout_s, warm_standbys=self.warm_standbys)
         spec = FitSpec(loop=self.loop, scaling=self.scaling, epochs=epochs, storage=self.storage,
                        callbacks=coordinator_cbs, driver_callbacks=driver_cbs, params=params,
-                       batch_sync_every=sync_every, backups=backups, faults=faults,
+                       batch_sync_every=sync_every, backups=backups, faults=self.faults,
                        config_snapshot=self._config_snapshot(epochs))
         outcome = run_fit(spec)
         for cb, state in zip(coordinator_cbs, outcome.callback_states):
@@ -238,7 +204,7 @@ class Trainer:
         return {"run_name": self.run_name, "epochs": epochs, "num_workers": self.scaling.num_workers,
                 "use_gpu": self.scaling.use_gpu, "placement_strategy": self.scaling.placement_strategy,
                 "batch_size": self.loop.batch_size, "seed": self.loop.seed, "metrics": list(self.loop.metrics),
-                "clip_grad_norm": self.loop.clip_grad_norm, "max_failures": self.max_failures,
+                "clip_grad_norm": self.loop.clip_grad_norm, "max_failures": self.faults.max_failures,
                 "callbacks": [cb.name for cb in self.callbacks]}
 
     def _build_final_model(self, state_dict: Mapping[str, Any] | None) -> Any:

@@ -67,13 +67,13 @@ def test_lambda_callback_calls_each_function_with_keras_positional_arguments():
         on_train_begin=lambda logs: calls.append(("train_begin", logs)),
         on_epoch_begin=lambda epoch, logs: calls.append(("epoch_begin", epoch)),
         on_epoch_end=lambda epoch, logs: calls.append(("epoch_end", epoch, logs["loss"])),
-        on_train_end=lambda logs: calls.append(("train_end", logs)),
+        on_train_end=lambda logs: calls.append(("train_end", logs.get("loss"))),  # Keras: the last epoch's logs
         on_test_begin=lambda logs: calls.append(("test_begin",)),
     )
     fit([cb], [{"loss": 0.5}, {"loss": 0.4}])
     cb.on_test_begin()
     assert calls == [("train_begin", {}), ("epoch_begin", 0), ("epoch_end", 0, 0.5), ("epoch_begin", 1),
-                     ("epoch_end", 1, 0.4), ("train_end", {}), ("test_begin",)]
+                     ("epoch_end", 1, 0.4), ("train_end", 0.4), ("test_begin",)]
 
 
 def test_lambda_callback_passes_decisions_through_and_ignores_other_return_values():

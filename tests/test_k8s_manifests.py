@@ -1,8 +1,8 @@
 """The Kubernetes manifests (k8s/) and deployment files (deploy/): valid for KubeRay and Kubernetes,
 safe by default, and in step with the CLI, the Dockerfile and pyproject.toml.
 
-No cluster is needed: RayJob/RayCluster are checked against KubeRay's v1 CRD schemas (from the
-``shared/`` folder beside the checkout; skipped when it is absent) plus a stricter check for keys the
+No cluster is needed: RayJob/RayCluster are checked against KubeRay's v1 CRD schemas (copies in
+``tests/schemas/kuberay/``, see the README there; a missing copy fails) plus a stricter check for keys the
 CRD does not define, pod templates and the Secret against Kubernetes' own schemas
 (kubernetes-validate), and every command line against the real parser that will read it.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.util
 import inspect
 import re
@@ -32,7 +33,7 @@ from orchestrator.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = ROOT / "k8s"
 DEPLOY_DIR = ROOT / "deploy"
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas" / "kuberay"
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 K8S_VERSION = "1.30"  # schemas of the oldest Kubernetes these manifests target
 PREEMPTION_GRACE_S = inspect.signature(orchestrator.Trainer).parameters["preemption_grace_s"].default
@@ -93,8 +94,8 @@ def env_of(container: dict) -> dict[str, dict]:
 def crd_schema(kind: str) -> dict:
     path = SCHEMA_DIR / CRD_FILES[kind]
     if not path.is_file():
-        pytest.skip(f"KubeRay CRD schema {path} is absent (expected in the shared/ folder beside the "
-                    f"repository checkout)")
+        pytest.fail(f"KubeRay CRD schema {path} is missing; restore it as tests/schemas/kuberay/README.md "
+                    f"describes")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are ~1 MB each
     crd = yaml.load(path.read_text(), Loader=loader)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
@@ -182,6 +183,18 @@ def test_every_yaml_document_under_k8s_has_an_api_version_a_kind_and_a_name():
         assert doc.get("metadata", {}).get("name"), name
     for name, doc in ray_documents():
         assert doc["apiVersion"] == "ray.io/v1", name
+
+
+def test_the_kuberay_crd_copies_are_the_unchanged_files_their_readme_names():
+    readme = (SCHEMA_DIR / "README.md").read_text()
+    assert "v1.7.0" in readme and "Apache-2.0" in readme
+    blobs = dict(re.findall(r"^\| `([\w.]+\.yaml)` \| `[^`]+` \| `([0-9a-f]{40})` \|$", readme, re.MULTILINE))
+    assert sorted(blobs) == sorted(CRD_FILES.values())
+    for name, blob in blobs.items():
+        path = SCHEMA_DIR / name
+        assert path.is_file(), f"{path} is missing; restore it as {SCHEMA_DIR / 'README.md'} describes"
+        data = path.read_bytes()
+        assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == blob, f"{name} differs from upstream"
 
 
 @pytest.mark.parametrize("name,doc", ray_documents(), ids=[n for n, _ in ray_documents()])

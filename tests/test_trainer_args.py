@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import threading
 
 import pytest
@@ -37,6 +38,17 @@ def make(**overrides):
     ({"hang_timeout_s": 0}, "hang_timeout_s"),
     ({"preemption_grace_s": -5}, "preemption_grace_s"),
     ({"placement_timeout_s": "soon"}, "placement_timeout_s"),
+    ({"warm_standbys": "no"}, "warm_standbys must be True or False"),
+    ({"metrics": {"f1": "precision"}}, r"metrics\['f1'\]: unknown metric 'precision'"),
+    ({"val_batch_size": 0}, "val_batch_size"),
+    ({"threads_per_worker": 0}, "threads_per_worker"),
+    ({"run_name": "a/b"}, "run_name must be 1-128 characters"),
+    ({"run_name": ""}, "run_name"),
+    ({"run_name": "run\n"}, "run_name"),
+    ({"storage": 5}, "storage must be a path or an fsspec URL"),
+    ({"storage_options": ["key"]}, "storage_options must be a dict"),
+    ({"callbacks": [callbacks.BackupAndRestore(), callbacks.BackupAndRestore()]}, "at most one BackupAndRestore"),
+    ({"callbacks": [callbacks.BackupAndRestore(backup_dir="s3://b/x")]}, r"BackupAndRestore\(backup_dir=\.\.\.\)"),
 ])
 def test_a_bad_trainer_argument_raises_value_error_naming_it(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -59,9 +71,42 @@ def test_a_monitor_whose_direction_cannot_be_inferred_fails_before_training():
         make(metrics={"f1": lambda o, t: torch.tensor(0.0)}, callbacks=[callbacks.EarlyStopping(monitor="val_f1")])
 
 
-def test_a_custom_metric_monitor_with_an_explicit_mode_is_accepted():
-    make(metrics={"f1": lambda o, t: torch.tensor(0.0)},
-         callbacks=[callbacks.EarlyStopping(monitor="val_f1", mode="max")])
+def test_a_custom_metric_monitor_with_an_explicit_mode_is_accepted_and_uses_that_mode():
+    stopper = callbacks.EarlyStopping(monitor="val_f1", mode="max")
+    trainer = make(metrics={"f1": lambda o, t: torch.tensor(0.0)}, callbacks=[stopper])
+    assert trainer.callbacks == [stopper]
+    assert stopper.monitor_op is operator.gt
+
+
+@pytest.mark.parametrize("metrics,monitor,op", [
+    (["acc"], "val_acc", operator.gt),
+    (["accuracy"], "val_accuracy", operator.gt),
+    ({"err": "mse"}, "err", operator.lt),
+    (["mae"], "val_loss", operator.lt),
+])
+def test_auto_mode_takes_the_direction_of_a_built_in_from_the_registry(metrics, monitor, op):
+    stopper = callbacks.EarlyStopping(monitor=monitor)
+    make(metrics=metrics, callbacks=[stopper])
+    assert stopper.monitor_op is op
+
+
+def test_the_acc_alias_is_accepted_and_kept_under_the_name_the_user_gave():
+    trainer = make(metrics=["acc"])
+    assert trainer.loop.metrics == {"acc": "accuracy"}
+    assert trainer._config_snapshot(epochs=1)["metrics"] == ["acc"]
+
+
+def test_the_run_name_is_checked_by_one_rule_shared_with_storage():
+    from orchestrator.storage.fs import StorageSpec
+
+    for name in ("digits", "run.2", "a_b-c"):
+        assert make(run_name=name).run_name == name == StorageSpec("/tmp/x", name).run_name
+    for name in ("../escape", ".hidden", "a b"):
+        with pytest.raises(ValueError, match="run_name must be 1-128 characters") as from_trainer:
+            make(run_name=name)
+        with pytest.raises(ValueError) as from_storage:
+            StorageSpec("/tmp/x", name)
+        assert str(from_trainer.value) == str(from_storage.value)
 
 
 @pytest.mark.parametrize("epochs", [0, -1, 1.5, "3"])

@@ -17,12 +17,24 @@ class MonitorCallback(Callback):
 
     Args:
         monitor: Quantity to be monitored. Defaults to ``"val_loss"``.
-        mode: One of ``{"auto", "min", "max"}``. In ``"auto"`` mode the direction is inferred
-            from the name: ``loss``/``val_loss`` and the built-in error metrics are minimised,
-            ``accuracy`` maximised; any other name raises ValueError before training starts.
-            Defaults to ``"auto"``.
+        mode: One of ``{"auto", "min", "max"}``. In ``"auto"`` mode the direction comes from the
+            run's ``params["metric_directions"]`` (built from the metric registry,
+            :func:`orchestrator.core.metrics.metric_directions`): ``loss`` and the error metrics
+            are minimised, ``accuracy`` (``acc``) maximised; a metric without a known direction
+            raises ValueError before training starts. Defaults to ``"auto"``.
         baseline: Initial best value; ``None`` means the first value seen. Defaults to ``None``.
         min_delta: Minimum change that counts as an improvement. Defaults to ``0``.
+
+    Example:
+        >>> class BestSoFar(MonitorCallback):
+        ...     def on_epoch_end(self, epoch, logs=None):
+        ...         current = self.get_monitor_value(logs, "Tracking the best value")
+        ...         if current is not None and self._is_improvement(current, self.best):
+        ...             self.best = current
+        >>> tracker = BestSoFar(monitor="val_acc")
+        >>> tracker.validate({"metric_directions": {"loss": "min", "acc": "max"}})
+        >>> tracker.on_epoch_end(0, {"val_acc": 0.5}); tracker.best
+        0.5
     """
 
     def __init__(self, monitor: str = "val_loss", mode: str = "auto", baseline: float | None = None,
@@ -79,20 +91,21 @@ class MonitorCallback(Callback):
         assert self.monitor_op is not None
         return bool(self.monitor_op(monitor_value - self.min_delta, reference_value))
 
-    def get_monitor_value(self, logs: dict | None, what: str) -> float | None:
-        """The monitored value, or None with Keras's warning listing the available keys."""
+    def get_monitor_value(self, logs: dict | None, what: str, end: str = "") -> float | None:
+        """The monitored value, or None with Keras's warning listing the available keys.
+
+        Args:
+            logs: The epoch's logs.
+            what: Starts the warning, e.g. ``"Early stopping"``: "<what> conditioned on metric ...".
+            end: Ends the warning after the list of keys (Keras's ReduceLROnPlateau adds ``"."``).
+                Defaults to ``""``.
+        """
         logs = logs or {}
         value = logs.get(self.monitor)
         if value is None:
             warnings.warn(
                 f"{what} conditioned on metric `{self.monitor}` which is not available. "
-                f"Available metrics are: {','.join(list(logs.keys()))}",
+                f"Available metrics are: {','.join(list(logs.keys()))}{end}",
                 stacklevel=3,
             )
         return value
-
-    def _monitor_state(self) -> dict[str, Any]:
-        return {"best": self.best}
-
-    def _load_monitor_state(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best", self.best)

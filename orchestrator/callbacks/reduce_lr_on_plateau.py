@@ -89,13 +89,8 @@ class ReduceLROnPlateau(MonitorCallback):
             logs = {}
         # The rate this epoch ran with, before any reduction decided below.
         logs["learning_rate"] = float(self.trainer.learning_rate)
-        current = logs.get(self.monitor)
+        current = self.get_monitor_value(logs, "Learning rate reduction is", end=".")
         if current is None:
-            warnings.warn(
-                f"Learning rate reduction is conditioned on metric `{self.monitor}` which is not "
-                f"available. Available metrics are: {','.join(list(logs.keys()))}.",
-                stacklevel=2,
-            )
             return None
 
         if self.in_cooldown():

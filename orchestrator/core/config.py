@@ -1,4 +1,11 @@
-"""Validated configuration values. Every check names the argument and says what to change."""
+"""Validated configuration values and the checks of ``Trainer`` and ``fit`` arguments.
+
+Every check raises ValueError naming the argument and saying what to change. The dataclasses
+validate themselves on construction; the ``validate_*`` functions check one argument and return
+it normalised. ``StorageSpec`` checks its run name with :func:`validate_run_name`; metric names are
+checked by :func:`orchestrator.core.metrics.normalise_metrics`. What needs a higher layer (callback
+instances, picklability) is checked by :class:`orchestrator.Trainer` itself.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,55 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from orchestrator.core.metrics import MetricFn, normalise_metrics
+
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+VERBOSE = ("auto", 0, 1, 2)
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_int(name: str, value: Any, minimum: int, unit: str = "") -> int:
+    """``value`` if it is an integer >= ``minimum`` (``unit`` explains it in the message).
+
+    Example:
+        >>> validate_int("max_failures", 3, 0)
+        3
+    """
+    _require(_is_int(value) and value >= minimum,
+             f"{name} must be an integer >= {minimum}{f' ({unit})' if unit else ''}, got {value!r}")
+    return value
+
+
+def validate_seconds(name: str, value: Any) -> float:
+    """``value`` as a float if it is a positive number of seconds.
+
+    Example:
+        >>> validate_seconds("hang_timeout_s", 60)
+        60.0
+    """
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+             f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def validate_flag(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``.
+
+    Example:
+        >>> validate_flag("warm_standbys", False)
+        False
+    """
+    _require(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -26,6 +75,10 @@ class ScalingConfig:
             ``{"GPU": 1}`` with ``use_gpu``).
         placement_strategy: Ray placement-group strategy. Defaults to ``"PACK"``.
         threads_per_worker: torch intra-op threads per worker. Defaults to the worker's CPUs.
+
+    Example:
+        >>> ScalingConfig(num_workers=2, resources_per_worker={"CPU": 2}).threads_per_worker
+        2
     """
 
     num_workers: int = 1
@@ -35,10 +88,8 @@ class ScalingConfig:
     threads_per_worker: int | None = None
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool)
-                 and self.num_workers >= 1,
-                 f"num_workers must be an integer >= 1, got {self.num_workers!r}")
-        _require(isinstance(self.use_gpu, bool), f"use_gpu must be True or False, got {self.use_gpu!r}")
+        validate_int("num_workers", self.num_workers, 1)
+        validate_flag("use_gpu", self.use_gpu)
         _require(self.placement_strategy in PLACEMENT_STRATEGIES,
                  f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
         if self.resources_per_worker is not None:
@@ -46,14 +97,13 @@ class ScalingConfig:
                      and all(isinstance(v, (int, float)) and v >= 0 for v in self.resources_per_worker.values()),
                      "resources_per_worker must map resource names to non-negative numbers, "
                      f"got {self.resources_per_worker!r}")
-        _require(self.threads_per_worker is None or (isinstance(self.threads_per_worker, int)
-                                                     and not isinstance(self.threads_per_worker, bool)
-                                                     and self.threads_per_worker >= 1),
-                 f"threads_per_worker must be an integer >= 1, got {self.threads_per_worker!r}")
-        if self.threads_per_worker is None:  # the worker's CPUs
+        if self.threads_per_worker is not None:
+            validate_int("threads_per_worker", self.threads_per_worker, 1)
+        else:  # the worker's CPUs
             object.__setattr__(self, "threads_per_worker", max(1, int(self.worker_resources().get("CPU", 1))))
 
     def worker_resources(self) -> dict[str, float]:
+        """The Ray resources one worker asks for."""
         res = dict(self.resources_per_worker or {"CPU": 1})
         if self.use_gpu:
             res.setdefault("GPU", 1)
@@ -68,21 +118,28 @@ class LoopConfig:
         model: ``() -> torch.nn.Module``.
         optimizer: ``(params) -> torch.optim.Optimizer``.
         loss: ``(outputs, targets) -> scalar tensor`` (batch mean); unused with ``train_step``.
-        data: ``() -> (train_dataset, val_dataset or None)``, map-style datasets.
-        metrics: Names of built-in metrics or ``name -> fn(outputs, targets)``.
+        data: ``() -> (train_dataset, val_dataset or None)``, map-style datasets. Required.
+        metrics: Built-in names (``["accuracy"]``) or ``name -> built-in name or fn(outputs, targets)``,
+            stored as :func:`~orchestrator.core.metrics.normalise_metrics` returns it. Defaults to none.
         batch_size: Per-worker batch size.
         val_batch_size: Per-worker validation batch size. Defaults to ``batch_size``.
         train_step / val_step: Optional custom steps, see :mod:`orchestrator.loop.steps`.
         clip_grad_norm: Clip the global gradient norm to this value. Defaults to ``None``.
         seed: Seed for model init, shuffling and RNGs. Defaults to ``0``.
-        progress_interval_s: Seconds between progress updates sent to the driver.
+        progress_interval_s: Seconds between progress updates sent to the driver. Defaults to ``1``.
+
+    Example:
+        >>> config = LoopConfig(model=build_model, optimizer=make_sgd, data=load_data,
+        ...                     loss=cross_entropy, metrics=["acc"])  # doctest: +SKIP
+        >>> config.metrics  # doctest: +SKIP
+        {'acc': 'accuracy'}
     """
 
     model: Callable[[], Any]
     optimizer: Callable[[Any], Any]
-    data: Callable[[], Any]
+    data: Callable[[], Any] | None
     loss: Callable[..., Any] | None = None
-    metrics: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, str | MetricFn] = field(default_factory=dict)
     batch_size: int = 32
     val_batch_size: int | None = None
     train_step: Callable[..., Any] | None = None
@@ -92,6 +149,8 @@ class LoopConfig:
     progress_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
+        _require(self.data is not None,
+                 "data is required: pass data=fn returning (train_dataset, val_dataset or None)")
         for name in ("model", "optimizer", "data"):
             _require(callable(getattr(self, name)),
                      f"{name} must be a callable that builds the {name} on each worker, "
@@ -101,28 +160,38 @@ class LoopConfig:
         for name in ("loss", "train_step", "val_step"):
             value = getattr(self, name)
             _require(value is None or callable(value), f"{name} must be callable, got {value!r}")
-        for name in ("batch_size", "val_batch_size"):
-            value = getattr(self, name)
-            if value is None and name == "val_batch_size":
-                continue
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                     f"{name} must be an integer >= 1 (samples per worker per step), got {value!r}")
+        object.__setattr__(self, "metrics", normalise_metrics(self.metrics))
+        validate_int("batch_size", self.batch_size, 1, "samples per worker per step")
+        if self.val_batch_size is not None:
+            validate_int("val_batch_size", self.val_batch_size, 1, "samples per worker per step")
         _require(self.clip_grad_norm is None or (isinstance(self.clip_grad_norm, (int, float))
+                                                 and not isinstance(self.clip_grad_norm, bool)
                                                  and self.clip_grad_norm > 0),
                  f"clip_grad_norm must be a positive number or None, got {self.clip_grad_norm!r}")
-        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool),
-                 f"seed must be an integer, got {self.seed!r}")
-        _require(self.progress_interval_s > 0, "progress_interval_s must be > 0")
+        _require(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        validate_seconds("progress_interval_s", self.progress_interval_s)
 
 
-def validate_run_name(run_name: str) -> str:
-    _require(isinstance(run_name, str) and bool(_RUN_NAME.match(run_name)),
+def validate_run_name(run_name: Any) -> str:
+    """``run_name`` if it can name a run directory on every filesystem and object store.
+
+    Example:
+        >>> validate_run_name("digits-v2")
+        'digits-v2'
+    """
+    _require(isinstance(run_name, str) and _RUN_NAME.fullmatch(run_name) is not None,
              f"run_name must be 1-128 characters of letters, digits, '.', '_' or '-' and start with "
              f"a letter or digit, got {run_name!r}")
     return run_name
 
 
 def validate_epochs(epochs: Any) -> int:
-    _require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
-             f"epochs must be an integer >= 1, got {epochs!r}")
-    return epochs
+    """``epochs`` if it is an integer >= 1."""
+    return validate_int("epochs", epochs, 1)
+
+
+def validate_verbose(verbose: Any) -> str | int:
+    """``verbose`` if it is one of :data:`VERBOSE`."""
+    _require(verbose in VERBOSE,
+             f"verbose must be one of {VERBOSE}, got {verbose!r}")
+    return verbose

@@ -1,4 +1,4 @@
-"""Default train/validation steps and built-in metric functions.
+"""Default train/validation steps; metric names resolved through the registry in core/metrics.
 
 A step function takes ``(model, batch)`` and returns a :class:`StepOutput`-like dict:
 ``{"loss": scalar tensor, "<metric>": scalar tensor (batch mean), ..., "batch_size": int}``.
@@ -12,35 +12,19 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from orchestrator.core.metrics import get_metric
+
 MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Fraction of correct predictions: argmax over classes, or a 0.5 threshold for one output."""
-    if outputs.ndim > 1 and outputs.shape[-1] > 1:
-        predicted = outputs.argmax(dim=-1)
-    else:
-        predicted = (outputs.reshape(targets.shape) > 0.5).to(targets.dtype)
-    return (predicted == targets).float().mean()
-
-
-def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.mean((outputs.reshape(targets.shape).float() - targets.float()) ** 2)
-
-
-def mae(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.mean(torch.abs(outputs.reshape(targets.shape).float() - targets.float()))
-
-
-BUILTIN_METRIC_FNS: dict[str, MetricFn] = {"accuracy": accuracy, "acc": accuracy, "mse": mse, "mae": mae}
-
-
 def resolve_metrics(metrics: Mapping[str, Any]) -> dict[str, MetricFn]:
-    """Map metric names to functions; built-in names are given as strings."""
-    out: dict[str, MetricFn] = {}
-    for name, fn in metrics.items():
-        out[name] = BUILTIN_METRIC_FNS[fn] if isinstance(fn, str) else fn
-    return out
+    """Map logged metric names to functions; a string selects a built-in of :mod:`orchestrator.core.metrics`.
+
+    Example:
+        >>> resolve_metrics({"acc": "accuracy"})["acc"].__name__
+        'accuracy'
+    """
+    return {name: get_metric(fn).fn if isinstance(fn, str) else fn for name, fn in metrics.items()}
 
 
 def infer_batch_size(batch: Any) -> int:

@@ -38,6 +38,7 @@ from typing import Any, BinaryIO, Callable, Mapping, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from orchestrator.core.config import validate_run_name
 from orchestrator.core.redaction import json_default, public_config, redact
 from orchestrator.storage.errors import (
     access_error, credentials_hint, describe, is_credentials_error, is_transient)
@@ -86,7 +87,8 @@ class StorageSpec:
             ``gs://...``, ``memory://...``). Defaults to ``None``: ``~/orchestrator_results``,
             expanded to an absolute path on the driver (so workers on the same node write to the
             same place; for several nodes use a shared filesystem or an object store).
-        run_name: The run directory's name; the same storage and run_name resume a run.
+        run_name: The run directory's name (1-128 letters, digits, ``.``, ``_`` or ``-``, starting
+            with a letter or digit); the same storage and run_name resume a run. Defaults to ``"run"``.
         options: ``storage_options`` passed to ``fsspec.core.url_to_fs(url, **options)``
             (credentials, ``client_kwargs={"endpoint_url": ...}``, ...). Never logged or stored:
             only its keys appear in run.json. For S3, ``config_kwargs`` defaults to
@@ -101,9 +103,7 @@ class StorageSpec:
     def __post_init__(self) -> None:
         if self.url is not None and (not isinstance(self.url, str) or not self.url.strip()):
             raise ValueError(f"storage must be a path or an fsspec URL string, got {redact(repr(self.url))}")
-        if (not isinstance(self.run_name, str) or not self.run_name or self.run_name in (".", "..")
-                or "/" in self.run_name or "\\" in self.run_name):
-            raise ValueError(f"run_name must be a non-empty name without '/', got {self.run_name!r}")
+        validate_run_name(self.run_name)
         if self.options is None:
             object.__setattr__(self, "options", {})
         if not isinstance(self.options, Mapping):
@@ -123,6 +123,17 @@ class StorageSpec:
     def __repr__(self) -> str:
         return (f"StorageSpec(url={redact(self.url, self.options)!r}, run_name={self.run_name!r}, "
                 f"options=<keys {public_config(self.options)}>)")
+
+    def check_shared(self) -> "StorageSpec":
+        """Return self if processes other than this one can reach the storage (not ``memory://``).
+
+        Raises:
+            ValueError: The storage lives inside this process.
+        """
+        if self.protocol == "memory":
+            raise ValueError("storage: memory:// lives inside one process and the workers cannot share it; "
+                             "use a local path, file:// or an object store such as s3://")
+        return self
 
     @property
     def protocol(self) -> str:
