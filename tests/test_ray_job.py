@@ -120,6 +120,9 @@ def test_ray_job_stop_preempts_and_a_new_submission_resumes(head, tmp_path):
     entry = ["--", "python", "-m", "orchestrator", "run", "tests/entries/preemptible.py", "--epochs", "3"]
     runtime_env = json.loads(RUNTIME_ENV)
     runtime_env["env_vars"]["ORCHESTRATOR_TEST_STORAGE"] = str(tmp_path)
+    slow = tmp_path / "slow"  # steps take 0.5 s until the first job is stopped: the stop lands mid-training
+    slow.touch()
+    runtime_env["env_vars"]["ORCHESTRATOR_TEST_SLOW_FILE"] = str(slow)
     first = f"preempt-a-{os.getpid()}"
     submitted = _job(head, "submit", "--no-wait", "--submission-id", first, "--runtime-env-json",
                      json.dumps(runtime_env), *entry)
@@ -137,6 +140,7 @@ def test_ray_job_stop_preempts_and_a_new_submission_resumes(head, tmp_path):
     events = read_events(StorageSpec(str(tmp_path), "preemptible").open())
     assert any(e["type"] == "preempted" for e in events), [e["type"] for e in events]
     stopped_at = max(e["step"] for e in events if e["type"] == "backup_committed")
+    slow.unlink()
 
     second = f"preempt-b-{os.getpid()}"
     done = _job(head, "submit", "--submission-id", second, "--runtime-env-json", json.dumps(runtime_env), *entry)

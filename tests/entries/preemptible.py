@@ -1,6 +1,8 @@
 """An entry point for `orchestrator run` that trains long enough to be preempted (tests only).
 
-Storage comes from the ORCHESTRATOR_TEST_STORAGE environment variable set by the test.
+Storage comes from the ORCHESTRATOR_TEST_STORAGE environment variable set by the test. While the
+file named by ORCHESTRATOR_TEST_SLOW_FILE exists, every step takes half a second, so that a stop
+sent by the test lands mid-training however loaded the machine is.
 """
 
 import os
@@ -19,7 +21,8 @@ def data():
 
 
 def slow_step(model, batch):
-    time.sleep(0.02)  # ~16 steps a second: a SIGTERM lands mid-epoch
+    slow = os.environ.get("ORCHESTRATOR_TEST_SLOW_FILE")
+    time.sleep(0.5 if slow and os.path.exists(slow) else 0.02)
     inputs, targets = batch
     return {"loss": torch.nn.functional.cross_entropy(model(inputs), targets)}
 
