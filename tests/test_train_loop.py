@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
+import workloads
 from orchestrator.core.config import LoopConfig
 from orchestrator.decisions import Backup, Decision, Report, ReportKind, Rollback, SetLearningRate, StopTraining
 from orchestrator.loop.specs import LoopResult, TrainSpec
@@ -221,3 +222,63 @@ def test_a_rollback_decision_reloads_the_backup_in_place_and_replays_identically
     _assert_same_weights(again.state_dict, whole.state_dict)
     assert again.steps_run == whole.steps_run
     assert rolled.report(EPOCH_END, 1).train == straight.report(EPOCH_END, 1).train
+
+
+def _recording_step(updates: list[torch.Tensor]):
+    """The mse step, recording the flattened parameters at every training call (``updates[k]`` holds them after k
+    optimizer steps)."""
+
+    def step(model, batch):
+        if model.training:
+            updates.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
+        inputs, targets = batch
+        return {"loss": torch.nn.functional.mse_loss(model(inputs), targets)}
+
+    return step
+
+
+@pytest.mark.parametrize("clip", [1e-3, None])
+def test_clip_grad_norm_bounds_the_norm_of_every_update_and_training_stays_finite(group, clip):
+    seen: list[torch.Tensor] = []
+    # plain SGD with lr=1: an update is exactly minus the (clipped) gradient
+    config = LoopConfig(model=_linear, optimizer=lambda params: torch.optim.SGD(params, lr=1.0), data=_data,
+                        train_step=_recording_step(seen), batch_size=BATCH, seed=0, clip_grad_norm=clip)
+    coordinator = StandInCoordinator()
+    _run(coordinator, config, epochs=1)
+    norms = [float((after - before).norm()) for before, after in zip(seen, seen[1:])]
+    assert len(norms) == STEPS - 1
+    if clip is None:  # the same run unclipped takes far larger steps
+        assert min(norms) > 100 * 1e-3, norms
+    else:  # every step was clipped to the bound, none beyond it (up to float32 rounding of the parameters)
+        assert all(0.99 * clip <= n <= clip + 1e-6 for n in norms), norms
+    end = coordinator.report(EPOCH_END, 0)
+    assert end.train.count == TRAIN and torch.isfinite(torch.tensor(end.train.totals["loss"]))
+
+
+def _dict_step_weighting_every_batch_equally(model, batch):
+    return {**workloads.dict_step(model, batch), "batch_size": 1}
+
+
+@pytest.mark.parametrize("step, weight", [(workloads.dict_step, 1.0),
+                                          (_dict_step_weighting_every_batch_equally, 1 / BATCH)],
+                         ids=["batch_size_inferred", "batch_size_returned"])
+def test_a_custom_step_on_dict_batches_reports_its_custom_metrics_weighted_by_its_batch_size(group, step, weight):
+    # lr = 0: the weights stay the initial ones, so the exact sums can be computed here
+    config = LoopConfig(model=workloads.tiny_model, optimizer=workloads.frozen_sgd, data=workloads.dict_batches_data,
+                        train_step=step, batch_size=BATCH, seed=0)
+    coordinator = StandInCoordinator()
+    _run(coordinator, config, epochs=1)
+    torch.manual_seed(0)
+    model = workloads.tiny_model()
+    train, _ = workloads.dict_batches_data()
+    x, y = train.base.tensors
+    with torch.no_grad():
+        outputs = model(x)
+    end = coordinator.report(EPOCH_END, 0)
+    # dict_step returns no batch_size (inferred from the batch: one per sample); the other one says 1 per batch
+    assert end.train.count == len(y) * weight
+    assert set(end.train.totals) == {"loss", "acc"}
+    expected_loss = torch.nn.functional.cross_entropy(outputs, y, reduction="sum").item() * weight
+    assert end.train.totals["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert end.train.totals["acc"] == pytest.approx(float((outputs.argmax(1) == y).sum()) * weight, rel=1e-6)
+    assert end.val is None
