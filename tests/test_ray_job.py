@@ -76,8 +76,11 @@ def head(tmp_path_factory):
 
 
 def _stop_session(proc: subprocess.Popen, temp: Path) -> None:
-    """SIGTERM, then SIGKILL, to the head's process group and to anything left using its temp dir."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+    """SIGTERM, then SIGKILL, to the head's process group and to anything left using its temp dir.
+
+    Nothing of the head outlives the test, so a graceful shutdown has nothing to save: a short wait.
+    """
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
