@@ -107,19 +107,7 @@ def _status(head, submission_id: str) -> str:
     return out
 
 
-def test_ray_job_submit_runs_the_cli_entrypoint_and_writes_the_run(head, tmp_path):
-    done = _job(head, "submit", "--submission-id", f"digits-{os.getpid()}", "--runtime-env-json", RUNTIME_ENV,
-                "--", "python", "-m", "orchestrator", "run", "examples/digits.py", "--storage", str(tmp_path),
-                "--run-name", "digits", "--epochs", "2")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert _status(head, f"digits-{os.getpid()}") == "SUCCEEDED"
-    run = json.loads((tmp_path / "digits" / "run.json").read_text())
-    assert run["status"] == "finished" and run["world_size"] == 2
-    types = [e["type"] for e in read_events(StorageSpec(str(tmp_path), "digits").open())]
-    assert types.count("epoch_end") == 2 and types[-1] == "finished"
-
-
-def test_ray_job_stop_preempts_and_a_new_submission_resumes(head, tmp_path):
+def test_a_submitted_cli_run_is_preempted_by_ray_job_stop_and_a_new_submission_resumes_and_finishes(head, tmp_path):
     entry = ["--", "python", "-m", "orchestrator", "run", "tests/entries/preemptible.py", "--epochs", "3"]
     runtime_env = json.loads(RUNTIME_ENV)
     runtime_env["env_vars"]["ORCHESTRATOR_TEST_STORAGE"] = str(tmp_path)
@@ -148,6 +136,10 @@ def test_ray_job_stop_preempts_and_a_new_submission_resumes(head, tmp_path):
     second = f"preempt-b-{os.getpid()}"
     done = _job(head, "submit", "--submission-id", second, "--runtime-env-json", json.dumps(runtime_env), *entry)
     assert done.returncode == 0, done.stdout[-3000:]
+    assert _status(head, second) == "SUCCEEDED"
+    run = json.loads((tmp_path / "preemptible" / "run.json").read_text())
+    assert run["status"] == "finished" and run["world_size"] == 2
     events = read_events(StorageSpec(str(tmp_path), "preemptible").open())
     assert [e for e in events if e["type"] == "restored"][-1]["step"] == stopped_at
+    assert sorted(e["epoch"] for e in events if e["type"] == "epoch_end") == [0, 1, 2]  # each epoch once
     assert events[-1]["type"] == "finished"
