@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 
 import pytest
@@ -42,6 +43,47 @@ def make(url, options, run_name, train_step, epochs_callbacks=None, **overrides)
     return Trainer(**kwargs)
 
 
+def never_failing_step(tmp_path):
+    return workloads.failing_step(fail_at_call=10_000, flag_path=str(tmp_path / "none"))
+
+
+def double_backups():
+    return [callbacks.BackupAndRestore(save_freq=3, double_checkpoint=True, delete_checkpoint=False)]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, tmp_path_factory):
+    """The uninterrupted run of make()'s default callbacks over 3 epochs, fitted once for the module: the
+    file and the s3 cases compare with it (storage does not change the training)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    step = workloads.failing_step(fail_at_call=10, flag_path=str(tmp / "no-flag"))
+    return make(f"file://{tmp}/runs", {}, "reference", step).fit(epochs=3, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def double_reference(ray_session, tmp_path_factory):
+    """The uninterrupted run with ``double_backups()`` over 2 epochs, fitted once for the module."""
+    tmp = tmp_path_factory.mktemp("double-reference")
+    return make(f"file://{tmp}/runs", {}, "reference", never_failing_step(tmp), double_backups()).fit(
+        epochs=2, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def double_interrupted(ray_session, tmp_path_factory):
+    """A run with ``double_backups()`` interrupted at the 8th step, done once for the module: each test
+    copies its run directory (``interrupted`` under the returned folder) and damages its own copy."""
+    tmp = tmp_path_factory.mktemp("double-interrupted")
+    interrupt(f"file://{tmp}/runs", {}, "interrupted", double_backups(), tmp)
+    return tmp / "runs"
+
+
+def copy_of(runs, tmp_path):
+    """A private copy of the interrupted run: (url, its storage)."""
+    shutil.copytree(runs / "interrupted", tmp_path / "runs" / "interrupted")
+    url = f"file://{tmp_path}/runs"
+    return url, StorageSpec(url, "interrupted", {}).open()
+
+
 def interrupt(url, options, run_name, cbs, tmp_path):
     """Fail on the 8th step (epoch 1, batch 0; 7 steps per epoch): backups at steps 3 and 6 commit."""
     flag = tmp_path / f"fail-{run_name}"
@@ -57,11 +99,9 @@ def assert_same_run(a, b):
         assert torch.equal(pa, pb), name
 
 
-def test_an_interrupted_run_resumes_at_the_next_batch_and_ends_bit_identical(ray_cluster, storage, tmp_path):
+def test_an_interrupted_run_resumes_at_the_next_batch_and_ends_bit_identical(ray_cluster, reference, storage,
+                                                                              tmp_path):
     url, options = storage
-    step = workloads.failing_step(fail_at_call=10, flag_path=str(tmp_path / "no-flag"))
-    reference = make(url, options, "reference", step).fit(epochs=3, verbose=0)
-
     flag = tmp_path / "fail-once"
     flag.write_text("x")
     failing = workloads.failing_step(fail_at_call=10, flag_path=str(flag))
@@ -81,38 +121,30 @@ def test_an_interrupted_run_resumes_at_the_next_batch_and_ends_bit_identical(ray
     assert json.loads(storage_.read_bytes("run.json"))["attempts"] == 2
 
 
-def test_a_torn_or_corrupt_newest_backup_is_skipped_and_the_previous_one_is_used(ray_cluster, tmp_path):
-    url, options = f"file://{tmp_path}/runs", {}
-    step = workloads.failing_step(fail_at_call=10_000, flag_path=str(tmp_path / "none"))
-    cbs = lambda: [callbacks.BackupAndRestore(save_freq=3, double_checkpoint=True, delete_checkpoint=False)]  # noqa: E731
-    reference = make(url, options, "reference", step, cbs()).fit(epochs=2, verbose=0)
-
-    interrupt(url, options, "corrupt", cbs(), tmp_path)
-    storage_ = StorageSpec(url, "corrupt", options).open()
+def test_a_torn_or_corrupt_newest_backup_is_skipped_and_the_previous_one_is_used(ray_cluster, double_reference,
+                                                                                   double_interrupted, tmp_path):
+    url, storage_ = copy_of(double_interrupted, tmp_path)
     steps = [s for s in list_steps(storage_, "backup") if storage_.exists(f"{step_dir('backup', s)}/{MANIFEST}")]
     assert steps == [6, 3]  # double_checkpoint keeps two
     newest = step_dir("backup", 6)
     shard = f"{newest}/rank-1.pt"
     storage_.write_bytes(shard, storage_.read_bytes(shard)[:100])  # truncated
+    trainer = make(url, {}, "interrupted", never_failing_step(tmp_path), double_backups())
     with pytest.warns(UserWarning, match="skipping backup step 6"):
-        resumed = make(url, options, "corrupt", step, cbs()).fit(epochs=2, verbose=0)
-    assert_same_run(reference, resumed)
+        resumed = trainer.fit(epochs=2, verbose=0)
+    assert_same_run(double_reference, resumed)
     events = read_events(storage_)
     assert any(e["type"] == "backup_skipped" and e["step"] == 6 for e in events)
     assert next(e for e in events if e["type"] == "restored")["step"] == 3
 
 
-def test_a_step_without_a_manifest_never_counts(ray_cluster, tmp_path):
-    url = f"file://{tmp_path}/runs"
-    step = workloads.failing_step(fail_at_call=10_000, flag_path=str(tmp_path / "none"))
-    cbs = lambda: [callbacks.BackupAndRestore(save_freq=3, double_checkpoint=True, delete_checkpoint=False)]  # noqa: E731
-    reference = make(url, {}, "reference", step, cbs()).fit(epochs=2, verbose=0)
-    interrupt(url, {}, "torn", cbs(), tmp_path)
-    storage_ = StorageSpec(url, "torn", {}).open()
+def test_a_step_without_a_manifest_never_counts(ray_cluster, double_reference, double_interrupted, tmp_path):
+    url, storage_ = copy_of(double_interrupted, tmp_path)
     storage_.rm(f"{step_dir('backup', 6)}/{MANIFEST}")
+    trainer = make(url, {}, "interrupted", never_failing_step(tmp_path), double_backups())
     with pytest.warns(UserWarning, match="no manifest"):
-        resumed = make(url, {}, "torn", step, cbs()).fit(epochs=2, verbose=0)
-    assert_same_run(reference, resumed)
+        resumed = trainer.fit(epochs=2, verbose=0)
+    assert_same_run(double_reference, resumed)
 
 
 def test_backups_are_deleted_at_the_end_when_delete_checkpoint_is_true(ray_cluster, tmp_path):

@@ -34,8 +34,12 @@ def make(tmp_path, run_name, train_step, **overrides):
     return Trainer(**kwargs)
 
 
-def reference(tmp_path):
-    return make(tmp_path, "reference", workloads.faulty_step("raise", 0, 10**6, None)).fit(epochs=3, verbose=0)
+@pytest.fixture(scope="module")
+def reference(ray_session, tmp_path_factory):
+    """The uninterrupted run the tests compare with, fitted once for the module: make()'s Trainer with a
+    fault step that never fires, 3 epochs."""
+    return make(tmp_path_factory.mktemp("reference"), "reference",
+                workloads.faulty_step("raise", 0, 10**6, None)).fit(epochs=3, verbose=0)
 
 
 def assert_same_run(a, b):
@@ -49,13 +53,14 @@ def events_of(tmp_path, run_name):
 
 
 @pytest.mark.parametrize("action,warm", [("raise", False), ("sigkill", True)])
-def test_a_worker_failure_mid_epoch_restarts_the_group_and_ends_bit_identical(ray_cluster, tmp_path, action, warm):
+def test_a_worker_failure_mid_epoch_restarts_the_group_and_ends_bit_identical(ray_cluster, reference, tmp_path,
+                                                                              action, warm):
     flag = tmp_path / "armed"
     flag.write_text("x")
     # epoch 1, batch 4 (7 steps per epoch); with standbys, once they are up (2 workers + 2 standbys)
     step = workloads.faulty_step(action, 1, 11, str(flag), wait_for_workers=4 if warm else 0)
     resumed = make(tmp_path, "faulty", step, warm_standbys=warm).fit(epochs=3, verbose=0)
-    assert_same_run(reference(tmp_path), resumed)
+    assert_same_run(reference, resumed)
     events = events_of(tmp_path, "faulty")
     started = [e for e in events if e["type"] == "started"]
     assert [e["warm"] for e in started] == [False, warm]  # the restart promoted warm standbys, or not
@@ -88,14 +93,14 @@ def test_more_failures_than_max_failures_raise_an_error_listing_every_failure(ra
     assert types.count("worker_failed") == 2 and types[-1] == "failed"
 
 
-def test_a_rank_that_hangs_inside_a_step_is_restarted_by_the_watchdog(ray_cluster, tmp_path):
+def test_a_rank_that_hangs_inside_a_step_is_restarted_by_the_watchdog(ray_cluster, reference, tmp_path):
     flag = tmp_path / "armed"
     flag.write_text("x")
     step = workloads.faulty_step("hang", 0, 8, str(flag))
     start = time.monotonic()
     resumed = make(tmp_path, "hung", step, hang_timeout_s=4).fit(epochs=3, verbose=0)
     assert time.monotonic() - start < 120
-    assert_same_run(reference(tmp_path), resumed)
+    assert_same_run(reference, resumed)
     failed = [e for e in events_of(tmp_path, "hung") if e["type"] == "worker_failed"]
     assert len(failed) == 1 and "made no progress" in failed[0]["cause"]
 
@@ -142,13 +147,13 @@ def test_sigterm_to_the_driver_commits_an_emergency_backup_and_a_rerun_loses_no_
     assert again.returncode == 0 and "already finished" in again.stdout
 
 
-def test_an_s3_outage_of_a_few_seconds_during_backups_is_retried_and_loses_nothing(ray_cluster, tmp_path,
-                                                                                    s3_server, s3_bucket):
+def test_an_s3_outage_of_a_few_seconds_during_backups_is_retried_and_loses_nothing(ray_cluster, reference,
+                                                                                    tmp_path, s3_server, s3_bucket):
     import threading
 
     url, options = f"s3://{s3_bucket}/runs", s3_server.storage_options(s3_bucket)
-    slow = workloads.faulty_step("raise", 0, 10**6, None)
-    reference_run = make(tmp_path, "reference", slow, max_failures=0).fit(epochs=3, verbose=0)
+    # the module's reference: max_failures=1 there only allows a restart (and standbys) that an
+    # uninterrupted run never uses, so its History is that of this run's settings
 
     def outage():
         time.sleep(5.0)  # well into training: workers are up and backing up every 3 steps
@@ -163,7 +168,7 @@ def test_an_s3_outage_of_a_few_seconds_during_backups_is_retried_and_loses_nothi
                        max_failures=0).fit(epochs=3, verbose=0)
     finally:
         thread.join()
-    assert history.history == reference_run.history
+    assert history.history == reference.history
     events = read_events(StorageSpec(url, "outage", options).open())
     assert events[-1]["type"] == "finished"
     assert not any(e["type"] in ("backup_failed", "worker_failed") for e in events)

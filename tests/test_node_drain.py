@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -20,25 +22,57 @@ ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 10
 
 
+class Runs(NamedTuple):
+    reference: Any  # the History of the undisturbed run
+    folder: Path  # one sub-folder per scenario
+    returncode: int  # of the subprocess
+    output: str  # its output's tail, for failure messages
+
+
 @pytest.fixture(scope="module")
-def reference(ray_session, tmp_path_factory):
-    """The same run, never disturbed, on the session's Ray."""
-    return workloads.drainable_trainer(str(tmp_path_factory.mktemp("reference")), "reference").fit(
-        epochs=EPOCHS, verbose=0)
+def runs(ray_session, tmp_path_factory) -> Runs:
+    """Both scenarios, one after the other on one multi-node cluster of their own, and their reference.
 
-
-def run_on_own_cluster(mode: str, tmp_path: Path) -> tuple[dict, list[dict]]:
-    # A multi-node cluster of its own, in a subprocess: this session already owns a Ray instance.
+    The cluster lives in a subprocess (this session already owns a Ray instance); while it starts and
+    trains, the reference (the same run, never disturbed) is fitted on the session's Ray.
+    """
+    folder = tmp_path_factory.mktemp("drain-cluster")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
                OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "entries" / "drain_cluster.py"), mode,
-                           str(tmp_path), "drained", str(EPOCHS)], env=env, capture_output=True, text=True,
-                          timeout=540)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    cluster = json.loads((tmp_path / "drained-cluster.json").read_text())
-    return cluster, read_events(StorageSpec(str(tmp_path), "drained").open())
+    output_file = folder / "output.log"
+    # sigterm first: it needs the workers on the spot node, so no other usable node but one
+    with output_file.open("w") as output:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "entries" / "drain_cluster.py"),
+                                 "sigterm,drain", str(folder), "drained", str(EPOCHS)], env=env, stdout=output,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        reference = workloads.drainable_trainer(str(tmp_path_factory.mktemp("reference")), "reference").fit(
+            epochs=EPOCHS, verbose=0)
+        proc.wait(timeout=540)
+    finally:
+        if proc.poll() is None:  # SIGINT first: the cluster is shut down on the way out
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return Runs(reference, folder, proc.returncode, f"exit code {proc.returncode}\n" + output_file.read_text()[-8000:])
+
+
+def run_on_own_cluster(runs: Runs, mode: str) -> tuple[Path, dict, list[dict]]:
+    """The scenario's folder, its cluster record and its run's events; fails with its error if it failed."""
+    folder = runs.folder / mode
+    outcome_file = folder / "drained-outcome.json"
+    assert outcome_file.exists(), runs.output
+    outcome = json.loads(outcome_file.read_text())
+    assert outcome["ok"], outcome["error"] + json.dumps(outcome["record"]) + "\n" + runs.output
+    outcomes = [json.loads(f.read_text()) for f in runs.folder.glob("*/drained-outcome.json")]
+    assert runs.returncode == (0 if all(o["ok"] for o in outcomes) else 1), runs.output  # a clean shutdown too
+    cluster = json.loads((folder / "drained-cluster.json").read_text())
+    return folder, cluster, read_events(StorageSpec(str(folder), "drained").open())
 
 
 def assert_no_step_lost_and_no_failure(events: list[dict], drains: int) -> None:
@@ -53,16 +87,15 @@ def assert_no_step_lost_and_no_failure(events: list[dict], drains: int) -> None:
     assert kinds[-1] == "finished"
 
 
-def assert_same_run(tmp_path: Path, reference) -> None:
-    result = torch.load(tmp_path / "drained-result.pt", weights_only=True)
+def assert_same_run(folder: Path, reference) -> None:
+    result = torch.load(folder / "drained-result.pt", weights_only=True)
     assert result["history"] == reference.history
     for name, param in reference.model.state_dict().items():
         assert torch.equal(result["params"][name], param), name
 
 
-def test_drained_nodes_stop_every_rank_with_a_backup_and_training_goes_on_elsewhere_bit_identical(
-        reference, tmp_path):
-    cluster, events = run_on_own_cluster("drain", tmp_path)
+def test_drained_nodes_stop_every_rank_with_a_backup_and_training_goes_on_elsewhere_bit_identical(runs):
+    folder, cluster, events = run_on_own_cluster(runs, "drain")
     draining = [e for e in events if e["type"] == "node_draining"]
     assert [e["nodes"] for e in draining] == [[node] for node in cluster["drained"]]
     assert [e["attempt"] for e in draining] == [1, 2]
@@ -73,18 +106,18 @@ def test_drained_nodes_stop_every_rank_with_a_backup_and_training_goes_on_elsewh
     assert cluster["drained"][0] not in started[1]["node_ids"]
     assert not set(cluster["drained"]) & set(started[2]["node_ids"])
     assert cluster["added"][0] in started[2]["node_ids"]
-    run_json = json.loads((tmp_path / "drained" / "run.json").read_text())
+    run_json = json.loads((folder / "drained" / "run.json").read_text())
     assert run_json["status"] == "finished" and run_json["attempts"] == 3
-    assert_same_run(tmp_path, reference)
+    assert_same_run(folder, runs.reference)
 
 
-def test_sigterm_to_a_worker_nodes_ray_start_is_a_drain_and_training_goes_on_bit_identical(reference, tmp_path):
+def test_sigterm_to_a_worker_nodes_ray_start_is_a_drain_and_training_goes_on_bit_identical(runs):
     # What a reclaimed spot VM or an evicted KubeRay worker pod does: SIGTERM to `ray start --block`.
-    cluster, events = run_on_own_cluster("sigterm", tmp_path)
+    folder, cluster, events = run_on_own_cluster(runs, "sigterm")
     spot = cluster["drained"][0]
     assert spot in cluster["workers_before"][0]
     assert [e["nodes"] for e in events if e["type"] == "node_draining"] == [[spot]]
     assert_no_step_lost_and_no_failure(events, drains=1)
     started = [e for e in events if e["type"] == "started"]
     assert len(started) == 2 and spot not in started[1]["node_ids"] and cluster["added"][0] in started[1]["node_ids"]
-    assert_same_run(tmp_path, reference)
+    assert_same_run(folder, runs.reference)
