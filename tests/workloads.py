@@ -204,11 +204,30 @@ def poisoned_data():
     return torch.utils.data.TensorDataset(x, y), val
 
 
-def drainable_trainer(storage: str, run_name: str):
-    """The run that tests/entries/drain_cluster.py drains twice, and its undisturbed reference."""
+def held_step(seconds: float, hold_file: str, held_seconds: float):
+    """:func:`slow_step` whose steps take ``held_seconds`` while ``hold_file`` exists (the same math)."""
+    import os
+    import time
+
+    def train_step(model, batch):
+        inputs, targets = batch
+        if model.training:
+            time.sleep(held_seconds if os.path.exists(hold_file) else seconds)
+        return {"loss": torch.nn.functional.cross_entropy(model(inputs), targets), "batch_size": len(targets)}
+
+    return train_step
+
+
+def drainable_trainer(storage: str, run_name: str, hold_file: str | None = None):
+    """The run that tests/entries/drain_cluster.py drains twice, and its undisturbed reference.
+
+    While ``hold_file`` exists, steps take 0.15 s instead of 0.05 s, so that a drain the test sends
+    always lands before training ends, however loaded the machine is.
+    """
     from orchestrator import Trainer, callbacks
 
-    return Trainer(model=dropout_model, optimizer=adam, data=odd_data, train_step=slow_step(0.05), batch_size=8,
+    step = slow_step(0.05) if hold_file is None else held_step(0.05, hold_file, 0.15)
+    return Trainer(model=dropout_model, optimizer=adam, data=odd_data, train_step=step, batch_size=8,
                    num_workers=2, seed=0, storage=storage, run_name=run_name, max_failures=0,
                    callbacks=[callbacks.BackupAndRestore(save_freq=5, delete_checkpoint=False),
                               callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=0, min_delta=0.05)],

@@ -105,10 +105,15 @@ def placement_pending() -> bool:
     return any(pg["state"] == "PENDING" for pg in ray.util.placement_group_table().values())
 
 
-def fit_in_thread(storage: str, run_name: str, epochs: int, outcome: dict) -> threading.Thread:
-    def fit() -> None:  # in a thread: nodes can only be added from the main thread
+def fit_in_thread(storage: str, run_name: str, epochs: int, outcome: dict, hold: Path) -> threading.Thread:
+    """Fit in a thread (nodes can only be added from the main thread); steps are slow while ``hold`` exists."""
+    hold.parent.mkdir(parents=True, exist_ok=True)
+    hold.touch()
+
+    def fit() -> None:
         try:
-            outcome["history"] = workloads.drainable_trainer(storage, run_name).fit(epochs=epochs, verbose=0)
+            outcome["history"] = workloads.drainable_trainer(storage, run_name, str(hold)).fit(
+                epochs=epochs, verbose=0)
         except BaseException as exc:
             outcome["error"] = exc
 
@@ -158,8 +163,10 @@ def prepare(cluster: Cluster, nodes: int) -> None:
 def run_drain(cluster: Cluster, storage: str, run_name: str, epochs: int, record: dict) -> dict:
     prepare(cluster, 3)  # two for the workers and a spare
     outcome: dict = {}
-    thread = fit_in_thread(storage, run_name, epochs, outcome)
+    hold = Path(storage) / f"{run_name}.hold"
+    thread = fit_in_thread(storage, run_name, epochs, outcome, hold)
     disturb(cluster, Path(storage) / run_name / "events.jsonl", record)
+    hold.unlink()  # every disturbance is sent: the rest may run at full speed
     thread.join(300)
     return outcome
 
@@ -177,8 +184,12 @@ def run_sigterm(cluster: Cluster, storage: str, run_name: str, epochs: int, reco
         wait_for(lambda: len(alive_nodes()) == len(known) + 1, 60, "the spot node to join")
         spot_id = (alive_nodes() - known).pop()
         outcome: dict = {}
-        thread = fit_in_thread(storage, run_name, epochs, outcome)
-        sigterm_spot_node(cluster, Path(storage) / run_name / "events.jsonl", record, spot, spot_id)
+        hold = Path(storage) / f"{run_name}.hold"
+        thread = fit_in_thread(storage, run_name, epochs, outcome, hold)
+        events_file = Path(storage) / run_name / "events.jsonl"
+        sigterm_spot_node(cluster, events_file, record, spot, spot_id)
+        wait_for(lambda: '"preempted"' in events_file.read_text(), 120, "the run to stop for the drain")
+        hold.unlink()
         thread.join(300)
         return outcome
     finally:
