@@ -35,6 +35,7 @@ from orchestrator.storage.checkpoint import (
     COORDINATOR_FILE,
     ChecksumWriter,
     FileEntry,
+    IncompatibleBackup,
     encode_state,
     latest_valid,
     list_steps,
@@ -294,6 +295,16 @@ def test_a_failed_rank_emits_backup_failed_and_its_step_never_commits(storage):
     assert [(e["rank"], e["folder"], e["step"], e["error"]) for e in events_of(core, EventType.BACKUP_FAILED)] == [
         (1, folder, 4, "OSError: disk full")]
     assert latest_valid(storage, "backup") is None and core.last_committed is None
+
+
+def test_a_backup_committed_in_another_layout_version_is_refused_by_name_and_never_deleted(storage):
+    core = make_core([Recorder()], storage=storage)
+    older = persist_from_every_rank(core, storage, step=4)
+    manifest = storage.read_json(f"{older}/manifest.json")
+    storage.write_json(f"{older}/manifest.json", dict(manifest, version=2))
+    with pytest.raises(IncompatibleBackup, match=r"backup/step-4 was committed in layout version 2"):
+        latest_valid(storage, "backup")
+    assert list_steps(storage, "backup") == [4] and storage.exists(f"{older}/manifest.json")
 
 
 # -- rollback ----------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from orchestrator.errors import OrchestratorError
+
 logger = logging.getLogger(__name__)
 
 # The layout of one step folder: the shared training state (rank 0), each rank's own state, the
@@ -33,7 +35,7 @@ def rank_file(rank: int) -> str:
     """The file holding rank ``rank``'s own state (RNG streams, position, partial sums)."""
     return f"rank-{rank}.pt"
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: states keyed by component name, the coordinator's state in coordinator.json
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -208,6 +210,10 @@ def verify(storage: Storage, folder: str, manifest: Manifest) -> str | None:
     return None
 
 
+class IncompatibleBackup(OrchestratorError):
+    """A committed backup in a layout this version cannot load (written by another version)."""
+
+
 @dataclass(frozen=True)
 class Found:
     """The newest valid committed backup."""
@@ -228,6 +234,11 @@ def latest_valid(storage: Storage, backup_dir: str,
         except (ValueError, KeyError, TypeError) as exc:
             reason = f"unreadable manifest ({exc})"
         else:
+            if manifest.version != FORMAT_VERSION:  # never trusted, never deleted: the user decides
+                raise IncompatibleBackup(
+                    f"backup {folder} was committed in layout version {manifest.version}; this version of "
+                    f"orchestrator reads version {FORMAT_VERSION}. Resume it with the version that wrote it, "
+                    f"or start a new run (another run_name)")
             problem = verify(storage, folder, manifest)
             if problem is None:
                 return Found(folder, manifest)
