@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import posixpath
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import ray
@@ -13,6 +16,7 @@ from orchestrator.control.specs import BackupPolicy, FaultPolicy, FitSpec
 from orchestrator.core.config import (
     LoopConfig, ScalingConfig, validate_epochs, validate_flag, validate_int, validate_seconds, validate_verbose)
 from orchestrator.core.metrics import metric_directions
+from orchestrator.loop.final_model import FINAL_MODEL, load_final_model, save_final_model
 from orchestrator.storage.fs import StorageSpec
 
 
@@ -27,10 +31,17 @@ def _checked_callbacks(callbacks: Iterable[Callback] | None, params: Mapping[str
     backups = [cb for cb in checked if isinstance(cb, BackupAndRestore)]
     if len(backups) > 1:
         raise ValueError("callbacks: pass at most one BackupAndRestore")
-    if backups and "://" in backups[0].backup_dir:
-        raise ValueError("BackupAndRestore(backup_dir=...) must be a path relative to the run directory "
-                         f"here, got {backups[0].backup_dir!r}; set Trainer(storage=...) to move the run")
+    if backups and not _inside_run(backups[0].backup_dir):
+        raise ValueError("BackupAndRestore(backup_dir=...) must be a path inside the run directory (relative, "
+                         f"without '..'), got {backups[0].backup_dir!r}: backups belong to their run, which "
+                         "deletes its own step folders; set Trainer(storage=..., run_name=...) to move the run")
     return checked
+
+
+def _inside_run(path: str) -> bool:
+    norm = posixpath.normpath(path.replace("\\", "/"))
+    return "://" not in path and not posixpath.isabs(norm) and not os.path.isabs(path) \
+        and norm != ".." and not norm.startswith("../")
 
 
 def _check_picklable(name: str, value: Any) -> None:
@@ -170,6 +181,12 @@ class Trainer:
     def fit(self, epochs: int = 1, verbose: str | int = "auto") -> History:
         """Train for ``epochs`` epochs and return the :class:`History`.
 
+        The same ``storage`` and ``run_name`` resume the run where it stopped (a crash, a
+        preemption, a resubmission). A run that had **finished** is never trained again: ``fit``
+        then returns its History (each epoch's logs from ``events.jsonl``) and its final weights
+        (``<run>/model.pt``) without starting Ray, as ``orchestrator run`` exits 0 with "already
+        finished". Pass another ``run_name`` to train a new run.
+
         Args:
             epochs: Number of epochs. Defaults to ``1``.
             verbose: ``"auto"``/``1`` (a progress bar on a terminal, one line per epoch otherwise),
@@ -191,12 +208,36 @@ class Trainer:
                        callbacks=coordinator_cbs, driver_callbacks=driver_cbs, params=params,
                        batch_sync_every=sync_every, backups=backups, faults=self.faults,
                        config_snapshot=self._config_snapshot(epochs))
-        outcome = run_fit(spec)
+        outcome = run_fit(spec, save_final=lambda storage, results: save_final_model(storage, results[0].state_dict))
+        if outcome.already_finished:
+            return self._finished_history(history, outcome.events, epochs)
         for cb, state in zip(coordinator_cbs, outcome.callback_states):
             cb.load_state_dict(state)
         history.model = self._build_final_model(outcome.results[0].state_dict)
         history.results = outcome.results
         history.events = outcome.events
+        return history
+
+    def _finished_history(self, history: History, events: list[dict[str, Any]], epochs: int) -> History:
+        """The History of a run that had finished: each epoch's logs as last recorded, its final weights."""
+        by_epoch: dict[int, dict[str, Any]] = {}
+        for event in events:  # a replayed epoch (after a restore or a rollback) keeps its newest logs
+            if event.get("type") == "epoch_end" and isinstance(event.get("logs"), dict):
+                by_epoch[int(event.get("epoch", 0))] = event["logs"]
+        history.on_train_begin()
+        for epoch in sorted(by_epoch):
+            history.on_epoch_end(epoch, dict(by_epoch[epoch]))
+        storage = self.storage.open()
+        if len(by_epoch) < epochs and not any(e.get("type") in ("early_stopping", "stopped") for e in events):
+            warnings.warn(f"run {storage.url()} had already finished after {len(by_epoch)} epochs; fit(epochs={epochs}) "
+                          "does not train it again: pass another run_name to train a new run", stacklevel=3)
+        state = load_final_model(storage)
+        if state is None:
+            warnings.warn(f"run {storage.url()} had already finished but holds no {FINAL_MODEL} (written by an older "
+                          "version); History.model is None", stacklevel=3)
+        history.model = self._build_final_model(state) if state is not None else None
+        history.results = []
+        history.events = events
         return history
 
     def _config_snapshot(self, epochs: int) -> dict[str, Any]:

@@ -88,6 +88,8 @@ class Backup:
         coordinator_state: Filled in by the coordinator: its own and every callback's state as of
             this sync point (callbacks return ``Backup`` without it).
         source: Name of the callback that decided.
+        write: Filled in by the coordinator: this save's number, which every rank passes back
+            with its files, so reports of an earlier save of the same folder are never mixed in.
 
     Example:
         >>> Backup(source="RollbackOnNaN").backup_dir is None
@@ -98,6 +100,7 @@ class Backup:
     keep: int | None = None
     coordinator_state: dict | None = None
     source: str = ""
+    write: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,9 @@ class Report:
         steps_per_epoch: Batches per epoch on every rank.
         global_step: Batches run since the start of training.
         preempted: Some rank received a preemption notice before this step.
+        layout: At ``train_begin``: what this rank's position means (``batch_size``, ``seed``,
+            ``world_size``, ``samples`` in its training set, ``parameters``: name -> shape), which
+            the coordinator compares across ranks and with the backup it resumes from.
     """
 
     kind: ReportKind
@@ -192,6 +198,7 @@ class Report:
     steps_per_epoch: int = 0
     global_step: int = 0
     preempted: bool = False
+    layout: dict | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", ReportKind(self.kind))  # ValueError for an unknown kind

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import tempfile
 import time
@@ -12,6 +14,7 @@ import torch
 import workloads
 from orchestrator import Trainer, callbacks
 from orchestrator.errors import WorkerError
+from orchestrator.storage.run_files import read_events
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,9 +30,14 @@ def make(num_workers=2, **overrides):
 
 
 @pytest.fixture(scope="module")
-def pack_history(ray_session):
+def pack_trainer(ray_session):
+    return make(2)
+
+
+@pytest.fixture(scope="module")
+def pack_history(pack_trainer):
     """The default 2-rank fit (PACK placement, 3 epochs), run once for the tests that only read it."""
-    return make(2).fit(epochs=3, verbose=0)
+    return pack_trainer.fit(epochs=3, verbose=0)
 
 
 def test_two_workers_report_the_validation_metrics_of_the_whole_set_on_odd_sample_counts(ray_cluster):
@@ -61,6 +69,21 @@ def test_fit_returns_keras_style_history_and_the_trained_model_on_cpu(ray_cluste
     x, y = val.tensors
     acc = (history.model(x).argmax(1) == y).float().mean().item()
     assert acc == pytest.approx(history.history["val_accuracy"][-1], abs=1e-6)
+
+
+def test_a_second_fit_of_a_finished_run_returns_its_result_without_training_again(ray_cluster, pack_trainer,
+                                                                                  pack_history):
+    storage = pack_trainer.storage.open()
+    attempts = json.loads(storage.read_bytes("run.json"))["attempts"]
+    events_before = len(read_events(storage))
+    with pytest.warns(UserWarning, match="does not train it again"):
+        again = pack_trainer.fit(epochs=5, verbose=0)
+    assert again.history == pack_history.history and again.epoch == pack_history.epoch
+    final = torch.load(io.BytesIO(storage.read_bytes("model.pt")), weights_only=True)
+    for name, value in again.model.state_dict().items():
+        assert torch.equal(value, pack_history.model.state_dict()[name]) and torch.equal(value, final[name])
+    assert json.loads(storage.read_bytes("run.json"))["attempts"] == attempts  # no attempt 2, no new events
+    assert len(read_events(storage)) == events_before
 
 
 def test_a_nan_loss_on_rank_one_only_stops_every_rank_at_that_step(ray_cluster):

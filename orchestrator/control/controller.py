@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -30,9 +30,11 @@ from orchestrator.control.states import (TERMINAL, ControllerState, Failed, Fini
 from orchestrator.core.events import EventType
 from orchestrator.errors import OrchestratorError, TrainingFailedError
 from orchestrator.loop.specs import LoopResult
-from orchestrator.storage.checkpoint import latest_valid, read_coordinator_state, remove_newer
+from orchestrator.storage.checkpoint import latest_valid, read_coordinator_state, remove_all, remove_newer
 from orchestrator.storage.fs import RunStorage
-from orchestrator.storage.run_files import EventLog, bump_attempt, update_run_json, write_run_json
+from orchestrator.storage.layout import check_layout
+from orchestrator.storage.run_files import (EventLog, bump_attempt, read_events, run_status, update_run_json,
+                                            write_run_json)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ def find_resume(fit: FitSpec, storage: RunStorage, events: EventLog) -> Resume:
 
     Raises:
         OrchestratorError: The backup was written by another number of workers.
+        ResumeMismatch: The backup was written with another batch size or seed.
     """
     backup_dir = fit.backups.folder
 
@@ -72,6 +75,8 @@ def find_resume(fit: FitSpec, storage: RunStorage, events: EventLog) -> Resume:
             f"the backup in {storage.url(found.folder)} was written by {found.manifest.world_size} workers; "
             f"resume with num_workers={found.manifest.world_size}")
     state = read_coordinator_state(storage, found.folder)
+    check_layout(state.get("layout"), {"world_size": fit.scaling.num_workers, "batch_size": fit.loop.batch_size,
+                                       "seed": fit.loop.seed}, storage.url(found.folder))
     events.append(EventType.RESTORED, epoch=found.manifest.epoch, step=found.manifest.step, folder=found.folder,
                   phase=found.manifest.phase)
     return Resume(folder=found.folder, state=state)
@@ -94,6 +99,8 @@ class Controller:
         run_attempt: Runs one attempt. Defaults to :func:`~orchestrator.control.attempt.run_attempt`.
         policy: Whether to restart after a failure. Defaults to ``FailurePolicy(fit.faults.max_failures)``.
         preempt: Set it to stop at the next step with an emergency backup. Defaults to a new event.
+        save_final: ``(storage, results)`` writes the final weights once training finished, before
+            the outcome is recorded. Defaults to writing nothing.
 
     Example:
         with Controller(fit, fit.storage.open()) as controller:
@@ -105,8 +112,10 @@ class Controller:
 
     def __init__(self, fit: FitSpec, storage: RunStorage, *, group: WorkerGroup | None = None,
                  run_attempt: AttemptRunner = run_attempt, policy: FailurePolicy | None = None,
-                 preempt: threading.Event | None = None) -> None:
+                 preempt: threading.Event | None = None,
+                 save_final: Callable[[RunStorage, list[LoopResult]], None] | None = None) -> None:
         self.fit = fit
+        self.save_final = save_final
         self.storage = storage
         self.group = group
         self.run_attempt = run_attempt
@@ -156,6 +165,10 @@ class Controller:
     def _start(self) -> ControllerState:
         try:  # nothing has started yet, so there is nothing to record
             self.storage.check_access()
+            if run_status(self.storage) == "finished":  # never two trainings in one run
+                logger.warning("run %s already finished; returning its result without training (pass another "
+                               "run_name to train a new run)", self.storage.url())
+                return Finished(FitOutcome(events=read_events(self.storage), already_finished=True))
             if self.group is None:
                 self._started_ray = ensure_ray()
                 self.group = WorkerGroup(self.fit.scaling, placement_timeout_s=self.fit.faults.placement_timeout_s,
@@ -222,10 +235,12 @@ class Controller:
             update_run_json(self.storage, status="preempted")
             self.outcome.preempted = True
             return Preempted(self.outcome, step, self.storage.url(self.fit.backups.folder))
-        if self.fit.backups.delete_at_end:
-            self.storage.rm(self.fit.backups.folder, recursive=True)
+        if self.save_final is not None:
+            self.save_final(self.storage, results)
         self.events.append(EventType.FINISHED, epochs=len(results[0].learning_rates))
         update_run_json(self.storage, status="finished")
+        if self.fit.backups.delete_at_end:  # only once the outcome is recorded: a kill before keeps them
+            remove_all(self.storage, self.fit.backups.folder)
         return Finished(self.outcome)
 
     def _failed(self, error: BaseException, recorded: BaseException | None = None) -> Failed:
@@ -258,20 +273,22 @@ class _SigtermToPreemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def run_fit(fit: FitSpec, *, group: WorkerGroup | None = None, run_attempt: AttemptRunner = run_attempt) -> FitOutcome:
+def run_fit(fit: FitSpec, *, group: WorkerGroup | None = None, run_attempt: AttemptRunner = run_attempt,
+            save_final: Callable[[RunStorage, list[LoopResult]], None] | None = None) -> FitOutcome:
     """Run training to the end across attempts; raise what ends it otherwise.
 
     Args:
         fit: What to train, validated.
         group: The worker group to use (the controller shuts it down). Defaults to a new one.
         run_attempt: Runs one attempt. Defaults to :func:`~orchestrator.control.attempt.run_attempt`.
+        save_final: Writes the final weights before the outcome is recorded. Defaults to nothing.
 
     Raises:
         Preempted: The ranks stopped at a preemption with an emergency backup.
         TrainingFailedError: More failures than ``max_failures`` (a single failure raises its own error).
         Anything else that ended training: a callback's error, a storage or capacity error.
     """
-    controller = Controller(fit, fit.storage.open(), group=group, run_attempt=run_attempt)
+    controller = Controller(fit, fit.storage.open(), group=group, run_attempt=run_attempt, save_final=save_final)
     with controller:
         state = controller.step()  # Starting: connecting to Ray installs Ray's own SIGTERM handler
         with _SigtermToPreemption(controller.preempt):

@@ -38,12 +38,15 @@ class FitOutcome:
         events: The coordinator's events of every attempt, oldest first.
         callback_states: The coordinator callbacks' states at the end of the last attempt.
         preempted: Whether training stopped at a preemption.
+        already_finished: The run had finished before this ``fit``: nothing was trained, ``events``
+            holds the run's persisted events (``events.jsonl``), ``results`` is empty.
     """
 
     results: list[LoopResult] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     callback_states: list[dict[str, Any]] = field(default_factory=list)
     preempted: bool = False
+    already_finished: bool = False
 
 
 @dataclass(frozen=True)

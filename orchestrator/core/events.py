@@ -43,8 +43,9 @@ class EventType(enum.StrEnum):
     STARTED = _Spec("started", ("world_size", "nodes", "node_ids", "resumed_from", "warm"), True,
                     "an attempt's workers are up")
     RESTORED = _Spec("restored", ("folder", "phase"), True, "an attempt resumes from a committed backup")
-    BACKUP_SKIPPED = _Spec("backup_skipped", ("reason",), True,
-                           "a backup step was not trusted on resume (torn, corrupt, uncommitted)")
+    BACKUP_SKIPPED = _Spec("backup_skipped", ("reason", "folder"), True,
+                           "a backup step was not trusted on resume (torn, corrupt, uncommitted), or a "
+                           "backup was not taken or not committed (a non-finite step, a rollback)")
     WORKER_FAILED = _Spec("worker_failed", ("rank", "node", "cause"), True, "a rank died, raised or hung")
     NODE_DRAINING = _Spec("node_draining", ("nodes", "hosts", "deadlines_ms"), True,
                           "Ray is draining nodes of this attempt")

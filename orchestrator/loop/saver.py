@@ -115,7 +115,7 @@ class RankSaver:
         self.persister.wait()  # the staging buffers are about to be reused
         meta = {"epoch": position.epoch, "batch": position.batch, "step": position.global_step,
                 "phase": position.phase, "world_size": self.world_size, "backup_dir": decision.backup_dir,
-                "keep": decision.keep, "rank": self.rank}
+                "keep": decision.keep, "rank": self.rank, "write": decision.write}
         staged = self.area.stage(self.files(decision.coordinator_state))
         self.persister.submit(step_dir(decision.backup_dir, position.global_step), staged, meta,
                               check=self._refusal)

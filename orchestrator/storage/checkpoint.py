@@ -274,6 +274,20 @@ def purge_older(storage: Storage, backup_dir: str, newest: int, keep: int = 1) -
     return removed
 
 
+def remove_all(storage: Storage, backup_dir: str) -> list[int]:
+    """Delete every ``step-<N>`` folder of ``backup_dir``, then the folder itself if nothing else is in it.
+
+    Only what the backup protocol writes is deleted: a file or folder of another name stays.
+    """
+    removed = remove_newer(storage, backup_dir, None)
+    try:
+        if not storage.listdir(backup_dir):
+            storage.rm(backup_dir, recursive=True)
+    except Exception as exc:  # a clean-up never fails the run
+        logger.warning("could not remove the empty backup folder %s: %s", backup_dir, exc)
+    return removed
+
+
 def _remove(storage: Storage, backup_dir: str, step: int) -> None:
     folder = step_dir(backup_dir, step)
     try:
