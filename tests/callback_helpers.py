@@ -22,6 +22,7 @@ from orchestrator.core import metrics
 from orchestrator.core.events import EventType
 from orchestrator.core.metrics import PhaseSums, metric_directions
 from orchestrator.decisions import Decision, Report, ReportKind, SetLearningRate, stops
+from orchestrator.decisions import RestoreWeights, SnapshotWeights
 
 
 def _builtin_directions() -> dict[str, str]:
@@ -153,3 +154,32 @@ def fit(callbacks: Iterable[Callback] | CallbackList, epoch_logs: Iterable[Mappi
     run.decisions["train_end"] = rank.sync(ReportKind.TRAIN_END, epoch=max(run.epochs_run - 1, 0))
     display.call("on_train_end", {})
     return run
+
+
+def make_resumed_list(callbacks: Iterable[Callback], coordinator_state: Mapping[str, Any], lr: float = 0.1,
+                      epochs: int = 10, steps: int = 5,
+                      directions: Mapping[str, str] | None = None) -> CallbackList:
+    """Like :func:`make_list`, for an attempt that resumes from a backup holding ``coordinator_state``
+    (the core loads it after ``on_train_begin``, as in a real resume); :func:`fit` drives that core."""
+    params = {"epochs": epochs, "steps": steps, "verbose": 0, "metric_directions": dict(directions or DIRECTIONS)}
+    core = CoordinatorCore(list(callbacks), params, world_size=1, restore=dict(coordinator_state))
+    core.view.learning_rate = lr
+    for cb in core.callbacks.callbacks:
+        cb.validate(params)
+    _CORES[core.callbacks] = core
+    return core.callbacks
+
+
+def restored_epochs(run: Run) -> dict[str, int]:
+    """What a rank restores: for each ``RestoreWeights`` key, the epoch whose end it snapshotted last
+    under that key (a rank keeps one copy per key, as ``Snapshots`` does)."""
+    kept: dict[str, int] = {}
+    restored: dict[str, int] = {}
+    for hook, decisions in run.decisions.items():  # in the order the hooks ran
+        epoch = int(hook.split(":")[1]) if ":" in hook else -1
+        for d in decisions:
+            if isinstance(d, SnapshotWeights):
+                kept[d.key] = epoch
+            elif isinstance(d, RestoreWeights):
+                restored[d.key] = kept[d.key]
+    return restored

@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 
-from callback_helpers import fit, make_list
-from orchestrator.callbacks import EarlyStopping
+from callback_helpers import fit, make_list, restored_epochs
+from orchestrator.callbacks import Callback, CallbackList, EarlyStopping, ReduceLROnPlateau
 from orchestrator.decisions import RestoreWeights, SnapshotWeights, StopTraining
 
 KERAS_LOSSES = [10.0, 9.0, 8.0, 9.0, 8.9, 8.8, 8.7, 8.6, 8.5]
@@ -149,7 +149,7 @@ def test_early_stopping_resolves_the_direction_at_validate(mode, monitor, expect
     make_list([stopper], directions={"loss": "min", "accuracy": "max", "acc": "max", "mse": "min",
                                      "f1_score": "max"})
     assert stopper.monitor_op is expected
-    assert stopper.best == (math.inf if expected is operator.lt else -math.inf)
+    assert stopper.best is None  # Keras: the first monitored value becomes the best
 
 
 def test_early_stopping_rejects_an_unknown_metric_in_auto_mode_at_validate():
@@ -223,3 +223,125 @@ def test_early_stopping_is_silent_when_not_verbose(capsys):
         warnings.simplefilter("error")
         fit([EarlyStopping(patience=1, restore_best_weights=True)], losses([0.3, 0.2, 0.25]))
     assert capsys.readouterr().out == ""
+
+
+# -- Keras's best = None and float32 comparisons ------------------------------------------------
+# Each row: (monitor, EarlyStopping arguments, monitored values, Keras's stopped_epoch (0: not
+# stopped, all epochs run), best epoch, epoch whose weights are restored or None). Checked against keras/src/callbacks/early_stopping.py at 3.15:
+# on_train_begin sets best = None, _is_improvement(x, None) is True, and ops.less/ops.greater
+# compare float32 tensors (x - min_delta is computed on Python floats first).
+
+
+def check_trace(monitor, kwargs, values, stopped_epoch, best_epoch, restored):
+    stopper = EarlyStopping(monitor=monitor, **kwargs)
+    run = fit([stopper], losses(values, monitor))
+    assert run.epochs_run == (stopped_epoch + 1 if stopped_epoch else len(values))
+    assert (run.stopped, stopper.stopped_epoch) == (stopped_epoch > 0, stopped_epoch)
+    assert stopper.best_epoch == best_epoch
+    assert restored_epochs(run) == ({} if restored is None else {stopper.weights_key: restored})
+
+
+@pytest.mark.parametrize(
+    "monitor, kwargs, values, stopped_epoch, best_epoch, restored",
+    [
+        # The issue's case: NaN is the best so far and nothing improves on it, so patience=1 stops at
+        # epoch 1 and epoch 0's weights come back (starting from +inf, all 3 epochs would run).
+        ("loss", {"patience": 1, "restore_best_weights": True}, [math.nan, 1.0, 0.5], 1, 0, 0),
+        ("loss", {"patience": 2, "restore_best_weights": True}, [math.nan, 1.0, 0.5, 0.4], 2, 0, 0),
+        ("loss", {"patience": 1, "restore_best_weights": True}, [math.inf, 2.0, 1.0], 0, 2, 2),
+        ("accuracy", {"patience": 1, "restore_best_weights": True}, [-math.inf, 0.5, 0.6], 0, 2, 2),
+        # The baseline is not the initial best: the first value is, even when worse than the baseline;
+        # it restarts the count only when it also beats the baseline (NaN never does).
+        ("loss", {"patience": 2, "baseline": 0.5, "restore_best_weights": True}, [math.nan, 0.4, 0.3], 1, 0, 0),
+        ("loss", {"patience": 2, "baseline": 0.5, "restore_best_weights": True}, [0.9, 0.4, 0.45, 0.45], 3, 1, 1),
+        ("loss", {"patience": 2, "baseline": 0.5, "restore_best_weights": True}, [0.9, 0.95, 0.96], 1, 0, 0),
+        # The first monitored epoch after start_from_epoch is the best so far, whatever its value.
+        ("loss", {"patience": 1, "start_from_epoch": 1, "restore_best_weights": True},
+         [0.1, math.nan, 0.05], 2, 1, 1),
+    ],
+)
+def test_early_stopping_takes_the_first_monitored_value_as_best_even_when_it_is_nan_or_inf(
+    monitor, kwargs, values, stopped_epoch, best_epoch, restored
+):
+    check_trace(monitor, kwargs, values, stopped_epoch, best_epoch, restored)
+
+
+@pytest.mark.parametrize(
+    "monitor, kwargs, values, stopped_epoch, best_epoch, restored",
+    [
+        # 0.7 + 0.1 is 0.7999999999999999 in double precision, 0.8 in float32: not an improvement.
+        ("loss", {"patience": 1, "min_delta": 0.1}, [0.8, 0.7, 0.6], 1, 0, None),
+        # 0.8 - 0.1 is 0.7000000000000001 in double precision, 0.7 in float32.
+        ("accuracy", {"patience": 1, "min_delta": 0.1}, [0.7, 0.8, 0.9], 1, 0, None),
+        # 0.5 + 0.1 is exactly 0.6 in both precisions: a change of exactly min_delta never counts.
+        ("loss", {"patience": 1, "min_delta": 0.1}, [0.6, 0.5, 0.4], 1, 0, None),
+        # 0.99999999 rounds to 1.0 in float32, 0.9999999 and 0.9999998 do not.
+        ("loss", {"patience": 1, "restore_best_weights": True}, [1.0, 0.99999999, 0.9], 1, 0, 0),
+        ("loss", {"patience": 1, "restore_best_weights": True}, [1.0, 0.9999999, 0.9999998], 0, 2, 2),
+    ],
+)
+def test_early_stopping_compares_values_in_float32_as_keras_does(
+    monitor, kwargs, values, stopped_epoch, best_epoch, restored
+):
+    check_trace(monitor, kwargs, values, stopped_epoch, best_epoch, restored)
+
+
+# -- one snapshot per instance ------------------------------------------------------------------
+
+
+def test_two_early_stoppings_on_the_same_monitor_each_restore_their_own_best_weights():
+    # Both watch loss; the second starts at epoch 2, so its best epoch is 3 while the first's is 0.
+    first = EarlyStopping(monitor="loss", patience=5, restore_best_weights=True)
+    second = EarlyStopping(monitor="loss", patience=5, restore_best_weights=True, start_from_epoch=2)
+    run = fit([first, second], losses([0.5, 0.9, 0.8, 0.7, 0.75, 0.76], "loss"))
+    assert (first.best_epoch, second.best_epoch) == (0, 3)
+    assert first.weights_key != second.weights_key
+    assert run.decisions["train_end"] == [RestoreWeights(first.weights_key), RestoreWeights(second.weights_key)]
+    assert restored_epochs(run) == {first.weights_key: 0, second.weights_key: 3}
+
+
+def user_callbacks():
+    return [ReduceLROnPlateau(monitor="loss"), EarlyStopping(monitor="loss", restore_best_weights=True),
+            EarlyStopping(monitor="loss", patience=2, restore_best_weights=True)]
+
+
+def test_early_stopping_weights_keys_are_the_same_in_a_resumed_attempt_built_from_the_same_callbacks():
+    attempt = user_callbacks()
+    make_list(attempt)
+    resumed = user_callbacks()
+    make_list(resumed)
+    keys = [cb.weights_key for cb in attempt[1:]]
+    assert keys == [cb.weights_key for cb in resumed[1:]]
+    assert len(set(keys)) == 2
+    assert [cb.position for cb in attempt] == [0, 1, 2]
+
+
+# -- CallbackList.running ---------------------------------------------------------------------
+
+
+class Probe(Callback):
+    """Records what its CallbackList says is running while its hooks run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callbacks: CallbackList | None = None
+        self.seen: list[tuple[str, str] | None] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen.append(self.callbacks.running)
+
+    def on_train_end(self, logs=None):
+        self.seen.append(self.callbacks.running)
+        raise RuntimeError("boom")
+
+
+def test_callback_list_names_the_running_callback_and_hook_and_clears_it_after():
+    probe = Probe()
+    cl = CallbackList([EarlyStopping(monitor="loss"), probe])
+    probe.callbacks = cl
+    assert cl.running is None
+    cl.call("on_epoch_end", 0, {"loss": 1.0})
+    assert (probe.seen, cl.running) == ([("Probe", "on_epoch_end")], None)
+    with pytest.raises(RuntimeError, match="boom"):
+        cl.call("on_train_end", {})
+    assert (probe.seen[-1], cl.running) == (("Probe", "on_train_end"), None)

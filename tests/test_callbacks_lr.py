@@ -7,7 +7,7 @@ import operator
 
 import pytest
 
-from callback_helpers import fit, make_list
+from callback_helpers import fit, make_list, make_resumed_list
 from orchestrator.callbacks import LearningRateScheduler, ReduceLROnPlateau
 from orchestrator.decisions import SetLearningRate
 
@@ -112,6 +112,49 @@ def test_reduce_lr_on_plateau_resumes_from_its_state_dict():
     resumed.on_train_begin()
     resumed.load_state_dict(state)
     assert (resumed.wait, resumed.cooldown_counter, resumed.best) == (0, 2, 1.0)
+
+
+# Each row: (ReduceLROnPlateau arguments, monitored values, learning rate after each epoch), from
+# keras/src/callbacks/reduce_lr_on_plateau.py at 3.15: _reset sets best = None at on_train_begin,
+# _is_improvement(x, None) is True, and ops.less/ops.greater compare float32 tensors.
+@pytest.mark.parametrize(
+    "kwargs, values, expected_lrs",
+    [
+        # NaN is the best so far and nothing improves on it (from +inf, epoch 0 would already reduce).
+        ({"patience": 1, "factor": 0.5, "min_delta": 0}, [math.nan, 1.0, 0.5], [0.1, 0.05, 0.025]),
+        ({"patience": 1, "factor": 0.5, "min_delta": 0}, [math.inf, math.inf, 1.0], [0.1, 0.05, 0.05]),
+        # 0.7 + 0.1 is 0.7999999999999999 in double precision, 0.8 in float32: no improvement at
+        # epoch 1; 0.6 + 0.1 = 0.7 improves on 0.8 at epoch 2.
+        ({"patience": 1, "factor": 0.5, "min_delta": 0.1}, [0.8, 0.7, 0.6], [0.1, 0.05, 0.05]),
+        ({"patience": 1, "factor": 0.5, "min_delta": 0.1, "mode": "max"}, [0.7, 0.8, 0.9], [0.1, 0.05, 0.05]),
+        # 0.99999999 rounds to 1.0 in float32.
+        ({"patience": 1, "factor": 0.5, "min_delta": 0}, [1.0, 0.99999999, 0.9], [0.1, 0.05, 0.05]),
+    ],
+)
+def test_reduce_lr_on_plateau_takes_the_first_value_as_best_and_compares_in_float32(kwargs, values, expected_lrs):
+    run = fit([ReduceLROnPlateau(monitor="val_loss", **kwargs)], val_losses(values), lr=0.1)
+    assert run.lrs == pytest.approx(expected_lrs)
+
+
+def test_reduce_lr_on_plateau_starts_fresh_in_a_second_fit_with_the_same_instance():
+    cb = ReduceLROnPlateau(patience=1, factor=0.5, min_delta=0, cooldown=3)
+    assert fit([cb], val_losses([0.1, 0.1]), lr=0.1).lrs == pytest.approx([0.1, 0.05])
+    assert (cb.best, cb.cooldown_counter) == (0.1, 3)
+    # Keras's _reset: best, wait and cooldown start over, so 0.5 is the new best, not worse than 0.1.
+    assert fit([cb], val_losses([0.5, 0.4]), lr=0.1).lrs == pytest.approx([0.1, 0.1])
+    assert (cb.best, cb.wait, cb.cooldown_counter) == (0.4, 0, 0)
+
+
+def test_reduce_lr_on_plateau_resumed_from_a_backup_keeps_the_best_value_of_the_backup():
+    first = ReduceLROnPlateau(patience=2, factor=0.5, min_delta=0)
+    fit([first], val_losses([1.0, 0.9, 0.9]), lr=0.1)
+    assert first.state_dict() == {"wait": 1, "cooldown_counter": 0, "best": 0.9}
+    # The resumed attempt's coordinator loads the backup after on_train_begin has reset the callback:
+    # 0.95 does not improve on the backed-up 0.9, so the second epoch without improvement reduces.
+    resumed = ReduceLROnPlateau(patience=2, factor=0.5, min_delta=0)
+    run = fit(make_resumed_list([resumed], {"callbacks": [first.state_dict()]}, lr=0.1), val_losses([0.95]))
+    assert run.lrs == pytest.approx([0.05])
+    assert resumed.best == 0.9
 
 
 def test_reduce_lr_on_plateau_prints_the_keras_message_when_verbose(capsys):

@@ -82,6 +82,22 @@ def test_a_bad_metrics_argument_names_the_entry_and_what_to_pass(metrics, match)
         normalise_metrics(metrics)
 
 
+@pytest.mark.parametrize("metrics, name", [
+    ({"loss": "mse"}, "loss"),
+    ({"val_loss": "mse"}, "val_loss"),
+    ({"val_": "mse"}, "val_"),
+    ({"learning_rate": "mae"}, "learning_rate"),
+    ({"batch_size": "mae"}, "batch_size"),
+    ({"epoch": "acc"}, "epoch"),
+    ({"batch": "acc"}, "batch"),
+    (["loss"], "loss"),
+    ("val_accuracy", "val_accuracy"),
+])
+def test_a_metric_name_the_logs_already_use_is_rejected_naming_it(metrics, name):
+    with pytest.raises(ValueError, match=f"metrics: the name '{name}' is reserved"):
+        normalise_metrics(metrics)
+
+
 def test_directions_cover_aliases_and_registry_functions_but_not_custom_functions():
     metrics = {"acc": "accuracy", "err": "mse", "mine": get_metric("mae").fn, "f1": lambda o, t: o}
     assert metric_directions(metrics) == {"loss": "min", "acc": "max", "err": "min", "mine": "min"}

@@ -90,6 +90,34 @@ def test_auto_mode_takes_the_direction_of_a_built_in_from_the_registry(metrics, 
     assert stopper.monitor_op is op
 
 
+def zero_metric(outputs, targets):
+    return torch.tensor(0.0)
+
+
+@pytest.mark.parametrize("metrics, match", [
+    ({"loss": zero_metric}, r"metrics: the name 'loss' is reserved for the training loss.*"
+                            r"e\.g\. metrics=\{'my_loss': fn\}"),
+    ({"val_loss": zero_metric}, r"the name 'val_loss' is reserved: names starting with 'val_'.*"
+                                r"name the metric 'loss' instead"),
+    ({"val_f1": zero_metric}, r"the name 'val_f1' is reserved.*logged as 'f1' on training data and as 'val_f1' "
+                              r"on validation data.*name the metric 'f1' instead"),
+    ({"val_acc": "accuracy"}, r"the name 'val_acc' is reserved.*name the metric 'acc' instead"),
+    ({"batch_size": zero_metric}, r"the name 'batch_size' is reserved.*metrics=\{'my_batch_size': fn\}"),
+    ({"learning_rate": zero_metric}, r"the name 'learning_rate' is reserved for the learning rate"),
+    ({"epoch": zero_metric}, r"the name 'epoch' is reserved.*ModelCheckpoint"),
+    ({"batch": "mae"}, r"the name 'batch' is reserved.*ModelCheckpoint"),
+    (["loss"], r"metrics: the name 'loss' is reserved"),
+])
+def test_a_metric_named_like_a_key_the_logs_already_use_is_rejected_at_trainer_construction(metrics, match):
+    with pytest.raises(ValueError, match=match):
+        make(metrics=metrics)
+
+
+@pytest.mark.parametrize("name", ["f1", "losses", "my_loss", "val", "validation_f1", "lr", "epochs"])
+def test_a_metric_name_that_only_resembles_a_reserved_one_is_accepted(name):
+    assert list(make(metrics={name: zero_metric}).loop.metrics) == [name]
+
+
 def test_the_acc_alias_is_accepted_and_kept_under_the_name_the_user_gave():
     trainer = make(metrics=["acc"])
     assert trainer.loop.metrics == {"acc": "accuracy"}

@@ -70,6 +70,10 @@ class Callback:
     #: every callback reloads its state from that backup, except those that set this to True:
     #: they keep their current state (e.g. ``RollbackOnNaN`` keeps counting its rollbacks).
     survives_rollback: ClassVar[bool] = False
+    #: Index of the callback in the :class:`~orchestrator.callbacks.CallbackList` that runs it (the
+    #: user's callbacks in order), set by that list; None outside one. It is the same in every
+    #: attempt of a run, so callbacks use it to name what they keep (``EarlyStopping.weights_key``).
+    position: int | None = None
 
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}

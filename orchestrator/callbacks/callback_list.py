@@ -15,17 +15,33 @@ class CallbackList:
     also updates the shared :class:`TrainingView`, so a later callback in the same hook sees
     the new rate (as it would see ``optimizer.learning_rate`` in Keras).
 
+    Each callback's :attr:`~orchestrator.callbacks.Callback.position` is set to its index in
+    ``callbacks``; built from the same callbacks, every attempt of a run gives the same positions.
+
     Args:
         callbacks: The callbacks, in the order the user gave them.
-        view: The view of training the callbacks read.
+        view: The view of training the callbacks read. Defaults to a new :class:`TrainingView`.
+
+    Attributes:
+        running: ``(callback name, hook name)`` while a callback's hook runs, else ``None``; read
+            from another thread to name a callback that blocks (e.g. in a hang error).
+
+    Example:
+        >>> from orchestrator.callbacks import EarlyStopping
+        >>> first, second = EarlyStopping(monitor="loss"), EarlyStopping(monitor="loss")
+        >>> cl = CallbackList([first, second])
+        >>> (first.position, second.position, cl.running)
+        (0, 1, None)
     """
 
     def __init__(self, callbacks: Iterable[Callback], view: TrainingView | None = None) -> None:
         self.callbacks = list(callbacks)
         self.view = view or TrainingView()
         self.params: dict[str, Any] = {}
-        for cb in self.callbacks:
+        self.running: tuple[str, str] | None = None
+        for i, cb in enumerate(self.callbacks):
             cb.set_trainer(self.view)
+            cb.position = i
 
     def set_params(self, params: dict[str, Any]) -> None:
         """Give every callback the same params dict (so later updates, like ``steps``, reach all)."""
@@ -40,9 +56,20 @@ class CallbackList:
         return math.gcd(*freqs) if freqs else None
 
     def call(self, hook: str, *args: Any) -> list[Decision]:
+        """Call ``hook`` on every callback in order; return their decisions in that order.
+
+        Args:
+            hook: The hook's name, e.g. ``"on_epoch_end"``.
+            *args: Its arguments.
+        """
         decisions: list[Decision] = []
         for cb in self.callbacks:
-            made = as_decisions(getattr(cb, hook)(*args), cb.name)
+            self.running = (cb.name, hook)
+            try:
+                result = getattr(cb, hook)(*args)
+            finally:
+                self.running = None
+            made = as_decisions(result, cb.name)
             for d in made:
                 if isinstance(d, SetLearningRate):
                     self.view.learning_rate = float(d.value)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import numbers
-import operator
 from typing import Any
 
 from orchestrator.callbacks.monitor import MonitorCallback
@@ -28,13 +26,20 @@ class EarlyStopping(MonitorCallback):
         mode: One of ``{"auto", "min", "max"}``; ``"auto"`` infers the direction from the metric
             name (unknown metrics raise ValueError before training starts). Defaults to ``"auto"``.
         baseline: Baseline value for the monitored quantity. If not ``None``, training stops when
-            the model shows no improvement over the baseline within ``patience`` epochs.
-            Defaults to ``None``.
+            the model shows no improvement over the baseline within ``patience`` epochs: an epoch
+            that improves on the best so far restarts the count only if it also beats the
+            baseline. The baseline is not the initial best: as in Keras, the first monitored value
+            is always the best so far (even NaN or inf; nothing improves on a NaN, so a NaN first
+            value stops training after ``patience`` more epochs). Defaults to ``None``.
         restore_best_weights: Whether to restore the weights of the epoch with the best monitored
             value at the end of training (also when training was not stopped early, as Keras
-            does). Every rank keeps a CPU copy of the best weights. Defaults to ``False``.
+            does). Every rank keeps a CPU copy of the best weights, under :attr:`weights_key`,
+            one per EarlyStopping instance. Defaults to ``False``.
         start_from_epoch: Number of warm-up epochs during which nothing is monitored.
             Defaults to ``0``.
+
+    Improvements are compared in float32, as Keras does (see
+    :class:`~orchestrator.callbacks.monitor.MonitorCallback`).
 
     Example:
         >>> stopper = EarlyStopping(monitor="loss", patience=3)
@@ -57,20 +62,30 @@ class EarlyStopping(MonitorCallback):
         self.baseline = baseline
         self.restore_best_weights = bool(restore_best_weights)
         self.start_from_epoch = start_from_epoch
-        #: Key under which every rank keeps the best weights (stable across restarts).
-        self.weights_key = f"EarlyStopping[{monitor}]"
         self.wait = 0
         self.stopped_epoch = 0
         self.best_epoch = 0
         self.has_best_weights = False
 
+    @property
+    def weights_key(self) -> str:
+        """Key under which every rank keeps this instance's best weights.
+
+        Built from the monitor and the callback's :attr:`~orchestrator.callbacks.Callback.position`
+        in its :class:`~orchestrator.callbacks.CallbackList`, so that two instances never share
+        weights and a resumed attempt built from the same callbacks finds the weights its backup holds.
+        """
+        at = "" if self.position is None else f"@{self.position}"
+        return f"EarlyStopping{at}[{self.monitor}]"
+
     def on_train_begin(self, logs: dict | None = None) -> None:
-        # Allow an instance to be reused across fits, as Keras does.
+        # Allow an instance to be reused across fits, as Keras does; `best` is None so that the
+        # first monitored value becomes the best (a resume loads its state after this hook).
         self.wait = 0
         self.stopped_epoch = 0
         self.best_epoch = 0
         self.has_best_weights = False
-        self.best = self._initial_best()
+        self.best = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> list[Decision] | None:
         if self.monitor_op is None:
@@ -130,8 +145,3 @@ class EarlyStopping(MonitorCallback):
     def _snapshot(self) -> SnapshotWeights:
         self.has_best_weights = True
         return SnapshotWeights(key=self.weights_key)
-
-    def _initial_best(self) -> float | None:
-        if self.monitor_op is None:
-            return None  # _set_monitor_op fills in +-inf once the direction is known
-        return math.inf if self.monitor_op is operator.lt else -math.inf

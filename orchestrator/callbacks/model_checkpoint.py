@@ -29,7 +29,9 @@ class ModelCheckpoint(MonitorCallback):
       raises ``KeyError('Failed to format this callback filepath: "<filepath>". Reason: <key>')``.
       The formatted path is returned as is: a relative path lands under ``<run>/checkpoints/``.
     - ``save_best_only=True`` saves only when the monitored value improves on the best so far
-      (initially ``initial_value_threshold``; ``None`` means the first value always improves).
+      (initially ``initial_value_threshold``; ``None`` means the first value always improves,
+      even NaN or inf), compared in float32 as Keras does (see
+      :class:`~orchestrator.callbacks.monitor.MonitorCallback`).
       When the monitored value is missing from the logs, Keras 3.15 warns
       ``"Can save best model only with <monitor> available."`` and **saves anyway**; so do we.
     - ``save_freq`` is ``"epoch"`` or a number of batches; the count runs across epoch
@@ -119,14 +121,6 @@ class ModelCheckpoint(MonitorCallback):
         self._current_epoch: int | None = None
         #: Files written by this callback that are still kept: [{"filepath", "value"}], oldest first.
         self.kept: list[dict[str, Any]] = []
-
-    # -- direction -------------------------------------------------------------------------
-    def _set_monitor_op(self, directions: dict[str, str] | None = None) -> None:
-        # Keras's ModelCheckpoint keeps `best` as None until the first improvement (any value,
-        # even inf or nan, improves on None); the base class would start from +-inf.
-        best = self.best
-        super()._set_monitor_op(directions)
-        self.best = best
 
     # -- hooks -----------------------------------------------------------------------------
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:

@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import math
 import operator
+import struct
 import warnings
 from typing import Any, Callable
 
 from orchestrator.callbacks.base import Callback
 
 MODES = ("auto", "min", "max")
+
+
+def to_float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (as a Python float), without numpy.
+
+    Values beyond float32's range round to an infinity of the same sign; NaN stays NaN.
+
+    Example:
+        >>> to_float32(0.1)
+        0.10000000149011612
+        >>> to_float32(1e39)
+        inf
+    """
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # rounds beyond float32's largest finite value
+        return math.copysign(math.inf, value)
 
 
 class MonitorCallback(Callback):
@@ -22,8 +40,18 @@ class MonitorCallback(Callback):
             :func:`orchestrator.core.metrics.metric_directions`): ``loss`` and the error metrics
             are minimised, ``accuracy`` (``acc``) maximised; a metric without a known direction
             raises ValueError before training starts. Defaults to ``"auto"``.
-        baseline: Initial best value; ``None`` means the first value seen. Defaults to ``None``.
+        baseline: Initial best value; ``None`` means the first value seen becomes the best, even
+            when it is NaN or infinite (after a NaN nothing improves on it, as in Keras).
+            Defaults to ``None``.
         min_delta: Minimum change that counts as an improvement. Defaults to ``0``.
+
+    Comparisons are made as Keras 3 makes them (``ops.less`` / ``ops.greater`` on Python floats,
+    which its TensorFlow, JAX and PyTorch backends turn into float32 tensors): the monitored value
+    minus ``min_delta`` is computed in double precision, then it and the reference value are rounded
+    to float32 and compared. Two values that round to the same float32 are equal, so e.g. with
+    ``min_delta=0.1`` and ``mode="min"`` a loss going from 0.8 to 0.7 is *not* an improvement
+    (0.7 + 0.1 is 0.7999999999999999 in double precision, 0.8 in float32). A NaN never improves
+    on anything, and nothing improves on a NaN.
 
     Example:
         >>> class BestSoFar(MonitorCallback):
@@ -82,14 +110,16 @@ class MonitorCallback(Callback):
                 )
         if self.monitor_op is operator.lt:
             self.min_delta = -abs(self.min_delta)
-        if self.best is None:
-            self.best = math.inf if self.monitor_op is operator.lt else -math.inf
 
     def _is_improvement(self, monitor_value: float, reference_value: float | None) -> bool:
+        """Whether ``monitor_value`` improves on ``reference_value`` by more than ``min_delta``.
+
+        Anything improves on ``None``; otherwise compared in float32, as Keras does (see the class).
+        """
         if reference_value is None:
             return True
         assert self.monitor_op is not None
-        return bool(self.monitor_op(monitor_value - self.min_delta, reference_value))
+        return bool(self.monitor_op(to_float32(monitor_value - self.min_delta), to_float32(reference_value)))
 
     def get_monitor_value(self, logs: dict | None, what: str, end: str = "") -> float | None:
         """The monitored value, or None with Keras's warning listing the available keys.

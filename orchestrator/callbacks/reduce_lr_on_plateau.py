@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import numbers
-import struct
 import warnings
 from typing import Any
 
-from orchestrator.callbacks.monitor import MonitorCallback
+from orchestrator.callbacks.monitor import MonitorCallback, to_float32
 from orchestrator.decisions import SetLearningRate
-
-
-def _float32(value: float) -> float:
-    """``value`` rounded to single precision (Keras compares learning rates as float32)."""
-    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 class ReduceLROnPlateau(MonitorCallback):
@@ -39,6 +33,12 @@ class ReduceLROnPlateau(MonitorCallback):
             rate has been reduced. Defaults to ``0``.
         min_lr: Lower bound on the learning rate. Defaults to ``0.0``.
         **kwargs: Accepted for Keras compatibility and ignored (with a warning).
+
+    As in Keras, every ``on_train_begin`` resets the best value and the counters, so a second
+    ``fit`` with the same instance starts fresh; the first monitored value then becomes the best
+    (even NaN or inf). A resumed attempt loads the backed-up state after that reset, so a resume
+    continues where the backup left off. Improvements are compared in float32, as Keras does (see
+    :class:`~orchestrator.callbacks.monitor.MonitorCallback`).
 
     Example:
         >>> reduce_lr = ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=5, min_lr=0.001)
@@ -72,7 +72,8 @@ class ReduceLROnPlateau(MonitorCallback):
         self.wait = 0
 
     def _reset(self) -> None:
-        """Reset the wait and cooldown counters (``best`` is kept across fits, as in Keras 3)."""
+        """Reset the wait counter, the cooldown counter and the best value (Keras 3's ``_reset``)."""
+        self.best = None
         self.cooldown_counter = 0
         self.wait = 0
 
@@ -108,7 +109,7 @@ class ReduceLROnPlateau(MonitorCallback):
         old_lr = float(self.trainer.learning_rate)
         # Keras keeps the rate in float32; compare both sides at that precision so a rate that
         # already sits at ``min_lr`` is not "reduced" again.
-        if _float32(old_lr) <= _float32(self.min_lr):
+        if to_float32(old_lr) <= to_float32(self.min_lr):
             return None
         new_lr = max(old_lr * self.factor, self.min_lr)
         if self.verbose > 0:

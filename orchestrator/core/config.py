@@ -120,7 +120,9 @@ class LoopConfig:
         loss: ``(outputs, targets) -> scalar tensor`` (batch mean); unused with ``train_step``.
         data: ``() -> (train_dataset, val_dataset or None)``, map-style datasets. Required.
         metrics: Built-in names (``["accuracy"]``) or ``name -> built-in name or fn(outputs, targets)``,
-            stored as :func:`~orchestrator.core.metrics.normalise_metrics` returns it. Defaults to none.
+            stored as :func:`~orchestrator.core.metrics.normalise_metrics` returns it; names the logs
+            already use (``loss``, ``val_*``, ...) are refused, see
+            :func:`~orchestrator.core.metrics.check_metric_name`. Defaults to none.
         batch_size: Per-worker batch size.
         val_batch_size: Per-worker validation batch size. Defaults to ``batch_size``.
         train_step / val_step: Optional custom steps, see :mod:`orchestrator.loop.steps`.

@@ -80,6 +80,49 @@ _BY_NAME: Mapping[str, Metric] = MappingProxyType(
 _BY_FN: Mapping[MetricFn, Metric] = MappingProxyType({m.fn: m for m in BUILTIN_METRICS.values()})
 
 
+#: Names the logs (or the values formatted with them) already use, with what for: no metric may
+#: be called so.
+RESERVED_METRIC_NAMES: Mapping[str, str] = MappingProxyType({
+    "loss": "the training loss, which every run logs",
+    "learning_rate": "the learning rate each epoch ran with, which every run logs",
+    "batch_size": "the number of samples in a batch (the key a train_step returns it under)",
+    "epoch": "the 1-based epoch number that ModelCheckpoint formats file paths with, beside the logs",
+    "batch": "the 1-based batch number that ModelCheckpoint formats file paths with, beside the logs",
+})
+#: Prefix of the validation values: a metric ``"x"`` is logged as ``"x"`` and ``"val_x"``.
+VALIDATION_PREFIX = "val_"
+
+
+def check_metric_name(name: str) -> str:
+    """``name`` if a metric may be logged under it; ValueError if the logs already use it.
+
+    Reserved are :data:`RESERVED_METRIC_NAMES` and every name starting with ``"val_"`` (the
+    validation value of each metric is logged under ``"val_<name>"`` automatically).
+
+    Args:
+        name: The name the metric would be logged under.
+
+    Raises:
+        ValueError: Naming the metric, what the logs use the name for, and a name to use instead.
+
+    Example:
+        >>> check_metric_name("f1")
+        'f1'
+    """
+    if name.startswith(VALIDATION_PREFIX):
+        base = name[len(VALIDATION_PREFIX):] or "metric"
+        raise ValueError(
+            f"metrics: the name {name!r} is reserved: names starting with {VALIDATION_PREFIX!r} hold the "
+            f"validation value of each metric, logged automatically (a metric {base!r} is logged as "
+            f"{base!r} on training data and as {VALIDATION_PREFIX + base!r} on validation data); "
+            f"name the metric {base!r} instead")
+    if name in RESERVED_METRIC_NAMES:
+        raise ValueError(
+            f"metrics: the name {name!r} is reserved for {RESERVED_METRIC_NAMES[name]}; "
+            f"log this metric under another name, e.g. metrics={{'my_{name}': fn}}")
+    return name
+
+
 def _known() -> str:
     return ", ".join(f"{m.name} (or {', '.join(m.aliases)})" if m.aliases else m.name
                      for m in BUILTIN_METRICS.values())
@@ -108,7 +151,8 @@ def normalise_metrics(metrics: str | Iterable[str] | Mapping[str, Any] | None) -
     A built-in is logged under the name the user gave (``["acc"]`` logs ``acc``).
 
     Raises:
-        ValueError: Naming ``metrics`` (or the entry) and what to pass instead.
+        ValueError: Naming ``metrics`` (or the entry) and what to pass instead; also for a name
+            the logs already use (see :func:`check_metric_name`).
 
     Example:
         >>> normalise_metrics(["acc", "mse"])
@@ -123,6 +167,7 @@ def normalise_metrics(metrics: str | Iterable[str] | Mapping[str, Any] | None) -
         for name, fn in metrics.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"metrics: every key must be a non-empty metric name, got {name!r}")
+            check_metric_name(name)
             if isinstance(fn, str):
                 try:
                     out[name] = get_metric(fn).name
@@ -137,6 +182,8 @@ def normalise_metrics(metrics: str | Iterable[str] | Mapping[str, Any] | None) -
     if not isinstance(metrics, Iterable):
         raise ValueError(f"metrics must be a list of built-in names or a dict name -> fn, got {metrics!r}")
     for name in metrics:
+        if isinstance(name, str):
+            check_metric_name(name)
         try:
             out[name] = get_metric(name).name
         except ValueError as exc:
