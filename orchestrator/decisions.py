@@ -179,7 +179,7 @@ class Report:
         train: Sums of training metrics so far this epoch (``metrics.PhaseSums``).
         val: Sums of validation metrics for this epoch, if any.
         learning_rate: The rank's optimizer learning rate (param group 0).
-        nonfinite: A non-finite loss was seen on some rank at this step.
+        nonfinite: A non-finite loss or gradient was seen on some rank at this step (the update was not applied).
         steps_per_epoch: Batches per epoch on every rank.
         global_step: Batches run since the start of training.
         preempted: Some rank received a preemption notice before this step.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import itertools
 import math
@@ -35,7 +36,9 @@ from orchestrator.storage.checkpoint import (
     COORDINATOR_FILE,
     ChecksumWriter,
     FileEntry,
+    MANIFEST,
     IncompatibleBackup,
+    Manifest,
     encode_state,
     latest_valid,
     list_steps,
@@ -131,12 +134,22 @@ def meta(step: int, rank: int, epoch: int = 0, **extra: Any) -> dict[str, Any]:
             "backup_dir": "backup", "keep": 1, "rank": rank, **extra}
 
 
+def decide_backup(core: CoordinatorCore, step: int) -> Backup:
+    """The core decides a backup of ``step`` (as a ``Backup`` from a callback at that step would)."""
+    core.view.global_step = step
+    (decision,) = core._record([Backup(source="test")], 0, -1)
+    return decision
+
+
 def persist_from_every_rank(core: CoordinatorCore, storage: Any, step: int, state: dict | None = None,
-                            order: tuple[int, ...] = (0, 1)) -> str:
+                            order: tuple[int, ...] = (0, 1), write: int | None = None) -> str:
+    """Every rank reports its files of ``step`` (of the save in flight, or of save number ``write``)."""
     folder = step_dir("backup", step)
+    if write is None:
+        write = core._writes.get(folder) or decide_backup(core, step).write
     for rank in order:
         entries = write_rank_files(storage, folder, rank, state if rank == 0 else None)
-        core.persisted(rank, folder, entries, meta(step, rank))
+        core.persisted(rank, folder, entries, meta(step, rank, write=write))
     return folder
 
 
@@ -279,7 +292,7 @@ def test_persisted_from_every_rank_writes_the_manifest_and_purges_the_older_step
 
 def test_persisted_reports_out_of_rank_order_still_commit_once(storage):
     core = make_core([Recorder()], storage=storage)
-    folder = step_dir("backup", 4)
+    folder = decide_backup(core, 4) and step_dir("backup", 4)
     core.persisted(1, folder, write_rank_files(storage, folder, 1), meta(4, 1))
     assert latest_valid(storage, "backup") is None and events_of(core, EventType.BACKUP_COMMITTED) == []
     core.persisted(0, folder, write_rank_files(storage, folder, 0), meta(4, 0))
@@ -289,12 +302,45 @@ def test_persisted_reports_out_of_rank_order_still_commit_once(storage):
 
 def test_a_failed_rank_emits_backup_failed_and_its_step_never_commits(storage):
     core = make_core([Recorder()], storage=storage)
-    folder = step_dir("backup", 4)
+    folder = decide_backup(core, 4) and step_dir("backup", 4)
     core.persisted(0, folder, write_rank_files(storage, folder, 0), meta(4, 0))
     core.persisted(1, folder, None, meta(4, 1, error="OSError: disk full"))
     assert [(e["rank"], e["folder"], e["step"], e["error"]) for e in events_of(core, EventType.BACKUP_FAILED)] == [
         (1, folder, 4, "OSError: disk full")]
     assert latest_valid(storage, "backup") is None and core.last_committed is None
+
+
+@pytest.mark.parametrize("order", [(0, 1, 0), (1, 0, 0), (0, 0, 1)])
+def test_a_save_any_rank_failed_is_never_committed_whatever_the_order_of_reports(storage, order):
+    core = make_core([Recorder()], storage=storage)
+    folder = step_dir("backup", 4)
+    write = decide_backup(core, 4).write
+    failed_once = False
+    for rank in order:
+        if rank == 0 and not failed_once:
+            failed_once = True
+            core.persisted(0, folder, None, meta(4, 0, error="OSError: disk full", write=write))
+        else:
+            core.persisted(rank, folder, write_rank_files(storage, folder, rank), meta(4, rank, write=write))
+    assert latest_valid(storage, "backup") is None and core.last_committed is None
+    assert events_of(core, EventType.BACKUP_COMMITTED) == []
+
+
+def test_a_folder_saved_again_commits_only_the_entries_of_its_newest_save(storage):
+    core = make_core([Recorder()], storage=storage)
+    folder = step_dir("backup", 4)
+    first = decide_backup(core, 4).write
+    stale = write_rank_files(storage, folder, 0)
+    second = decide_backup(core, 4).write  # the same step saved again (after a rollback replayed it)
+    core.persisted(0, folder, stale, meta(4, 0, write=first))  # the first save's late report
+    core.persisted(1, folder, write_rank_files(storage, folder, 1), meta(4, 1, write=second))
+    assert core.last_committed is None  # rank 0's report of the newest save is still missing
+    fresh = [dataclasses.replace(e, size=e.size + 1) for e in stale]  # another content, same names
+    core.persisted(0, folder, fresh, meta(4, 0, write=second))
+    (commit,) = events_of(core, EventType.BACKUP_COMMITTED)
+    assert commit["folder"] == folder
+    committed = Manifest.from_json(storage.read_json(f"{folder}/{MANIFEST}")).files
+    assert {f.name: f.size for f in committed}[rank_file(0)] == fresh[0].size  # never the stale entry
 
 
 def test_a_backup_committed_in_another_layout_version_is_refused_by_name_and_never_deleted(storage):
@@ -338,6 +384,53 @@ def test_a_rollback_reloads_the_coordinator_state_of_the_newest_committed_folder
     assert [(e["folder"], e["skip"]) for e in events_of(core, EventType.ROLLED_BACK)] == [(folder, [[1, 1]])]
 
 
+def _nan_at(step: int, epoch: int = 1) -> dict[int, Report]:
+    return {rank: Report(ReportKind.BATCH_END, epoch=epoch, step=step, train=PhaseSums({"loss": 1.0}, 2),
+                         learning_rate=0.1, nonfinite=rank == 1, steps_per_epoch=STEPS,
+                         global_step=epoch * STEPS + step + 1) for rank in range(2)}
+
+
+@pytest.mark.parametrize("backup_first", [True, False])
+def test_a_backup_and_a_rollback_decided_at_the_same_sync_point_roll_back_and_never_back_up(storage, backup_first):
+    from orchestrator.callbacks import BackupAndRestore
+    backups, rollback = BackupAndRestore(save_freq=2), RollbackOnNaN()
+    core = make_core([backups, rollback] if backup_first else [rollback, backups], storage=storage)
+    (initial,) = core.handle(reports(ReportKind.TRAIN_BEGIN))
+    target = persist_from_every_rank(core, storage, step=0, state=initial.coordinator_state)
+    core.handle(reports(ReportKind.EPOCH_BEGIN, epoch=0))
+    made = core.handle(_nan_at(step=1, epoch=0))  # global step 2: BackupAndRestore's turn too
+
+    assert not any(isinstance(d, Backup) for d in made)
+    assert Rollback(folder=target, source="RollbackOnNaN") in made
+    assert [e["reason"] for e in events_of(core, EventType.BACKUP_SKIPPED)] == [
+        "backup decided by BackupAndRestore not taken: rolled back at the same sync point"]
+    assert latest_valid(storage, "backup").folder == target  # the rollback target is still there
+
+
+def test_a_non_finite_step_is_never_backed_up_even_without_a_rollback(storage):
+    from orchestrator.callbacks import BackupAndRestore, TerminateOnNaN
+    core = make_core([BackupAndRestore(save_freq=1), TerminateOnNaN()], storage=storage)
+    core.handle(reports(ReportKind.TRAIN_BEGIN))
+    core.handle(reports(ReportKind.EPOCH_BEGIN, epoch=0))
+    made = core.handle(_nan_at(step=0, epoch=0))
+    assert [type(d).__name__ for d in made] == ["StopTraining"]
+    assert "the step was not finite" in events_of(core, EventType.BACKUP_SKIPPED)[0]["reason"]
+
+
+def test_a_save_in_flight_when_the_run_rolls_back_never_commits_nor_purges_the_rollback_target(storage):
+    core = make_core([RollbackOnNaN()], storage=storage)
+    (initial,) = core.handle(reports(ReportKind.TRAIN_BEGIN))
+    target = persist_from_every_rank(core, storage, step=0, state=initial.coordinator_state)
+    core.handle(reports(ReportKind.EPOCH_BEGIN, epoch=0))
+    in_flight = decide_backup(core, 2).write  # still being written by the ranks ...
+    core.handle(_nan_at(step=2, epoch=0))  # ... when the run rolls back to step 0
+    persist_from_every_rank(core, storage, step=2, write=in_flight)  # its reports arrive late
+
+    assert core.last_committed == target and events_of(core, EventType.BACKUP_COMMITTED)[-1]["folder"] == target
+    assert latest_valid(storage, "backup").folder == target
+    assert any("abandoned" in e["reason"] for e in events_of(core, EventType.BACKUP_SKIPPED))
+
+
 def test_a_rollback_before_any_commit_stops_training_with_a_warning():
     core = make_core([RollbackOnNaN()])
     core.handle(reports(ReportKind.TRAIN_BEGIN))
@@ -346,6 +439,49 @@ def test_a_rollback_before_any_commit_stops_training_with_a_warning():
                   global_step=1)
     assert core.handle(nan)[-1] == StopTraining(reason="nan_detected", source="RollbackOnNaN")
     assert "no backup has been committed yet" in events_of(core, EventType.WARNING)[0]["message"]
+
+
+# -- what positions mean: every rank the same data, a resume the same layout -----------------------------
+
+
+def layout(samples: int = 101, **changes: Any) -> dict[str, Any]:
+    return {"world_size": 2, "batch_size": 16, "seed": 0, "samples": samples,
+            "parameters": {"0.weight": [10, 64], "0.bias": [10]}, **changes}
+
+
+def test_ranks_with_training_sets_of_different_lengths_fail_at_train_begin_naming_each_ranks_length():
+    core = make_core([Recorder()])
+    begin = {0: Report(ReportKind.TRAIN_BEGIN, learning_rate=0.1, steps_per_epoch=4, layout=layout(101)),
+             1: Report(ReportKind.TRAIN_BEGIN, learning_rate=0.1, steps_per_epoch=3, layout=layout(90))}
+    assert core.handle(begin) == [StopTraining(reason="callback_error", source="coordinator")]
+    message = str(core.error)
+    assert "rank 0: 101 samples, 4 steps per epoch" in message and "rank 1: 90 samples, 3 steps per epoch" in message
+    assert "same training set on every rank" in message
+
+
+@pytest.mark.parametrize("field, changed, says", [
+    ("samples", layout(96), "samples was 101 when it was written and is 96 now"),
+    ("parameters", layout(parameters={"0.weight": [20, 64], "0.bias": [20]}),
+     "parameters was 0.bias [10] when it was written and is [20] now"),
+    ("parameters", layout(parameters={"0.weight": [10, 64]}), "parameters was 0.bias [10] when it was written and "
+                                                              "is absent now"),
+])
+def test_a_resume_with_another_training_set_or_model_fails_before_the_first_step_naming_the_field(field, changed,
+                                                                                                  says):
+    from orchestrator.storage.layout import ResumeMismatch
+    core = make_core([Recorder()], restore={"layout": layout()}, resumed_from="backup/step-8")
+    made = core.handle({rank: Report(ReportKind.TRAIN_BEGIN, learning_rate=0.1, steps_per_epoch=4, layout=changed)
+                        for rank in range(2)})
+    assert made == [StopTraining(reason="callback_error", source="coordinator")]
+    assert isinstance(core.error, ResumeMismatch) and says in str(core.error)
+    assert str(core.error).startswith("cannot resume from backup/step-8:")
+
+
+def test_a_resume_with_the_same_layout_goes_on_and_every_backup_records_the_layout():
+    core = make_core([Recorder()], restore={"layout": layout()}, resumed_from="backup/step-8")
+    core.handle({rank: Report(ReportKind.TRAIN_BEGIN, learning_rate=0.1, steps_per_epoch=4, layout=layout())
+                 for rank in range(2)})
+    assert core.error is None and core.state_dict()["layout"] == layout()
 
 
 # -- the event vocabulary ------------------------------------------------------------------------------

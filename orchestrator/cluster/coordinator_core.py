@@ -34,7 +34,9 @@ from orchestrator.decisions import (
     SkipBatches,
     StopTraining,
 )
+from orchestrator.errors import OrchestratorError
 from orchestrator.storage.checkpoint import FileEntry, Manifest, commit, purge_older, read_coordinator_state, step_dir
+from orchestrator.storage.layout import check_layout
 
 Reports = dict[int, Report]
 
@@ -79,8 +81,11 @@ class CoordinatorCore:
         self.error_traceback: str = ""
         self.last_logs: dict[str, float] = {}
         self.history: list[dict[str, Any]] = list((restore or {}).get("history", []))
+        self.layout: dict[str, Any] | None = (restore or {}).get("layout")
         self._persisted: dict[str, dict[int, list[FileEntry]]] = {}
         self._failed: set[str] = set()
+        self._writes: dict[str, int] = {}  # folder -> the number of its save in flight (not yet committed)
+        self._write_count = 0
         self._handlers: dict[ReportKind, Callable[[Report, Reports], list[Decision]]] = {
             ReportKind.TRAIN_BEGIN: self._on_train_begin,
             ReportKind.EPOCH_BEGIN: self._on_epoch_begin,
@@ -99,7 +104,7 @@ class CoordinatorCore:
     # -- state (travels inside Backup decisions) -----------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"callbacks": self.callbacks.state_dict(), "history": [dict(h) for h in self.history],
-                "last_logs": dict(self.last_logs), "skip": [list(p) for p in self.skip],
+                "last_logs": dict(self.last_logs), "skip": [list(p) for p in self.skip], "layout": self.layout,
                 "view": {"learning_rate": self.view.learning_rate, "epoch": self.view.epoch,
                          "step": self.view.step, "global_step": self.view.global_step}}
 
@@ -140,8 +145,13 @@ class CoordinatorCore:
                              "orchestrator.core.events")
         self.events.append({"type": kind, "time": time.time(), **fields})
 
-    def _record(self, decisions: list[Decision], epoch: int, step: int) -> list[Decision]:
-        """Emit events for the decisions; fill Backups with the state as of now and Rollbacks with a folder."""
+    def _record(self, decisions: list[Decision], epoch: int, step: int, poisoned: bool = False) -> list[Decision]:
+        """Emit events for the decisions; fill Backups with the state as of now and Rollbacks with a folder.
+
+        A sync point whose step was non-finite (``poisoned``) or that rolls back never backs up:
+        the poisoned state is not worth keeping, and committing it would purge the rollback target.
+        """
+        rolls_back = any(isinstance(d, Rollback) for d in decisions)
         filled: list[Decision] = []
         for d in decisions:
             if isinstance(d, SkipBatches):
@@ -149,14 +159,14 @@ class CoordinatorCore:
             elif isinstance(d, Rollback):
                 d = self._roll_back(d, epoch, step)
             elif isinstance(d, Backup):
-                d = dataclasses.replace(d, backup_dir=self.backup_dir if d.backup_dir is None else d.backup_dir,
-                                        keep=self.keep_backups if d.keep is None else d.keep)
-                folder = step_dir(d.backup_dir, self.view.global_step)
-                if self.last_committed == folder:
-                    continue  # that exact state is already committed; never overwrite it
-                self._persisted.pop(folder, None)  # a new save of this folder: earlier reports are stale
-                self._failed.discard(folder)
-                d = dataclasses.replace(d, coordinator_state=self.state_dict())
+                if poisoned or rolls_back:
+                    why = "rolled back at the same sync point" if rolls_back else "the step was not finite"
+                    self._emit(EventType.BACKUP_SKIPPED, epoch=epoch, step=self.view.global_step,
+                               reason=f"backup decided by {d.source or 'a callback'} not taken: {why}")
+                    continue
+                d = self._start_write(d)
+                if d is None:
+                    continue
             filled.append(d)
         for d in filled:
             if isinstance(d, SaveModel):
@@ -167,13 +177,37 @@ class CoordinatorCore:
                 self._emit(EventType.LR_CHANGED, value=d.value, source=d.source, epoch=epoch, step=step)
         return filled
 
+    def _start_write(self, decision: Backup) -> Backup | None:
+        """The decision with its folder, count, state and write number filled in; None when that
+        exact state is already committed (never overwritten)."""
+        d = dataclasses.replace(decision,
+                                backup_dir=self.backup_dir if decision.backup_dir is None else decision.backup_dir,
+                                keep=self.keep_backups if decision.keep is None else decision.keep)
+        folder = step_dir(d.backup_dir, self.view.global_step)
+        if self.last_committed == folder:
+            return None
+        self._write_count += 1
+        self._writes[folder] = self._write_count  # reports of an earlier save of this folder are now stale
+        self._persisted.pop(folder, None)
+        self._failed.discard(folder)
+        return dataclasses.replace(d, coordinator_state=self.state_dict(), write=self._write_count)
+
+    def _abandon_writes(self, reason: str) -> None:
+        """Saves still in flight never commit: their commit would purge what is being restored."""
+        for folder in sorted(self._writes):
+            self._emit(EventType.BACKUP_SKIPPED, folder=folder, reason=reason)
+        self._writes.clear()
+        self._persisted.clear()
+
     def _roll_back(self, decision: Rollback, epoch: int, step: int) -> Decision:
         """Restore the coordinator to the newest committed backup (keeping the state of callbacks
-        that survive rollbacks); the ranks reload the same folder."""
+        that survive rollbacks); the ranks reload the same folder. Saves still in flight are
+        abandoned, so nothing commits (and purges) while the ranks reload."""
         if self.last_committed is None or self.storage is None:
             self._emit(EventType.WARNING, message="a rollback was requested but no backup has been committed yet; "
                        "stopping training (add BackupAndRestore with a small save_freq)", category="UserWarning")
             return StopTraining(reason="nan_detected", source=decision.source)
+        self._abandon_writes(f"abandoned: the run rolled back to {self.last_committed}")
         state = read_coordinator_state(self.storage, self.last_committed)
         survivors = {i: cb.state_dict() for i, cb in enumerate(self.callbacks.callbacks) if cb.survives_rollback}
         self._load_state(state)
@@ -194,8 +228,24 @@ class CoordinatorCore:
                                "same SetLearningRate decisions (does an LR scheduler run on some ranks only?)")
         return rates.pop()
 
+    @staticmethod
+    def _same_data(reports: Reports) -> None:
+        """Every rank must shard the same training set: same length, same steps per epoch."""
+        samples = {rank: (r.layout or {}).get("samples") for rank, r in sorted(reports.items())}
+        steps = {rank: r.steps_per_epoch for rank, r in sorted(reports.items())}
+        if len(set(steps.values())) > 1 or len(set(samples.values())) > 1:
+            per_rank = ", ".join(f"rank {rank}: {samples[rank]} samples, {steps[rank]} steps per epoch"
+                                 for rank in steps)
+            raise OrchestratorError(
+                f"ranks disagree on the training data ({per_rank}); data() must return the same training set "
+                "on every rank (each rank trains on its own shard of it), e.g. load it from the same files")
+
     def _on_train_begin(self, first: Report, reports: Reports) -> list[Decision]:
         self.view.learning_rate = self._same_lr(reports)
+        self._same_data(reports)
+        if first.layout is not None:  # what this attempt's positions mean; a resume must not change it
+            check_layout(self.layout, first.layout, self.last_committed or "the backup")
+            self.layout = dict(first.layout)
         self.callbacks.params["steps"] = first.steps_per_epoch
         self.view.global_step = first.global_step
         self._emit(EventType.TRAIN_BEGIN, steps=first.steps_per_epoch, global_step=first.global_step)
@@ -232,7 +282,7 @@ class CoordinatorCore:
         if not any(isinstance(d, StopTraining) for d in decisions) and first.step + 1 < first.steps_per_epoch \
                 and self.callbacks.batch_sync_every() is not None:
             decisions += self.callbacks.call("on_train_batch_begin", first.step + 1, {})
-        return self._record(decisions, first.epoch, first.step)
+        return self._record(decisions, first.epoch, first.step, poisoned=nonfinite)
 
     def _on_epoch_end(self, first: Report, reports: Reports) -> list[Decision]:
         self.view.global_step = first.global_step
@@ -251,6 +301,14 @@ class CoordinatorCore:
         self.last_logs = dict(logs)
         self.history.append({"epoch": first.epoch, "logs": dict(logs)})
         self._emit(EventType.EPOCH_END, epoch=first.epoch, logs=dict(logs))
+        if any(r.preempted for r in reports.values()) \
+                and not any(isinstance(d, (StopTraining, Rollback)) for d in decisions):
+            # a rank got a preemption notice by this epoch's end: an emergency backup of the finished epoch
+            # (its hooks ran), then a stop; a run the hooks stop or roll back carries on as decided instead
+            self._emit(EventType.PREEMPTED, epoch=first.epoch, step=first.global_step)
+            if not any(isinstance(d, Backup) for d in decisions):
+                decisions.append(Backup(source="preemption"))
+            decisions.append(StopTraining(reason="preempted", source="preemption"))
         return self._record(decisions, first.epoch, -1)
 
     def _on_train_end(self, first: Report, reports: Reports) -> list[Decision]:
@@ -266,8 +324,13 @@ class CoordinatorCore:
     def persisted(self, rank: int, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
         """Record one rank's durable files; commit the step once every rank's are in (in any order).
 
-        ``entries`` is None when the rank could not write its files: the step is never committed.
+        ``entries`` is None when the rank could not write its files: that save is never committed.
+        A report of another save than the one in flight for ``folder`` (an earlier save of a
+        folder written again after a rollback, or one abandoned by a rollback) is ignored.
         """
+        write = meta.get("write")
+        if folder not in self._writes or (write is not None and write != self._writes[folder]):
+            return
         if entries is None:
             self._emit(EventType.BACKUP_FAILED, rank=rank, folder=folder, step=meta.get("step"),
                        error=meta.get("error"))
@@ -281,6 +344,7 @@ class CoordinatorCore:
         if len(ranks) < self.world_size:
             return
         del self._persisted[folder]
+        del self._writes[folder]
         files = [e for r in sorted(ranks) for e in ranks[r]]
         manifest = Manifest(step=int(meta["step"]), epoch=int(meta["epoch"]), batch=int(meta["batch"]),
                             phase=str(meta["phase"]), world_size=self.world_size, files=files)

@@ -55,7 +55,7 @@ class EventType(enum.StrEnum):
     FAILED = _Spec("failed", ("error",), True, "training ended with an error")
     # -- decisions and their effects (coordinator) -------------------------------------------
     LR_CHANGED = _Spec("lr_changed", ("value", "source"), True, "a callback set the learning rate")
-    NAN_DETECTED = _Spec("nan_detected", (), True, "a rank saw a non-finite loss at this step")
+    NAN_DETECTED = _Spec("nan_detected", (), True, "a rank saw a non-finite loss or gradient at this step (its update was not applied)")
     EARLY_STOPPING = _Spec("early_stopping", ("reason", "source"), True, "EarlyStopping stopped training")
     TERMINATED_ON_NAN = _Spec("terminated_on_nan", ("reason", "source"), True,
                               "TerminateOnNaN (or RollbackOnNaN past its budget) stopped training")

@@ -66,5 +66,14 @@ class ShardSampler(Sampler[int]):
             return math.ceil(self.length / self.world_size)
         return len(range(self.rank, self.length, self.world_size))
 
+    def longest_shard_length(self) -> int:
+        """Indices in the longest shard of any rank (rank 0's), for a whole epoch.
+
+        Example:
+            >>> ShardSampler(10, rank=3, world_size=4, pad=False).longest_shard_length()
+            3
+        """
+        return math.ceil(self.length / self.world_size)
+
     def __len__(self) -> int:
         return max(0, self.shard_length() - self.start)

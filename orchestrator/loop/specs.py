@@ -24,6 +24,8 @@ class TrainSpec:
         batch_sync_every: Global steps between batch sync points, or None (see ``Callback``).
         storage: The run storage, or None (no backups or checkpoints).
         resume_from: A committed backup folder, relative to the run directory, to resume from.
+        resume_layout: What that backup's position means (recorded by the coordinator); a rank
+            whose own layout differs refuses to load it (:func:`~orchestrator.storage.layout.check_layout`).
         use_gpu: One GPU per rank and NCCL; else CPU and gloo.
         threads: torch intra-op threads per rank (None: torch's default).
 
@@ -36,6 +38,7 @@ class TrainSpec:
     batch_sync_every: int | None = None
     storage: StorageSpec | None = None
     resume_from: str | None = None
+    resume_layout: dict | None = None
     use_gpu: bool = False
     threads: int | None = None
 

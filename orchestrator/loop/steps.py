@@ -8,7 +8,8 @@ The loss of a train step must carry gradients; the framework calls ``backward``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import math
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -89,3 +90,31 @@ def split_output(out: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Te
     n = infer_batch_size(batch) if n is None else int(n)
     metrics = {k: (v if isinstance(v, torch.Tensor) else torch.tensor(float(v))) for k, v in out.items()}
     return loss, metrics, n
+
+
+def nonfinite_flag(tensors: Iterable[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """A 0-dim tensor on ``device``: ``True`` when any element of ``tensors`` is NaN or infinite.
+
+    One fused max-abs norm (``torch._foreach_norm`` with ``ord=inf``, which propagates NaN) per
+    device and dtype, then one ``isfinite``; no device sync. ``None`` entries (parameters without a
+    gradient) and empty tensors are ignored.
+
+    Example:
+        >>> nonfinite_flag([torch.ones(3), torch.tensor([1.0, float("nan")])], torch.device("cpu"))
+        tensor(True)
+        >>> nonfinite_flag([torch.full((2,), 1e30), None], torch.device("cpu"))
+        tensor(False)
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        if t.is_sparse:
+            t = t.coalesce().values()
+        if t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    flags = [torch.stack(torch._foreach_norm(group, math.inf)).isfinite().all().logical_not().to(device)
+             for group in groups.values()]
+    if not flags:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    return flags[0] if len(flags) == 1 else torch.stack(flags).any()

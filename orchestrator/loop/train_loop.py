@@ -1,12 +1,21 @@
 """The per-worker training loop: torch only, no Ray.
 
 Every rank runs :class:`TrainLoop`. Per step it does forward, backward and the optimizer step.
-The step's per-rank signals ``[non-finite loss flag, loss * n, n]`` ride the step's own gradient
-all-reduce: they are the gradient of a small "signal" parameter (see :class:`SignalledModule`),
-so DDP averages them together with the model's gradients and no extra collective runs. Per
-epoch (and at the rare batch sync points) it sends a :class:`~orchestrator.decisions.Report`
-through a :class:`CoordinatorLink` and applies the decisions it gets back. All ranks get the
-same decisions, so they stay in lockstep without ever deciding alone.
+The step's per-rank signals ``[non-finite loss flag, loss * n, n, preemption notice]`` ride the
+step's own gradient all-reduce: they are the gradient of a small "signal" parameter (see
+:class:`SignalledModule`), so DDP averages them together with the model's gradients and no extra
+collective runs. The averaged gradients are identical on every rank, so every rank also checks
+them for non-finite values locally and reaches the same verdict: such a step applies no update
+and is reported like a non-finite loss. Per epoch (and at the rare batch sync points) it sends a
+:class:`~orchestrator.decisions.Report` through a :class:`CoordinatorLink` and applies the
+decisions it gets back. All ranks get the same decisions, so they stay in lockstep without ever
+deciding alone.
+
+A preemption notice is honoured at the next training step (in its all-reduce), at every
+validation batch (one small all-reduce of the notice per batch: validation is abandoned on every
+rank together and the emergency backup holds the end of the epoch's training, so a resume redoes
+validation and the epoch-end hooks once) and at the epoch-end sync point (the coordinator runs
+the epoch-end hooks, then decides the emergency backup).
 """
 
 from __future__ import annotations
@@ -42,7 +51,9 @@ from orchestrator.loop.data import ShardSampler
 from orchestrator.loop.rank_state import Accumulator, MetricSums, Position, Snapshots, rank_components
 from orchestrator.loop.saver import PendingRestore, RankSaver
 from orchestrator.loop.specs import LoopResult, TrainSpec
-from orchestrator.loop.steps import make_default_step, move_to, resolve_metrics, split_output
+from orchestrator.loop.state_io import capture_rng, restore_rng
+from orchestrator.loop.steps import make_default_step, move_to, nonfinite_flag, resolve_metrics, split_output
+from orchestrator.storage.layout import check_layout
 
 
 class CoordinatorLink(Protocol):
@@ -176,11 +187,18 @@ class TrainLoop:
                                        pin_memory=self.device.type == "cuda",
                                        generator=torch.Generator().manual_seed(cfg.seed))
         self.steps_per_epoch = math.ceil(self.train_sampler.shard_length() / cfg.batch_size)
+        #: What this rank's positions mean: a resume must not change it (checked here and by the coordinator).
+        self.layout = {"world_size": self.world_size, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                       "samples": len(train_ds),
+                       "parameters": {name: list(p.shape) for name, p in self.model.named_parameters()}}
         self.val_loader = None
+        self.val_rounds = 0  # validation batches of the rank with the most (every rank runs as many rounds)
         if val_ds is not None and len(val_ds) > 0:
             val_sampler = ShardSampler(len(val_ds), self.rank, self.world_size, shuffle=False, pad=False)
-            self.val_loader = DataLoader(val_ds, batch_size=cfg.val_batch_size or cfg.batch_size,
+            val_batch_size = cfg.val_batch_size or cfg.batch_size
+            self.val_loader = DataLoader(val_ds, batch_size=val_batch_size,
                                          sampler=val_sampler, generator=torch.Generator().manual_seed(cfg.seed))
+            self.val_rounds = math.ceil(val_sampler.longest_shard_length() / val_batch_size)
         metric_fns = resolve_metrics(cfg.metrics)
         default = make_default_step(cfg.loss, metric_fns) if cfg.loss is not None else None
         self.train_step: Callable[..., Any] = cfg.train_step or default  # type: ignore[assignment]
@@ -201,6 +219,8 @@ class TrainLoop:
         for d in decisions:
             if isinstance(d, StopTraining):
                 stop = True
+                if d.reason == "preempted":  # after the emergency backup
+                    self.result.preempted = True
             elif isinstance(d, SetLearningRate):
                 for group in self.optimizer.param_groups:
                     group["lr"] = float(d.value)
@@ -232,9 +252,11 @@ class TrainLoop:
     def run(self) -> LoopResult:
         self._build()
         self.link.heartbeat()  # the hang watchdog watches this rank from now on
+        if self.resume_from:  # a clear error before loading state that would mean other samples
+            check_layout(self.spec.resume_layout, self.layout, self.resume_from)
         pending = self.saver.load(self.resume_from) if self.resume_from else PendingRestore()
         try:
-            stop = self._sync(ReportKind.TRAIN_BEGIN)
+            stop = self._sync(ReportKind.TRAIN_BEGIN, layout=self.layout)
             pending.apply()
             epoch, first_batch = self.position.next_batch(self.steps_per_epoch)
             while not stop and epoch < self.epochs:
@@ -262,11 +284,27 @@ class TrainLoop:
             return True, epoch, first_batch
         if stopped_step is not None:
             self.result.stopped_at = (epoch, stopped_step)
-        val = self._validate()
+        # Training goes on after this epoch unless a decision (the same on every rank) stopped it; a
+        # stopping run finishes instead of honouring a preemption notice (its stop would not survive a resume).
+        going_on = not stop and stopped_step is None
+        val, abandoned = self._validate(watch=going_on)
+        if abandoned:  # the position still says "epoch trained, not validated"
+            self._preempt(epoch, self.position.batch)
+            return True, epoch, first_batch
         self.position.end_epoch(epoch, self.steps_per_epoch - 1)
-        report_stop = self._sync(ReportKind.EPOCH_END, epoch, train=self.metric_sums.train.phase_sums(), val=val)
-        self.result.epochs_run += 1
+        self.result.epochs_run += 1  # before the sync: a backup decided there holds the finished epoch
+        notice = going_on and epoch + 1 < self.epochs and self.preemption.is_set()
+        if notice:
+            self.saver.flush()  # a pending backup of this same step commits first (never rewritten)
+        report_stop = self._sync(ReportKind.EPOCH_END, epoch, train=self.metric_sums.train.phase_sums(), val=val,
+                                 preempted=notice)
         return stop or stopped_step is not None or report_stop, epoch + 1, 0
+
+    def _preempt(self, epoch: int, step: int) -> None:
+        """Every rank saw the notice at this point: the coordinator decides an emergency backup and a stop."""
+        self.saver.flush()  # a pending backup of this same step commits first (never rewritten)
+        self._sync(ReportKind.BATCH_END, epoch, step, train=self.metric_sums.train.phase_sums(), preempted=True)
+        self.result.preempted = True
 
     def _finish(self) -> LoopResult:
         if self.rank == 0:
@@ -280,6 +318,7 @@ class TrainLoop:
         cfg = self.config
         sums = self.metric_sums
         signal = self.signalled.signal
+        params = [p for p in self.model.parameters() if p.requires_grad]
         for step, batch in enumerate(self.train_loader, start=first_batch):
             if (epoch, step) in self.skip:  # produced a non-finite loss before a rollback
                 self.position.advance(epoch, step)
@@ -292,8 +331,12 @@ class TrainLoop:
             values = torch.cat([torch.stack([(~torch.isfinite(detached)).to(signal.dtype), weighted_loss.to(signal.dtype)]),
                                 torch.tensor([float(n), notice], dtype=signal.dtype, device=signal.device)])
             (loss + (signal * values).sum()).backward()
-            nonfinite, loss_sum, n_sum, preempted = (signal.grad * self.world_size).tolist()  # DDP averaged them
+            # DDP averaged the gradients: the same on every rank, and so is this verdict on them
+            bad_grads = nonfinite_flag([p.grad for p in params], signal.device).to(signal.dtype).reshape(1)
+            nonfinite, loss_sum, n_sum, preempted, bad_grads = torch.cat(
+                [signal.grad * self.world_size, bad_grads]).tolist()  # the step's one device sync
             signal.grad = None
+            nonfinite = nonfinite + bad_grads  # a non-finite gradient under a finite loss counts as a non-finite loss
             self.result.steps_run += 1
             if nonfinite > 0:
                 self.optimizer.zero_grad(set_to_none=True)  # never apply a non-finite update
@@ -306,8 +349,7 @@ class TrainLoop:
             sums.see(loss_sum, n_sum)
             self._maybe_progress(epoch, step, sums.running_loss())
             if preempted > 0:  # every rank sees it at this same step
-                self._sync(ReportKind.BATCH_END, epoch, step, train=sums.train.phase_sums(), preempted=True)
-                self.result.preempted = True
+                self._preempt(epoch, step)
                 return step
             periodic = self.batch_sync_every is not None and self.position.global_step % self.batch_sync_every == 0
             if nonfinite > 0:
@@ -317,19 +359,45 @@ class TrainLoop:
                     return step
         return None
 
-    def _validate(self) -> PhaseSums | None:
+    def _validate(self, watch: bool) -> tuple[PhaseSums | None, bool]:
+        """Validate this rank's shard: (sums or None without validation data, abandoned).
+
+        With ``watch``, every rank runs :attr:`val_rounds` rounds (ranks with fewer batches idle
+        through the last ones) and each round all-reduces the ranks' preemption notices, overlapped
+        with the round's batch. At the first round where any rank has one, every rank abandons
+        validation, with its RNG streams as they were before validation: the state of the end of
+        the epoch's training, which a resume validates again.
+        """
         if self.val_loader is None:
-            return None
+            return None, False
         self.model.eval()
         sums = Accumulator()
-        with torch.no_grad():
-            for batch in self.val_loader:
-                batch = move_to(batch, self.device)
-                loss, metrics, n = split_output(self.val_step(self.model, batch), batch)
-                sums.add(loss.detach(), metrics, n)
-                self._beat()
-        self.model.train()
-        return sums.phase_sums()
+        batches: Any = iter(self.val_loader)
+        notice = torch.zeros(1, device=self.device) if watch else None
+        before = capture_rng() if watch else None
+        try:
+            with torch.no_grad():
+                for _ in range(self.val_rounds if watch else len(self.val_loader)):
+                    pending = None
+                    if notice is not None:
+                        notice.fill_(1.0 if self.preemption.is_set() else 0.0)
+                        pending = dist.all_reduce(notice, async_op=True)
+                    batch = next(batches, None) if batches is not None else None
+                    if batch is None:
+                        batches = None  # this rank's shard is done; it idles through the other ranks' rounds
+                    else:
+                        batch = move_to(batch, self.device)
+                        loss, metrics, n = split_output(self.val_step(self.model, batch), batch)
+                        sums.add(loss.detach(), metrics, n)
+                    self._beat()
+                    if pending is not None:
+                        pending.wait()
+                        if notice.item() > 0:
+                            restore_rng(before)
+                            return None, True
+        finally:
+            self.model.train()
+        return sums.phase_sums(), False
 
     def _maybe_progress(self, epoch: int, step: int, running_loss: float) -> None:
         """Rank 0 sends the cluster-wide running loss; every rank a heartbeat (time-gated, fire and forget)."""
