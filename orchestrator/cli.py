@@ -9,7 +9,9 @@
 to that function as keyword arguments (parsed as JSON when they parse, else kept as strings).
 
 Exit codes: 0 finished (early stopping included, or already finished before); 75 preempted with an
-emergency backup: run the same command again; 1 training failed; 2 bad arguments.
+emergency backup: run the same command again; 1 training failed (``status``: the storage could not
+be read); 2 bad arguments or no run there; 3 (``status``) a run file is damaged: what could be read is
+printed, and each damaged file and line is named on stderr.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import ray
 from orchestrator.api import Trainer
 from orchestrator.core.events import EventType, event_type
 from orchestrator.errors import Preempted
-from orchestrator.storage.run_files import read_events, run_status
-from orchestrator.storage.fs import StorageSpec
+from orchestrator.core.redaction import redact
+from orchestrator.storage.fs import RunStorage, StorageSpec
+from orchestrator.storage.run_files import RUN_JSON, EventRecord, read_event_log, run_status
 
-EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, Preempted.exit_code
+EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_PREEMPTED = 0, 1, 2, 3, Preempted.exit_code
+_MAX_PROBLEM_LINES = 10  # `status` names at most this many damaged lines, then counts the rest
 
 # The events `orchestrator status` lists one a line: decisions, failures and recoveries.
 STATUS_EVENTS = frozenset({
@@ -124,41 +128,95 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FINISHED
 
 
+def _read_run_json(storage: RunStorage, problems: list[str]) -> dict:
+    """run.json as a dict; a damaged one adds a line to ``problems`` and gives ``{}``."""
+    url = storage.url(RUN_JSON)
+    try:
+        data = json.loads(storage.read_bytes(RUN_JSON).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        problems.append(f"{url}: not UTF-8 text (byte {exc.start}); its fields are unknown")
+        return {}
+    except json.JSONDecodeError as exc:
+        problems.append(f"{url} line {exc.lineno}: not JSON ({exc.msg} at column {exc.colno}); its fields are unknown")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{url} line 1: not a JSON object (a {type(data).__name__}); its fields are unknown")
+        return {}
+    return data
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:>14.6g}"
+    return f"{str(value):>14}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    """Print what can be read of a run; a damaged file is named (file and line) on stderr, exit 3."""
     url = args.run_url.rstrip("/")
     root, _, run_name = url.rpartition("/")
     if not root or not run_name:
         raise UsageError(f"RUN_URL must be <storage>/<run_name>, got {args.run_url!r}")
-    storage = StorageSpec(root, run_name, parse_pairs(args.option or [], "--option")).open()
-    if not storage.exists("run.json"):
+    options = parse_pairs(args.option or [], "--option")
+    args.storage_options = options  # for the final one-line error
+    storage = StorageSpec(root, run_name, options).open()
+    if not storage.exists(RUN_JSON):
         raise UsageError(f"no run at {storage.url()} (run.json is missing)")
-    run = storage.read_json("run.json")
-    events = [(event_type(e.get("type", "")), e) for e in read_events(storage)]
-    print(f"run {storage.url()}: status {run.get('status', '?')}, attempts {run.get('attempts', 0)}, "
+    problems: list[str] = []
+    run = _read_run_json(storage, problems)
+    unknown = "?" if problems else 0  # a damaged run.json: its counter is unknown, not 0
+    found = read_event_log(storage)
+    problems += found.problems
+    print(f"run {storage.url()}: status {run.get('status', '?')}, attempts {run.get('attempts', unknown)}, "
           f"world size {run.get('world_size', '?')}")
-    latest: dict[int, dict[str, float]] = {}
-    for kind, e in events:  # a restarted attempt re-runs epochs: keep the newest record of each
+    events: list[tuple[EventType, EventRecord]] = []
+    for record in found.records:
+        kind = record.event.get("type")
+        member = event_type(kind) if isinstance(kind, str) else None
+        if member is None and not isinstance(kind, str):
+            problems.append(f"{record.source} line {record.line}: no string 'type'; skipped")
+        elif member is not None:
+            events.append((member, record))  # an unknown type string: from a newer version, ignored
+    latest: dict[int, dict[str, Any]] = {}
+    for kind, record in events:  # a restarted attempt re-runs epochs: keep the newest record of each
         if kind is EventType.EPOCH_END:
-            latest[e["epoch"]] = e["logs"]
+            epoch, logs = record.event.get("epoch"), record.event.get("logs")
+            if isinstance(epoch, int) and not isinstance(epoch, bool) and isinstance(logs, dict):
+                latest[epoch] = logs
+            else:
+                problems.append(f"{record.source} line {record.line}: epoch_end without an integer 'epoch' "
+                                "and a 'logs' object; skipped")
     if latest:
-        keys = list(next(iter(latest.values())))
+        keys = list(dict.fromkeys(k for logs in latest.values() for k in logs))
         print("epoch  " + "  ".join(f"{k:>14}" for k in keys))
         for epoch in sorted(latest):
-            print(f"{epoch + 1:>5}  " + "  ".join(f"{latest[epoch].get(k, float('nan')):>14.6g}" for k in keys))
-    commits = [e for kind, e in events if kind is EventType.BACKUP_COMMITTED]
+            print(f"{epoch + 1:>5}  " + "  ".join(_number(latest[epoch].get(k, float("nan"))) for k in keys))
+    commits = [r.event for kind, r in events if kind is EventType.BACKUP_COMMITTED]
     if commits:
         c = commits[-1]
-        print(f"newest committed backup: {c['folder']} (epoch {c['epoch']}, step {c['step']})")
-    for kind, e in events:
+        print(f"newest committed backup: {c.get('folder', '?')} "
+              f"(epoch {c.get('epoch', '?')}, step {c.get('step', '?')})")
+    for kind, record in events:
         if kind in STATUS_EVENTS:
+            e = record.event
             detail = {k: v for k, v in e.items() if k not in ("time", "type", "attempt")}
-            print(f"attempt {e['attempt']}: {kind.value} {json.dumps(detail, default=str)}")
+            print(f"attempt {e.get('attempt', '?')}: {kind.value} {json.dumps(detail, default=str)}")
+    if problems:
+        for problem in problems[:_MAX_PROBLEM_LINES]:
+            print(f"orchestrator status: damaged run file: {problem}", file=sys.stderr)
+        if len(problems) > _MAX_PROBLEM_LINES:
+            print(f"orchestrator status: ... and {len(problems) - _MAX_PROBLEM_LINES} more damaged lines",
+                  file=sys.stderr)
+        return EXIT_DAMAGED
     return EXIT_FINISHED
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.split("\n\n")[0],
-                                     epilog="exit codes: 0 finished, 75 preempted (run again), 1 failed, 2 usage")
+    parser = argparse.ArgumentParser(
+        prog="orchestrator", description=__doc__.split("\n\n")[0],
+        epilog="exit codes: 0 finished, 75 preempted (run again), 1 failed (status: storage unreadable), "
+               "2 usage or no run, 3 status: a run file is damaged (the rest is printed, the damaged file "
+               "and line named)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="build the trainer from TARGET and fit it")
     run.add_argument("target", help="a .py file with make_trainer()/trainer, or module:function")
@@ -182,9 +240,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, ValueError) as exc:
-        print(f"orchestrator {args.command}: {exc}", file=sys.stderr)
+        print(_one_line(args, f"orchestrator {args.command}: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # a failed run: one line, the traceback is in the logs above
-        print(f"orchestrator {args.command}: training failed: {type(exc).__name__}: "
-              f"{str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        what = "training failed: " if args.command == "run" else ""
+        print(_one_line(args, f"orchestrator {args.command}: {what}{type(exc).__name__}: {exc}"), file=sys.stderr)
         return EXIT_FAILED
+
+
+def _one_line(args: argparse.Namespace, text: str) -> str:
+    """The first line of ``text``, without values of the run's ``storage_options`` or URL userinfo.
+
+    The options are ``args.storage_options`` when the command set it (``status`` from ``--option``;
+    ``run`` from its Trainer), else only the userinfo of URLs is removed.
+    """
+    first = text.strip().splitlines()[0] if text.strip() else text
+    return redact(first, getattr(args, "storage_options", None))

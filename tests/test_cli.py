@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,95 @@ def test_cli_status_reads_the_event_vocabulary_and_lists_epochs_the_newest_backu
     assert [line.split()[:3] for line in out[5:]] == [
         ["attempt", "1:", "lr_changed"], ["attempt", "1:", "worker_failed"], ["attempt", "2:", "restored"],
         ["attempt", "2:", "early_stopping"]]
+
+
+# -- `status` on damaged run files: one line per damaged place, exit 3, the rest printed -------------
+
+
+def _run_with_epochs(tmp_path: Path, run_json: str) -> Path:
+    storage = StorageSpec(str(tmp_path), "r").open()
+    log = EventLog(storage, attempt=1)
+    log.append(EventType.EPOCH_END, epoch=0, logs={"loss": 2.0})
+    log.append(EventType.EPOCH_END, epoch=1, logs={"loss": 1.0})
+    (tmp_path / "r" / "run.json").write_text(run_json)
+    return tmp_path / "r"
+
+
+@pytest.mark.parametrize("run_json,problem", [
+    ('{"status": "finished",\n  "attempts": }\n', "run.json line 2: not JSON (Expecting value at column 15)"),
+    ('[1, 2]\n', "run.json line 1: not a JSON object (a list)"),
+    ('"finished"\n', "run.json line 1: not a JSON object (a str)"),
+])
+def test_cli_status_of_a_damaged_run_json_names_file_and_line_exits_3_and_prints_the_events(
+        tmp_path, capsys, run_json, problem):
+    run_dir = _run_with_epochs(tmp_path, run_json)
+    assert cli.main(["status", str(run_dir)]) == cli.EXIT_DAMAGED == 3
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert out[0] == f"run {run_dir}: status ?, attempts ?, world size ?"
+    assert [line.split()[:2] for line in out[2:]] == [["1", "2"], ["2", "1"]]
+    assert captured.err.splitlines() == [
+        f"orchestrator status: damaged run file: {run_dir}/{problem}; its fields are unknown"]
+
+
+def test_cli_status_skips_event_lines_it_cannot_use_and_names_each_with_file_and_line(tmp_path, capsys):
+    run_dir = _run_with_epochs(tmp_path, '{"status": "running", "attempts": 1, "world_size": 2}\n')
+    with open(run_dir / "events.jsonl", "a") as f:
+        f.write('[1, 2]\n')
+        f.write('{"type": "epoch_end", "epoch": "two", "logs": {"loss": 0.5}}\n')
+        f.write('{"type": "backup_committed", "attempt": 1}\n')  # missing fields: printed as ?
+        f.write('{"type": ["lr_changed"]}\n')
+        f.write('{"type": "epoch_end", "attempt": 1, "epoch": 2, "logs": {"loss": "n/a"}}\n')
+        f.write('{"type": "worker_failed", "rank": 1}\n')
+    assert cli.main(["status", str(run_dir)]) == cli.EXIT_DAMAGED
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert out[0] == f"run {run_dir}: status running, attempts 1, world size 2"
+    assert [line.split() for line in out[2:5]] == [["1", "2"], ["2", "1"], ["3", "n/a"]]
+    assert out[5] == "newest committed backup: ? (epoch ?, step ?)"
+    assert out[6].startswith("attempt ?: worker_failed ")
+    events = run_dir / "events.jsonl"
+    assert captured.err.splitlines() == [
+        f"orchestrator status: damaged run file: {events} line 3: not a JSON object (a list); skipped",
+        f"orchestrator status: damaged run file: {events} line 6: no string 'type'; skipped",
+        f"orchestrator status: damaged run file: {events} line 4: epoch_end without an integer 'epoch' and a "
+        "'logs' object; skipped",
+    ]
+
+
+def test_the_status_command_exits_3_on_a_damaged_run_as_a_program(tmp_path):
+    run_dir = _run_with_epochs(tmp_path, "not json\n")
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "status", str(run_dir)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip() == (f"orchestrator status: damaged run file: {run_dir}/run.json line 1: not JSON "
+                                   "(Expecting value at column 1); its fields are unknown")
+    assert "status ?" in done.stdout and "    2  " in done.stdout
+
+
+# -- the one-line error never shows a storage option value or URL userinfo --------------------------
+
+
+def test_cli_status_with_an_endpoint_the_client_rejects_prints_one_line_without_its_token(tmp_path, capsys):
+    pytest.importorskip("s3fs")
+    token = "tok-a1b2c3d4e5f6"
+    endpoint = f'client_kwargs={{"endpoint_url": "http://127.0.0.1:9?token={token}"}}'
+    code = cli.main(["status", "s3://bucket/runs/r", "--option", endpoint, "--option", "key=k", "--option", "secret=s"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE
+    assert len(err.strip().splitlines()) == 1 and "check storage_options" in err
+    assert token not in err and "s3://bucket/runs/r/run.json" in err
+
+
+@pytest.mark.parametrize("raised,code,prefix", [
+    ("ValueError('endpoint s3://alice:p@ss/w@minio:9000 refused\\nsecond line')", cli.EXIT_USAGE,
+     "orchestrator run: endpoint s3://***@minio:9000 refused"),
+    ("RuntimeError('cannot reach https://bob:hunter2@host/x')", cli.EXIT_FAILED,
+     "orchestrator run: training failed: RuntimeError: cannot reach https://***@host/x"),
+])
+def test_cli_final_error_line_is_one_line_without_url_userinfo(tmp_path, capsys, raised, code, prefix):
+    entry = tmp_path / "broken.py"
+    entry.write_text(f"def make_trainer():\n    raise {raised}\n")
+    assert cli.main(["run", str(entry)]) == code
+    err = capsys.readouterr().err
+    assert err.splitlines() == [prefix]

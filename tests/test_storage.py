@@ -8,6 +8,7 @@ import os
 import pickle
 import threading
 import time
+import traceback
 import uuid
 
 import pytest
@@ -22,6 +23,7 @@ from orchestrator.storage.run_files import (
     write_marker,
     write_run_json,
 )
+from orchestrator.storage.checkpoint import latest_valid
 from orchestrator.storage.fs import StorageSpec, check_access
 from s3_server import free_port, s3_bucket, s3_server  # noqa: F401
 
@@ -137,11 +139,12 @@ def test_files_round_trip_and_list_on_every_backend(storage):
     assert storage.listdir() == []
 
 
-def test_reading_a_missing_file_raises_file_not_found_at_once(storage):
+def test_reading_a_missing_file_raises_file_not_found_at_once_naming_its_url(storage):
     start = time.monotonic()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError) as info:
         storage.read_bytes("missing.bin")
     assert time.monotonic() - start < 1  # not retried
+    assert str(info.value).startswith(f"read {storage.url('missing.bin')}: ")
 
 
 def test_listdir_of_a_missing_directory_is_empty_and_rm_of_a_missing_file_is_logged(storage, caplog):
@@ -338,7 +341,7 @@ def test_events_append_locally_and_a_second_log_continues_the_file(tmp_path):
     assert SECRET not in (tmp_path / "r" / "events.jsonl").read_text()
 
 
-def test_events_on_s3_rewrite_the_object_and_a_resumed_run_continues_it(s3_server, s3_bucket):
+def test_events_on_s3_are_written_as_parts_and_a_resumed_run_continues_them(s3_server, s3_bucket):
     storage = _s3_spec(s3_server, s3_bucket).open()
     first = EventLog(storage, attempt=1)
     first.append("started", epoch=0)
@@ -349,7 +352,8 @@ def test_events_on_s3_rewrite_the_object_and_a_resumed_run_continues_it(s3_serve
     second.flush()
     events = read_events(storage)
     assert [(e["type"], e["attempt"]) for e in events] == [("started", 1), ("worker_failed", 1), ("restored", 2)]
-    assert SECRET not in storage.read_bytes("events.jsonl").decode()
+    parts = storage.listdir("events")
+    assert len(parts) == 3 and all(SECRET not in storage.read_bytes(f"events/{p}").decode() for p in parts)
 
 
 def test_events_take_the_vocabulary_members_and_write_their_string_values(tmp_path):
@@ -425,3 +429,80 @@ def test_a_write_that_keeps_failing_raises_os_error_naming_the_url_and_attempts(
     message = str(info.value)
     assert f"s3://{s3_bucket}/r/x.bin" in message
     assert SECRET not in message and KEY_ID not in message and dead not in message
+
+
+# -- errors of the filesystem reach the user redacted -------------------------------------------
+
+
+def _printed(exc: BaseException) -> str:
+    """What a user sees of an exception: the whole printed traceback, causes and contexts included."""
+    return "".join(traceback.format_exception(exc))
+
+
+def test_a_token_in_the_endpoint_url_never_shows_while_looking_for_a_backup(s3_bucket):
+    endpoint = f"http://127.0.0.1:{free_port()}/gateway/{SECRET}"  # nobody listens: a real botocore error
+    storage = StorageSpec(f"s3://{s3_bucket}/runs", "r", {
+        "key": KEY_ID, "secret": "plain-secret-2",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}).open(retries=1, backoff_s=0.01)
+    with pytest.raises(OSError, match="failed after 2 attempts") as info:
+        latest_valid(storage, "backup")
+    printed = _printed(info.value)
+    assert f"list s3://{s3_bucket}/runs/r/backup" in printed and "EndpointConnectionError" in printed
+    assert SECRET not in printed and "gateway" not in printed and KEY_ID not in printed
+
+
+def test_an_endpoint_url_the_client_rejects_raises_value_error_naming_storage_options_without_its_token(
+        s3_server, s3_bucket):
+    options = s3_server.storage_options()
+    options["client_kwargs"]["endpoint_url"] = f"{s3_server.endpoint_url}?token={SECRET}"
+    storage = StorageSpec(f"s3://{s3_bucket}/runs", "r", options).open(retries=3, backoff_s=5)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="check storage_options") as info:
+        storage.exists("backup/step-1/manifest.json")
+    assert time.monotonic() - start < 5  # a configuration error is not retried
+    printed = _printed(info.value)
+    assert f"s3://{s3_bucket}/runs/r/backup/step-1/manifest.json" in printed and SECRET not in printed
+    with pytest.raises(ValueError, match="check storage_options") as info:
+        storage.check_access()  # what fit runs first
+    assert f"s3://{s3_bucket}/runs/r" in str(info.value) and SECRET not in _printed(info.value)
+
+
+def test_rejected_credentials_while_reading_raise_permission_error_naming_the_url_not_the_key(s3_server, s3_bucket):
+    storage = _s3_spec(s3_server, s3_bucket).open(retries=0)
+    with s3_server.enforce_credentials():
+        for read in (lambda: storage.listdir("backup"), lambda: storage.read_bytes("run.json")):
+            with pytest.raises(PermissionError, match="access denied") as info:
+                read()
+            printed = _printed(info.value)
+            assert f"s3://{s3_bucket}/runs/run/" in printed and "AWS_ACCESS_KEY_ID" in printed
+            assert KEY_ID not in printed and SECRET not in printed
+
+
+def test_a_filesystem_error_carrying_an_option_value_is_rebuilt_with_its_type_and_no_chain(tmp_path):
+    token = "tok-" + uuid.uuid4().hex
+    storage = StorageSpec(str(tmp_path / token), "r", {"token": token}).open()  # the path holds the token
+    with pytest.raises(FileNotFoundError) as info:
+        storage.read_bytes("missing.bin")
+    assert token not in _printed(info.value) and info.value.__cause__ is None
+    assert str(info.value).startswith(f"read {tmp_path}/***/r/missing.bin: ")
+
+
+# -- multipart uploads -------------------------------------------------------------------------
+
+
+def test_a_streamed_write_whose_completion_fails_aborts_its_multipart_upload(s3_server, s3_bucket):
+    storage = StorageSpec(f"s3://{s3_bucket}/runs", "r", s3_server.storage_options()).open(retries=0)
+    part = os.urandom(6 * 2**20)
+
+    def fill(out) -> None:
+        out.blocksize = 5 * 2**20  # the smallest part S3 accepts: force a multipart upload
+        out.write(part)
+        out.write(part)
+        assert out.mpu is not None, "the multipart upload should have started"
+        out.parts[0]["ETag"] = '"0123456789abcdef0123456789abcdef"'  # S3 will refuse to complete it
+
+    with pytest.raises(OSError, match=f"write s3://{s3_bucket}/runs/r/big.bin: .*parts could not be found"):
+        storage.write_stream("big.bin", fill)
+    assert not storage.exists("big.bin")
+    assert not storage.fs.call_s3("list_multipart_uploads", Bucket=s3_bucket).get("Uploads")

@@ -7,10 +7,11 @@ import socket
 import threading
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import ray
 
+from orchestrator.core.redaction import redact, redact_exception
 from orchestrator.decisions import Decision, Report
 from orchestrator.loop.specs import TrainSpec
 from orchestrator.storage.run_files import can_read_marker
@@ -55,6 +56,22 @@ def _picklable(exc: BaseException) -> BaseException | None:
         return exc
     except Exception:
         return None
+
+
+def failure_of(rank: int, exc: BaseException, options: Mapping[str, Any] | None) -> WorkerFailure:
+    """The :class:`WorkerFailure` a rank returns for ``exc``, with nothing of ``options`` in it.
+
+    The driver logs, raises and records what it gets, so the message, the traceback and the
+    exception itself (see :func:`~orchestrator.core.redaction.redact_exception`) are redacted here.
+
+    Args:
+        rank: The failed rank.
+        exc: What its loop raised.
+        options: The run's ``storage_options`` (``TrainSpec.storage.options``), or None.
+    """
+    return WorkerFailure(rank, ray.util.get_node_ip_address(), os.getpid(), type(exc).__name__,
+                         redact(str(exc), options), redact("".join(traceback.format_exception(exc)), options),
+                         _picklable(redact_exception(exc, options)))
 
 
 def _warm_up() -> None:
@@ -132,5 +149,4 @@ class TrainWorker:
             finally:
                 torch.distributed.destroy_process_group()
         except Exception as exc:
-            return WorkerFailure(self.rank, ray.util.get_node_ip_address(), os.getpid(), type(exc).__name__,
-                                 str(exc), traceback.format_exc(), _picklable(exc))
+            return failure_of(self.rank, exc, spec.storage.options if spec.storage is not None else None)

@@ -1,4 +1,5 @@
-"""Classify storage exceptions: transient (retry), missing credentials, unreachable endpoint.
+"""Classify storage exceptions: transient (retry), missing credentials, unreachable endpoint, bad
+configuration; and rebuild them redacted, with the URL, for the user.
 
 Exception classes of the cloud SDKs are matched by name, so this module imports none of them.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import errno
 from typing import Any, Mapping
+
+from orchestrator.core.redaction import carries_secret, redact, redact_exception
 
 # Exceptions that never get better by retrying.
 _PERMANENT_TYPES = (
@@ -33,6 +36,12 @@ _CONNECTION_ERRORS = frozenset(
      "ConnectionError", "ConnectTimeout", "ReadTimeout", "NewConnectionError", "MaxRetryError",
      "TransportError", "ServiceRequestError"}
 )
+# Exception classes (by name) that mean "the storage_options / endpoint are wrong": retrying won't help.
+_CONFIG_ERRORS = frozenset(
+    {"EndpointResolutionError", "InvalidEndpointConfigurationError", "ParamValidationError",
+     "NoRegionError", "InvalidRegionError", "InvalidS3AddressingStyleError",
+     "UnknownSignatureVersionError", "UnknownServiceError", "InvalidURL"}
+)
 # Third-party packages whose exceptions are I/O problems worth retrying (unless permanent above).
 _IO_MODULES = frozenset(
     {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "http", "google", "azure",
@@ -55,9 +64,14 @@ def is_connection_error(exc: BaseException) -> bool:
     return bool(_type_names(exc) & _CONNECTION_ERRORS) and not is_credentials_error(exc)
 
 
+def is_config_error(exc: BaseException) -> bool:
+    """The client could not even be set up or called as configured (bad endpoint URL, region, parameter)."""
+    return bool(_type_names(exc) & _CONFIG_ERRORS) and not is_credentials_error(exc)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: network and server-side trouble, not missing files, permissions or bad arguments."""
-    if isinstance(exc, _PERMANENT_TYPES) or is_credentials_error(exc):
+    if isinstance(exc, _PERMANENT_TYPES) or is_credentials_error(exc) or is_config_error(exc):
         return False
     if isinstance(exc, OSError):
         return exc.errno not in _PERMANENT_ERRNOS
@@ -69,6 +83,43 @@ def is_transient(exc: BaseException) -> bool:
 
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def storage_error(exc: BaseException, what: str, url: str, options: Mapping[str, Any] | None) -> BaseException:
+    """The error to raise for a failed, not retried storage operation: redacted, naming the URL.
+
+    The same type as ``exc`` where it can be built from a message (``FileNotFoundError``,
+    ``PermissionError``, ...); else ``exc`` itself, or its nearest built-in base if ``exc`` shows a
+    secret. A configuration error of the cloud SDK (bad endpoint URL, region, parameter) becomes a
+    ``ValueError`` pointing at ``storage_options``. ``errno`` is kept. The original is kept as ``__cause__`` only when its printed chain holds no
+    secret (see :func:`chain_cause`).
+
+    Args:
+        exc: What the filesystem raised.
+        what: The operation (``read``, ``list``, ``exists``, ...).
+        url: The path's URL (redacted here again).
+        options: The ``storage_options`` whose values must not appear.
+    """
+    detail = str(exc) or type(exc).__name__
+    if is_config_error(exc):
+        new: BaseException = ValueError(redact(
+            f"{what} {url}: the storage client rejected its configuration ({describe(exc)}); check "
+            "storage_options (client_kwargs.endpoint_url, region_name, ...)", options))
+    else:
+        new = redact_exception(exc, options, message=f"{what} {url}: {detail}")
+        if type(new) is not type(exc) and not carries_secret(exc, options):
+            return exc  # a type that cannot be rebuilt from a message: keep it for the callers' except clauses
+    new.__cause__ = chain_cause(exc, options)
+    return new
+
+
+def chain_cause(exc: BaseException, options: Mapping[str, Any] | None) -> BaseException | None:
+    """``exc`` to chain as ``__cause__`` of a clean error, or ``None`` if its printed chain holds a secret.
+
+    Use as ``err.__cause__ = chain_cause(exc, options)`` (``None`` also hides the context), so that
+    a printed traceback never shows a secret carried by the original error.
+    """
+    return None if carries_secret(exc, options) else exc
 
 
 def credentials_hint(proto: str) -> str:
@@ -99,6 +150,10 @@ def access_error(storage: Any, exc: BaseException) -> Exception:
         bucket = storage.root.lstrip("/").split("/", 1)[0]
         return FileNotFoundError(storage._redact(
             f"bucket {bucket!r} for {url} does not exist; create it or change storage ({detail})"))
+    if is_config_error(exc):
+        return ValueError(storage._redact(
+            f"storage {url}: the storage client rejected its configuration ({detail}); check "
+            "storage_options (client_kwargs.endpoint_url, region_name, ...)"))
     if is_connection_error(exc):
         where = ("the endpoint in storage_options['client_kwargs']['endpoint_url']"
                  if isinstance(storage.spec.options.get("client_kwargs"), Mapping)

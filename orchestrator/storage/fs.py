@@ -32,6 +32,7 @@ import posixpath
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Mapping, TypeVar
 
@@ -41,7 +42,7 @@ from fsspec.implementations.local import LocalFileSystem
 from orchestrator.core.config import validate_run_name
 from orchestrator.core.redaction import json_default, public_config, redact
 from orchestrator.storage.errors import (
-    access_error, credentials_hint, describe, is_credentials_error, is_transient)
+    access_error, chain_cause, credentials_hint, describe, is_credentials_error, is_transient, storage_error)
 
 log = logging.getLogger(__name__)
 
@@ -286,24 +287,39 @@ class RunStorage:
     # -- retries ----------------------------------------------------------------------------
 
     def _retry(self, what: str, fs_path: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``, retrying transient errors; any error raised is redacted and names the URL.
+
+        Missing or rejected credentials raise ``PermissionError``; a transient error that persists
+        raises ``OSError`` after the last attempt; anything else keeps its type (see
+        :func:`~orchestrator.storage.errors.storage_error`). The original error is chained only
+        when its printed form holds no value of ``storage_options``.
+        """
         attempts = max(0, int(self.retries)) + 1
+        options = self.spec.options
         for attempt in range(1, attempts + 1):
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - classified below
                 url = self._redact(self._to_url(fs_path))
-                if is_credentials_error(exc):
-                    raise PermissionError(self._redact(
-                        f"{what} {url}: {credentials_hint(self.spec.protocol)} ({describe(exc)})")) from exc
-                if not is_transient(exc):
+                if is_credentials_error(exc) or (isinstance(exc, PermissionError) and self.is_object_store):
+                    error: BaseException = PermissionError(self._redact(
+                        f"{what} {url}: no credentials / access denied: {credentials_hint(self.spec.protocol)} "
+                        f"({describe(exc)})"))
+                    error.errno = getattr(exc, "errno", None)
+                elif not is_transient(exc):
+                    error = storage_error(exc, what, url, options)
+                elif attempt == attempts:
+                    error = OSError(self._redact(f"{what} {url} failed after {attempts} attempts: {describe(exc)}"))
+                else:
+                    delay = self.backoff_s * 2 ** (attempt - 1)
+                    log.warning("%s", self._redact(
+                        f"{what} {url} failed ({describe(exc)}); retry {attempt}/{attempts - 1} in {delay:.2f}s"))
+                    time.sleep(delay)
+                    continue
+                if error is exc:
                     raise
-                if attempt == attempts:
-                    raise OSError(self._redact(
-                        f"{what} {url} failed after {attempts} attempts: {describe(exc)}")) from exc
-                delay = self.backoff_s * 2 ** (attempt - 1)
-                log.warning("%s", self._redact(
-                    f"{what} {url} failed ({describe(exc)}); retry {attempt}/{attempts - 1} in {delay:.2f}s"))
-                time.sleep(delay)
+                error.__cause__ = chain_cause(exc, options)
+                raise error
         raise AssertionError("unreachable")
 
     # -- file operations --------------------------------------------------------------------
@@ -339,8 +355,11 @@ class RunStorage:
         """Write a file by calling ``fill(file)``, without holding it in memory.
 
         Locally the file appears atomically (temporary file, fsync, rename). Elsewhere it is streamed
-        through ``fs.open`` (multipart on object stores) and discarded, where the filesystem can,
-        if ``fill`` raises. A transient failure retries the whole write, calling ``fill`` again.
+        through ``fs.open`` (a multipart upload on object stores, once it passes one block); if
+        ``fill`` or the final upload fails, the file is discarded and its multipart upload aborted
+        (s3fs ``discard()``), so no half-written object appears and no upload is left in progress.
+        An upload that a SIGKILL interrupts stays in progress: see docs/storage.md for the
+        bucket's lifecycle rule. A transient failure retries the whole write, calling ``fill`` again.
         """
         p = self._fs_path(path)
         if self.is_local:
@@ -352,10 +371,10 @@ class RunStorage:
             f = self.fs.open(p, "wb")
             try:
                 fill(f)
+                f.close()  # uploads the last part and completes the multipart upload
             except BaseException:
-                _abandon(f)
+                _abandon(f, self._redact(self._to_url(p)))
                 raise
-            f.close()
 
         self._retry("write", p, put)
 
@@ -363,6 +382,28 @@ class RunStorage:
         """Read a whole file. Raises ``FileNotFoundError`` if it does not exist."""
         p = self._fs_path(path)
         return self._retry("read", p, lambda: self.fs.cat_file(p))
+
+    def read_many(self, paths: list[str], *, max_workers: int = 16) -> dict[str, bytes | None]:
+        """Read several whole files, concurrently; a file that does not exist maps to ``None``.
+
+        Args:
+            paths: Paths as for :meth:`read_bytes`.
+            max_workers: Reads in flight at once. Defaults to ``16``.
+
+        Raises:
+            OSError, PermissionError, ...: as :meth:`read_bytes`, for the first path that failed.
+        """
+        def one(path: str) -> bytes | None:
+            try:
+                return self.read_bytes(path)
+            except FileNotFoundError:
+                return None
+
+        if len(paths) <= 1:
+            return {path: one(path) for path in paths}
+        with ThreadPoolExecutor(max_workers=min(max_workers, len(paths)),
+                                thread_name_prefix="orchestrator-read") as pool:
+            return dict(zip(paths, pool.map(one, paths)))
 
     def exists(self, path: str = "") -> bool:
         p = self._fs_path(path)
@@ -397,6 +438,26 @@ class RunStorage:
             self._retry("delete", p, lambda: self.fs.rm(p, recursive=recursive))
         except FileNotFoundError:
             log.info("%s", self._redact(f"delete {self._to_url(p)}: already gone"))
+
+    def rm_files(self, paths: list[str]) -> None:
+        """Delete several files in one call where the filesystem can (S3: one request per 1000 keys).
+
+        Missing files are ignored.
+
+        Args:
+            paths: Paths as for :meth:`rm`.
+        """
+        fs_paths = [self._fs_path(path) for path in paths]
+        if not fs_paths:
+            return
+        if self.is_local:
+            for p in fs_paths:
+                self.rm(p)
+            return
+        try:
+            self._retry("delete", fs_paths[0], lambda: self.fs.rm(fs_paths))
+        except FileNotFoundError:
+            log.info("%s", self._redact(f"delete {self._to_url(fs_paths[0])} and others: already gone"))
 
     def size(self, path: str) -> int:
         p = self._fs_path(path)
@@ -436,17 +497,32 @@ class RunStorage:
                 raise OSError(f"read back {len(got)} bytes, wrote {len(payload)}")
             self.fs.rm(probe)
         except Exception as exc:  # noqa: BLE001 - mapped to a clear built-in error
-            raise access_error(self, exc) from exc
+            error = access_error(self, exc)
+            error.__cause__ = chain_cause(exc, self.spec.options)
+            raise error
 
 
 
-def _abandon(f: Any) -> None:
-    """Give up a partly written fsspec file: abort its upload where possible, never finalise it."""
+def _abandon(f: Any, url: str) -> None:
+    """Give up a partly written fsspec file: abort its upload where possible, never finalise it.
+
+    Args:
+        f: The file returned by ``fs.open(..., "wb")``.
+        url: Its URL, redacted, for the log.
+
+    Also after a failed ``close()``: s3fs keeps the multipart upload's id until it completes, so
+    ``discard()`` still aborts it. If the abort fails too (the endpoint is down), the upload stays
+    in progress until the bucket's AbortIncompleteMultipartUpload lifecycle rule removes it.
+    """
     try:
         f.discard()  # s3fs aborts the multipart upload; a no-op where there is nothing to abort
-        f.closed = True  # close() (also from __del__) would otherwise upload what was buffered
     except Exception:  # noqa: BLE001 - the original error matters more
-        log.debug("could not discard a partly written file", exc_info=True)
+        log.warning("could not abort the upload of %s; the bucket's lifecycle rule for incomplete "
+                    "multipart uploads (docs/storage.md) will remove it", url)
+    try:
+        f.closed = True  # close() (also from __del__) would otherwise upload what was buffered
+    except Exception:  # noqa: BLE001
+        log.debug("could not mark a partly written file closed", exc_info=True)
 
 
 def _atomic_local_write(path: str, data: bytes | Callable[[BinaryIO], None]) -> None:
