@@ -178,7 +178,7 @@ class Trainer:
             raise ValueError(f"Trainer has no argument(s) {sorted(unknown)}")
         return Trainer(**{**self._init_kwargs, **changes})
 
-    def fit(self, epochs: int = 1, verbose: str | int = "auto") -> History:
+    def fit(self, epochs: int = 1, verbose: str | int = "auto", takeover: bool = False) -> History:
         """Train for ``epochs`` epochs and return the :class:`History`.
 
         The same ``storage`` and ``run_name`` resume the run where it stopped (a crash, a
@@ -187,12 +187,20 @@ class Trainer:
         (``<run>/model.pt``) without starting Ray, as ``orchestrator run`` exits 0 with "already
         finished". Pass another ``run_name`` to train a new run.
 
+        One driver owns a run at a time (the run lease, ``<run>/lease.json``): a second ``fit`` on a
+        run another driver is training waits a little longer than the lease's time to live (60 s),
+        so a resubmission after a killed driver goes on, then raises ``LeaseHeld`` naming the owner.
+
         Args:
             epochs: Number of epochs. Defaults to ``1``.
             verbose: ``"auto"``/``1`` (a progress bar on a terminal, one line per epoch otherwise),
                 ``2`` (one line per epoch) or ``0`` (silent). Defaults to ``"auto"``.
+            takeover: Take the run over from a driver that still holds its lease, fencing it out
+                (it can no longer commit, purge or record anything). Only for an operator who knows
+                that driver is gone. Defaults to ``False``.
         """
         validate_epochs(epochs)
+        validate_flag("takeover", takeover)
         validate_verbose(verbose)
         params = dict(self._base_params, epochs=epochs, verbose=verbose, steps=None)
         history = History()
@@ -207,7 +215,7 @@ class Trainer:
         spec = FitSpec(loop=self.loop, scaling=self.scaling, epochs=epochs, storage=self.storage,
                        callbacks=coordinator_cbs, driver_callbacks=driver_cbs, params=params,
                        batch_sync_every=sync_every, backups=backups, faults=self.faults,
-                       config_snapshot=self._config_snapshot(epochs))
+                       config_snapshot=self._config_snapshot(epochs), takeover=takeover)
         outcome = run_fit(spec, save_final=lambda storage, results: save_final_model(storage, results[0].state_dict))
         if outcome.already_finished:
             return self._finished_history(history, outcome.events, epochs)
@@ -228,9 +236,9 @@ class Trainer:
         for epoch in sorted(by_epoch):
             history.on_epoch_end(epoch, dict(by_epoch[epoch]))
         storage = self.storage.open()
-        if len(by_epoch) < epochs and not any(e.get("type") in ("early_stopping", "stopped") for e in events):
-            warnings.warn(f"run {storage.url()} had already finished after {len(by_epoch)} epochs; fit(epochs={epochs}) "
-                          "does not train it again: pass another run_name to train a new run", stacklevel=3)
+        warnings.warn(f"run {storage.url()} had already finished ({len(by_epoch)} epochs); fit(epochs={epochs}) "
+                      "returns its result and does not train it again: pass another run_name to train a new run",
+                      stacklevel=3)
         state = load_final_model(storage)
         if state is None:
             warnings.warn(f"run {storage.url()} had already finished but holds no {FINAL_MODEL} (written by an older "

@@ -114,12 +114,13 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
 
 def cmd_run(args: argparse.Namespace) -> int:
     trainer = build_trainer(args)
+    args.storage_options = trainer.storage.options  # the one-line error is redacted with them
     storage = trainer.storage.open()
     if run_status(storage) == "finished":  # safe for RayJob retries and resubmissions
         print(f"run {storage.url()} already finished; nothing to do")
         return EXIT_FINISHED
     try:
-        history = trainer.fit(epochs=args.epochs)
+        history = trainer.fit(epochs=args.epochs, takeover=args.takeover)
     except Preempted as exc:
         print(f"preempted: {exc}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
@@ -226,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-workers", type=int, help="data-parallel workers (overrides the target's)")
     run.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="keyword argument for the target")
+    run.add_argument("--takeover", action="store_true",
+                     help="take the run over from a driver that still holds its lease (only when you know it is gone)")
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="print a run's epochs, metrics, backups, attempts and decisions")
     status.add_argument("run_url", help="<storage>/<run_name>")

@@ -42,8 +42,16 @@ class CoordinatorError(OrchestratorError):
     """A callback raised on the coordinator; the original exception is chained."""
 
 
+class CoordinatorLostError(OrchestratorError):
+    """The coordinator's process died (killed, out of memory, node lost): retried like a lost worker."""
+
+
 class HangError(OrchestratorError):
-    """A rank made no progress for ``hang_timeout_s``."""
+    """A rank, or the coordinator (a callback that blocks), made no progress for ``hang_timeout_s``."""
+
+
+class ActorTimeoutError(OrchestratorError):
+    """An actor did not answer one of the driver's calls within that call's timeout."""
 
 
 class Preempted(OrchestratorError):
@@ -64,7 +72,8 @@ class TrainingFailedError(OrchestratorError):
 
     def __init__(self, failures: list) -> None:
         self.failures = list(failures)
-        lines = [f"  attempt {f.attempt}: rank {f.rank} on {f.node}: {f.cause}" for f in self.failures]
+        lines = [f"  attempt {f.attempt}: {getattr(f, 'who', f'rank {f.rank}')} on {f.node}: {f.cause}"
+                 for f in self.failures]
         super().__init__(f"training failed {len(self.failures)} times (more than max_failures allows):\n"
                          + "\n".join(lines))
 

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import threading
 from typing import Any, Callable
 
 import pytest
@@ -17,15 +18,15 @@ import pytest
 from orchestrator import errors
 from orchestrator.control.attempt import Attempt
 from orchestrator.control.controller import Controller, run_fit
-from orchestrator.control.failures import (AttemptFailed, Drain, FailureDecision, FailurePolicy, FailureRecord,
-                                           NodesDrained)
+from orchestrator.control.failures import (COORDINATOR, AttemptFailed, Drain, FailureDecision, FailurePolicy,
+                                           FailureRecord, NodesDrained)
 from orchestrator.control.specs import BackupPolicy, FaultPolicy, FitSpec, Resume
-from orchestrator.control.states import Failed, Finished, Preempted, Restarting, Running, Starting
+from orchestrator.control.states import Failed, Finished, FitOutcome, Preempted, Restarting, Running, Starting
 from orchestrator.core.config import LoopConfig, ScalingConfig
 from orchestrator.loop.specs import LoopResult
 from orchestrator.storage.checkpoint import COORDINATOR_FILE, ChecksumWriter, Manifest, commit, encode_state
 from orchestrator.storage.fs import RunStorage, StorageSpec
-from orchestrator.storage.run_files import read_events
+from orchestrator.storage.run_files import EventLog, read_events
 
 WORLD = 2
 
@@ -313,3 +314,105 @@ def test_sigterm_during_fit_sets_the_preemption_flag_instead_of_killing_the_driv
     finally:
         signal.signal(signal.SIGTERM, before)
     assert run_json(tmp_path)["status"] == "preempted" and log[-1] == "shutdown"
+
+
+# -- the coordinator: its death, a callback that blocks, Ctrl-C ---------------------------------------
+
+def coordinator_died(attempt: int) -> AttemptFailed:
+    cause = "the coordinator (node 10.0.0.9, pid 42) died: The actor died unexpectedly before finishing this task."
+    return AttemptFailed(FailureRecord(attempt, None, "10.0.0.9", cause, role=COORDINATOR),
+                         errors.CoordinatorLostError(cause))
+
+
+def test_the_coordinators_death_is_a_failure_restarted_from_the_newest_committed_backup(tmp_path):
+    def die_after_a_backup(attempt: Attempt) -> list[LoopResult]:
+        commit_backup(attempt.storage, 9)
+        raise coordinator_died(attempt.number)
+
+    controller, _, _ = make(tmp_path, die_after_a_backup, finished(), max_failures=1)
+    states = step_to_end(controller)
+    assert [type(s) for s in states] == [Running, Restarting, Running, Finished]
+    assert states[1].failure.role == COORDINATOR and states[1].failure.who == "the coordinator"
+    assert states[2].resume.folder == "backup/step-9"
+    failed = [e for e in events_of(controller) if e["type"] == "worker_failed"]
+    assert [(e["attempt"], e["rank"], e["node"]) for e in failed] == [(1, None, "10.0.0.9")]
+    assert failed[0]["cause"].startswith("the coordinator (node 10.0.0.9, pid 42) died")
+
+
+def test_the_coordinators_death_counts_against_max_failures_and_is_named_in_the_error(tmp_path):
+    log: list[str] = []
+    with pytest.raises(errors.CoordinatorLostError, match="the coordinator .* died"):
+        run_fit(fit_spec(tmp_path, max_failures=0), group=FakeGroup(log), run_attempt=ScriptedAttempts(
+            log, coordinator_died(1)))
+    controller, _, _ = make(tmp_path, coordinator_died(1), worker_failure(2), max_failures=1)
+    end = step_to_end(controller)[-1]
+    assert isinstance(end.error, errors.TrainingFailedError)
+    assert "attempt 1: the coordinator on 10.0.0.9: the coordinator (node 10.0.0.9" in str(end.error)
+    assert "attempt 2: rank 1 on 10.0.0.2" in str(end.error)
+
+
+def test_a_callback_that_blocks_fails_at_once_without_a_restart_whatever_the_budget(tmp_path):
+    hang = errors.HangError("callback Sleepy has been running on_epoch_end on the coordinator for 11s "
+                            "(hang_timeout_s=10); ... Not retried")
+    controller, runner, _ = make(tmp_path, hang, finished(), max_failures=3)
+    states = step_to_end(controller)
+    assert [type(s) for s in states] == [Running, Failed] and states[-1].error is hang
+    assert len(runner.attempts) == 1 and controller.failures == []
+    events = events_of(controller)
+    assert events[-1]["type"] == "failed" and events[-1]["error"].startswith("HangError: callback Sleepy")
+
+
+def test_ctrl_c_during_an_attempt_shuts_the_group_down_and_reaches_the_caller(tmp_path):
+    log: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(fit_spec(tmp_path, max_failures=3), group=FakeGroup(log),
+                run_attempt=ScriptedAttempts(log, KeyboardInterrupt(), finished()))
+    assert log == ["check_capacity", "attempt 1", "shutdown"]
+
+
+class RayFreeGroup:
+    """The part of a WorkerGroup that run_attempt uses, without Ray; records calls in ``log``."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.promoted = True  # skips the shared-storage check
+        self.workers: list[Any] = []
+
+    def coordinator(self, spec: Any) -> tuple[str, str]:
+        return "coordinator", "setup-ref"
+
+    def start(self) -> list[dict]:
+        return [{"node": "10.0.0.1", "node_id": f"n{r}", "pid": r} for r in range(WORLD)]
+
+    def run(self, spec: Any, coordinator: Any) -> list[str]:
+        return [f"rank-{r}" for r in range(WORLD)]
+
+    def stop_workers(self) -> None:
+        self.log.append("stop_workers")
+
+    def release(self) -> None:
+        self.log.append("release")
+
+
+def test_ctrl_c_while_watching_kills_the_workers_and_the_coordinator_at_once_and_is_re_raised(tmp_path, monkeypatch):
+    from orchestrator.control import attempt as attempt_module
+    from orchestrator.control.watch import Relay
+
+    log: list[str] = []
+
+    def interrupted(*args: Any) -> None:
+        log.append("watch")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attempt_module, "get_within", lambda *args: None)
+    monkeypatch.setattr(attempt_module, "watch", interrupted)
+    monkeypatch.setattr(Relay, "call", lambda self, method, *args: {"node": "10.0.0.9", "node_id": "c", "pid": 7})
+    monkeypatch.setattr(Relay, "flush", lambda self, *args: log.append("flush"))
+    monkeypatch.setattr(attempt_module.ray, "kill", lambda actor, no_restart: log.append(f"kill {actor}"))
+    fit = fit_spec(tmp_path)
+    storage = fit.storage.open()
+    attempt = Attempt(number=1, resume=Resume(), storage=storage, events=EventLog(storage, 1),
+                      preempt=threading.Event())
+    with pytest.raises(KeyboardInterrupt):
+        attempt_module.run_attempt(fit, attempt, RayFreeGroup(log), FitOutcome())
+    assert log == ["watch", "stop_workers", "kill coordinator"]  # no wait for the coordinator's last events

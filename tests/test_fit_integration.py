@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import tempfile
@@ -21,10 +22,14 @@ pytestmark = pytest.mark.timeout(180)
 STORAGE = tempfile.mkdtemp(prefix="orchestrator-test-runs-")
 
 
+_RUNS = itertools.count()
+
+
 def make(num_workers=2, **overrides):
+    """A Trainer of its own run (a finished run is never trained again)."""
     kwargs = dict(model=workloads.tiny_model, optimizer=workloads.sgd, loss=workloads.cross_entropy,
                   data=workloads.odd_data, metrics=["accuracy"], batch_size=16, num_workers=num_workers,
-                  seed=0, storage=STORAGE)
+                  seed=0, storage=STORAGE, run_name=f"run-{next(_RUNS)}")
     kwargs.update(overrides)
     return Trainer(**kwargs)
 

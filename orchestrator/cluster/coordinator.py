@@ -4,30 +4,88 @@ Each rank calls :meth:`Coordinator.sync` at the same sync point. The last rank t
 triggers the aggregation and the callbacks, exactly once (:class:`SyncBarrier`); every rank
 gets the same decision list back. The logic lives in :class:`CoordinatorCore` (no Ray, no
 torch). Progress and epoch events queue up for the driver, which polls :meth:`Coordinator.poll`.
+
+The actor is async: its event loop answers the ranks and the driver, and everything that runs
+the core (the callbacks above all) runs on one worker thread, one call at a time and in the
+order the calls came. A callback that blocks therefore blocks neither :meth:`Coordinator.poll`
+nor the heartbeats, and the poll says which callback and hook have been running for how long
+(:class:`CoordinatorBusy`): the driver's hang watchdog watches the coordinator as it watches
+the ranks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import os
+import sys
+import threading
 import time
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import ray
 
-from orchestrator.cluster.coordinator_core import CoordinatorCore, SyncBarrier
+from orchestrator.cluster.coordinator_core import CoordinatorCore, Reports, SyncBarrier
 from orchestrator.cluster.specs import CoordinatorSpec
 from orchestrator.decisions import Decision, Report
 from orchestrator.storage.checkpoint import FileEntry
 
+__all__ = ["Coordinator", "CoordinatorActor", "CoordinatorBusy", "CoordinatorPoll"]
 
-@ray.remote(num_cpus=0, max_restarts=0)
+
+@dataclass(frozen=True)
+class CoordinatorBusy:
+    """What the coordinator's worker thread has been doing since it last finished something.
+
+    Args:
+        task: The core's call, e.g. ``"the epoch_end sync point (epoch 0, step -1)"``.
+        callback: The callback whose hook runs now (``CallbackList.running``), or None between hooks.
+        hook: That hook's name, or None.
+        seconds: How long that hook has been running (the task, when no hook runs).
+        where: The worker thread's innermost frames, ``file:line in function``, outer first.
+
+    Example:
+        >>> CoordinatorBusy("the epoch_end sync point", "LambdaCallback", "on_epoch_end", 12.0, "x.py:3 in f").label
+        'LambdaCallback.on_epoch_end'
+    """
+
+    task: str
+    callback: str | None
+    hook: str | None
+    seconds: float
+    where: str = ""
+
+    @property
+    def label(self) -> str:
+        """``Callback.hook``, or the task when no hook runs."""
+        return f"{self.callback}.{self.hook}" if self.callback else self.task
+
+
+@dataclass(frozen=True)
+class CoordinatorPoll:
+    """One answer of :meth:`Coordinator.poll`.
+
+    Args:
+        events: The events recorded since the previous poll, oldest first.
+        ages: Each started rank's seconds since its last sign of life (0 while waiting at a sync point).
+        busy: What the coordinator's worker thread is doing, or None when idle.
+    """
+
+    events: list[dict[str, Any]]
+    ages: dict[int, float]
+    busy: CoordinatorBusy | None = None
+
+
 class Coordinator:
-    """Ray actor around :class:`CoordinatorCore` with a per-sync-point barrier.
+    """The coordinator actor's class (plain Python; :data:`CoordinatorActor` is the Ray actor).
 
     Started bare (so that a spare can be started ahead of a restart), then given its run with
     :meth:`setup` before any rank talks to it.
 
     Example:
-        >>> coordinator = Coordinator.remote()  # doctest: +SKIP
+        >>> coordinator = CoordinatorActor.remote()  # doctest: +SKIP
         >>> ray.get(coordinator.setup.remote(CoordinatorSpec(world_size=2)))  # doctest: +SKIP
     """
 
@@ -36,22 +94,48 @@ class Coordinator:
         self.barrier: SyncBarrier | None = None
         self._beats: dict[int, float] = {}  # a rank is watched from its first sign of life on
         self._waiting: set[int] = set()
+        # one thread: the core's calls (callbacks, commits) run one at a time, in order, off the event loop
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator-core")
+        self._calls = itertools.count(1)
+        self._task: tuple[int, str, float] | None = None  # (call number, what, started) while one runs
+        self._thread: int | None = None
+        self._seen: tuple[Any, float] = (None, 0.0)  # (call number, running hook) first seen at
 
     def setup(self, spec: CoordinatorSpec) -> None:
         self.core = CoordinatorCore.from_spec(spec)
-        self.barrier = SyncBarrier(spec.world_size, self.core.handle)
+        self.barrier = SyncBarrier(spec.world_size, self._handle_later)
 
     def _core(self) -> CoordinatorCore:
         if self.core is None:
             raise RuntimeError("the coordinator was called before setup()")
         return self.core
 
+    # -- the worker thread ----------------------------------------------------------------
+    def _submit(self, what: str, fn: Callable[..., Any], *args: Any) -> Future:
+        return self._executor.submit(self._run, what, fn, *args)
+
+    def _run(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        self._thread = threading.get_ident()
+        self._task = (next(self._calls), what, time.monotonic())
+        try:
+            return fn(*args)
+        finally:
+            self._task = None
+
+    def _handle_later(self, reports: Reports) -> Future:
+        """The barrier's handler: run the core's ``handle`` on the worker thread; every rank awaits its future."""
+        first = reports[min(reports)]
+        what = f"the {first.kind} sync point (epoch {first.epoch}, step {first.step})"
+        return self._submit(what, self._core().handle, reports)
+
+    # -- ranks --------------------------------------------------------------------------
     async def sync(self, rank: int, report: Report) -> list[Decision]:
         if self.barrier is None:
             raise RuntimeError("the coordinator was called before setup()")
-        self._waiting.add(rank)  # a rank waiting here for the others is alive
+        self._waiting.add(rank)  # a rank waiting here for the others (or for the callbacks) is alive
         try:
-            return await self.barrier.arrive(rank, report)
+            decided = await self.barrier.arrive(rank, report)  # the future of the one handle() call
+            return await asyncio.wrap_future(decided)
         finally:
             self._waiting.discard(rank)
             self._beats[rank] = time.monotonic()
@@ -59,25 +143,30 @@ class Coordinator:
     def heartbeat(self, rank: int) -> None:
         self._beats[rank] = time.monotonic()
 
-    def node_id(self) -> str:
-        """The Ray node this coordinator runs on (watched for drains like the workers' nodes)."""
-        return ray.get_runtime_context().get_node_id()
-
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         self._beats[0] = time.monotonic()
-        self._core().progress(epoch, step, logs)
+        self._submit("progress", self._core().progress, epoch, step, logs)  # fire and forget, in order
 
-    def persisted(self, rank: int, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
-        self._core().persisted(rank, folder, entries, meta)
+    async def persisted(self, rank: int, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
+        what = f"rank {rank}'s backup files of {folder} (commit)"
+        await asyncio.wrap_future(self._submit(what, self._core().persisted, rank, folder, entries, meta))
 
-    def poll(self) -> tuple[list[dict[str, Any]], dict[int, float]]:
-        """New events, and each started rank's seconds since its last sign of life (0 while waiting at a sync)."""
+    # -- the driver ---------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Where this coordinator runs: node address, Ray node id (watched for drains) and pid."""
+        return {"node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid()}
+
+    def poll(self) -> CoordinatorPoll:
+        """New events, each started rank's seconds since its last sign of life (0 while waiting at a
+        sync point), and what the worker thread is busy with. Answers while a callback blocks."""
         now = time.monotonic()
-        ages = {rank: 0.0 if rank in self._waiting else now - beat for rank, beat in self._beats.items()}
-        return self._core().drain(), ages
+        waiting = set(self._waiting)
+        ages = {rank: 0.0 if rank in waiting else now - beat for rank, beat in dict(self._beats).items()}
+        return CoordinatorPoll(_take_events(self._core()), ages, self._busy(now))
 
-    def callback_states(self) -> list[dict[str, Any]]:
-        return self._core().callbacks.state_dict()
+    async def callback_states(self) -> list[dict[str, Any]]:
+        return await asyncio.wrap_future(self._submit("callback_states", self._core().callbacks.state_dict))
 
     def error(self) -> tuple[BaseException | None, str]:
         core = self._core()
@@ -88,3 +177,41 @@ class Coordinator:
             except Exception:
                 error = None  # the traceback text still reaches the driver
         return error, core.error_traceback
+
+    def _busy(self, now: float) -> CoordinatorBusy | None:
+        task = self._task
+        if task is None or self.core is None:
+            return None
+        call, what, started = task
+        frame = sys._current_frames().get(self._thread) if self._thread is not None else None
+        running = self.core.callbacks.running
+        key = (call, running)
+        if self._seen[0] != key:  # a new hook (or the task itself): time it from now (the task: from its start)
+            self._seen = (key, now if running else started)
+        callback, hook = running if running else (None, None)
+        return CoordinatorBusy(what, callback, hook, now - self._seen[1], _where(frame))
+
+
+def _take_events(core: CoordinatorCore) -> list[dict[str, Any]]:
+    """The core's new events, taken in place (the worker thread may be appending at the same time)."""
+    n = len(core.events)
+    taken = core.events[:n]
+    del core.events[:n]
+    return taken
+
+
+def _where(frame: Any, depth: int = 3) -> str:
+    """The worker thread's innermost frames (at most ``depth``, outer first, none above the hook call)."""
+    frames = []
+    while frame is not None and len(frames) < depth and not _is_hook_call(frame.f_code):
+        frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        frame = frame.f_back
+    return " > ".join(reversed(frames))
+
+
+def _is_hook_call(code: Any) -> bool:
+    return code.co_name == "call" and code.co_filename.endswith("callback_list.py")
+
+
+#: The Ray actor (an async actor: one event loop, plus the one worker thread of :class:`Coordinator`).
+CoordinatorActor = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)

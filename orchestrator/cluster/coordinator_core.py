@@ -37,6 +37,7 @@ from orchestrator.decisions import (
 from orchestrator.errors import OrchestratorError
 from orchestrator.storage.checkpoint import FileEntry, Manifest, commit, purge_older, read_coordinator_state, step_dir
 from orchestrator.storage.layout import check_layout
+from orchestrator.storage.lease import LeaseLost, check_token
 
 Reports = dict[int, Report]
 
@@ -53,6 +54,8 @@ class CoordinatorCore:
         backup_dir: The run's backup folder, used by ``Backup`` decisions that leave it ``None``.
         keep_backups: Committed backups kept, used by ``Backup`` decisions that leave ``keep`` ``None``.
         resumed_from: The committed folder this attempt resumes from (never overwritten).
+        lease_token: The driver's run-lease token, checked on storage before every commit and
+            purge (a fenced-out attempt does neither, and stops); None: no check.
 
     Example:
         >>> from orchestrator.decisions import ReportKind
@@ -65,8 +68,9 @@ class CoordinatorCore:
 
     def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int, *,
                  storage: Any = None, restore: dict[str, Any] | None = None, backup_dir: str = "backup",
-                 keep_backups: int = 1, resumed_from: str | None = None) -> None:
+                 keep_backups: int = 1, resumed_from: str | None = None, lease_token: int | None = None) -> None:
         self.world_size = world_size
+        self.lease_token = lease_token
         self.last_committed = resumed_from
         self.skip: list[tuple[int, int]] = [tuple(p) for p in (restore or {}).get("skip", [])]
         self.backup_dir = backup_dir
@@ -99,7 +103,8 @@ class CoordinatorCore:
         """The core for one attempt, its storage opened from the spec."""
         return cls(spec.callbacks, spec.params, spec.world_size,
                    storage=spec.storage.open() if spec.storage is not None else None, restore=spec.restore,
-                   backup_dir=spec.backup_dir, keep_backups=spec.keep_backups, resumed_from=spec.resumed_from)
+                   backup_dir=spec.backup_dir, keep_backups=spec.keep_backups, resumed_from=spec.resumed_from,
+                   lease_token=spec.lease_token)
 
     # -- state (travels inside Backup decisions) -----------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -347,12 +352,29 @@ class CoordinatorCore:
         del self._writes[folder]
         files = [e for r in sorted(ranks) for e in ranks[r]]
         manifest = Manifest(step=int(meta["step"]), epoch=int(meta["epoch"]), batch=int(meta["batch"]),
-                            phase=str(meta["phase"]), world_size=self.world_size, files=files)
+                            phase=str(meta["phase"]), world_size=self.world_size, files=files,
+                            token=self.lease_token)
+        if not self._still_owner(folder):
+            return
         commit(self.storage, meta["backup_dir"], manifest)
         self.last_committed = folder
-        removed = purge_older(self.storage, meta["backup_dir"], manifest.step, keep=int(meta.get("keep", 1)))
+        removed = purge_older(self.storage, meta["backup_dir"], manifest.step, keep=int(meta.get("keep", 1))) \
+            if self._still_owner(folder) else []
         self._emit(EventType.BACKUP_COMMITTED, epoch=manifest.epoch, step=manifest.step, folder=folder,
                    bytes=sum(f.size for f in files), purged=removed)
+
+    def _still_owner(self, folder: str) -> bool:
+        """Whether this attempt still holds the run lease; if not, it stops (the error goes to the driver)."""
+        if self.lease_token is None or self.storage is None:
+            return True
+        try:
+            check_token(self.storage, self.lease_token)
+        except LeaseLost as exc:
+            self._emit(EventType.BACKUP_FAILED, folder=folder, rank=None, error=f"fenced out: {exc}")
+            if self.error is None:
+                self.error = exc  # the next sync point stops every rank; the driver raises it
+            return False
+        return True
 
     def drain(self) -> list[dict[str, Any]]:
         """The events recorded since the previous call, oldest first."""

@@ -24,6 +24,8 @@ class CoordinatorSpec:
             folders go for ``Backup`` decisions that leave ``backup_dir`` as ``None``.
         keep_backups: How many committed backups to keep after each commit, for ``Backup``
             decisions that leave ``keep`` as ``None``.
+        lease_token: The driver's run-lease token: checked on storage before every commit and
+            purge, so a fenced-out attempt can do neither; None: no lease (tests, no storage).
 
     Example:
         >>> CoordinatorSpec(callbacks=[], params={"epochs": 1}, world_size=2).backup_dir
@@ -38,3 +40,4 @@ class CoordinatorSpec:
     resumed_from: str | None = None
     backup_dir: str = "backup"
     keep_backups: int = 1
+    lease_token: int | None = None

@@ -10,13 +10,32 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.core.config import ScalingConfig
-from orchestrator.cluster.coordinator import Coordinator
+from orchestrator.cluster.coordinator import CoordinatorActor
 from orchestrator.cluster.specs import CoordinatorSpec
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import ActorTimeoutError, OrchestratorError
 from orchestrator.cluster.worker import TrainWorker
 from orchestrator.loop.specs import TrainSpec
 
 logger = logging.getLogger(__name__)
+
+#: The driver's timeout for a call an actor answers at once (a port, its node, its state).
+CALL_TIMEOUT_S = 60.0
+
+
+def get_within(refs: Any, timeout_s: float, what: str) -> Any:
+    """``ray.get(refs)``, but at most ``timeout_s``: the driver never waits on an actor forever.
+
+    Raises:
+        ActorTimeoutError: No answer in time; the message says what did not answer.
+        ray.exceptions.RayActorError: The actor died (the caller knows whom to blame).
+
+    Example:
+        infos = get_within([w.info.remote() for w in workers], 60, "the new workers")
+    """
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ActorTimeoutError(f"{what} did not answer within {timeout_s:g}s") from None
 
 
 class WorkerGroup:
@@ -89,7 +108,8 @@ class WorkerGroup:
         if custom:
             options["resources"] = custom
         self.workers = [self._actor(rank, options, warm=False) for rank in range(n)]
-        return ray.get([w.info.remote() for w in self.workers])
+        return get_within([w.info.remote() for w in self.workers], self.placement_timeout_s,
+                          f"the {n} new workers (starting their processes)")
 
     def _actor(self, rank: int, options: dict[str, Any], warm: bool) -> Any:
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
@@ -104,12 +124,12 @@ class WorkerGroup:
             self.standbys = [self._actor(rank, {"num_cpus": 0}, warm=True)
                              for rank in range(self.scaling.num_workers)]
         if self.spare_coordinator is None:
-            self.spare_coordinator = Coordinator.remote()
+            self.spare_coordinator = CoordinatorActor.remote()
 
     def coordinator(self, spec: CoordinatorSpec) -> tuple[Any, Any]:
         """The spare coordinator (or a new one) and the ref of its ``setup(spec)`` call; don't wait."""
         spare, self.spare_coordinator = self.spare_coordinator, None
-        coordinator = spare if spare is not None else Coordinator.remote()
+        coordinator = spare if spare is not None else CoordinatorActor.remote()
         return coordinator, coordinator.setup.remote(spec)
 
     def _promote_standbys(self) -> list[dict[str, Any]] | None:
@@ -121,7 +141,7 @@ class WorkerGroup:
         try:
             if ray.util.placement_group_table(self.pg).get("state") != "CREATED":
                 raise OrchestratorError("the placement group is being rescheduled")
-            infos = ray.get([s.info.remote() for s in standbys], timeout=30)
+            infos = get_within([s.info.remote() for s in standbys], 30, "the warm standbys")
         except Exception as exc:  # noqa: BLE001 - a lost standby or node: start fresh instead
             logger.info("warm standbys unusable (%s); starting fresh workers", exc)
             _kill(standbys)
@@ -142,7 +162,7 @@ class WorkerGroup:
 
     def run(self, spec: TrainSpec, coordinator: Any) -> list[ray.ObjectRef]:
         """Start every rank's loop on ``spec`` (rank 0's node hosts the process group's store)."""
-        master = ray.get(self.workers[0].free_port.remote())
+        master = get_within(self.workers[0].free_port.remote(), CALL_TIMEOUT_S, "rank 0 (asked for a free port)")
         return [w.run.remote(spec, master, coordinator) for w in self.workers]
 
     def stop_workers(self) -> None:

@@ -9,14 +9,15 @@ collective are killed, not waited for.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
 
-from orchestrator.cluster.worker_group import WorkerGroup
-from orchestrator.control.failures import AttemptFailed, FailureRecord, NodesDrained
+from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup, get_within
+from orchestrator.control.failures import COORDINATOR, AttemptFailed, FailureRecord, NodesDrained
 from orchestrator.control.specs import FitSpec, Resume
 from orchestrator.control.states import FitOutcome
 from orchestrator.control.watch import DrainWatch, DriverCallbacks, Relay, watch
@@ -66,50 +67,59 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
     last ones included however the attempt ends; at a normal end ``outcome.callback_states``
     is set.
 
+    Every wait on an actor is bounded, so a KeyboardInterrupt (Ctrl-C) ends the attempt at once;
+    however it ends, its workers and coordinator are killed before the error goes on.
+
     Raises:
-        AttemptFailed: A worker died or raised, or a rank hung (retryable under ``max_failures``).
+        AttemptFailed: A worker or the coordinator died, raised or hung (retryable under ``max_failures``).
         NodesDrained: Nodes of this attempt are being drained (restart without counting a failure).
-        Anything else: a callback's error, or the preemption grace exceeded.
+        HangError: A coordinator callback blocked for ``hang_timeout_s`` (not retried).
+        Anything else: a callback's error, the preemption grace exceeded, an actor that did not answer.
     """
     resume, events = attempt.resume, attempt.events
     driver = DriverCallbacks(fit.driver_callbacks, fit.params, (resume.state or {}).get("history"))
     coordinator_spec = fit.coordinator_spec(resume)
     coordinator, ready = group.coordinator(coordinator_spec)  # starts (or is a spare) while the workers start
-    relay = Relay(coordinator, driver, outcome, events)
+    relay = Relay(coordinator, driver, outcome, events, attempt=attempt.number)
     drain = DrainWatch(set(), fit.faults.drain_poll_interval_s)
+    setup_timeout_s = fit.faults.placement_timeout_s  # a new coordinator starts a process, like a worker
     try:
         infos = group.start()
         try:
-            ray.get(ready)
+            get_within(ready, setup_timeout_s, "the coordinator (setup)")
         except ray.exceptions.RayActorError as exc:  # a spare lost with its node: start a new one
             logger.info("coordinator lost before setup (%s); starting a new one", exc)
             ray.kill(coordinator, no_restart=True)
             coordinator, ready = group.coordinator(coordinator_spec)
             relay.coordinator = coordinator
-            ray.get(ready)
-        drain.nodes = {i["node_id"] for i in infos} | {ray.get(coordinator.node_id.remote())}
+            get_within(ready, setup_timeout_s, "the coordinator (setup)")
+        relay.where = relay.call("info")
+        drain.nodes = {i["node_id"] for i in infos} | {relay.where["node_id"]}
         if not group.promoted:  # promoted standbys sit where the checked workers were
             _check_storage_visible(group, fit.storage, attempt.storage, infos)
         events.append(EventType.STARTED, world_size=fit.scaling.num_workers, nodes=sorted({i["node"] for i in infos}),
                       node_ids=[i["node_id"] for i in infos], resumed_from=resume.folder, warm=group.promoted)
-        refs = group.run(fit.train_spec(resume.folder), coordinator)
+        refs = group.run(fit.train_spec(resume), coordinator)
         try:
             results = watch(fit.faults, attempt.number, group, relay, infos, refs, attempt.preempt, drain)
         except AttemptFailed as failed:
             rank = failed.record.rank
-            if rank is not None and infos[rank]["node_id"] in drain.draining:  # expected: its node is going away
+            node_id = relay.where.get("node_id") if failed.record.role == COORDINATOR else \
+                infos[rank]["node_id"] if rank is not None else None
+            if node_id is not None and node_id in drain.draining:  # expected: its node is going away
                 raise NodesDrained(sorted(drain.draining), lost=failed.record.cause) from failed.error
             raise
         if drain.draining and not attempt.preempt.is_set() and any(r.preempted for r in results):
             raise NodesDrained(sorted(drain.draining), step=max(r.steps_run for r in results))
-        outcome.callback_states = ray.get(relay.coordinator.callback_states.remote())
+        outcome.callback_states = relay.call("callback_states")
         return results
     except NodesDrained:
         group.release()  # its placement group has bundles on the draining nodes
         raise
     finally:
         group.stop_workers()
-        relay.flush()  # a backup committed as the attempt ended is in events.jsonl before what ended it
+        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # Ctrl-C: clean up, collect nothing
+            relay.flush()  # a backup committed as the attempt ended is in events.jsonl before what ended it
         ray.kill(relay.coordinator, no_restart=True)
 
 
@@ -120,7 +130,8 @@ def _check_storage_visible(group: WorkerGroup, spec: StorageSpec, storage: RunSt
         return
     marker = write_marker(storage)
     try:
-        seen = ray.get([w.can_read.remote(spec, marker) for w in group.workers])
+        seen = get_within([w.can_read.remote(spec, marker) for w in group.workers], 2 * CALL_TIMEOUT_S,
+                          "the workers (checking that they see the storage)")
     finally:
         storage.rm(marker)
     blind = sorted({f"{infos[r]['node']} (node id {infos[r]['node_id'][:12]})" for r, ok in enumerate(seen) if not ok})

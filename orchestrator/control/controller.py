@@ -13,6 +13,7 @@ remaining nodes (Ray places nothing on a draining node), without counting a fail
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -33,6 +34,7 @@ from orchestrator.loop.specs import LoopResult
 from orchestrator.storage.checkpoint import latest_valid, read_coordinator_state, remove_all, remove_newer
 from orchestrator.storage.fs import RunStorage
 from orchestrator.storage.layout import check_layout
+from orchestrator.storage.lease import LeaseLost, Owner, RunLease
 from orchestrator.storage.run_files import (EventLog, bump_attempt, read_events, run_status, update_run_json,
                                             write_run_json)
 
@@ -125,6 +127,7 @@ class Controller:
         self.failures: list[FailureRecord] = []
         self.outcome = FitOutcome()
         self.events: EventLog | None = None  # the current attempt's
+        self.lease: RunLease | None = None  # held from Starting to close()
         self._started_ray = False
 
     def step(self) -> ControllerState:
@@ -155,6 +158,13 @@ class Controller:
         if self._started_ray:
             self._started_ray = False
             ray.shutdown()
+        if self.lease is not None:  # after the workers are gone: none of them writes any more
+            lease, self.lease = self.lease, None
+            lease.stop_renewing()
+            try:
+                lease.release()
+            except Exception as exc:  # it expires on its own
+                logger.warning("could not release the run lease: %s", exc)
 
     def __enter__(self) -> "Controller":
         return self
@@ -169,6 +179,7 @@ class Controller:
                 logger.warning("run %s already finished; returning its result without training (pass another "
                                "run_name to train a new run)", self.storage.url())
                 return Finished(FitOutcome(events=read_events(self.storage), already_finished=True))
+            self._take_lease()
             if self.group is None:
                 self._started_ray = ensure_ray()
                 self.group = WorkerGroup(self.fit.scaling, placement_timeout_s=self.fit.faults.placement_timeout_s,
@@ -180,10 +191,36 @@ class Controller:
             return Failed(exc)
         return self._next_attempt()
 
+    def _take_lease(self) -> None:
+        """Own the run (one driver per run) before anything is written or deleted in it.
+
+        Each attempt takes a new token from the lease it holds, so the coordinator of an earlier
+        attempt (killed, but perhaps not dead yet) is fenced out like another driver's.
+        """
+        faults = self.fit.faults
+        if self.lease is None:
+            self.lease = RunLease.acquire(self.storage, Owner.current(), ttl_s=faults.lease_ttl_s,
+                                          takeover=self.fit.takeover, wait_s=faults.lease_wait)
+        else:
+            self._fence()
+            self.lease.stop_renewing()
+            self.lease = RunLease.acquire(self.storage, self.lease.owner, ttl_s=faults.lease_ttl_s)
+        self.lease.start_renewing()
+        self.fit = dataclasses.replace(self.fit, lease_token=self.lease.token)
+
+    def _fence(self) -> None:
+        """Raise LeaseLost when another driver has taken the run over."""
+        if self.lease is not None:
+            if self.lease.lost is not None:
+                raise self.lease.lost
+            self.lease.check()
+
     def _next_attempt(self) -> ControllerState:
         try:
+            if self.events is not None:  # a restart: a new token fences the previous attempt's coordinator out
+                self._take_lease()
             attempt = bump_attempt(self.storage)
-            self.events = EventLog(self.storage, attempt)
+            self.events = EventLog(self.storage, attempt, token=self.lease.token if self.lease else None)
             resume = find_resume(self.fit, self.storage, self.events)
         except BaseException as exc:
             return self._failed(exc)
@@ -208,7 +245,9 @@ class Controller:
                            "%gs for enough of them)", drained.nodes, self.fit.faults.placement_timeout_s)
             return Restarting(drained=drained.drain)
         except AttemptFailed as failed:
+            self._fence()  # a fenced-out driver records nothing more and restarts nothing
             return self._after_failure(failed)
+        self._fence()
         return self._after_results(results)
 
     def _after_failure(self, failed: AttemptFailed) -> ControllerState:
@@ -240,12 +279,16 @@ class Controller:
         self.events.append(EventType.FINISHED, epochs=len(results[0].learning_rates))
         update_run_json(self.storage, status="finished")
         if self.fit.backups.delete_at_end:  # only once the outcome is recorded: a kill before keeps them
+            self._fence()
             remove_all(self.storage, self.fit.backups.folder)
         return Finished(self.outcome)
 
     def _failed(self, error: BaseException, recorded: BaseException | None = None) -> Failed:
         """End in ``Failed`` raising ``error``; record ``recorded`` (defaults to ``error``) without masking it."""
         exc = recorded if recorded is not None else error
+        if isinstance(error, LeaseLost) or (self.lease is not None and self.lease.lost is not None):
+            logger.error("%s", error)  # the run is another driver's now: write nothing into it
+            return Failed(error, tuple(self.failures))
         try:
             if self.events is not None:
                 first = str(exc).splitlines()[0] if str(exc) else ""

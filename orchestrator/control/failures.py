@@ -1,7 +1,7 @@
 """How an attempt ends other than normally, and the policy that says whether to restart (no Ray, no torch).
 
-An attempt that fails raises :class:`AttemptFailed` (a rank died, raised or hung: counted against
-``max_failures``) or :class:`NodesDrained` (Ray is draining nodes it runs on: a preemption with
+An attempt that fails raises :class:`AttemptFailed` (a rank or the coordinator died, raised or hung:
+counted against ``max_failures``) or :class:`NodesDrained` (Ray is draining nodes it runs on: a preemption with
 notice, never counted). :class:`FailurePolicy` turns the failures so far into a
 :class:`FailureDecision`.
 
@@ -16,7 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["AttemptFailed", "Drain", "FailureDecision", "FailurePolicy", "FailureRecord", "NodesDrained"]
+__all__ = ["AttemptFailed", "COORDINATOR", "Drain", "FailureDecision", "FailurePolicy", "FailureRecord",
+           "NodesDrained"]
+
+#: :attr:`FailureRecord.role` of a failure of the coordinator (its death, or a hang outside the callbacks).
+COORDINATOR = "coordinator"
 
 
 @dataclass(frozen=True)
@@ -25,15 +29,26 @@ class FailureRecord:
 
     Args:
         attempt: The attempt number (1 first).
-        rank: The rank that failed, or None when no single rank is to blame.
-        node: The node address of that rank.
+        rank: The rank that failed, or None when no single rank is to blame (the coordinator failed).
+        node: The node address of that rank (or of the coordinator).
         cause: One line saying what happened.
+        role: ``"worker"``, or ``"coordinator"`` when the coordinator died or hung. Defaults to ``"worker"``.
+
+    Example:
+        >>> FailureRecord(2, None, "10.0.0.1", "the coordinator died", role=COORDINATOR).who
+        'the coordinator'
     """
 
     attempt: int
     rank: int | None
     node: str
     cause: str
+    role: str = "worker"
+
+    @property
+    def who(self) -> str:
+        """``rank N`` or ``the coordinator``, for messages."""
+        return "the coordinator" if self.role == COORDINATOR else f"rank {self.rank}"
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,7 @@ class Drain:
 
 
 class AttemptFailed(Exception):
-    """An attempt ended by a worker failure or a hang (retryable under ``max_failures``).
+    """An attempt ended by a worker's or the coordinator's failure, or a hang (retryable under ``max_failures``).
 
     Args:
         record: What failed, where and why.

@@ -44,6 +44,11 @@ class FaultPolicy:
         warm_standbys: Keep idle pre-warmed workers for restarts (CPU groups). Defaults to ``True``.
         poll_interval_s: How often the driver polls the coordinator and the ranks. Defaults to ``0.2``.
         drain_poll_interval_s: How often the driver asks Ray for draining nodes. Defaults to ``1``.
+        lease_ttl_s: The run lease expires this long after its driver stopped renewing it (a
+            killed driver). Defaults to ``60``.
+        lease_wait_s: How long a second driver waits for the lease before failing with
+            ``LeaseHeld``; None waits a little longer than ``lease_ttl_s``, so a resubmission
+            after a killed driver goes on, and one beside a live driver fails. Defaults to ``None``.
     """
 
     max_failures: int = 0
@@ -53,6 +58,13 @@ class FaultPolicy:
     warm_standbys: bool = True
     poll_interval_s: float = 0.2
     drain_poll_interval_s: float = 1.0
+    lease_ttl_s: float = 60.0
+    lease_wait_s: float | None = None
+
+    @property
+    def lease_wait(self) -> float:
+        """Seconds a second driver waits for the run lease."""
+        return self.lease_ttl_s + 5.0 if self.lease_wait_s is None else self.lease_wait_s
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,8 @@ class FitSpec:
         backups: Where backups go and how many are kept.
         faults: Failure, hang, preemption and placement policy.
         config_snapshot: What run.json records (no credentials).
+        takeover: Take the run lease even from a live driver (the operator knows it is gone).
+        lease_token: Set by the controller once it holds the run lease; given to the coordinator.
     """
 
     loop: LoopConfig
@@ -84,18 +98,22 @@ class FitSpec:
     backups: BackupPolicy = BackupPolicy()
     faults: FaultPolicy = FaultPolicy()
     config_snapshot: dict[str, Any] = field(default_factory=dict)
+    takeover: bool = False
+    lease_token: int | None = None
 
-    def train_spec(self, resume_from: str | None) -> TrainSpec:
-        """What every rank of an attempt resuming from ``resume_from`` (or from scratch) runs."""
+    def train_spec(self, resume: "Resume") -> TrainSpec:
+        """What every rank of an attempt resuming from ``resume`` (or from scratch) runs."""
         return TrainSpec(loop=self.loop, epochs=self.epochs, batch_sync_every=self.batch_sync_every,
-                         storage=self.storage, resume_from=resume_from, use_gpu=self.scaling.use_gpu,
+                         storage=self.storage, resume_from=resume.folder,
+                         resume_layout=(resume.state or {}).get("layout"), use_gpu=self.scaling.use_gpu,
                          threads=self.scaling.threads_per_worker)
 
     def coordinator_spec(self, resume: "Resume") -> CoordinatorSpec:
         """What the coordinator of an attempt resuming from ``resume`` runs."""
         return CoordinatorSpec(callbacks=self.callbacks, params=self.params, world_size=self.scaling.num_workers,
                                storage=self.storage, restore=resume.state, resumed_from=resume.folder,
-                               backup_dir=self.backups.folder, keep_backups=self.backups.keep)
+                               backup_dir=self.backups.folder, keep_backups=self.backups.keep,
+                               lease_token=self.lease_token)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 """The watch loop of one attempt: wait for every rank, relay the coordinator's events, spot the ends.
 
-The loop never waits on a collective: it polls Ray for finished ranks, the coordinator for
-events and heartbeat ages (the hang watchdog), Ray for drains of the attempt's nodes, and the
-driver's preemption flag. A failure is raised as :class:`AttemptFailed` naming the rank to blame.
+The loop never waits on a collective, nor on any call without a timeout (so Ctrl-C always gets
+through): it polls Ray for finished ranks, the coordinator for events, heartbeat ages and what its
+callbacks are doing (the hang watchdog watches the ranks and the coordinator alike), Ray for
+drains of the attempt's nodes, and the driver's preemption flag. A failure is raised as
+:class:`AttemptFailed` naming the rank, or the coordinator, to blame; a callback that blocks as
+a :class:`HangError` naming the callback and its hook (not retried).
 """
 
 from __future__ import annotations
@@ -13,26 +16,28 @@ import re
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
 from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.callbacks.history import History
+from orchestrator.cluster.coordinator import CoordinatorBusy, CoordinatorPoll
 from orchestrator.cluster.worker import WorkerFailure
-from orchestrator.cluster.worker_group import WorkerGroup, draining_nodes
-from orchestrator.control.failures import AttemptFailed, FailureRecord
+from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup, draining_nodes
+from orchestrator.control.failures import COORDINATOR, AttemptFailed, FailureRecord
 from orchestrator.control.specs import FaultPolicy
 from orchestrator.control.states import FitOutcome
 from orchestrator.core.events import EventType, event_type, stop_event_type
-from orchestrator.errors import CoordinatorError, HangError, OrchestratorError, WorkerError, WorkerLostError
+from orchestrator.errors import (CoordinatorError, CoordinatorLostError, HangError, OrchestratorError, WorkerError,
+                                 WorkerLostError)
 from orchestrator.loop.specs import LoopResult
 from orchestrator.storage.run_files import EventLog
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DrainWatch", "DriverCallbacks", "Relay", "watch"]
+__all__ = ["DrainWatch", "DriverCallbacks", "Relay", "coordinator_hang", "watch"]
 
 
 class DrainWatch:
@@ -114,24 +119,51 @@ class DriverCallbacks:
 
 @dataclass
 class Relay:
-    """Where the coordinator's events go: the outcome, ``events.jsonl`` and the driver's callbacks.
+    """The driver's line to the coordinator: its events go to the outcome, ``events.jsonl`` and the
+    driver's callbacks; its answers say how the ranks and the coordinator itself are doing.
+
+    One poll is in flight at a time and no call waits longer than a timeout: a coordinator that
+    does not answer is a hang (:func:`coordinator_hang`), one that died an :class:`AttemptFailed`
+    naming the coordinator.
 
     Args:
         coordinator: The attempt's coordinator actor.
         driver: The display-only callbacks.
         outcome: Collects every event of the ``fit``.
         events: The attempt's ``events.jsonl`` writer.
+        attempt: The attempt number, for failure records. Defaults to ``0``.
+        where: The coordinator's ``info()`` (``node``, ``node_id``, ``pid``) once known.
     """
 
     coordinator: Any
     driver: DriverCallbacks
     outcome: FitOutcome
     events: EventLog
+    attempt: int = 0
+    where: dict[str, Any] = field(default_factory=dict)
+    ages: dict[int, float] = field(default_factory=dict, init=False)  # from the newest answer
+    busy: CoordinatorBusy | None = field(default=None, init=False)  # from the newest answer
+    _pending: Any = field(default=None, init=False, repr=False)  # the poll in flight
+    _sent: float = field(default=0.0, init=False, repr=False)
 
-    def dispatch(self, timeout_s: float | None = None) -> dict[int, float]:
-        """Forward new events; return each rank's seconds since its last sign of life."""
-        new_events, ages = ray.get(self.coordinator.poll.remote(), timeout=timeout_s)
-        for event in new_events:
+    def poll(self, wait_s: float) -> bool:
+        """Ask for news (unless a question is in flight); forward it if the answer comes within ``wait_s``.
+
+        Returns whether an answer came (:attr:`ages` and :attr:`busy` are then fresh).
+
+        Raises:
+            AttemptFailed: The coordinator died.
+        """
+        if self._pending is None:
+            self._pending = self.coordinator.poll.remote()
+            self._sent = time.monotonic()
+        ready, _ = ray.wait([self._pending], num_returns=1, timeout=wait_s)
+        if not ready:
+            return False
+        ref, self._pending = self._pending, None
+        answer: CoordinatorPoll = self._ask(lambda: ref, "poll")
+        self.ages, self.busy = answer.ages, answer.busy
+        for event in answer.events:
             self.outcome.events.append(event)
             _persist_event(self.events, event)
             if event["type"] == EventType.WARNING:
@@ -140,21 +172,105 @@ class Relay:
                     category = UserWarning
                 warnings.warn(event["message"], category, stacklevel=4)
             self.driver.dispatch(event)
-        return ages
+        return True
+
+    @property
+    def unanswered_s(self) -> float:
+        """Seconds the poll in flight has gone unanswered (0 when none is)."""
+        return time.monotonic() - self._sent if self._pending is not None else 0.0
+
+    def collect(self, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        """Forward every event the coordinator recorded until now.
+
+        Raises:
+            AttemptFailed: The coordinator died, or did not answer within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        for _ in range(2 if self._pending is not None else 1):  # an answer in flight may predate now
+            if not self.poll(max(0.0, deadline - time.monotonic())):
+                raise self.unresponsive(timeout_s, "poll")
 
     def flush(self, timeout_s: float = 10.0) -> None:
         """Forward what the coordinator still holds (at the end of an attempt, however it ended); never raises."""
         try:
-            self.dispatch(timeout_s)
+            self.collect(timeout_s)
         except Exception as exc:  # noqa: BLE001 - a lost coordinator: its last events are gone with it
             logger.debug("could not collect the coordinator's last events: %s", exc)
 
     def raise_coordinator_error(self) -> None:
-        error, tb = ray.get(self.coordinator.error.remote())
+        error, tb = self.call("error")
         if error is not None:
             raise error from CoordinatorError(f"a callback raised on the coordinator:\n{tb}")
         if tb:
             raise CoordinatorError(f"a callback raised on the coordinator:\n{tb}")
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Call one of the coordinator's methods and wait (at most :data:`CALL_TIMEOUT_S`) for the answer.
+
+        Raises:
+            AttemptFailed: The coordinator died or did not answer.
+        """
+        return self._ask(lambda: getattr(self.coordinator, method).remote(*args), method)
+
+    def _ask(self, send: Any, what: str) -> Any:
+        try:
+            return ray.get(send(), timeout=CALL_TIMEOUT_S)
+        except ray.exceptions.RayActorError as exc:
+            raise self.lost(str(exc)) from None
+        except ray.exceptions.GetTimeoutError:
+            raise self.unresponsive(CALL_TIMEOUT_S, what) from None
+
+    @property
+    def node(self) -> str:
+        return str(self.where.get("node", "unknown"))
+
+    @property
+    def label(self) -> str:
+        """``the coordinator (node ..., pid ...)``, for messages."""
+        pid = f", pid {self.where['pid']}" if "pid" in self.where else ""
+        return f"the coordinator (node {self.node}{pid})"
+
+    def lost(self, message: str) -> AttemptFailed:
+        """The coordinator's death as a failure of this attempt (restarted within ``max_failures``)."""
+        first = message.strip().splitlines()[0] if message.strip() else "its actor died"
+        cause = f"{self.label} died: {first}"
+        record = FailureRecord(self.attempt, None, self.node, cause, role=COORDINATOR)
+        return AttemptFailed(record, CoordinatorLostError(cause))
+
+    def unresponsive(self, seconds: float, what: str) -> AttemptFailed:
+        """A coordinator that does not answer (its event loop blocked, its node unreachable) as a hang."""
+        cause = f"{self.label} did not answer {what}() for {seconds:.0f}s"
+        record = FailureRecord(self.attempt, None, self.node, cause, role=COORDINATOR)
+        return AttemptFailed(record, HangError(cause))
+
+
+def coordinator_hang(relay: Relay, hang_timeout_s: float) -> BaseException | None:
+    """What to raise when the coordinator made no progress for ``hang_timeout_s``, else None.
+
+    A callback that blocks (a hook running longer than ``hang_timeout_s``) is a :class:`HangError`
+    naming the callback, the hook and the seconds, raised as is: not retried, since a restart
+    would block in the same place. The coordinator's own work that blocks (a backup commit) or a
+    coordinator that stops answering is an :class:`AttemptFailed` naming the coordinator
+    (retried within ``max_failures``). Ranks waiting at a sync point meanwhile are not blamed:
+    their age is 0 there.
+    """
+    busy, unanswered = relay.busy, relay.unanswered_s
+    if busy is not None and busy.callback:
+        seconds = busy.seconds + unanswered  # the newest answer said it ran; it still runs, or no answer came
+        if seconds > hang_timeout_s:
+            at = f", blocked at {busy.where}" if busy.where else ""
+            return HangError(
+                f"callback {busy.callback} has been running {busy.hook} on the coordinator for {seconds:.0f}s "
+                f"(hang_timeout_s={hang_timeout_s:g}){at}; every rank waits for it at {busy.task}. Not retried: "
+                f"a restart would block in the same place; fix the callback or raise hang_timeout_s")
+    if unanswered > hang_timeout_s:
+        return relay.unresponsive(unanswered, "poll")
+    if busy is not None and busy.seconds > hang_timeout_s:
+        at = f" (at {busy.where})" if busy.where else ""
+        cause = (f"{relay.label} made no progress for {busy.seconds:.0f}s on {busy.task}{at} "
+                 f"(hang_timeout_s={hang_timeout_s:g})")
+        return AttemptFailed(FailureRecord(relay.attempt, None, relay.node, cause, role=COORDINATOR), HangError(cause))
+    return None
 
 
 def _persist_event(events: EventLog, event: dict[str, Any]) -> None:
@@ -174,7 +290,8 @@ def watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, i
     """Wait for every rank of ``attempt``, relaying events; handle hangs, SIGTERM and node drains.
 
     Raises:
-        AttemptFailed: A rank died, raised or hung.
+        AttemptFailed: A rank or the coordinator died, raised or hung.
+        HangError: A coordinator callback blocked for ``hang_timeout_s`` (not retried).
         OrchestratorError: The ranks did not stop within ``preemption_grace_s`` of a preemption.
         Anything a coordinator callback raised.
     """
@@ -189,7 +306,8 @@ def watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, i
                 results[rank_of[ref]] = _result_or_raise(ref, rank_of[ref], attempt, infos, relay)
             except AttemptFailed as failed:
                 raise _root_cause(failed, pending, rank_of, attempt, infos) from failed.error
-        ages = relay.dispatch()
+        relay.poll(faults.poll_interval_s)
+        ages = relay.ages
         if len(ages) == len(refs):  # every rank built its model and data: warm replacements up now
             group.prepare_standbys()
         newly_draining = drain.check()
@@ -205,13 +323,16 @@ def watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, i
                 w.notify_preemption.remote()
         if stop_deadline is not None and time.monotonic() > stop_deadline:
             raise OrchestratorError(f"the workers did not stop within preemption_grace_s={faults.preemption_grace_s}")
+        hang = coordinator_hang(relay, faults.hang_timeout_s)  # first: ranks waiting for it are not to blame
+        if hang is not None:
+            raise hang
         stale = {r: a for r, a in ages.items() if r not in results and a > faults.hang_timeout_s}
         if stale and stop_deadline is None:
             rank = max(stale, key=stale.get)
             error = HangError(f"rank {rank} (node {infos[rank]['node']}) made no progress for "
                               f"{stale[rank]:.0f}s (hang_timeout_s={faults.hang_timeout_s:g})")
             raise AttemptFailed(FailureRecord(attempt, rank, infos[rank]["node"], str(error)), error)
-    relay.dispatch()
+    relay.collect()
     relay.raise_coordinator_error()
     return [results[r] for r in sorted(results)]
 
@@ -238,7 +359,7 @@ def _root_cause(failed: AttemptFailed, pending: list[Any], rank_of: dict[Any, in
         ready, waiting = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         for ref in ready:
             try:
-                value = ray.get(ref)
+                value = ray.get(ref, timeout=CALL_TIMEOUT_S)  # ready: it is there
             except ray.exceptions.RayActorError as exc:
                 return _death(rank_of[ref], infos[rank_of[ref]], attempt, exc)
             except Exception:  # noqa: BLE001 - an unreadable result: keep looking
@@ -262,11 +383,17 @@ def _raised(value: WorkerFailure, attempt: int) -> AttemptFailed:
 
 def _result_or_raise(ref: Any, rank: int, attempt: int, infos: list[dict[str, Any]], relay: Relay) -> LoopResult:
     try:
-        value = ray.get(ref)
+        value = ray.get(ref, timeout=CALL_TIMEOUT_S)  # ready: it is there
     except ray.exceptions.RayActorError as exc:
         raise _death(rank, infos[rank], attempt, exc) from None
     if isinstance(value, WorkerFailure):
-        relay.dispatch()
+        relay.collect()  # raises the coordinator's death when that is what the rank saw
         relay.raise_coordinator_error()
+        if value.error_type in _ACTOR_GONE and "Coordinator" in value.message:
+            raise relay.lost(f"rank {value.rank} lost it: {value.error_type}: {value.message}")
         raise _raised(value, attempt)
     return value
+
+
+# What a rank raises when an actor it calls (the coordinator) is gone.
+_ACTOR_GONE = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError"})

@@ -3,8 +3,8 @@
 The coordinator emits events as it handles reports; the driver's attempt and controller emit the
 lifecycle ones; :mod:`orchestrator.storage.run_files` writes the persisted ones to
 ``<run>/events.jsonl``; ``orchestrator status`` and the docs read them. Every line of
-``events.jsonl`` carries ``time``, ``attempt``, ``epoch``, ``step`` and ``type``; the fields below
-come on top.
+``events.jsonl`` carries ``time``, ``attempt``, ``epoch``, ``step``, ``type`` and ``owner`` (the
+run-lease token of the driver that wrote it); the fields below come on top.
 
 Example:
     >>> EventType.LR_CHANGED.value, EventType.LR_CHANGED.persisted
@@ -55,7 +55,8 @@ class EventType(enum.StrEnum):
     FAILED = _Spec("failed", ("error",), True, "training ended with an error")
     # -- decisions and their effects (coordinator) -------------------------------------------
     LR_CHANGED = _Spec("lr_changed", ("value", "source"), True, "a callback set the learning rate")
-    NAN_DETECTED = _Spec("nan_detected", (), True, "a rank saw a non-finite loss or gradient at this step (its update was not applied)")
+    NAN_DETECTED = _Spec("nan_detected", (), True,
+                         "a rank saw a non-finite loss or gradient at this step (its update was not applied)")
     EARLY_STOPPING = _Spec("early_stopping", ("reason", "source"), True, "EarlyStopping stopped training")
     TERMINATED_ON_NAN = _Spec("terminated_on_nan", ("reason", "source"), True,
                               "TerminateOnNaN (or RollbackOnNaN past its budget) stopped training")
@@ -78,8 +79,8 @@ class EventType(enum.StrEnum):
                  "a StopTraining decision; written to events.jsonl as early_stopping, terminated_on_nan or stopped")
 
 
-#: Keys every event carries besides its own fields (``attempt`` is added when it is written to events.jsonl).
-COMMON_FIELDS: frozenset[str] = frozenset({"time", "attempt", "epoch", "step", "type"})
+#: Keys every event carries besides its own fields (``attempt`` and ``owner`` are added when it is written to events.jsonl).
+COMMON_FIELDS: frozenset[str] = frozenset({"time", "attempt", "epoch", "step", "type", "owner"})
 
 
 def undeclared_fields(kind: EventType, fields: Iterable[str]) -> list[str]:

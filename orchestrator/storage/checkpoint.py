@@ -159,18 +159,20 @@ class Manifest:
     files: list[FileEntry] = field(default_factory=list)
     created: float = 0.0
     version: int = FORMAT_VERSION
+    token: int | None = None  # the run-lease token of the driver whose attempt committed it
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "step": self.step, "epoch": self.epoch, "batch": self.batch,
                 "phase": self.phase, "world_size": self.world_size, "created": self.created,
-                "files": [f.to_json() for f in self.files]}
+                "token": self.token, "files": [f.to_json() for f in self.files]}
 
     @staticmethod
     def from_json(obj: dict[str, Any]) -> "Manifest":
         return Manifest(step=int(obj["step"]), epoch=int(obj["epoch"]), batch=int(obj["batch"]),
                         phase=str(obj["phase"]), world_size=int(obj["world_size"]),
                         files=[FileEntry.from_json(f) for f in obj["files"]],
-                        created=float(obj.get("created", 0.0)), version=int(obj.get("version", 1)))
+                        created=float(obj.get("created", 0.0)), version=int(obj.get("version", 1)),
+                        token=obj.get("token"))
 
 
 def step_dir(backup_dir: str, step: int) -> str:

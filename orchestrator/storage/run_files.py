@@ -38,7 +38,7 @@ MERGE_FAN_IN = 32
 #: Parts of this level (``MERGE_FAN_IN ** 2`` flushes each) are never merged again.
 SEALED_LEVEL = 2
 
-_RESERVED_EVENT_KEYS = ("time", "attempt", "epoch", "step", "type")
+_RESERVED_EVENT_KEYS = ("time", "attempt", "epoch", "step", "type", "owner")
 _PART_NAME = re.compile(r"^(\d+)-(\d+)\.jsonl$")
 
 
@@ -110,11 +110,15 @@ class EventLog:
         storage: The run's storage.
         attempt: The attempt number written on every line (see :func:`bump_attempt`).
         autoflush: Flush after every :meth:`append`. Defaults to ``True``.
+        token: The writer's run-lease token, written on every line as ``owner`` (which driver's
+            attempt wrote it). Defaults to ``None`` (not written).
     """
 
-    def __init__(self, storage: RunStorage, attempt: int, *, autoflush: bool = True) -> None:
+    def __init__(self, storage: RunStorage, attempt: int, *, autoflush: bool = True,
+                 token: int | None = None) -> None:
         self.storage = storage
         self.attempt = attempt
+        self.token = token
         self.autoflush = autoflush
         self._lock = threading.Lock()
         self._pending: list[str] = []
@@ -166,6 +170,8 @@ class EventLog:
             log.warning("event %r: fields %s are not declared in orchestrator.core.events", member.value, undeclared)
         record = {"time": round(time.time(), 3), "attempt": self.attempt, "epoch": epoch,
                   "step": step, "type": member.value}
+        if self.token is not None:
+            record["owner"] = self.token
         extra = {k: v for k, v in fields.items() if k not in _RESERVED_EVENT_KEYS}
         record.update(redact_values(extra, self.storage.spec.options))
         line = json.dumps(record, default=json_default)
