@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -118,3 +119,34 @@ def test_every_event_names_the_lease_token_of_the_driver_that_wrote_it(tmp_path)
     second.close()
     owners = [(e["attempt"], e["owner"]) for e in read_events(first.storage)]
     assert owners and {o for a, o in owners if a == 1} == {1} and {o for a, o in owners if a == 2} == {2}
+
+
+def test_an_attempt_learns_within_a_renewal_that_another_driver_took_the_run_over(tmp_path):
+    seen: list[BaseException | None] = []
+
+    def taken_over_meanwhile(attempt):
+        RunLease.acquire(attempt.storage, Owner.current("the-operator"), ttl_s=60, takeover=True)
+        deadline = time.monotonic() + 10
+        while attempt.fenced() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.append(attempt.fenced())
+        return finished()
+
+    fit = dataclasses.replace(fit_spec(tmp_path), faults=FaultPolicy(lease_wait_s=0.0, lease_ttl_s=0.3))
+    first = Controller(fit, fit.storage.open(), group=FakeGroup([]), run_attempt=ScriptedAttempts([], taken_over_meanwhile))
+    ended = step_to_end(first)[-1]
+    first.close()
+    assert isinstance(seen[0], LeaseLost) and "the-operator" in str(seen[0])
+    assert isinstance(ended, Failed) and isinstance(ended.error, LeaseLost)
+    assert not any(e["type"] in ("finished", "failed") for e in read_events(first.storage))
+
+
+def test_a_rank_refusing_a_backup_of_another_layout_is_not_retried():
+    from orchestrator.cluster.worker import WorkerFailure
+    from orchestrator.control.watch import _raised
+    from orchestrator.storage.layout import ResumeMismatch
+    refusal = ResumeMismatch("cannot resume from backup/step-4: batch_size was 8 when it was written and is 16 now")
+    with pytest.raises(ResumeMismatch):
+        _raised(WorkerFailure(0, "n", 1, "ResumeMismatch", str(refusal), "tb", refusal), attempt=1)
+    other = _raised(WorkerFailure(0, "n", 1, "ValueError", "bad", "tb", ValueError("bad")), attempt=1)
+    assert other.record.rank == 0  # anything else is a failure the policy may retry

@@ -25,6 +25,7 @@ from orchestrator.core.events import EventType
 from orchestrator.errors import OrchestratorError
 from orchestrator.loop.specs import LoopResult
 from orchestrator.storage.fs import RunStorage, StorageSpec
+from orchestrator.storage.lease import LeaseLost
 from orchestrator.storage.run_files import EventLog, write_marker
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class Attempt:
         storage: The run's storage.
         events: The attempt's ``events.jsonl`` writer.
         preempt: Set when the driver got SIGTERM: stop at the next step with an emergency backup.
+        fenced: Returns the error that ends the attempt once another driver took the run over (the
+            run lease was lost), else None. Defaults to never.
 
     Example:
         attempt = Attempt(number=2, resume=find_resume(fit, storage, events), storage=storage,
@@ -55,6 +58,7 @@ class Attempt:
     storage: RunStorage
     events: EventLog
     preempt: threading.Event
+    fenced: Callable[[], BaseException | None] = lambda: None
 
 
 AttemptRunner = Callable[[FitSpec, Attempt, WorkerGroup, FitOutcome], list[LoopResult]]
@@ -101,7 +105,8 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
                       node_ids=[i["node_id"] for i in infos], resumed_from=resume.folder, warm=group.promoted)
         refs = group.run(fit.train_spec(resume), coordinator)
         try:
-            results = watch(fit.faults, attempt.number, group, relay, infos, refs, attempt.preempt, drain)
+            results = watch(fit.faults, attempt.number, group, relay, infos, refs, attempt.preempt, drain,
+                            fenced=attempt.fenced)
         except AttemptFailed as failed:
             rank = failed.record.rank
             node_id = relay.where.get("node_id") if failed.record.role == COORDINATOR else \
@@ -118,7 +123,8 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
         raise
     finally:
         group.stop_workers()
-        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # Ctrl-C: clean up, collect nothing
+        # Ctrl-C: clean up, collect nothing; fenced out: the run is another driver's, write nothing into it
+        if not isinstance(sys.exc_info()[1], (KeyboardInterrupt, LeaseLost)):
             relay.flush()  # a backup committed as the attempt ended is in events.jsonl before what ended it
         ray.kill(relay.coordinator, no_restart=True)
 

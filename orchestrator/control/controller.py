@@ -208,6 +208,10 @@ class Controller:
         self.lease.start_renewing()
         self.fit = dataclasses.replace(self.fit, lease_token=self.lease.token)
 
+    def _lease_lost(self) -> BaseException | None:
+        """The LeaseLost the renewing thread met (another driver took the run over), else None."""
+        return self.lease.lost if self.lease is not None else None
+
     def _fence(self) -> None:
         """Raise LeaseLost when another driver has taken the run over."""
         if self.lease is not None:
@@ -235,7 +239,7 @@ class Controller:
     def _run_to_end(self, state: Running) -> ControllerState:
         assert self.group is not None and self.events is not None
         attempt = Attempt(number=state.attempt, resume=state.resume, storage=self.storage, events=self.events,
-                          preempt=self.preempt)
+                          preempt=self.preempt, fenced=self._lease_lost)
         try:
             results = self.run_attempt(self.fit, attempt, self.group, self.outcome)
         except NodesDrained as drained:  # a preemption with notice: not a failure

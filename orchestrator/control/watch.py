@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -33,6 +33,8 @@ from orchestrator.core.events import EventType, event_type, stop_event_type
 from orchestrator.errors import (CoordinatorError, CoordinatorLostError, HangError, OrchestratorError, WorkerError,
                                  WorkerLostError)
 from orchestrator.loop.specs import LoopResult
+from orchestrator.storage.checkpoint import IncompatibleBackup
+from orchestrator.storage.layout import ResumeMismatch
 from orchestrator.storage.run_files import EventLog
 
 logger = logging.getLogger(__name__)
@@ -286,8 +288,12 @@ def _persist_event(events: EventLog, event: dict[str, Any]) -> None:
 
 
 def watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, infos: list[dict[str, Any]],
-          refs: list[Any], preempt: threading.Event, drain: DrainWatch) -> list[LoopResult]:
+          refs: list[Any], preempt: threading.Event, drain: DrainWatch,
+          fenced: Callable[[], BaseException | None] | None = None) -> list[LoopResult]:
     """Wait for every rank of ``attempt``, relaying events; handle hangs, SIGTERM and node drains.
+
+    ``fenced()`` returns the error to end the attempt with once another driver took the run over
+    (the attempt stops at once and records nothing more), else None.
 
     Raises:
         AttemptFailed: A rank or the coordinator died, raised or hung.
@@ -306,6 +312,9 @@ def watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, i
                 results[rank_of[ref]] = _result_or_raise(ref, rank_of[ref], attempt, infos, relay)
             except AttemptFailed as failed:
                 raise _root_cause(failed, pending, rank_of, attempt, infos) from failed.error
+        lost = fenced() if fenced is not None else None
+        if lost is not None:
+            raise lost
         relay.poll(faults.poll_interval_s)
         ages = relay.ages
         if len(ages) == len(refs):  # every rank built its model and data: warm replacements up now
@@ -336,6 +345,9 @@ def watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, i
     relay.raise_coordinator_error()
     return [results[r] for r in sorted(results)]
 
+
+# What a rank raises that no restart can fix: the run's own backups do not fit this configuration.
+_NOT_RETRYABLE = (ResumeMismatch, IncompatibleBackup)
 
 # A survivor's collective error when a peer process is gone (gloo, NCCL, the TCP store).
 _PEER_LOSS = re.compile(r"connection (reset|closed|refused)|broken pipe|by peer|remote process|"
@@ -375,6 +387,8 @@ def _death(rank: int, info: dict[str, Any], attempt: int, exc: BaseException) ->
 
 
 def _raised(value: WorkerFailure, attempt: int) -> AttemptFailed:
+    if isinstance(value.exception, _NOT_RETRYABLE):  # a restart would meet the same backup: not a failure to retry
+        raise value.exception
     error = WorkerError(value.rank, value.node, value.error_type, value.message, value.traceback)
     error.__cause__ = value.exception
     cause = f"rank {value.rank} raised {value.error_type}: {value.message}"
