@@ -400,7 +400,7 @@ def test_ctrl_c_while_watching_kills_the_workers_and_the_coordinator_at_once_and
 
     log: list[str] = []
 
-    def interrupted(*args: Any) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> None:
         log.append("watch")
         raise KeyboardInterrupt
 
