@@ -3,24 +3,24 @@
 :class:`CoordinatorCore` aggregates every rank's report for one sync point exactly, runs the
 callbacks once on the cluster-wide logs, records events in the vocabulary of
 :mod:`orchestrator.core.events`, and commits a backup once every rank's files are durable.
-:class:`SyncBarrier` gathers the ranks at a sync point so that the core runs once per point.
+:class:`SyncBarrier` (in :mod:`orchestrator.cluster.sync_barrier`, importable from here) gathers the
+ranks at a sync point so that the core runs once per point.
 The Ray actor in :mod:`orchestrator.cluster.coordinator` only wires the two together.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.callbacks.callback_list import CallbackList
 from orchestrator.cluster.specs import CoordinatorSpec
+from orchestrator.cluster.sync_barrier import Reports, SyncBarrier, _SyncPoint  # noqa: F401 - re-exported
 from orchestrator.core.events import EventType, undeclared_fields
 from orchestrator.core.metrics import PhaseSums, aggregate
 from orchestrator.decisions import (
@@ -38,8 +38,6 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.storage.checkpoint import FileEntry, Manifest, commit, purge_older, read_coordinator_state, step_dir
 from orchestrator.storage.layout import check_layout
 from orchestrator.storage.lease import LeaseLost, check_token
-
-Reports = dict[int, Report]
 
 
 class CoordinatorCore:
@@ -384,61 +382,3 @@ class CoordinatorCore:
 
 def _sums(value: object) -> PhaseSums:
     return value if isinstance(value, PhaseSums) else PhaseSums()
-
-
-@dataclass
-class _SyncPoint:
-    reports: Reports = field(default_factory=dict)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    result: list[Decision] = field(default_factory=list)
-    error: BaseException | None = None
-    served: int = 0
-
-
-class SyncBarrier:
-    """Gathers the reports of one sync point from every rank; the last to arrive runs ``handler`` once.
-
-    A sync point is keyed by the report's ``(kind, epoch, step)``; every rank waiting at it gets
-    the same result, whatever order the ranks arrive in.
-
-    Args:
-        world_size: Number of ranks that report at each sync point.
-        handler: Turns every rank's report into the decisions for all (``CoordinatorCore.handle``).
-
-    Example:
-        >>> import asyncio
-        >>> from orchestrator.decisions import ReportKind
-        >>> barrier = SyncBarrier(1, lambda reports: [])
-        >>> asyncio.run(barrier.arrive(0, Report(ReportKind.TRAIN_BEGIN)))
-        []
-    """
-
-    def __init__(self, world_size: int, handler: Callable[[Reports], list[Decision]]) -> None:
-        self.world_size = world_size
-        self.handler = handler
-        self._points: dict[tuple[str, int, int], _SyncPoint] = {}
-
-    @property
-    def pending(self) -> tuple[tuple[str, int, int], ...]:
-        """The sync points some rank is waiting at, or whose result not every rank has collected yet."""
-        return tuple(self._points)
-
-    async def arrive(self, rank: int, report: Report) -> list[Decision]:
-        """Wait until every rank has reported this sync point; return the decisions for all ranks."""
-        key = (str(report.kind), report.epoch, report.step)
-        point = self._points.setdefault(key, _SyncPoint())
-        point.reports[rank] = report
-        if len(point.reports) == self.world_size:
-            try:
-                point.result = self.handler(point.reports)
-            except BaseException as exc:  # every waiting rank raises it, none hangs
-                point.error = exc
-            finally:
-                point.done.set()
-        await point.done.wait()
-        point.served += 1
-        if point.served == self.world_size:
-            del self._points[key]
-        if point.error is not None:
-            raise point.error
-        return point.result

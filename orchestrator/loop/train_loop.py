@@ -15,7 +15,8 @@ A preemption notice is honoured at the next training step (in its all-reduce), a
 validation batch (one small all-reduce of the notice per batch: validation is abandoned on every
 rank together and the emergency backup holds the end of the epoch's training, so a resume redoes
 validation and the epoch-end hooks once) and at the epoch-end sync point (the coordinator runs
-the epoch-end hooks, then decides the emergency backup).
+the epoch-end hooks, then decides the emergency backup). The validation pass is
+:class:`~orchestrator.loop.validation.Validation`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from orchestrator.core.metrics import PhaseSums
 from orchestrator.decisions import (
     Backup,
     Decision,
@@ -48,11 +48,11 @@ from orchestrator.decisions import (
     StopTraining,
 )
 from orchestrator.loop.data import ShardSampler
-from orchestrator.loop.rank_state import Accumulator, MetricSums, Position, Snapshots, rank_components
+from orchestrator.loop.rank_state import MetricSums, Position, Snapshots, rank_components
 from orchestrator.loop.saver import PendingRestore, RankSaver
 from orchestrator.loop.specs import LoopResult, TrainSpec
-from orchestrator.loop.state_io import capture_rng, restore_rng
 from orchestrator.loop.steps import make_default_step, move_to, nonfinite_flag, resolve_metrics, split_output
+from orchestrator.loop.validation import Validation
 from orchestrator.storage.layout import check_layout
 
 
@@ -191,14 +191,9 @@ class TrainLoop:
         self.layout = {"world_size": self.world_size, "batch_size": cfg.batch_size, "seed": cfg.seed,
                        "samples": len(train_ds),
                        "parameters": {name: list(p.shape) for name, p in self.model.named_parameters()}}
-        self.val_loader = None
-        self.val_rounds = 0  # validation batches of the rank with the most (every rank runs as many rounds)
-        if val_ds is not None and len(val_ds) > 0:
-            val_sampler = ShardSampler(len(val_ds), self.rank, self.world_size, shuffle=False, pad=False)
-            val_batch_size = cfg.val_batch_size or cfg.batch_size
-            self.val_loader = DataLoader(val_ds, batch_size=val_batch_size,
-                                         sampler=val_sampler, generator=torch.Generator().manual_seed(cfg.seed))
-            self.val_rounds = math.ceil(val_sampler.longest_shard_length() / val_batch_size)
+        self.validation = Validation(val_ds, rank=self.rank, world_size=self.world_size,
+                                     batch_size=cfg.val_batch_size or cfg.batch_size, seed=cfg.seed,
+                                     device=self.device, preemption=self.preemption, beat=self._beat)
         metric_fns = resolve_metrics(cfg.metrics)
         default = make_default_step(cfg.loss, metric_fns) if cfg.loss is not None else None
         self.train_step: Callable[..., Any] = cfg.train_step or default  # type: ignore[assignment]
@@ -287,7 +282,7 @@ class TrainLoop:
         # Training goes on after this epoch unless a decision (the same on every rank) stopped it; a
         # stopping run finishes instead of honouring a preemption notice (its stop would not survive a resume).
         going_on = not stop and stopped_step is None
-        val, abandoned = self._validate(watch=going_on)
+        val, abandoned = self.validation.run(self.model, self.val_step, watch=going_on)
         if abandoned:  # the position still says "epoch trained, not validated"
             self._preempt(epoch, self.position.batch)
             return True, epoch, first_batch
@@ -358,46 +353,6 @@ class TrainLoop:
                 if self._sync(ReportKind.BATCH_END, epoch, step, train=sums.train.phase_sums(), nonfinite=nonfinite > 0):
                     return step
         return None
-
-    def _validate(self, watch: bool) -> tuple[PhaseSums | None, bool]:
-        """Validate this rank's shard: (sums or None without validation data, abandoned).
-
-        With ``watch``, every rank runs :attr:`val_rounds` rounds (ranks with fewer batches idle
-        through the last ones) and each round all-reduces the ranks' preemption notices, overlapped
-        with the round's batch. At the first round where any rank has one, every rank abandons
-        validation, with its RNG streams as they were before validation: the state of the end of
-        the epoch's training, which a resume validates again.
-        """
-        if self.val_loader is None:
-            return None, False
-        self.model.eval()
-        sums = Accumulator()
-        batches: Any = iter(self.val_loader)
-        notice = torch.zeros(1, device=self.device) if watch else None
-        before = capture_rng() if watch else None
-        try:
-            with torch.no_grad():
-                for _ in range(self.val_rounds if watch else len(self.val_loader)):
-                    pending = None
-                    if notice is not None:
-                        notice.fill_(1.0 if self.preemption.is_set() else 0.0)
-                        pending = dist.all_reduce(notice, async_op=True)
-                    batch = next(batches, None) if batches is not None else None
-                    if batch is None:
-                        batches = None  # this rank's shard is done; it idles through the other ranks' rounds
-                    else:
-                        batch = move_to(batch, self.device)
-                        loss, metrics, n = split_output(self.val_step(self.model, batch), batch)
-                        sums.add(loss.detach(), metrics, n)
-                    self._beat()
-                    if pending is not None:
-                        pending.wait()
-                        if notice.item() > 0:
-                            restore_rng(before)
-                            return None, True
-        finally:
-            self.model.train()
-        return sums.phase_sums(), False
 
     def _maybe_progress(self, epoch: int, step: int, running_loss: float) -> None:
         """Rank 0 sends the cluster-wide running loss; every rank a heartbeat (time-gated, fire and forget)."""

@@ -12,6 +12,7 @@
   the process; the lock is dropped by the kernel when its holder dies, so a killed driver never
   leaves a stale lock behind. Other fsspec protocols get the same read-compare-write under the
   in-process lock only: exclusive within one process (``memory://``), best effort across hosts.
+  The backends live in :mod:`orchestrator.storage.lease_backends`.
 - **Token.** Every acquisition (free, released, expired or taken over) writes ``token + 1``, so
   tokens strictly increase over the run's life; :meth:`RunLease.release` marks the file released
   and never deletes it (deleting would restart tokens at 1). Carry the token in manifests and events.
@@ -40,31 +41,21 @@ lease.release()
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterator, Mapping
+from dataclasses import replace
+from typing import Any
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.storage.fs import RunStorage, _atomic_local_write
-
-try:  # POSIX; elsewhere local leases are exclusive within one process only
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from orchestrator.storage.fs import RunStorage
+from orchestrator.storage.lease_backends import (  # noqa: F401 - the backends' names, re-exported
+    LEASE_FILE, _UNKNOWN, _Backend, _backend, _BestEffortBackend, _is_conflict, _LocalBackend, _process_lock,
+    _S3Backend)
+from orchestrator.storage.lease_record import LeaseRecord, Owner, _ray_job_id  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-
-#: The lease's file name inside the run directory.
-LEASE_FILE = "lease.json"
-_S3_PROTOCOLS = frozenset({"s3", "s3a"})
-_CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412", "409"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,270 +128,6 @@ def _fmt_age(seconds: float) -> str:
     if h < 48:
         return f"{h}h {m}m"
     return f"{h // 24}d {h % 24}h"
-
-
-# ----------------------------------------------------------------------------------------------
-# Records
-
-
-def _ray_job_id() -> str | None:
-    """The Ray job submission id (``ray job submit`` / RayJob) or Ray's job id, if this is a Ray driver."""
-    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if config:
-        try:
-            submission = json.loads(config).get("metadata", {}).get("job_submission_id")
-        except (ValueError, AttributeError):
-            submission = None
-        if submission:
-            return str(submission)
-    return os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID") or None
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Who holds a lease: a driver process.
-
-    Args:
-        job_id: The Ray job (submission) id, if any. Defaults to ``None``.
-        host: The host name. Defaults to ``socket.gethostname()``.
-        pid: The process id. Defaults to ``os.getpid()``.
-        started: When this owner started (Unix seconds). Defaults to now.
-        id: A unique id of this owner (two owners in one process differ). Defaults to a new uuid.
-    """
-
-    job_id: str | None = None
-    host: str = field(default_factory=socket.gethostname)
-    pid: int = field(default_factory=os.getpid)
-    started: float = field(default_factory=time.time)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    @classmethod
-    def current(cls, job_id: str | None = None) -> "Owner":
-        """This process; ``job_id`` defaults to the Ray job submission id from the environment, if any."""
-        return cls(job_id=job_id if job_id is not None else _ray_job_id())
-
-    def describe(self) -> str:
-        job = f"job {self.job_id}" if self.job_id else "a driver with no job id"
-        return f"{job} on host {self.host}, pid {self.pid}"
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Owner":
-        return cls(job_id=data.get("job_id"), host=str(data.get("host", "?")), pid=int(data.get("pid", -1)),
-                   started=float(data.get("started", 0.0)), id=str(data.get("id", "")))
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    """The content of ``lease.json``."""
-
-    token: int
-    owner: Owner
-    acquired: float
-    renewed: float
-    ttl_s: float
-    released: bool = False
-    nonce: str = field(default_factory=lambda: uuid.uuid4().hex)  # tells our write from any other
-
-    def expired(self, now: float | None = None) -> bool:
-        """Released, or not renewed for more than ``ttl_s`` seconds (by ``now``, default the local clock)."""
-        now = time.time() if now is None else now
-        return self.released or now - self.renewed > self.ttl_s
-
-    def to_bytes(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2) + "\n").encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "LeaseRecord":
-        d = json.loads(data.decode())
-        return cls(token=int(d["token"]), owner=Owner.from_dict(d.get("owner") or {}),
-                   acquired=float(d.get("acquired", d.get("renewed", 0.0))), renewed=float(d["renewed"]),
-                   ttl_s=float(d["ttl_s"]), released=bool(d.get("released", False)),
-                   nonce=str(d.get("nonce", "")))
-
-
-# ----------------------------------------------------------------------------------------------
-# Backends: read with a version, create if absent, replace if unchanged
-
-
-_UNKNOWN = object()  # a write that won without telling the new version
-
-_PROCESS_LOCKS: dict[str, threading.Lock] = {}
-_PROCESS_LOCKS_GUARD = threading.Lock()
-
-
-def _process_lock(key: str) -> threading.Lock:
-    with _PROCESS_LOCKS_GUARD:
-        return _PROCESS_LOCKS.setdefault(key, threading.Lock())
-
-
-class _Backend:
-    """Compare-and-swap on one file. ``read`` returns ``(data or None, version)``; the writes return
-    the new version if they won, ``None`` if the file exists / changed since ``version``, and
-    :data:`_UNKNOWN` if they won but cannot tell the new version (read it back)."""
-
-    def __init__(self, storage: RunStorage) -> None:
-        self.storage = storage
-        self.path = storage.path(LEASE_FILE)
-
-    def read(self) -> tuple[bytes | None, Any]:
-        raise NotImplementedError
-
-    def create(self, data: bytes) -> Any:
-        raise NotImplementedError
-
-    def replace(self, data: bytes, version: Any) -> Any:
-        raise NotImplementedError
-
-
-class _LocalBackend(_Backend):
-    """A local or network-mounted directory: flock on ``lease.json.lock`` (plus an in-process lock)."""
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with _process_lock(os.path.realpath(self.path)):
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            if fcntl is None:  # pragma: no cover - Windows
-                yield
-                return
-            fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)  # drops the flock
-
-    def _read(self) -> bytes | None:
-        try:
-            with open(self.path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    def read(self) -> tuple[bytes | None, Any]:
-        data = self._read()
-        return data, data
-
-    def create(self, data: bytes) -> Any:
-        with self._locked():
-            if self._read() is not None:
-                return None
-            _atomic_local_write(self.path, data)
-            return data
-
-    def replace(self, data: bytes, version: Any) -> Any:
-        with self._locked():
-            if version is None or self._read() != version:
-                return None
-            _atomic_local_write(self.path, data)
-            return data
-
-
-class _S3Backend(_Backend):
-    """S3 (s3fs): conditional PUTs; the ETag of a GET is the version."""
-
-    def read(self) -> tuple[bytes | None, Any]:
-        from fsspec.asyn import sync
-
-        fs = self.storage.fs
-        bucket, key, _ = fs.split_path(self.path)
-
-        async def get() -> tuple[bytes, str]:
-            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-            body = resp["Body"]
-            try:
-                data = await body.read()
-            finally:
-                body.close()
-            return data, resp["ETag"]
-
-        try:
-            return self.storage._retry("read", self.path, lambda: sync(fs.loop, get))
-        except FileNotFoundError:
-            return None, None
-
-    def _put(self, data: bytes, **condition: Any) -> Any:
-        def put() -> Any:
-            try:
-                out = self.storage.fs.pipe_file(self.path, data, **condition)
-            except Exception as exc:  # noqa: BLE001 - a lost precondition is an answer, not an error
-                if _is_conflict(exc):
-                    return None
-                raise
-            etag = out.get("ETag") if isinstance(out, Mapping) else None
-            return etag or _UNKNOWN
-
-        return self.storage._retry("write", self.path, put)
-
-    def create(self, data: bytes) -> Any:
-        return self._put(data, mode="create")
-
-    def replace(self, data: bytes, version: Any) -> Any:
-        if version is None:
-            return None
-        return self._put(data, IfMatch=version)
-
-
-class _BestEffortBackend(_Backend):
-    """Any other fsspec filesystem: read-compare-write under an in-process lock (not atomic across hosts)."""
-
-    def _key(self) -> str:
-        return f"{self.storage.protocols[0]}://{self.path}"
-
-    def read(self) -> tuple[bytes | None, Any]:
-        try:
-            data = self.storage.read_bytes(LEASE_FILE)
-        except FileNotFoundError:
-            data = None
-        return data, data
-
-    def create(self, data: bytes) -> Any:
-        with _process_lock(self._key()):
-            if self.read()[0] is not None:
-                return None
-            self.storage.write_bytes(LEASE_FILE, data)
-            return data
-
-    def replace(self, data: bytes, version: Any) -> Any:
-        with _process_lock(self._key()):
-            if version is None or self.read()[0] != version:
-                return None
-            self.storage.write_bytes(LEASE_FILE, data)
-            return data
-
-
-def _is_conflict(exc: BaseException) -> bool:
-    """An S3 precondition failure (412 PreconditionFailed, 409 ConditionalRequestConflict) or an
-    ``If-Match`` on an object that no longer exists: another writer won."""
-    if isinstance(exc, (FileExistsError, FileNotFoundError)):
-        return True
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        response = getattr(e, "response", None)
-        if isinstance(response, Mapping):
-            code = str((response.get("Error") or {}).get("Code", ""))
-            status = str((response.get("ResponseMetadata") or {}).get("HTTPStatusCode", ""))
-            if code in _CONFLICT_CODES or status in ("409", "412"):
-                return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-_warned_best_effort: set[str] = set()
-
-
-def _backend(storage: RunStorage) -> _Backend:
-    if storage.is_local:
-        return _LocalBackend(storage)
-    if set(storage.protocols) & _S3_PROTOCOLS and hasattr(storage.fs, "_call_s3"):
-        return _S3Backend(storage)
-    proto = storage.protocols[0]
-    if proto not in _warned_best_effort and proto != "memory":
-        _warned_best_effort.add(proto)
-        log.warning("the run lease on %s:// is exclusive within one process only (no conditional "
-                    "writes for this protocol); do not run two drivers on one run", proto)
-    return _BestEffortBackend(storage)
 
 
 def _parse(storage: RunStorage, data: bytes | None) -> LeaseRecord | None:

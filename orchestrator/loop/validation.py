@@ -1,0 +1,106 @@
+"""One rank's validation pass at the end of an epoch, and how it yields to a preemption notice.
+
+This module owns validation inside the per-rank loop: :class:`Validation` builds the rank's
+unpadded shard of the validation set (every sample counted once across ranks) and its loader, and
+:meth:`Validation.run` evaluates the model on it, summing loss and metrics exactly. While watching
+for preemption, every rank runs the same number of rounds (those of the rank with the most
+batches; the others idle through the last ones), each round all-reducing the ranks' notices
+overlapped with its batch, so that all ranks abandon validation together, with their RNG streams
+as they were before it. :class:`~orchestrator.loop.train_loop.TrainLoop` calls it once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from orchestrator.core.metrics import PhaseSums
+from orchestrator.loop.data import ShardSampler
+from orchestrator.loop.rank_state import Accumulator
+from orchestrator.loop.state_io import capture_rng, restore_rng
+from orchestrator.loop.steps import move_to, split_output
+
+
+class Validation:
+    """One rank's validation shard and the pass over it.
+
+    Args:
+        dataset: The validation set (map-style), or ``None``; an empty one means no validation.
+        rank: This rank.
+        world_size: Number of ranks.
+        batch_size: Per-rank validation batch size.
+        seed: Seed of the loader's private generator.
+        device: Where the model lives.
+        preemption: Set (from another thread) when a preemption notice arrives.
+        beat: Called once per round: the loop's time-gated heartbeat.
+
+    Attributes:
+        loader: The shard's loader, or ``None`` without validation data.
+        rounds: Validation batches of the rank with the most (every rank runs as many rounds
+            while watching for preemption); ``0`` without validation data.
+    """
+
+    def __init__(self, dataset: Any, *, rank: int, world_size: int, batch_size: int, seed: int,
+                 device: torch.device, preemption: threading.Event, beat: Callable[[], None]) -> None:
+        self.device = device
+        self.preemption = preemption
+        self.beat = beat
+        self.loader: DataLoader | None = None
+        self.rounds = 0
+        if dataset is not None and len(dataset) > 0:
+            sampler = ShardSampler(len(dataset), rank, world_size, shuffle=False, pad=False)
+            # a private generator: creating an iterator must not draw from the global RNG (exact resume)
+            self.loader = DataLoader(dataset, batch_size=batch_size,
+                                     sampler=sampler, generator=torch.Generator().manual_seed(seed))
+            self.rounds = math.ceil(sampler.longest_shard_length() / batch_size)
+
+    def run(self, model: torch.nn.Module, step: Callable[..., Any], *,
+            watch: bool) -> tuple[PhaseSums | None, bool]:
+        """Validate this rank's shard: (sums or None without validation data, abandoned).
+
+        With ``watch``, every rank runs :attr:`rounds` rounds (ranks with fewer batches idle
+        through the last ones) and each round all-reduces the ranks' preemption notices, overlapped
+        with the round's batch. At the first round where any rank has one, every rank abandons
+        validation, with its RNG streams as they were before validation: the state of the end of
+        the epoch's training, which a resume validates again.
+
+        Args:
+            model: The model to evaluate (put in eval mode, then back in train mode).
+            step: ``step(model, batch)``, the validation step (loss, metrics, sample count).
+            watch: Watch for preemption notices (all ranks must agree on it).
+        """
+        if self.loader is None:
+            return None, False
+        model.eval()
+        sums = Accumulator()
+        batches: Any = iter(self.loader)
+        notice = torch.zeros(1, device=self.device) if watch else None
+        before = capture_rng() if watch else None
+        try:
+            with torch.no_grad():
+                for _ in range(self.rounds if watch else len(self.loader)):
+                    pending = None
+                    if notice is not None:
+                        notice.fill_(1.0 if self.preemption.is_set() else 0.0)
+                        pending = dist.all_reduce(notice, async_op=True)
+                    batch = next(batches, None) if batches is not None else None
+                    if batch is None:
+                        batches = None  # this rank's shard is done; it idles through the other ranks' rounds
+                    else:
+                        batch = move_to(batch, self.device)
+                        loss, metrics, n = split_output(step(model, batch), batch)
+                        sums.add(loss.detach(), metrics, n)
+                    self.beat()
+                    if pending is not None:
+                        pending.wait()
+                        if notice.item() > 0:
+                            restore_rng(before)
+                            return None, True
+        finally:
+            model.train()
+        return sums.phase_sums(), False
