@@ -11,7 +11,7 @@ import pytest
 from orchestrator import cli
 from orchestrator.core.events import EventType
 from orchestrator.storage.fs import StorageSpec
-from orchestrator.storage.run_files import EventLog
+from orchestrator.storage.run_files import EventLog, read_events
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,12 +34,18 @@ def test_cli_run_fits_the_example_then_status_prints_its_epochs_and_a_rerun_does
 
 
 @pytest.mark.timeout(180)
-def test_cli_run_accepts_module_function_targets_with_set_overrides(ray_cluster, capsys, tmp_path):
+def test_cli_run_accepts_module_function_targets_with_set_overrides_and_takes_a_held_run_over(ray_cluster, capsys,
+                                                                                               tmp_path):
+    from orchestrator.storage.lease import Owner, RunLease, read_lease
+    storage = StorageSpec(str(tmp_path), "cli-target").open()
+    held = RunLease.acquire(storage, Owner.current("a-job-that-is-gone"), ttl_s=600)  # live for 10 minutes
     argv = ["run", "cli_target:make_trainer", "--set", "hidden=4", "--storage", str(tmp_path), "--epochs", "1",
-            "--num-workers", "1"]
+            "--num-workers", "1", "--takeover"]
     assert cli.main(argv) == cli.EXIT_FINISHED
     assert (tmp_path / "cli-target" / "run.json").exists()
     assert '"num_workers": 1' in (tmp_path / "cli-target" / "run.json").read_text()
+    assert {e["owner"] for e in read_events(storage)} == {held.token + 1}
+    assert read_lease(storage).released and read_lease(storage).token == held.token + 1
 
 
 @pytest.mark.parametrize("argv,message", [
