@@ -93,6 +93,21 @@ class Trainer:
         warm_standbys: With ``max_failures > 0`` on CPU workers, keep one idle standby process per
             worker (torch imported, no resources of its own, in the worker's placement bundle) so
             that a restart after a failure skips the cold start. Defaults to ``True``.
+        precision: ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"`` (autocast on the model's device;
+            ``"16-mixed"`` adds a ``torch.amp.GradScaler``). Defaults to ``"32-true"``.
+        accumulate_grad_batches: Micro-batches of ``batch_size`` per optimizer step (each micro-batch's
+            loss is divided by the step's number of micro-batches). Defaults to ``1``.
+        lr_scheduler: ``(optimizer) -> torch.optim.lr_scheduler.LRScheduler``, built on every worker.
+            Defaults to ``None``.
+        lr_scheduler_interval: ``"step"`` (every optimizer step) or ``"epoch"``. Defaults to ``"epoch"``.
+        loader_workers: DataLoader worker processes per rank (persistent, 2 batches prefetched each,
+            pinned memory on GPU); a sample's random draws depend only on the seed, the rank and its
+            place in the epoch, so resumes are exact. Defaults to ``0`` (load in the training process).
+        steps_per_epoch: Batches per epoch, as Keras: the data iterator is not reset between epochs
+            and an epoch that reaches the end of the data stops there. Defaults to ``None`` (one pass).
+        validation_steps: Validation batches per rank each validation (the first ones). Defaults to ``None`` (all).
+        validation_freq: Validate every ``n`` epochs, or after the listed 1-based epochs (``[1, 5, 10]``).
+            Defaults to ``1``.
 
     Example:
         >>> trainer = Trainer(model=build_model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
@@ -129,11 +144,23 @@ class Trainer:
         preemption_grace_s: float = 120.0,
         placement_timeout_s: float = 600.0,
         warm_standbys: bool = True,
+        precision: str = "32-true",
+        accumulate_grad_batches: int = 1,
+        lr_scheduler: Callable[[Any], Any] | None = None,
+        lr_scheduler_interval: str = "epoch",
+        loader_workers: int = 0,
+        steps_per_epoch: int | None = None,
+        validation_steps: int | None = None,
+        validation_freq: int | list[int] = 1,
     ) -> None:
         self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.loop = LoopConfig(model=model, optimizer=optimizer, data=data, loss=loss, metrics=metrics,
                                batch_size=batch_size, val_batch_size=val_batch_size, train_step=train_step,
-                               val_step=val_step, clip_grad_norm=clip_grad_norm, seed=seed)
+                               val_step=val_step, clip_grad_norm=clip_grad_norm, seed=seed, precision=precision,
+                               accumulate_grad_batches=accumulate_grad_batches, lr_scheduler=lr_scheduler,
+                               lr_scheduler_interval=lr_scheduler_interval, loader_workers=loader_workers,
+                               steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
+                               validation_freq=validation_freq)
         self.scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources_per_worker,
                                      placement_strategy=placement_strategy,
@@ -158,7 +185,7 @@ class Trainer:
         return self.storage.run_name
 
     def _check_picklable(self) -> None:
-        for name in ("model", "optimizer", "loss", "data", "train_step", "val_step"):
+        for name in ("model", "optimizer", "loss", "data", "train_step", "val_step", "lr_scheduler"):
             if getattr(self.loop, name) is not None:
                 _check_picklable(name, getattr(self.loop, name))
         for name, fn in self.loop.metrics.items():
@@ -254,6 +281,12 @@ class Trainer:
                 "use_gpu": self.scaling.use_gpu, "placement_strategy": self.scaling.placement_strategy,
                 "batch_size": self.loop.batch_size, "seed": self.loop.seed, "metrics": list(self.loop.metrics),
                 "clip_grad_norm": self.loop.clip_grad_norm, "max_failures": self.faults.max_failures,
+                "precision": self.loop.precision, "accumulate_grad_batches": self.loop.accumulate_grad_batches,
+                "lr_scheduler": getattr(self.loop.lr_scheduler, "__qualname__", None if self.loop.lr_scheduler is None
+                                        else type(self.loop.lr_scheduler).__name__),
+                "lr_scheduler_interval": self.loop.lr_scheduler_interval,
+                "loader_workers": self.loop.loader_workers, "steps_per_epoch": self.loop.steps_per_epoch,
+                "validation_steps": self.loop.validation_steps, "validation_freq": self.loop.validation_freq,
                 "callbacks": [cb.name for cb in self.callbacks]}
 
     def _build_final_model(self, state_dict: Mapping[str, Any] | None) -> Any:

@@ -146,3 +146,66 @@ def test_fit_rejects_a_bad_epoch_count_before_starting_anything(epochs):
 def test_fit_rejects_an_unknown_verbose_value():
     with pytest.raises(ValueError, match="verbose"):
         make().fit(epochs=1, verbose="loud")
+
+
+def _cosine(optimizer):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"precision": "bf16"}, "precision must be one of"),
+    ({"precision": 16}, "precision must be one of"),
+    ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
+    ({"accumulate_grad_batches": 2.0}, "accumulate_grad_batches"),
+    ({"lr_scheduler": "cosine"}, "lr_scheduler must be None or a callable"),
+    ({"lr_scheduler_interval": "batch"}, "lr_scheduler_interval must be one of"),
+])
+def test_a_bad_precision_accumulation_or_schedule_argument_is_rejected_naming_it(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make(**overrides)
+
+
+def test_an_unpicklable_lr_scheduler_factory_is_rejected_with_its_argument_name():
+    lock = threading.Lock()
+    with pytest.raises(ValueError, match="lr_scheduler cannot be sent to the workers"):
+        make(lr_scheduler=lambda optimizer, lock=lock: None)
+
+
+def test_precision_accumulation_and_schedule_are_recorded_in_the_config_snapshot():
+    trainer = make(precision="bf16-mixed", accumulate_grad_batches=4, lr_scheduler=_cosine,
+                   lr_scheduler_interval="step")
+    snapshot = trainer._config_snapshot(epochs=1)
+    assert {k: snapshot[k] for k in ("precision", "accumulate_grad_batches", "lr_scheduler",
+                                     "lr_scheduler_interval")} == {
+        "precision": "bf16-mixed", "accumulate_grad_batches": 4, "lr_scheduler": "_cosine",
+        "lr_scheduler_interval": "step"}
+    defaults = make()._config_snapshot(epochs=1)
+    assert (defaults["precision"], defaults["accumulate_grad_batches"], defaults["lr_scheduler"],
+            defaults["lr_scheduler_interval"]) == ("32-true", 1, None, "epoch")
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"loader_workers": -1}, "loader_workers must be an integer >= 0"),
+    ({"loader_workers": 1.5}, "loader_workers"),
+    ({"loader_workers": True}, "loader_workers"),
+    ({"steps_per_epoch": 0}, "steps_per_epoch must be an integer >= 1"),
+    ({"steps_per_epoch": "10"}, "steps_per_epoch"),
+    ({"validation_steps": 0}, "validation_steps must be an integer >= 1"),
+    ({"validation_freq": 0}, "validation_freq must be an integer >= 1"),
+    ({"validation_freq": []}, "validation_freq must be an integer >= 1 or a non-empty list"),
+    ({"validation_freq": [0, 2]}, "validation_freq"),
+    ({"validation_freq": 1.0}, "validation_freq"),
+    ({"validation_freq": "2"}, "validation_freq"),
+])
+def test_a_bad_loader_or_keras_fit_knob_is_rejected_naming_it(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make(**overrides)
+
+
+def test_loader_and_keras_fit_knobs_are_recorded_in_the_config_snapshot():
+    trainer = make(loader_workers=2, steps_per_epoch=100, validation_steps=5, validation_freq=(5, 1))
+    snapshot = trainer._config_snapshot(epochs=1)
+    assert {k: snapshot[k] for k in ("loader_workers", "steps_per_epoch", "validation_steps", "validation_freq")} \
+        == {"loader_workers": 2, "steps_per_epoch": 100, "validation_steps": 5, "validation_freq": [1, 5]}
+    defaults = make()._config_snapshot(epochs=1)
+    assert (defaults["loader_workers"], defaults["steps_per_epoch"], defaults["validation_freq"]) == (0, None, 1)

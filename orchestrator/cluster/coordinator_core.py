@@ -290,6 +290,9 @@ class CoordinatorCore:
     def _on_epoch_end(self, first: Report, reports: Reports) -> list[Decision]:
         self.view.global_step = first.global_step
         lr_used = self.view.learning_rate
+        # History logs the rate the epoch started with; epoch-end callbacks see the rate now (a per-step
+        # schedule moved it), which a SetLearningRate they decide is relative to
+        self.view.learning_rate = self._same_lr(reports)
         logs = aggregate(_sums(r.train) for r in reports.values())
         if first.val is not None:
             val_logs = aggregate(_sums(r.val) for r in reports.values())

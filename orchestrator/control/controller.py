@@ -78,7 +78,9 @@ def find_resume(fit: FitSpec, storage: RunStorage, events: EventLog) -> Resume:
             f"resume with num_workers={found.manifest.world_size}")
     state = read_coordinator_state(storage, found.folder)
     check_layout(state.get("layout"), {"world_size": fit.scaling.num_workers, "batch_size": fit.loop.batch_size,
-                                       "seed": fit.loop.seed}, storage.url(found.folder))
+                                       "seed": fit.loop.seed, "steps_per_epoch": fit.loop.steps_per_epoch,
+                                       "accumulate_grad_batches": fit.loop.accumulate_grad_batches},
+                 storage.url(found.folder))
     events.append(EventType.RESTORED, epoch=found.manifest.epoch, step=found.manifest.step, folder=found.folder,
                   phase=found.manifest.phase)
     return Resume(folder=found.folder, state=state)

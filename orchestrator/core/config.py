@@ -17,6 +17,8 @@ from orchestrator.core.metrics import MetricFn, normalise_metrics
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 VERBOSE = ("auto", 0, 1, 2)
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+LR_SCHEDULER_INTERVALS = ("step", "epoch")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -129,6 +131,17 @@ class LoopConfig:
         clip_grad_norm: Clip the global gradient norm to this value. Defaults to ``None``.
         seed: Seed for model init, shuffling and RNGs. Defaults to ``0``.
         progress_interval_s: Seconds between progress updates sent to the driver. Defaults to ``1``.
+        precision: One of :data:`PRECISIONS` (Lightning's names). Defaults to ``"32-true"``.
+        accumulate_grad_batches: Micro-batches per optimizer step. Defaults to ``1``.
+        lr_scheduler: ``(optimizer) -> torch.optim.lr_scheduler.LRScheduler``. Defaults to ``None``.
+        lr_scheduler_interval: Step the scheduler every ``"step"`` (optimizer step) or ``"epoch"``.
+            Defaults to ``"epoch"`` (as Lightning).
+        loader_workers: DataLoader worker processes per rank (persistent, prefetching); ``0`` loads in
+            the training process. Defaults to ``0``.
+        steps_per_epoch: Batches per epoch (Keras's ``fit`` semantics, see
+            :func:`~orchestrator.loop.data.epoch_window`). Defaults to ``None``: one pass over the shard.
+        validation_steps: Validation batches per rank and validation. Defaults to ``None``: the whole shard.
+        validation_freq: Validate every ``n`` epochs (an int), or after the listed 1-based epochs. Defaults to ``1``.
 
     Example:
         >>> config = LoopConfig(model=build_model, optimizer=make_sgd, data=load_data,
@@ -149,6 +162,14 @@ class LoopConfig:
     clip_grad_norm: float | None = None
     seed: int = 0
     progress_interval_s: float = 1.0
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    lr_scheduler: Callable[[Any], Any] | None = None
+    lr_scheduler_interval: str = "epoch"
+    loader_workers: int = 0
+    steps_per_epoch: int | None = None
+    validation_steps: int | None = None
+    validation_freq: int | list[int] = 1
 
     def __post_init__(self) -> None:
         _require(self.data is not None,
@@ -172,6 +193,42 @@ class LoopConfig:
                  f"clip_grad_norm must be a positive number or None, got {self.clip_grad_norm!r}")
         _require(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
         validate_seconds("progress_interval_s", self.progress_interval_s)
+        _require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        validate_int("accumulate_grad_batches", self.accumulate_grad_batches, 1, "micro-batches per optimizer step")
+        _require(self.lr_scheduler is None or callable(self.lr_scheduler),
+                 "lr_scheduler must be None or a callable (optimizer) -> torch.optim.lr_scheduler.LRScheduler, "
+                 f"got {self.lr_scheduler!r}")
+        _require(self.lr_scheduler_interval in LR_SCHEDULER_INTERVALS,
+                 f"lr_scheduler_interval must be one of {LR_SCHEDULER_INTERVALS}, got {self.lr_scheduler_interval!r}")
+        validate_int("loader_workers", self.loader_workers, 0, "DataLoader worker processes per rank")
+        for name in ("steps_per_epoch", "validation_steps"):
+            if getattr(self, name) is not None:
+                validate_int(name, getattr(self, name), 1, "batches per rank, or None")
+        object.__setattr__(self, "validation_freq", validate_validation_freq(self.validation_freq))
+
+
+def validate_validation_freq(value: Any) -> int | list[int]:
+    """``value`` if it is an integer >= 1 (every n epochs) or a non-empty list of 1-based epochs (as Keras).
+
+    Example:
+        >>> validate_validation_freq((1, 5))
+        [1, 5]
+    """
+    if _is_int(value):
+        return validate_int("validation_freq", value, 1, "validate every n epochs")
+    _require(isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(v) and v >= 1 for v in value),
+             f"validation_freq must be an integer >= 1 or a non-empty list of 1-based epochs, got {value!r}")
+    return sorted(set(value))
+
+
+def validation_due(epoch: int, freq: int | list[int]) -> bool:
+    """Whether 0-based ``epoch`` validates (Keras's ``_should_eval``: ``freq`` counts 1-based epochs).
+
+    Example:
+        >>> [validation_due(e, 2) for e in range(4)], [validation_due(e, [1, 3]) for e in range(4)]
+        ([False, True, False, True], [True, False, True, False])
+    """
+    return (epoch + 1) % freq == 0 if isinstance(freq, int) else epoch + 1 in freq
 
 
 def validate_run_name(run_name: Any) -> str:

@@ -1,12 +1,28 @@
-"""Per-rank shards of a map-style dataset."""
+"""Per-rank shards of a map-style dataset, the training epochs' windows of them, and their loaders.
+
+Parallel loading (``loader_workers=N``) and exact resume: a DataLoader seeds each worker process
+once, from a base seed drawn from the loader's generator when the iterator is created
+(``seed = base_seed + worker_id``); persistent workers keep their streams across epochs and the
+batches are dealt to the workers round-robin. What a worker draws for a sample would then depend
+on the process's history (batches prefetched, where an attempt started), which no backup can hold.
+So with ``N > 0`` the sampler yields ``(index, sample_seed)`` keys (:class:`SeededSampler`) and
+the dataset is wrapped (:class:`SeededSamples`) to seed ``random``, ``numpy`` and ``torch`` from
+that key before each ``__getitem__``. The rule: **the random draws for a sample are a function of
+(seed, rank, data pass, position in the rank's shard of that pass)**, never of the worker that
+loads it, of ``N``, of prefetching or of a restart; the position component (saved in backups)
+gives the pass and the position, so a resumed epoch draws the same augmentations. With ``N = 0``
+the dataset draws from the rank's own streams, saved as the ``rng`` component.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+import random
+from typing import Any, Iterator, NamedTuple
 
+import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class ShardSampler(Sampler[int]):
@@ -38,11 +54,13 @@ class ShardSampler(Sampler[int]):
         self.pad = pad
         self.epoch = 0
         self.start = 0
+        self.stop: int | None = None
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch's permutation; skip the first ``start`` indices of this shard (resume)."""
+    def set_epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> None:
+        """Select the epoch's permutation; yield this shard's indices ``start`` (resume) to ``stop`` (a window)."""
         self.epoch = epoch
         self.start = start
+        self.stop = stop
 
     def _indices(self) -> list[int]:
         if self.shuffle:
@@ -55,7 +73,7 @@ class ShardSampler(Sampler[int]):
             total = math.ceil(self.length / self.world_size) * self.world_size
             while len(indices) < total:
                 indices += indices[: total - len(indices)]
-        return indices[self.rank :: self.world_size][self.start :]
+        return indices[self.rank :: self.world_size][self.start : self.stop]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
@@ -76,4 +94,112 @@ class ShardSampler(Sampler[int]):
         return math.ceil(self.length / self.world_size)
 
     def __len__(self) -> int:
-        return max(0, self.shard_length() - self.start)
+        end = self.shard_length() if self.stop is None else min(self.stop, self.shard_length())
+        return max(0, end - self.start)
+
+
+class Window(NamedTuple):
+    """Training epoch ``epoch``'s batches: ``steps`` batches from batch ``first`` of data pass ``data_pass``."""
+
+    data_pass: int
+    first: int
+    steps: int
+
+
+def epoch_window(epoch: int, batches_per_pass: int, steps_per_epoch: int | None = None) -> Window:
+    """Which batches training epoch ``epoch`` runs, with Keras 3's ``steps_per_epoch`` semantics.
+
+    Without ``steps_per_epoch`` an epoch is one pass over the shard. With it, the data iterator is
+    not reset between epochs: each epoch takes the next ``steps_per_epoch`` batches of the current
+    pass, and an epoch that reaches the pass's end stops there, shorter (Keras "ran out of data"),
+    the next one starting a new pass (reshuffled). The same on every rank: shards are padded.
+
+    Example:
+        >>> [epoch_window(e, batches_per_pass=5, steps_per_epoch=2) for e in range(4)]  # doctest: +NORMALIZE_WHITESPACE
+        [Window(data_pass=0, first=0, steps=2), Window(data_pass=0, first=2, steps=2),
+         Window(data_pass=0, first=4, steps=1), Window(data_pass=1, first=0, steps=2)]
+    """
+    if not steps_per_epoch:
+        return Window(epoch, 0, batches_per_pass)
+    per_pass = math.ceil(batches_per_pass / steps_per_epoch)  # epochs per data pass
+    data_pass, i = divmod(epoch, per_pass)
+    first = i * steps_per_epoch
+    return Window(data_pass, first, min(steps_per_epoch, batches_per_pass - first))
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (splitmix64 steps): neighbouring inputs give unrelated seeds.
+
+    Example:
+        >>> sample_seed(0, 0, 1, 7) == sample_seed(0, 0, 1, 7) != sample_seed(0, 0, 1, 8)
+        True
+    """
+    mask = (1 << 64) - 1
+    x = 0x9E3779B97F4A7C15
+    for part in parts:
+        x = (x ^ (int(part) & mask)) * 0xBF58476D1CE4E5B9 & mask
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & mask
+        x ^= x >> 29
+    return x >> 1
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """A :class:`ShardSampler`'s indices as ``(index, seed)`` keys for :class:`SeededSamples`.
+
+    The seed of the k-th index of the shard in pass ``epoch`` is ``sample_seed(seed, salt, rank, epoch, k)``.
+    """
+
+    def __init__(self, shard: ShardSampler, salt: int = 0) -> None:
+        self.shard = shard
+        self.salt = salt
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        s = self.shard
+        for k, index in enumerate(s, start=s.start):
+            yield index, sample_seed(s.seed, self.salt, s.rank, s.epoch, k)
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+
+class SeededSamples(Dataset):
+    """A map-style dataset read with ``(index, seed)`` keys: seeds the worker's ``random``, ``numpy``
+    and ``torch`` streams from ``seed``, then returns ``dataset[index]``."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def make_loader(dataset: Any, shard: ShardSampler, *, batch_size: int, seed: int, workers: int = 0,
+                pin_memory: bool = False, salt: int = 0) -> DataLoader:
+    """The loader of one rank's shard: in process (``workers=0``), or in ``workers`` persistent worker
+    processes (prefetching 2 batches each) reading :class:`SeededSamples` (see the module's rule).
+
+    The loader's generator is private: creating an iterator never draws from the global RNG.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if workers == 0:
+        return DataLoader(dataset, batch_size=batch_size, sampler=shard, pin_memory=pin_memory, generator=generator)
+    return DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=SeededSampler(shard, salt),
+                      num_workers=workers, persistent_workers=True, prefetch_factor=2, pin_memory=pin_memory,
+                      generator=generator)
+
+
+def shutdown_workers(*loaders: DataLoader | None) -> None:
+    """End the worker processes of persistent loaders now (not whenever they are garbage-collected)."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        if loader is not None:
+            loader._iterator = None

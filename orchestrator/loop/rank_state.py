@@ -247,19 +247,24 @@ class ResultCounters:
     def state_dict(self) -> dict[str, Any]:
         r = self.result
         return {"learning_rates": list(r.learning_rates), "epochs_run": r.epochs_run, "steps_run": r.steps_run,
-                "stopped_at": r.stopped_at}
+                "stopped_at": r.stopped_at, "scaler_skips": r.scaler_skips}
 
     def load_state_dict(self, state: Mapping[str, Any], /) -> None:
         r = self.result
         r.learning_rates = [float(v) for v in state["learning_rates"]]
         r.epochs_run, r.steps_run = int(state["epochs_run"]), int(state["steps_run"])
+        r.scaler_skips = int(state.get("scaler_skips", 0))
         stopped = state["stopped_at"]
         r.stopped_at = (int(stopped[0]), int(stopped[1])) if stopped else None
 
 
 def rank_components(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, snapshots: Snapshots,
-                    position: Position, metric_sums: MetricSums, result: LoopResult) -> dict[str, Component]:
+                    position: Position, metric_sums: MetricSums, result: LoopResult, scaler: Stateful | None = None,
+                    lr_scheduler: Stateful | None = None) -> dict[str, Component]:
     """A training rank's state by name: what a backup saves and a resume or rollback loads.
+
+    ``scaler`` (``precision="16-mixed"``'s GradScaler) and ``lr_scheduler`` are entries only when used;
+    both are the same on every rank (they follow the all-reduced gradients and the step count).
 
     Example:
         >>> model = torch.nn.Linear(2, 1)
@@ -269,9 +274,11 @@ def rank_components(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
         >>> [name for name, c in components.items() if c.shared]
         ['model', 'optimizer', 'snapshots']
     """
+    optional = {"scaler": scaler, "lr_scheduler": lr_scheduler}
     return {
         "model": Component(model, shared=True, finite=True),
         "optimizer": Component(optimizer, shared=True),
+        **{name: Component(value, shared=True) for name, value in optional.items() if value is not None},
         "snapshots": Component(snapshots, shared=True),
         "position": Component(position),
         "metric_sums": Component(metric_sums),

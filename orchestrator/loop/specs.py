@@ -53,4 +53,5 @@ class LoopResult:
     steps_run: int = 0
     stopped_at: tuple[int, int] | None = None
     preempted: bool = False
+    scaler_skips: int = 0  # optimizer steps the GradScaler skipped (inf/NaN gradients under "16-mixed")
     state_dict: dict[str, Any] | None = None  # rank 0: the final model weights, on CPU

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from orchestrator.decisions import (
     Backup,
@@ -47,11 +46,14 @@ from orchestrator.decisions import (
     SnapshotWeights,
     StopTraining,
 )
-from orchestrator.loop.data import ShardSampler
+from orchestrator.core.config import validation_due
+from orchestrator.loop.data import ShardSampler, Window, epoch_window, make_loader, shutdown_workers
+from orchestrator.loop.optim_step import (
+    LearningRates, OptimStep, Precision, build_scheduler, micro_batch_groups, steps_per_epoch)
 from orchestrator.loop.rank_state import MetricSums, Position, Snapshots, rank_components
 from orchestrator.loop.saver import PendingRestore, RankSaver
 from orchestrator.loop.specs import LoopResult, TrainSpec
-from orchestrator.loop.steps import make_default_step, move_to, nonfinite_flag, resolve_metrics, split_output
+from orchestrator.loop.steps import make_default_step, resolve_metrics
 from orchestrator.loop.validation import Validation
 from orchestrator.storage.layout import check_layout
 
@@ -174,6 +176,9 @@ class TrainLoop:
         self.optimizer: torch.optim.Optimizer = cfg.optimizer(self.model.parameters())
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
+        self.precision = Precision(cfg.precision, self.device)
+        self.lr_scheduler = build_scheduler(cfg.lr_scheduler, self.optimizer)
+        self.lrs = LearningRates(self.optimizer, self.lr_scheduler, cfg.lr_scheduler_interval)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.signalled = SignalledModule(self.model)
         self.ddp = DistributedDataParallel(self.signalled, device_ids=device_ids)
@@ -183,30 +188,40 @@ class TrainLoop:
         self.train_sampler = ShardSampler(len(train_ds), self.rank, self.world_size, shuffle=True,
                                           seed=cfg.seed, pad=True)
         # private generators: creating an iterator must not draw from the global RNG (exact resume)
-        self.train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=self.train_sampler,
-                                       pin_memory=self.device.type == "cuda",
-                                       generator=torch.Generator().manual_seed(cfg.seed))
-        self.steps_per_epoch = math.ceil(self.train_sampler.shard_length() / cfg.batch_size)
+        self.train_loader = make_loader(train_ds, self.train_sampler, batch_size=cfg.batch_size, seed=cfg.seed,
+                                        workers=cfg.loader_workers, pin_memory=self.device.type == "cuda")
+        self.steps_per_pass = steps_per_epoch(math.ceil(self.train_sampler.shard_length() / cfg.batch_size),
+                                              cfg.accumulate_grad_batches)  # optimizer steps
+        self.steps_per_epoch = cfg.steps_per_epoch or self.steps_per_pass  # Keras's params["steps"]
         #: What this rank's positions mean: a resume must not change it (checked here and by the coordinator).
         self.layout = {"world_size": self.world_size, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                       "accumulate_grad_batches": cfg.accumulate_grad_batches, "steps_per_epoch": cfg.steps_per_epoch,
                        "samples": len(train_ds),
                        "parameters": {name: list(p.shape) for name, p in self.model.named_parameters()}}
         self.validation = Validation(val_ds, rank=self.rank, world_size=self.world_size,
                                      batch_size=cfg.val_batch_size or cfg.batch_size, seed=cfg.seed,
-                                     device=self.device, preemption=self.preemption, beat=self._beat)
+                                     device=self.device, preemption=self.preemption, beat=self._beat,
+                                     steps=cfg.validation_steps, workers=cfg.loader_workers,
+                                     pin_memory=self.device.type == "cuda")
         metric_fns = resolve_metrics(cfg.metrics)
         default = make_default_step(cfg.loss, metric_fns) if cfg.loss is not None else None
         self.train_step: Callable[..., Any] = cfg.train_step or default  # type: ignore[assignment]
         self.val_step: Callable[..., Any] = cfg.val_step or self.train_step
         self.components = rank_components(self.model, self.optimizer, snapshots=self.snapshots,
-                                          position=self.position, metric_sums=self.metric_sums, result=self.result)
+                                          position=self.position, metric_sums=self.metric_sums, result=self.result,
+                                          scaler=self.precision.scaler, lr_scheduler=self.lr_scheduler)
+        self.optim_step = OptimStep(ddp=self.ddp, model=self.model, signal=self.signalled.signal,
+                                    optimizer=self.optimizer, precision=self.precision, lrs=self.lrs,
+                                    sums=self.metric_sums, world_size=self.world_size,
+                                    clip_grad_norm=cfg.clip_grad_norm, preemption=self.preemption,
+                                    train_step=self.train_step, device=self.device)
         self.saver = RankSaver(self.components, self.rank, self.world_size, self.storage,
                                on_persisted=self.link.persisted)
         seed_everything(cfg.seed + 1000 * (self.rank + 1))  # per-rank streams (dropout, augmentation)
 
     # -- decisions -----------------------------------------------------------------------
     def learning_rate(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        return self.lrs.current()
 
     def apply(self, decisions: list[Decision]) -> bool:
         """Apply decisions in order; return True when one of them stops training."""
@@ -216,9 +231,8 @@ class TrainLoop:
                 stop = True
                 if d.reason == "preempted":  # after the emergency backup
                     self.result.preempted = True
-            elif isinstance(d, SetLearningRate):
-                for group in self.optimizer.param_groups:
-                    group["lr"] = float(d.value)
+            elif isinstance(d, SetLearningRate):  # with a schedule: rescales it (see LearningRates)
+                self.lrs.set(d.value)
             elif isinstance(d, SnapshotWeights):
                 self.snapshots.keep(d.key, self.model)
             elif isinstance(d, RestoreWeights):
@@ -233,8 +247,7 @@ class TrainLoop:
                 self.saver.flush()
                 self.saver.load(d.folder).apply()
                 if d.lr_factor:
-                    for group in self.optimizer.param_groups:
-                        group["lr"] *= d.lr_factor
+                    self.lrs.scale(d.lr_factor)
                 raise _RolledBack(d.folder)
         return stop
 
@@ -265,6 +278,7 @@ class TrainLoop:
             self._sync(ReportKind.TRAIN_END, max(epoch - 1, 0))
         finally:
             self.saver.flush()
+            shutdown_workers(self.train_loader, self.validation.loader)  # loader_workers' processes end here
         return self._finish()
 
     def _epoch(self, epoch: int, first_batch: int) -> tuple[bool, int, int]:
@@ -282,11 +296,13 @@ class TrainLoop:
         # Training goes on after this epoch unless a decision (the same on every rank) stopped it; a
         # stopping run finishes instead of honouring a preemption notice (its stop would not survive a resume).
         going_on = not stop and stopped_step is None
-        val, abandoned = self.validation.run(self.model, self.val_step, watch=going_on)
+        due = validation_due(epoch, self.config.validation_freq)  # Keras's validation_freq
+        val, abandoned = self.validation.run(self.model, self.val_step, watch=going_on) if due else (None, False)
         if abandoned:  # the position still says "epoch trained, not validated"
             self._preempt(epoch, self.position.batch)
             return True, epoch, first_batch
-        self.position.end_epoch(epoch, self.steps_per_epoch - 1)
+        self.lrs.end_epoch()  # an "epoch" schedule steps once the epoch is validated (its backup holds it)
+        self.position.end_epoch(epoch, self._window(epoch).steps - 1)
         self.result.epochs_run += 1  # before the sync: a backup decided there holds the finished epoch
         notice = going_on and epoch + 1 < self.epochs and self.preemption.is_set()
         if notice:
@@ -309,37 +325,19 @@ class TrainLoop:
     def _train_epoch(self, epoch: int, first_batch: int = 0) -> int | None:
         """Run one epoch from ``first_batch``; return the step at which a decision stopped training."""
         self.ddp.train()
-        self.train_sampler.set_epoch(epoch, start=first_batch * self.config.batch_size)
-        cfg = self.config
+        k = self.config.accumulate_grad_batches  # a step is an optimizer step of k micro-batches
+        window, samples = self._window(epoch), self.config.batch_size * k  # samples per step
+        self.train_sampler.set_epoch(window.data_pass, start=(window.first + first_batch) * samples,
+                                     stop=(window.first + window.steps) * samples)
         sums = self.metric_sums
-        signal = self.signalled.signal
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for step, batch in enumerate(self.train_loader, start=first_batch):
+        for step, micro_batches in micro_batch_groups(self.train_loader, first_batch, k):
             if (epoch, step) in self.skip:  # produced a non-finite loss before a rollback
                 self.position.advance(epoch, step)
                 continue
-            batch = move_to(batch, self.device)
-            loss, metrics, n = split_output(self.train_step(self.ddp, batch), batch)
-            detached = loss.detach()
-            weighted_loss = sums.train.add(detached, metrics, n)
-            notice = 1.0 if self.preemption.is_set() else 0.0
-            values = torch.cat([torch.stack([(~torch.isfinite(detached)).to(signal.dtype), weighted_loss.to(signal.dtype)]),
-                                torch.tensor([float(n), notice], dtype=signal.dtype, device=signal.device)])
-            (loss + (signal * values).sum()).backward()
-            # DDP averaged the gradients: the same on every rank, and so is this verdict on them
-            bad_grads = nonfinite_flag([p.grad for p in params], signal.device).to(signal.dtype).reshape(1)
-            nonfinite, loss_sum, n_sum, preempted, bad_grads = torch.cat(
-                [signal.grad * self.world_size, bad_grads]).tolist()  # the step's one device sync
-            signal.grad = None
-            nonfinite = nonfinite + bad_grads  # a non-finite gradient under a finite loss counts as a non-finite loss
+            signals = self.optim_step.run(micro_batches)
+            nonfinite, loss_sum, n_sum, preempted = signals.nonfinite, signals.loss_sum, signals.count, signals.preempted
             self.result.steps_run += 1
-            if nonfinite > 0:
-                self.optimizer.zero_grad(set_to_none=True)  # never apply a non-finite update
-            else:
-                if cfg.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            self.result.scaler_skips += int(signals.scaler_skipped)
             self.position.advance(epoch, step)
             sums.see(loss_sum, n_sum)
             self._maybe_progress(epoch, step, sums.running_loss())
@@ -353,6 +351,10 @@ class TrainLoop:
                 if self._sync(ReportKind.BATCH_END, epoch, step, train=sums.train.phase_sums(), nonfinite=nonfinite > 0):
                     return step
         return None
+
+    def _window(self, epoch: int) -> Window:
+        """The steps of the data that ``epoch`` trains on (``steps_per_epoch``: see :func:`epoch_window`)."""
+        return epoch_window(epoch, self.steps_per_pass, self.config.steps_per_epoch)
 
     def _maybe_progress(self, epoch: int, step: int, running_loss: float) -> None:
         """Rank 0 sends the cluster-wide running loss; every rank a heartbeat (time-gated, fire and forget)."""

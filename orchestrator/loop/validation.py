@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from orchestrator.core.metrics import PhaseSums
-from orchestrator.loop.data import ShardSampler
+from orchestrator.loop.data import ShardSampler, make_loader
 from orchestrator.loop.rank_state import Accumulator
 from orchestrator.loop.state_io import capture_rng, restore_rng
 from orchestrator.loop.steps import move_to, split_output
@@ -38,6 +38,10 @@ class Validation:
         device: Where the model lives.
         preemption: Set (from another thread) when a preemption notice arrives.
         beat: Called once per round: the loop's time-gated heartbeat.
+        steps: At most this many batches per rank (its shard's first ones, as Keras's
+            ``validation_steps``). Defaults to ``None``: the whole shard.
+        workers: DataLoader worker processes (see :func:`~orchestrator.loop.data.make_loader`). Defaults to ``0``.
+        pin_memory: Pin the batches (GPU). Defaults to ``False``.
 
     Attributes:
         loader: The shard's loader, or ``None`` without validation data.
@@ -46,18 +50,22 @@ class Validation:
     """
 
     def __init__(self, dataset: Any, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 device: torch.device, preemption: threading.Event, beat: Callable[[], None]) -> None:
+                 device: torch.device, preemption: threading.Event, beat: Callable[[], None],
+                 steps: int | None = None, workers: int = 0, pin_memory: bool = False) -> None:
         self.device = device
         self.preemption = preemption
         self.beat = beat
         self.loader: DataLoader | None = None
         self.rounds = 0
         if dataset is not None and len(dataset) > 0:
-            sampler = ShardSampler(len(dataset), rank, world_size, shuffle=False, pad=False)
-            # a private generator: creating an iterator must not draw from the global RNG (exact resume)
-            self.loader = DataLoader(dataset, batch_size=batch_size,
-                                     sampler=sampler, generator=torch.Generator().manual_seed(seed))
+            sampler = ShardSampler(len(dataset), rank, world_size, shuffle=False, seed=seed, pad=False)
+            if steps is not None:  # the same first batches at every validation (the same count on every rank)
+                sampler.set_epoch(0, stop=steps * batch_size)
+            self.loader = make_loader(dataset, sampler, batch_size=batch_size, seed=seed, workers=workers,
+                                      pin_memory=pin_memory, salt=1)
             self.rounds = math.ceil(sampler.longest_shard_length() / batch_size)
+            if steps is not None:
+                self.rounds = min(self.rounds, steps)
 
     def run(self, model: torch.nn.Module, step: Callable[..., Any], *,
             watch: bool) -> tuple[PhaseSums | None, bool]:

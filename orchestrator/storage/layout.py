@@ -1,7 +1,7 @@
 """What a backup's position means, and the check that a resume does not change it.
 
 A backup's position (epoch, batch, sampler offsets) only means the same samples when the run is
-resumed with the same world size, batch size, seed, training-set length and model. The
+resumed with the same world size, batch size, seed, steps_per_epoch, training-set length and model. The
 coordinator records these (the *layout*) in its state; the driver checks the config fields before
 any worker starts and the coordinator checks the rest when every rank has reported them.
 """
@@ -18,12 +18,15 @@ class ResumeMismatch(OrchestratorError):
 
 
 #: What a backup's position means, in the order they are checked; see :func:`check_layout`.
-LAYOUT_FIELDS = ("world_size", "batch_size", "seed", "samples", "parameters")
+LAYOUT_FIELDS = ("world_size", "batch_size", "seed", "steps_per_epoch", "accumulate_grad_batches", "samples",
+                 "parameters")
 
 _LAYOUT_HINTS = {
     "world_size": "Resume with num_workers={old}",
     "batch_size": "Resume with batch_size={old}",
     "seed": "Resume with seed={old}",
+    "steps_per_epoch": "Resume with steps_per_epoch={old}",
+    "accumulate_grad_batches": "Resume with accumulate_grad_batches={old}",
     "samples": "Resume with the same training data (data() returned {old} samples per rank)",
     "parameters": "Resume with the same model",
 }
