@@ -16,7 +16,9 @@ from orchestrator.control.specs import BackupPolicy, FaultPolicy, FitSpec
 from orchestrator.core.config import (
     LoopConfig, ScalingConfig, validate_epochs, validate_flag, validate_int, validate_seconds, validate_verbose)
 from orchestrator.core.metrics import metric_directions
+from orchestrator.loop.compiled import check_compile
 from orchestrator.loop.final_model import FINAL_MODEL, load_final_model, save_final_model
+from orchestrator.loop.optim_step import check_scheduler_factory
 from orchestrator.storage.fs import StorageSpec
 
 
@@ -44,6 +46,13 @@ def _inside_run(path: str) -> bool:
         and norm != ".." and not norm.startswith("../")
 
 
+def _describe_compile(value: Any) -> Any:
+    """``compile=`` for run.json: a callable backend by its name."""
+    if isinstance(value, Mapping):
+        return {k: getattr(v, "__qualname__", type(v).__name__) if callable(v) else v for k, v in value.items()}
+    return value
+
+
 def _check_picklable(name: str, value: Any) -> None:
     try:
         ray.cloudpickle.dumps(value)
@@ -61,7 +70,8 @@ class Trainer:
         model: ``() -> torch.nn.Module``, called on every worker.
         optimizer: ``(params) -> torch.optim.Optimizer``, called on every worker.
         loss: ``(outputs, targets) -> scalar tensor`` (the batch mean). Optional with ``train_step``.
-        data: ``() -> (train_dataset, val_dataset or None)``, map-style datasets, called on every worker.
+        data: ``() -> (train_dataset, val_dataset or None)``, map-style or iterable datasets (see
+            :mod:`orchestrator.loop.iterable`), called on every worker.
         metrics: Built-in names (``"accuracy"`` or ``"acc"``, ``"mse"``, ``"mae"``; see
             :data:`orchestrator.core.metrics.BUILTIN_METRICS`), logged under the name given, or
             ``{"name": fn(outputs, targets)}`` returning the batch mean. Defaults to none.
@@ -97,8 +107,9 @@ class Trainer:
             ``"16-mixed"`` adds a ``torch.amp.GradScaler``). Defaults to ``"32-true"``.
         accumulate_grad_batches: Micro-batches of ``batch_size`` per optimizer step (each micro-batch's
             loss is divided by the step's number of micro-batches). Defaults to ``1``.
-        lr_scheduler: ``(optimizer) -> torch.optim.lr_scheduler.LRScheduler``, built on every worker.
-            Defaults to ``None``.
+        lr_scheduler: ``(optimizer) -> torch.optim.lr_scheduler.LRScheduler``, built on every worker (and
+            once here on a dummy parameter: torch's ``ReduceLROnPlateau`` is refused, use
+            ``callbacks.ReduceLROnPlateau``). Defaults to ``None``.
         lr_scheduler_interval: ``"step"`` (every optimizer step) or ``"epoch"``. Defaults to ``"epoch"``.
         loader_workers: DataLoader worker processes per rank (persistent, 2 batches prefetched each,
             pinned memory on GPU); a sample's random draws depend only on the seed, the rank and its
@@ -108,6 +119,11 @@ class Trainer:
         validation_steps: Validation batches per rank each validation (the first ones). Defaults to ``None`` (all).
         validation_freq: Validate every ``n`` epochs, or after the listed 1-based epochs (``[1, 5, 10]``).
             Defaults to ``1``.
+        compile: Compile the model with ``torch.compile`` on every worker (in place: backups, checkpoints,
+            ``model.pt`` and ``History.model`` keep the plain module's keys). ``True``, or a dict of
+            ``torch.compile`` keyword arguments (``backend``, ``mode``, ``fullgraph``, ``dynamic``,
+            ``options``). The default backend needs a C++ compiler on CPU (Triton on GPU); without it
+            ``Trainer(...)`` raises naming what is missing. Defaults to ``False``.
 
     Example:
         >>> trainer = Trainer(model=build_model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
@@ -152,6 +168,7 @@ class Trainer:
         steps_per_epoch: int | None = None,
         validation_steps: int | None = None,
         validation_freq: int | list[int] = 1,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.loop = LoopConfig(model=model, optimizer=optimizer, data=data, loss=loss, metrics=metrics,
@@ -160,11 +177,15 @@ class Trainer:
                                accumulate_grad_batches=accumulate_grad_batches, lr_scheduler=lr_scheduler,
                                lr_scheduler_interval=lr_scheduler_interval, loader_workers=loader_workers,
                                steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
-                               validation_freq=validation_freq)
+                               validation_freq=validation_freq, compile=compile)
         self.scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources_per_worker,
                                      placement_strategy=placement_strategy,
                                      threads_per_worker=threads_per_worker)
+        try:  # what workers would only find out when they compile or build the schedule
+            check_compile(self.loop.compile, "cuda" if use_gpu else "cpu")
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from None
         self.storage = StorageSpec(url=storage, run_name=run_name, options=storage_options).check_shared()
         self.faults = FaultPolicy(max_failures=validate_int("max_failures", max_failures, 0),
                                   hang_timeout_s=validate_seconds("hang_timeout_s", hang_timeout_s),
@@ -178,6 +199,7 @@ class Trainer:
         backups = [cb for cb in self.callbacks if isinstance(cb, BackupAndRestore)]
         self.backup = backups[0] if backups else None
         self._check_picklable()
+        check_scheduler_factory(self.loop.optimizer, self.loop.lr_scheduler)
 
     @property
     def run_name(self) -> str:
@@ -185,7 +207,7 @@ class Trainer:
         return self.storage.run_name
 
     def _check_picklable(self) -> None:
-        for name in ("model", "optimizer", "loss", "data", "train_step", "val_step", "lr_scheduler"):
+        for name in ("model", "optimizer", "loss", "data", "train_step", "val_step", "lr_scheduler", "compile"):
             if getattr(self.loop, name) is not None:
                 _check_picklable(name, getattr(self.loop, name))
         for name, fn in self.loop.metrics.items():
@@ -287,6 +309,7 @@ class Trainer:
                 "lr_scheduler_interval": self.loop.lr_scheduler_interval,
                 "loader_workers": self.loop.loader_workers, "steps_per_epoch": self.loop.steps_per_epoch,
                 "validation_steps": self.loop.validation_steps, "validation_freq": self.loop.validation_freq,
+                "compile": _describe_compile(self.loop.compile),
                 "callbacks": [cb.name for cb in self.callbacks]}
 
     def _build_final_model(self, state_dict: Mapping[str, Any] | None) -> Any:

@@ -282,7 +282,8 @@ class CoordinatorCore:
             self._emit(EventType.NAN_DETECTED, epoch=first.epoch, step=first.step)
         decisions = self.callbacks.call("on_train_batch_end", first.step, dict(logs))
         self._emit(EventType.BATCH_END, epoch=first.epoch, step=first.step, logs=logs)
-        if not any(isinstance(d, StopTraining) for d in decisions) and first.step + 1 < first.steps_per_epoch \
+        more = first.steps_per_epoch is None or first.step + 1 < first.steps_per_epoch  # None: a stream's length
+        if not any(isinstance(d, StopTraining) for d in decisions) and more \
                 and self.callbacks.batch_sync_every() is not None:
             decisions += self.callbacks.call("on_train_batch_begin", first.step + 1, {})
         return self._record(decisions, first.epoch, first.step, poisoned=nonfinite)

@@ -33,7 +33,7 @@ from orchestrator.errors import OrchestratorError, TrainingFailedError
 from orchestrator.loop.specs import LoopResult
 from orchestrator.storage.checkpoint import latest_valid, read_coordinator_state, remove_all, remove_newer
 from orchestrator.storage.fs import RunStorage
-from orchestrator.storage.layout import check_layout
+from orchestrator.storage.layout import check_layout, option_layout
 from orchestrator.storage.lease import LeaseLost, Owner, RunLease
 from orchestrator.storage.run_files import (EventLog, bump_attempt, read_events, run_status, update_run_json,
                                             write_run_json)
@@ -79,7 +79,8 @@ def find_resume(fit: FitSpec, storage: RunStorage, events: EventLog) -> Resume:
     state = read_coordinator_state(storage, found.folder)
     check_layout(state.get("layout"), {"world_size": fit.scaling.num_workers, "batch_size": fit.loop.batch_size,
                                        "seed": fit.loop.seed, "steps_per_epoch": fit.loop.steps_per_epoch,
-                                       "accumulate_grad_batches": fit.loop.accumulate_grad_batches},
+                                       "accumulate_grad_batches": fit.loop.accumulate_grad_batches,
+                                       **option_layout(fit.loop)},
                  storage.url(found.folder))
     events.append(EventType.RESTORED, epoch=found.manifest.epoch, step=found.manifest.step, folder=found.folder,
                   phase=found.manifest.phase)

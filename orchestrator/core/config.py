@@ -19,6 +19,8 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 VERBOSE = ("auto", 0, 1, 2)
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 LR_SCHEDULER_INTERVALS = ("step", "epoch")
+#: The ``torch.compile`` keyword arguments ``compile={...}`` may pass.
+COMPILE_OPTIONS = ("backend", "mode", "fullgraph", "dynamic", "options")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -120,7 +122,7 @@ class LoopConfig:
         model: ``() -> torch.nn.Module``.
         optimizer: ``(params) -> torch.optim.Optimizer``.
         loss: ``(outputs, targets) -> scalar tensor`` (batch mean); unused with ``train_step``.
-        data: ``() -> (train_dataset, val_dataset or None)``, map-style datasets. Required.
+        data: ``() -> (train_dataset, val_dataset or None)``, map-style or iterable datasets. Required.
         metrics: Built-in names (``["accuracy"]``) or ``name -> built-in name or fn(outputs, targets)``,
             stored as :func:`~orchestrator.core.metrics.normalise_metrics` returns it; names the logs
             already use (``loss``, ``val_*``, ...) are refused, see
@@ -142,6 +144,9 @@ class LoopConfig:
             :func:`~orchestrator.loop.data.epoch_window`). Defaults to ``None``: one pass over the shard.
         validation_steps: Validation batches per rank and validation. Defaults to ``None``: the whole shard.
         validation_freq: Validate every ``n`` epochs (an int), or after the listed 1-based epochs. Defaults to ``1``.
+        compile: Compile the model with ``torch.compile`` on every rank: ``True``, or a dict of its keyword
+            arguments (:data:`COMPILE_OPTIONS`, e.g. ``{"mode": "max-autotune"}`` or ``{"backend": "eager"}``);
+            see :func:`compile_options`. Defaults to ``False``.
 
     Example:
         >>> config = LoopConfig(model=build_model, optimizer=make_sgd, data=load_data,
@@ -170,6 +175,7 @@ class LoopConfig:
     steps_per_epoch: int | None = None
     validation_steps: int | None = None
     validation_freq: int | list[int] = 1
+    compile: bool | Mapping[str, Any] = False
 
     def __post_init__(self) -> None:
         _require(self.data is not None,
@@ -205,6 +211,28 @@ class LoopConfig:
             if getattr(self, name) is not None:
                 validate_int(name, getattr(self, name), 1, "batches per rank, or None")
         object.__setattr__(self, "validation_freq", validate_validation_freq(self.validation_freq))
+        compile_options(self.compile)  # validates
+
+
+def compile_options(value: Any) -> dict[str, Any] | None:
+    """The ``torch.compile`` keyword arguments of ``compile=`` (``{}`` for ``True``), or None when off.
+
+    Example:
+        >>> compile_options(True), compile_options(False), compile_options({"backend": "eager"})
+        ({}, None, {'backend': 'eager'})
+    """
+    if isinstance(value, bool):
+        return {} if value else None
+    _require(isinstance(value, Mapping) and all(isinstance(k, str) for k in value),
+             f"compile must be True, False or a dict of torch.compile keyword arguments, got {value!r}")
+    unknown = sorted(set(value) - set(COMPILE_OPTIONS))
+    _require(not unknown, f"compile: unknown torch.compile argument(s) {unknown}; use {list(COMPILE_OPTIONS)}")
+    backend = value.get("backend", "inductor")
+    _require(isinstance(backend, str) or callable(backend),
+             f"compile: backend must be a backend name or a callable, got {backend!r}")
+    _require(value.get("mode") is None or isinstance(value.get("mode"), str),
+             f"compile: mode must be a string or None, got {value.get('mode')!r}")
+    return dict(value)
 
 
 def validate_validation_freq(value: Any) -> int | list[int]:

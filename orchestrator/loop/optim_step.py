@@ -66,15 +66,48 @@ def build_scheduler(factory: Callable[[Any], Any] | None, optimizer: torch.optim
     if factory is None:
         return None
     scheduler = factory(optimizer)
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        raise TypeError("lr_scheduler must not be torch's ReduceLROnPlateau (it needs a metric): use "
-                        "orchestrator.callbacks.ReduceLROnPlateau, which composes with a running schedule")
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
-        raise TypeError(f"lr_scheduler must return a torch.optim.lr_scheduler.LRScheduler, got "
-                        f"{type(scheduler).__name__}")
-    if scheduler.optimizer is not optimizer:
-        raise TypeError("lr_scheduler must schedule the optimizer it is given")
+    refusal = _scheduler_refusal(scheduler, optimizer)
+    if refusal is not None:
+        raise TypeError(refusal)
     return scheduler
+
+
+def _scheduler_refusal(scheduler: Any, optimizer: torch.optim.Optimizer) -> str | None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return ("lr_scheduler must not be torch's ReduceLROnPlateau (it needs a metric): use "
+                "orchestrator.callbacks.ReduceLROnPlateau, which composes with a running schedule")
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        return f"lr_scheduler must return a torch.optim.lr_scheduler.LRScheduler, got {type(scheduler).__name__}"
+    if scheduler.optimizer is not optimizer:
+        return "lr_scheduler must schedule the optimizer it is given"
+    return None
+
+
+def check_scheduler_factory(optimizer_factory: Callable[[Any], Any], factory: Callable[[Any], Any] | None) -> None:
+    """Refuse, before any worker starts, an ``lr_scheduler`` factory that returns torch's ReduceLROnPlateau
+    or no LRScheduler: it is called on the user's optimizer built over one dummy parameter. A factory
+    that cannot run on that dummy (it needs the real model's parameter groups, ...) is left to the
+    rank's own check (:func:`build_scheduler`).
+
+    Example:
+        >>> check_scheduler_factory(lambda p: torch.optim.SGD(p, lr=0.1),
+        ...                         lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2))
+    """
+    if factory is None:
+        return
+    dummy = [torch.nn.Parameter(torch.zeros(1))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            optimizer = optimizer_factory(dummy)
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                return
+            scheduler = factory(optimizer)
+        except Exception:  # noqa: BLE001 - the dummy is not the real model: the rank checks again
+            return
+    refusal = _scheduler_refusal(scheduler, optimizer)
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 class LearningRates:
@@ -167,6 +200,7 @@ class StepSignals:
     count: float
     preempted: bool
     scaler_skipped: bool = False
+    out_of_data: bool = False  # some rank's stream has no batch after this step: the epoch ends here
 
 
 class OptimStep:
@@ -196,8 +230,9 @@ class OptimStep:
         self.train_step, self.device = train_step, device
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def run(self, batches: list[Any]) -> StepSignals:
-        """One optimizer step over ``batches`` (its micro-batches)."""
+    def run(self, batches: list[Any], out_of_data: bool = False) -> StepSignals:
+        """One optimizer step over ``batches`` (its micro-batches); ``out_of_data``: this rank has no
+        batch after them (an iterable's shard ran out), which rides the step's all-reduce."""
         signal, scaler, count = self.signal, self.precision.scaler, len(batches)
         for i, batch in enumerate(batches):
             with nullcontext() if i == count - 1 else self.ddp.no_sync():  # one all-reduce per step
@@ -212,11 +247,11 @@ class OptimStep:
                 notice = 1.0 if self.preemption.is_set() else 0.0
                 values = torch.cat([
                     torch.stack([(~torch.isfinite(detached)).to(signal.dtype), weighted_loss.to(signal.dtype)]),
-                    torch.tensor([float(n), notice], dtype=signal.dtype, device=signal.device)])
+                    torch.tensor([float(n), notice, float(out_of_data)], dtype=signal.dtype, device=signal.device)])
                 (self.precision.scale(loss.float() / count) + (signal * values).sum()).backward()
         # DDP averaged the gradients: the same on every rank, and so is this verdict on them
         bad_grads = nonfinite_flag([p.grad for p in self.params], signal.device).to(signal.dtype).reshape(1)
-        bad_loss, loss_sum, n_sum, preempted, bad = torch.cat(
+        bad_loss, loss_sum, n_sum, preempted, ended, bad = torch.cat(
             [signal.grad * self.world_size, bad_grads]).tolist()  # the step's one device sync
         signal.grad = None
         nonfinite = bad_loss > 0 or (bad > 0 and scaler is None)
@@ -237,7 +272,7 @@ class OptimStep:
             self.optimizer.zero_grad(set_to_none=True)
         self.lrs.end_step()
         return StepSignals(nonfinite=nonfinite, loss_sum=loss_sum, count=n_sum, preempted=preempted > 0,
-                           scaler_skipped=skipped)
+                           scaler_skipped=skipped, out_of_data=ended > 0)
 
 
 def steps_per_epoch(micro_batches: int, k: int) -> int:

@@ -23,6 +23,7 @@ from orchestrator.decisions import Backup, SaveModel
 from orchestrator.loop.rank_state import Component, Components, Position
 from orchestrator.loop.state_io import AsyncPersister, StagingArea, from_bytes, save_to
 from orchestrator.storage.checkpoint import COORDINATOR_FILE, SHARED_FILE, FileEntry, encode_state, rank_file, step_dir
+from orchestrator.storage.layout import OPTION_COMPONENTS, component_mismatch
 
 OnPersisted = Callable[[int, str, list[FileEntry] | None, dict[str, Any]], None]
 
@@ -142,11 +143,16 @@ class RankSaver:
         """Restore every component from a step folder except those that restore last; return those.
 
         Raises:
-            KeyError: the folder holds no state for one of the components.
+            ResumeMismatch: the folder holds a ``scaler`` or ``lr_scheduler`` the run has not, or the
+                reverse (``precision`` or ``lr_scheduler`` was switched).
+            KeyError: the folder holds no state for another of the components.
         """
         storage = self._storage()
         shared = from_bytes(storage.read_bytes(f"{folder}/{SHARED_FILE}"))
         mine = from_bytes(storage.read_bytes(f"{folder}/{rank_file(self.rank)}"))
+        for name in OPTION_COMPONENTS:  # before anything is loaded
+            if (name in self.components) != (name in shared):
+                raise component_mismatch(name, in_backup=name in shared, where=folder)
         pending = PendingRestore()
         for name, c in self.components.items():
             source, states = (SHARED_FILE, shared) if c.shared else (rank_file(self.rank), mine)

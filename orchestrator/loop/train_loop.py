@@ -1,7 +1,7 @@
 """The per-worker training loop: torch only, no Ray.
 
 Every rank runs :class:`TrainLoop`. Per step it does forward, backward and the optimizer step.
-The step's per-rank signals ``[non-finite loss flag, loss * n, n, preemption notice]`` ride the
+The step's per-rank signals ``[non-finite loss flag, loss * n, n, preemption notice, out of data]`` ride the
 step's own gradient all-reduce: they are the gradient of a small "signal" parameter (see
 :class:`SignalledModule`), so DDP averages them together with the model's gradients and no extra
 collective runs. The averaged gradients are identical on every rank, so every rank also checks
@@ -47,7 +47,9 @@ from orchestrator.decisions import (
     StopTraining,
 )
 from orchestrator.core.config import validation_due
+from orchestrator.loop.compiled import compile_model
 from orchestrator.loop.data import ShardSampler, Window, epoch_window, make_loader, shutdown_workers
+from orchestrator.loop.iterable import data_components, train_stream
 from orchestrator.loop.optim_step import (
     LearningRates, OptimStep, Precision, build_scheduler, micro_batch_groups, steps_per_epoch)
 from orchestrator.loop.rank_state import MetricSums, Position, Snapshots, rank_components
@@ -55,7 +57,7 @@ from orchestrator.loop.saver import PendingRestore, RankSaver
 from orchestrator.loop.specs import LoopResult, TrainSpec
 from orchestrator.loop.steps import make_default_step, resolve_metrics
 from orchestrator.loop.validation import Validation
-from orchestrator.storage.layout import check_layout
+from orchestrator.storage.layout import check_layout, option_layout
 
 
 class CoordinatorLink(Protocol):
@@ -87,7 +89,7 @@ class SignalledModule(torch.nn.Module):
     not given to the optimizer and not saved).
     """
 
-    SIZE = 4
+    SIZE = 5  # [non-finite loss, loss * n, n, preemption notice, out of data]
 
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__()
@@ -180,23 +182,28 @@ class TrainLoop:
         self.lr_scheduler = build_scheduler(cfg.lr_scheduler, self.optimizer)
         self.lrs = LearningRates(self.optimizer, self.lr_scheduler, cfg.lr_scheduler_interval)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
+        compile_model(self.model, cfg.compile, self.device)  # its forward, in place: plain state_dict keys
         self.signalled = SignalledModule(self.model)
         self.ddp = DistributedDataParallel(self.signalled, device_ids=device_ids)
         train_ds, val_ds = _as_datasets(cfg.data())
-        if train_ds is None or len(train_ds) == 0:
-            raise ValueError("data() returned an empty training dataset")
-        self.train_sampler = ShardSampler(len(train_ds), self.rank, self.world_size, shuffle=True,
-                                          seed=cfg.seed, pad=True)
-        # private generators: creating an iterator must not draw from the global RNG (exact resume)
-        self.train_loader = make_loader(train_ds, self.train_sampler, batch_size=cfg.batch_size, seed=cfg.seed,
-                                        workers=cfg.loader_workers, pin_memory=self.device.type == "cuda")
-        self.steps_per_pass = steps_per_epoch(math.ceil(self.train_sampler.shard_length() / cfg.batch_size),
-                                              cfg.accumulate_grad_batches)  # optimizer steps
-        self.steps_per_epoch = cfg.steps_per_epoch or self.steps_per_pass  # Keras's params["steps"]
+        self.stream = train_stream(train_ds, self.rank, self.world_size, cfg, self.device)  # iterables: see iterable.py
+        if self.stream is not None:
+            self.train_loader, self.steps_per_epoch = self.stream.loader, cfg.steps_per_epoch  # None: unknown (Keras)
+        else:
+            if train_ds is None or len(train_ds) == 0:
+                raise ValueError("data() returned an empty training dataset")
+            self.train_sampler = ShardSampler(len(train_ds), self.rank, self.world_size, shuffle=True,
+                                              seed=cfg.seed, pad=True)
+            # private generators: creating an iterator must not draw from the global RNG (exact resume)
+            self.train_loader = make_loader(train_ds, self.train_sampler, batch_size=cfg.batch_size, seed=cfg.seed,
+                                            workers=cfg.loader_workers, pin_memory=self.device.type == "cuda")
+            self.steps_per_pass = steps_per_epoch(math.ceil(self.train_sampler.shard_length() / cfg.batch_size),
+                                                  cfg.accumulate_grad_batches)  # optimizer steps
+            self.steps_per_epoch = cfg.steps_per_epoch or self.steps_per_pass  # Keras's params["steps"]
         #: What this rank's positions mean: a resume must not change it (checked here and by the coordinator).
         self.layout = {"world_size": self.world_size, "batch_size": cfg.batch_size, "seed": cfg.seed,
                        "accumulate_grad_batches": cfg.accumulate_grad_batches, "steps_per_epoch": cfg.steps_per_epoch,
-                       "samples": len(train_ds),
+                       "samples": "iterable" if self.stream is not None else len(train_ds),
                        "parameters": {name: list(p.shape) for name, p in self.model.named_parameters()}}
         self.validation = Validation(val_ds, rank=self.rank, world_size=self.world_size,
                                      batch_size=cfg.val_batch_size or cfg.batch_size, seed=cfg.seed,
@@ -207,9 +214,11 @@ class TrainLoop:
         default = make_default_step(cfg.loss, metric_fns) if cfg.loss is not None else None
         self.train_step: Callable[..., Any] = cfg.train_step or default  # type: ignore[assignment]
         self.val_step: Callable[..., Any] = cfg.val_step or self.train_step
+        self.layout.update(option_layout(cfg))  # which optional components (scaler, lr_scheduler) backups hold
         self.components = rank_components(self.model, self.optimizer, snapshots=self.snapshots,
                                           position=self.position, metric_sums=self.metric_sums, result=self.result,
                                           scaler=self.precision.scaler, lr_scheduler=self.lr_scheduler)
+        self.components.update(data_components(train_ds, self.stream))  # train_stream / train_data: their state
         self.optim_step = OptimStep(ddp=self.ddp, model=self.model, signal=self.signalled.signal,
                                     optimizer=self.optimizer, precision=self.precision, lrs=self.lrs,
                                     sums=self.metric_sums, world_size=self.world_size,
@@ -279,6 +288,8 @@ class TrainLoop:
         finally:
             self.saver.flush()
             shutdown_workers(self.train_loader, self.validation.loader)  # loader_workers' processes end here
+            if self.stream is not None:
+                self.stream.close()
         return self._finish()
 
     def _epoch(self, epoch: int, first_batch: int) -> tuple[bool, int, int]:
@@ -302,7 +313,8 @@ class TrainLoop:
             self._preempt(epoch, self.position.batch)
             return True, epoch, first_batch
         self.lrs.end_epoch()  # an "epoch" schedule steps once the epoch is validated (its backup holds it)
-        self.position.end_epoch(epoch, self._window(epoch).steps - 1)
+        last_step = self.position.batch if self.stream is not None else self._window(epoch).steps - 1
+        self.position.end_epoch(epoch, last_step)
         self.result.epochs_run += 1  # before the sync: a backup decided there holds the finished epoch
         notice = going_on and epoch + 1 < self.epochs and self.preemption.is_set()
         if notice:
@@ -326,15 +338,23 @@ class TrainLoop:
         """Run one epoch from ``first_batch``; return the step at which a decision stopped training."""
         self.ddp.train()
         k = self.config.accumulate_grad_batches  # a step is an optimizer step of k micro-batches
-        window, samples = self._window(epoch), self.config.batch_size * k  # samples per step
-        self.train_sampler.set_epoch(window.data_pass, start=(window.first + first_batch) * samples,
-                                     stop=(window.first + window.steps) * samples)
+        if self.stream is not None:  # (step, micro-batches, this rank's last): see iterable.TrainStream
+            groups = self.stream.steps(first_batch, k, self.config.steps_per_epoch)
+        else:
+            window, samples = self._window(epoch), self.config.batch_size * k  # samples per step
+            self.train_sampler.set_epoch(window.data_pass, start=(window.first + first_batch) * samples,
+                                         stop=(window.first + window.steps) * samples)
+            groups = ((step, group, False) for step, group in micro_batch_groups(self.train_loader, first_batch, k))
         sums = self.metric_sums
-        for step, micro_batches in micro_batch_groups(self.train_loader, first_batch, k):
+        for step, micro_batches, last in groups:
             if (epoch, step) in self.skip:  # produced a non-finite loss before a rollback
                 self.position.advance(epoch, step)
+                if self.stream is not None and self.stream.skipped(last):  # every rank ran out with it
+                    break
                 continue
-            signals = self.optim_step.run(micro_batches)
+            signals = self.optim_step.run(micro_batches, out_of_data=last)
+            if self.stream is not None:
+                self.stream.trained(signals.out_of_data)  # before any backup of this step
             nonfinite, loss_sum, n_sum, preempted = signals.nonfinite, signals.loss_sum, signals.count, signals.preempted
             self.result.steps_run += 1
             self.result.scaler_skips += int(signals.scaler_skipped)
@@ -350,6 +370,8 @@ class TrainLoop:
             if nonfinite > 0 or periodic:
                 if self._sync(ReportKind.BATCH_END, epoch, step, train=sums.train.phase_sums(), nonfinite=nonfinite > 0):
                     return step
+            if signals.out_of_data:  # some rank's shard ran out: every rank ends the epoch at this step
+                break
         return None
 
     def _window(self, epoch: int) -> Window:

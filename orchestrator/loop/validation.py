@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from orchestrator.core.metrics import PhaseSums
 from orchestrator.loop.data import ShardSampler, make_loader
+from orchestrator.loop.iterable import ValStream, is_iterable
 from orchestrator.loop.rank_state import Accumulator
 from orchestrator.loop.state_io import capture_rng, restore_rng
 from orchestrator.loop.steps import move_to, split_output
@@ -30,7 +31,8 @@ class Validation:
     """One rank's validation shard and the pass over it.
 
     Args:
-        dataset: The validation set (map-style), or ``None``; an empty one means no validation.
+        dataset: The validation set (map-style, or an iterable: see :mod:`~orchestrator.loop.iterable`),
+            or ``None``; an empty map-style one means no validation.
         rank: This rank.
         world_size: Number of ranks.
         batch_size: Per-rank validation batch size.
@@ -55,9 +57,12 @@ class Validation:
         self.device = device
         self.preemption = preemption
         self.beat = beat
-        self.loader: DataLoader | None = None
-        self.rounds = 0
-        if dataset is not None and len(dataset) > 0:
+        self.loader: DataLoader | ValStream | None = None
+        self.rounds: int | None = 0
+        if is_iterable(dataset):  # a stream: unpadded shards, rounds until every rank is done (None)
+            self.loader, self.rounds = ValStream(dataset, rank=rank, world_size=world_size, batch_size=batch_size,
+                                                 workers=workers, pin_memory=pin_memory, seed=seed, steps=steps), None
+        elif dataset is not None and len(dataset) > 0:
             sampler = ShardSampler(len(dataset), rank, world_size, shuffle=False, seed=seed, pad=False)
             if steps is not None:  # the same first batches at every validation (the same count on every rank)
                 sampler.set_epoch(0, stop=steps * batch_size)
@@ -87,6 +92,8 @@ class Validation:
         model.eval()
         sums = Accumulator()
         batches: Any = iter(self.loader)
+        if self.rounds is None:  # a stream: each round also says whether this rank still has a batch
+            return self._run_stream(model, step, sums, batches, watch)
         notice = torch.zeros(1, device=self.device) if watch else None
         before = capture_rng() if watch else None
         try:
@@ -109,6 +116,39 @@ class Validation:
                         if notice.item() > 0:
                             restore_rng(before)
                             return None, True
+        finally:
+            model.train()
+        return sums.phase_sums(), False
+
+    def _run_stream(self, model: torch.nn.Module, step: Callable[..., Any], sums: Accumulator, batches: Any,
+                    watch: bool) -> tuple[PhaseSums | None, bool]:
+        """:meth:`run` over an iterable's shard, whose length no rank knows: with ``watch``, each round
+        all-reduces ``[notice, has a batch]`` and the rounds go on while some rank has a batch."""
+        before = capture_rng() if watch else None
+        flags = torch.zeros(2, device=self.device)
+        try:
+            with torch.no_grad():
+                while True:
+                    batch = next(batches, None) if batches is not None else None
+                    if batch is None:
+                        batches = None
+                    if watch:
+                        flags[0], flags[1] = (1.0 if self.preemption.is_set() else 0.0), float(batch is not None)
+                        pending = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+                    elif batch is None:
+                        break
+                    if batch is not None:
+                        batch = move_to(batch, self.device)
+                        loss, metrics, n = split_output(step(model, batch), batch)
+                        sums.add(loss.detach(), metrics, n)
+                    self.beat()
+                    if watch:
+                        pending.wait()
+                        if flags[0].item() > 0:
+                            restore_rng(before)
+                            return None, True
+                        if flags[1].item() == 0:
+                            break
         finally:
             model.train()
         return sums.phase_sums(), False

@@ -4,6 +4,10 @@ A backup's position (epoch, batch, sampler offsets) only means the same samples 
 resumed with the same world size, batch size, seed, steps_per_epoch, training-set length and model. The
 coordinator records these (the *layout*) in its state; the driver checks the config fields before
 any worker starts and the coordinator checks the rest when every rank has reported them.
+
+The layout also records the options that decide which components a backup holds: a precision with a
+GradScaler (``"16-mixed"``: the ``scaler`` component) or not, and an ``lr_scheduler`` or none (the
+``lr_scheduler`` component). A resume cannot switch them (``"32-true"`` <-> ``"bf16-mixed"`` is fine).
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ class ResumeMismatch(OrchestratorError):
 
 
 #: What a backup's position means, in the order they are checked; see :func:`check_layout`.
-LAYOUT_FIELDS = ("world_size", "batch_size", "seed", "steps_per_epoch", "accumulate_grad_batches", "samples",
-                 "parameters")
+LAYOUT_FIELDS = ("world_size", "batch_size", "seed", "steps_per_epoch", "accumulate_grad_batches", "precision",
+                 "lr_scheduler", "samples", "parameters")
+
+#: The precision whose backups hold a GradScaler's state (the ``scaler`` component).
+SCALED_PRECISION = "16-mixed"
 
 _LAYOUT_HINTS = {
     "world_size": "Resume with num_workers={old}",
@@ -30,6 +37,56 @@ _LAYOUT_HINTS = {
     "samples": "Resume with the same training data (data() returned {old} samples per rank)",
     "parameters": "Resume with the same model",
 }
+
+
+def option_layout(loop: Any) -> dict[str, Any]:
+    """The layout fields a loop configuration decides: which optional components its backups hold.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> option_layout(SimpleNamespace(precision="bf16-mixed", lr_scheduler=None))
+        {'precision': 'bf16-mixed', 'lr_scheduler': False}
+    """
+    return {"precision": loop.precision, "lr_scheduler": loop.lr_scheduler is not None}
+
+
+def option_mismatch(name: str, old: Any, new: Any, where: str) -> ResumeMismatch:
+    """The error for a resume that switches ``precision`` to or from ``"16-mixed"``, or adds or removes
+    an ``lr_scheduler`` (``old``/``new``: the precision names, or whether a scheduler is set)."""
+    if name == "precision":
+        scaled = old == SCALED_PRECISION
+        resume_with = repr(SCALED_PRECISION) if scaled else "'32-true' or 'bf16-mixed'"
+        return ResumeMismatch(
+            f"cannot resume from {where}: precision was {old!r} when it was written and is {new!r} now; only "
+            f"{SCALED_PRECISION!r} keeps a GradScaler, whose state {'is' if scaled else 'is not'} in the backup. "
+            f"Resume with precision={resume_with}, or start a new run (another run_name)")
+    state = "set" if old else "None"
+    return ResumeMismatch(
+        f"cannot resume from {where}: lr_scheduler was {state} when it was written and is "
+        f"{'set' if new else 'None'} now; the schedule's state (its step count and base rates) "
+        f"{'is' if old else 'is not'} in the backup. Resume with "
+        f"{'the same lr_scheduler=' if old else 'lr_scheduler=None'}, or start a new run (another run_name)")
+
+
+#: The optional components of a backup and the option that adds them.
+OPTION_COMPONENTS = {"scaler": "precision", "lr_scheduler": "lr_scheduler"}
+
+
+def component_mismatch(component: str, in_backup: bool, where: str) -> ResumeMismatch:
+    """The error for a backup that holds (``in_backup``) or lacks an optional component the run lacks or
+    has: what a backup whose layout predates the ``precision``/``lr_scheduler`` fields can only say so."""
+    if component == "scaler":
+        then, now, resume_with = ((f"precision={SCALED_PRECISION!r}", f"precision is not {SCALED_PRECISION!r}",
+                                   f"precision={SCALED_PRECISION!r}") if in_backup else
+                                  (f"a precision other than {SCALED_PRECISION!r}", f"precision is {SCALED_PRECISION!r}",
+                                   "precision='32-true' or 'bf16-mixed'"))
+        held = "a GradScaler's state" if in_backup else "no GradScaler state"
+    else:
+        then, now, resume_with = (("an lr_scheduler", "lr_scheduler is None", "the same lr_scheduler=") if in_backup
+                                  else ("no lr_scheduler", "lr_scheduler is set", "lr_scheduler=None"))
+        held = "a schedule's state" if in_backup else "no schedule state"
+    return ResumeMismatch(f"cannot resume from {where}: it was written with {then} (it holds {held}) and {now} now. "
+                          f"Resume with {resume_with}, or start a new run (another run_name)")
 
 
 def check_layout(recorded: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
@@ -58,8 +115,14 @@ def check_layout(recorded: dict[str, Any] | None, current: dict[str, Any], where
             old, new = _shape_change(old, new)
             if old is None:
                 continue
+        elif name == "precision":
+            if (old == SCALED_PRECISION) == (new == SCALED_PRECISION):
+                continue
+            raise option_mismatch(name, old, new, where)
         elif old == new:
             continue
+        elif name == "lr_scheduler":
+            raise option_mismatch(name, old, new, where)
         raise ResumeMismatch(
             f"cannot resume from {where}: {name} was {old} when it was written and is {new} now; the position "
             f"it holds would mean other samples. {_LAYOUT_HINTS[name].format(old=old)}, or start a new run "
