@@ -103,6 +103,11 @@ class Trainer:
         warm_standbys: With ``max_failures > 0`` on CPU workers, keep one idle standby process per
             worker (torch imported, no resources of its own, in the worker's placement bundle) so
             that a restart after a failure skips the cold start. Defaults to ``True``.
+        reuse_workers: After a fit that finished, keep its idle CPU workers (torch imported) for up to
+            a minute, so that the next fit of the same shape in this driver starts without new
+            processes (about 4 s less on 2 cores). Only on a Ray cluster the driver did not start
+            (``fit`` shuts down a Ray it started itself). Pass ``False`` when you edit a module of
+            your code between two fits in one driver. Defaults to ``True``.
         precision: ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"`` (autocast on the model's device;
             ``"16-mixed"`` adds a ``torch.amp.GradScaler``). Defaults to ``"32-true"``.
         accumulate_grad_batches: Micro-batches of ``batch_size`` per optimizer step (each micro-batch's
@@ -160,6 +165,7 @@ class Trainer:
         preemption_grace_s: float = 120.0,
         placement_timeout_s: float = 600.0,
         warm_standbys: bool = True,
+        reuse_workers: bool = True,
         precision: str = "32-true",
         accumulate_grad_batches: int = 1,
         lr_scheduler: Callable[[Any], Any] | None = None,
@@ -181,7 +187,7 @@ class Trainer:
         self.scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources_per_worker,
                                      placement_strategy=placement_strategy,
-                                     threads_per_worker=threads_per_worker)
+                                     threads_per_worker=threads_per_worker, reuse_workers=reuse_workers)
         try:  # what workers would only find out when they compile or build the schedule
             check_compile(self.loop.compile, "cuda" if use_gpu else "cpu")
         except RuntimeError as exc:

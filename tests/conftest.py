@@ -29,19 +29,29 @@ def ray_session():
 
 
 def _alive_actors(ray) -> list:
+    """Alive actors but the idle workers a finished fit parked for the next one (WorkerGroup.park)."""
     from ray._private import state  # the GCS actor table; the state API would need the dashboard
 
-    return [a["ActorClassName"] for a in state.actors().values() if a["State"] != "DEAD"]
+    from orchestrator.cluster.worker_group import parked_ids
+
+    kept = parked_ids()[1]
+    return [a["ActorClassName"] for actor_id, a in state.actors().items()
+            if a["State"] != "DEAD" and actor_id not in kept]
 
 
 def _live_placement_groups(ray) -> list:
+    """Live placement groups but the one a finished fit parked for the next one."""
+    from orchestrator.cluster.worker_group import parked_ids
+
+    kept = parked_ids()[0]
     table = ray.util.placement_group_table()
-    return [pg for pg in table.values() if pg["state"] not in ("REMOVED",)]
+    return [pg for pg_id, pg in table.items() if pg["state"] not in ("REMOVED",) and pg_id not in kept]
 
 
 @pytest.fixture
 def ray_cluster(ray_session):
-    """The shared Ray instance; after the test no actor or placement group may be left (waits up to 30 s)."""
+    """The shared Ray instance; after the test no actor or placement group may be left (waits up to 30 s),
+    but the group a finished fit parked for the next fit (its workers, idle, and their placement group)."""
     yield ray_session
     deadline = time.monotonic() + 30
     while (_live_placement_groups(ray_session) or _alive_actors(ray_session)) and time.monotonic() < deadline:

@@ -375,7 +375,8 @@ class RayFreeGroup:
 
     def __init__(self, log: list[str]) -> None:
         self.log = log
-        self.promoted = True  # skips the shared-storage check
+        self.promoted = True  # with storage_checked: skips the shared-storage check
+        self.storage_checked = True
         self.workers: list[Any] = []
 
     def coordinator(self, spec: Any) -> tuple[str, str]:

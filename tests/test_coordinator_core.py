@@ -569,3 +569,11 @@ def test_the_barrier_raises_the_handlers_error_on_every_rank():
                                     return_exceptions=True)
 
     assert [str(e) for e in asyncio.run(main())] == ["handler broke", "handler broke"]
+
+
+def test_a_sealed_core_commits_nothing_more_so_every_commit_has_its_event(storage):
+    core = make_core([Recorder()], storage=storage)
+    write = decide_backup(core, 4).write
+    core.seal()  # the attempt is ending: its last events are being drained
+    persist_from_every_rank(core, storage, step=4, write=write)
+    assert latest_valid(storage, "backup") is None and events_of(core, EventType.BACKUP_COMMITTED) == []

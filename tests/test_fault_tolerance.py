@@ -59,7 +59,8 @@ def test_a_worker_failure_mid_epoch_restarts_the_group_and_ends_bit_identical(ra
     flag.write_text("x")
     # epoch 1, batch 4 (7 steps per epoch); with standbys, once they are up (2 workers + 2 standbys)
     step = workloads.faulty_step(action, 1, 11, str(flag), wait_for_workers=4 if warm else 0)
-    resumed = make(tmp_path, "faulty", step, warm_standbys=warm).fit(epochs=3, verbose=0)
+    # a cold first attempt (no workers parked by an earlier fit), so that "warm" speaks of the restart only
+    resumed = make(tmp_path, "faulty", step, warm_standbys=warm, reuse_workers=False).fit(epochs=3, verbose=0)
     assert_same_run(reference, resumed)
     events = events_of(tmp_path, "faulty")
     started = [e for e in events if e["type"] == "started"]

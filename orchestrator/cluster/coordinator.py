@@ -165,6 +165,10 @@ class Coordinator:
         ages = {rank: 0.0 if rank in waiting else now - beat for rank, beat in dict(self._beats).items()}
         return CoordinatorPoll(_take_events(self._core()), ages, self._busy(now))
 
+    async def seal(self) -> None:
+        """Commit nothing more (the attempt is ending): once this returns, every commit has its event."""
+        await asyncio.wrap_future(self._submit("seal", self._core().seal))
+
     async def callback_states(self) -> list[dict[str, Any]]:
         return await asyncio.wrap_future(self._submit("callback_states", self._core().callbacks.state_dict))
 

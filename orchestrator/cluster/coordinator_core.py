@@ -88,6 +88,7 @@ class CoordinatorCore:
         self._failed: set[str] = set()
         self._writes: dict[str, int] = {}  # folder -> the number of its save in flight (not yet committed)
         self._write_count = 0
+        self.sealed = False
         self._handlers: dict[ReportKind, Callable[[Report, Reports], list[Decision]]] = {
             ReportKind.TRAIN_BEGIN: self._on_train_begin,
             ReportKind.EPOCH_BEGIN: self._on_epoch_begin,
@@ -332,11 +333,12 @@ class CoordinatorCore:
         """Record one rank's durable files; commit the step once every rank's are in (in any order).
 
         ``entries`` is None when the rank could not write its files: that save is never committed.
+        After :meth:`seal` nothing is recorded or committed any more.
         A report of another save than the one in flight for ``folder`` (an earlier save of a
         folder written again after a rollback, or one abandoned by a rollback) is ignored.
         """
         write = meta.get("write")
-        if folder not in self._writes or (write is not None and write != self._writes[folder]):
+        if self.sealed or folder not in self._writes or (write is not None and write != self._writes[folder]):
             return
         if entries is None:
             self._emit(EventType.BACKUP_FAILED, rank=rank, folder=folder, step=meta.get("step"),
@@ -364,6 +366,10 @@ class CoordinatorCore:
             if self._still_owner(folder) else []
         self._emit(EventType.BACKUP_COMMITTED, epoch=manifest.epoch, step=manifest.step, folder=folder,
                    bytes=sum(f.size for f in files), purged=removed)
+
+    def seal(self) -> None:
+        """The attempt is ending: commit nothing more, so that every commit made has its event drained."""
+        self.sealed = True
 
     def _still_owner(self, folder: str) -> bool:
         """Whether this attempt still holds the run lease; if not, it stops (the error goes to the driver)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import ray
@@ -20,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 #: The driver's timeout for a call an actor answers at once (a port, its node, its state).
 CALL_TIMEOUT_S = 60.0
+
+#: How long a group parked after a fit waits for the next fit of the same shape before it is released.
+PARK_IDLE_S = 60.0
 
 
 def get_within(refs: Any, timeout_s: float, what: str) -> Any:
@@ -48,9 +52,17 @@ class WorkerGroup:
     next :meth:`start` promotes the standbys instead of cold-starting processes. Anything that
     makes that unsafe (a lost standby, a bundle being rescheduled) falls back to a fresh start.
 
-    One owner (the controller) creates it once per ``fit`` and alone calls :meth:`shutdown`;
-    each attempt starts and stops its workers, and :meth:`release` gives the placement back
-    when it must be placed anew (nodes being drained).
+    One owner (the controller) creates it once per ``fit`` (:meth:`for_fit`) and alone calls
+    :meth:`shutdown` or :meth:`park`; each attempt starts and stops its workers, and
+    :meth:`release` gives the placement back when it must be placed anew (nodes being drained).
+
+    **Across fits** (CPU groups, ``reuse_workers``): a fit that finished :meth:`park` s its group —
+    the placement group and the idle workers, torch and the loop already imported — and the next
+    fit of the same shape in this driver takes it over (:meth:`for_fit`) instead of starting
+    processes and importing torch again (about 4 s a fit on 2 cores). A parked group holds its
+    placement group's resources for at most :data:`PARK_IDLE_S` seconds, and is released at once
+    when a fit of another shape needs the cluster. The workers run user code of the earlier fit:
+    a module edited between two fits in one driver needs ``reuse_workers=False`` (or a new driver).
 
     Args:
         scaling: Number of workers, GPUs, resources and placement strategy.
@@ -80,6 +92,22 @@ class WorkerGroup:
         self.spare_coordinator: Any = None
         self.promoted = False  # whether the running workers are promoted standbys
         self.closed = False
+        self.storage_checked = False  # whether this fit checked its storage is visible from the workers' nodes
+
+    @classmethod
+    def for_fit(cls, scaling: ScalingConfig, placement_timeout_s: float = 120.0,
+                warm_standbys: bool = False) -> "WorkerGroup":
+        """The group the previous fit of this driver parked, when it has this shape (and
+        ``scaling.reuse_workers``); else a new group, after the parked one gave its resources back."""
+        parked = _take_parked()
+        if parked is not None:
+            if parked.scaling == scaling and scaling.reuse_workers:
+                parked.placement_timeout_s = placement_timeout_s
+                parked.warm_standbys = warm_standbys and not scaling.use_gpu
+                parked.closed, parked.storage_checked = False, False
+                return parked
+            parked.release()  # another shape: give its resources back before placing this one
+        return cls(scaling, placement_timeout_s, warm_standbys)
 
     def start(self) -> list[dict[str, Any]]:
         """Start the workers (standbys promoted when ready, else fresh); return each rank's node info.
@@ -170,6 +198,23 @@ class WorkerGroup:
         _kill(self.workers)
         self.workers = []
 
+    def retire_workers(self) -> None:
+        """After an attempt that ended normally: its idle, warm workers become the standbys (in
+        their own bundles), for a later :meth:`start` of this group; the previous standbys go."""
+        _kill(self.standbys)
+        self.standbys, self.workers = self.workers, []
+
+    def park(self, idle_s: float = PARK_IDLE_S) -> None:
+        """Keep the placement group and the idle warm workers for the next fit of this driver (at
+        most ``idle_s`` seconds), or shut down when there is nothing to keep; never raises."""
+        _kill(self.workers + [c for c in (self.spare_coordinator,) if c is not None])
+        self.workers, self.spare_coordinator = [], None
+        if self.scaling.use_gpu or self.pg is None or len(self.standbys) != self.scaling.num_workers:
+            self.shutdown()
+            return
+        self.closed = True  # until a fit takes it over
+        _park(self, idle_s)
+
     def shutdown(self) -> None:
         """End the group: release everything, and refuse any later :meth:`start`; never raises."""
         self.closed = True
@@ -188,6 +233,75 @@ class WorkerGroup:
             except Exception as exc:
                 logger.warning("could not remove placement group: %s", exc)
             self.pg = None
+
+
+class _ParkingSlot:
+    """The one group a driver keeps between fits, with the Ray job it belongs to and its release timer."""
+
+    lock = threading.Lock()
+    group: WorkerGroup | None = None
+    job: str | None = None
+    timer: threading.Timer | None = None
+
+
+def _job_id() -> str | None:
+    try:
+        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - no Ray: nothing to reuse
+        return None
+
+
+def _park(group: WorkerGroup, idle_s: float) -> None:
+    with _ParkingSlot.lock:
+        previous, _ParkingSlot.group, _ParkingSlot.job = _ParkingSlot.group, group, _job_id()
+        if _ParkingSlot.timer is not None:
+            _ParkingSlot.timer.cancel()
+        timer = threading.Timer(idle_s, _release_parked, args=(group,))
+        timer.daemon = True
+        _ParkingSlot.timer = timer
+        timer.start()
+    if previous is not None and previous is not group:
+        previous.release()
+
+
+def _take_parked() -> WorkerGroup | None:
+    """The parked group of this Ray job (a group of an earlier Ray session is dropped), or None."""
+    with _ParkingSlot.lock:
+        group, job = _ParkingSlot.group, _ParkingSlot.job
+        _ParkingSlot.group, _ParkingSlot.job = None, None
+        if _ParkingSlot.timer is not None:
+            _ParkingSlot.timer.cancel()
+            _ParkingSlot.timer = None
+    if group is None or job is None or job != _job_id():
+        return None
+    return group
+
+
+def _release_parked(group: WorkerGroup) -> None:
+    """The timer's end: release the group if it is still the one parked."""
+    with _ParkingSlot.lock:
+        if _ParkingSlot.group is not group:
+            return
+        _ParkingSlot.group, _ParkingSlot.job, _ParkingSlot.timer = None, None, None
+    group.release()
+
+
+def parked_ids() -> tuple[set[str], set[str]]:
+    """(placement group ids, actor ids), hex, of the group parked for the next fit: what a leak check
+    may find alive on purpose."""
+    with _ParkingSlot.lock:
+        group = _ParkingSlot.group
+        if group is None:
+            return set(), set()
+        pgs = {group.pg.id.hex()} if group.pg is not None else set()
+        return pgs, {a._actor_id.hex() for a in group.standbys}
+
+
+def release_parked() -> None:
+    """Release the group parked by the last fit now (e.g. before other work needs the cluster); never raises."""
+    group = _take_parked()
+    if group is not None:
+        group.release()
 
 
 def _kill(actors: list[Any]) -> None:

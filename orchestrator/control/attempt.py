@@ -99,8 +99,9 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
             get_within(ready, setup_timeout_s, "the coordinator (setup)")
         relay.where = relay.call("info")
         drain.nodes = {i["node_id"] for i in infos} | {relay.where["node_id"]}
-        if not group.promoted:  # promoted standbys sit where the checked workers were
+        if not group.promoted or not group.storage_checked:  # promoted standbys sit where checked workers were
             _check_storage_visible(group, fit.storage, attempt.storage, infos)
+            group.storage_checked = True
         events.append(EventType.STARTED, world_size=fit.scaling.num_workers, nodes=sorted({i["node"] for i in infos}),
                       node_ids=[i["node_id"] for i in infos], resumed_from=resume.folder, warm=group.promoted)
         refs = group.run(fit.train_spec(resume), coordinator)
@@ -117,6 +118,8 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
         if drain.draining and not attempt.preempt.is_set() and any(r.preempted for r in results):
             raise NodesDrained(sorted(drain.draining), step=max(r.steps_run for r in results))
         outcome.callback_states = relay.call("callback_states")
+        if not any(r.preempted for r in results):
+            group.retire_workers()  # idle and warm: standbys for the next fit of this driver (WorkerGroup.park)
         return results
     except NodesDrained:
         group.release()  # its placement group has bundles on the draining nodes

@@ -132,6 +132,7 @@ class Controller:
         self.events: EventLog | None = None  # the current attempt's
         self.lease: RunLease | None = None  # held from Starting to close()
         self._started_ray = False
+        self._owns_group = False
 
     def step(self) -> ControllerState:
         """Leave the current state; return (and hold) the next one. What ends training ends in ``Failed``.
@@ -157,7 +158,10 @@ class Controller:
         """Shut the worker group down, and Ray when this controller started it; never raises."""
         logger.debug("controller ended in state %s", type(self.state).__name__)
         if self.group is not None:
-            self.group.shutdown()
+            if self._reusable():
+                self.group.park()  # its warm workers start the next fit of this driver
+            else:
+                self.group.shutdown()
         if self._started_ray:
             self._started_ray = False
             ray.shutdown()
@@ -168,6 +172,11 @@ class Controller:
                 lease.release()
             except Exception as exc:  # it expires on its own
                 logger.warning("could not release the run lease: %s", exc)
+
+    def _reusable(self) -> bool:
+        """Whether the group can serve the next fit: ours, on a Ray that outlives this fit, after a finish."""
+        return (self._owns_group and not self._started_ray and self.fit.scaling.reuse_workers
+                and isinstance(self.state, Finished) and not self.state.outcome.already_finished)
 
     def __enter__(self) -> "Controller":
         return self
@@ -185,8 +194,10 @@ class Controller:
             self._take_lease()
             if self.group is None:
                 self._started_ray = ensure_ray()
-                self.group = WorkerGroup(self.fit.scaling, placement_timeout_s=self.fit.faults.placement_timeout_s,
-                                         warm_standbys=self.fit.faults.warm_standbys and self.fit.faults.max_failures > 0)
+                self.group = WorkerGroup.for_fit(
+                    self.fit.scaling, placement_timeout_s=self.fit.faults.placement_timeout_s,
+                    warm_standbys=self.fit.faults.warm_standbys and self.fit.faults.max_failures > 0)
+                self._owns_group = True
             self.group.check_capacity()  # a clear error before any worker starts
             write_run_json(self.storage, dict(self.fit.config_snapshot, world_size=self.fit.scaling.num_workers))
             update_run_json(self.storage, status="running")

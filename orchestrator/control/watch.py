@@ -23,7 +23,7 @@ import ray
 
 from orchestrator.cluster.coordinator import CoordinatorBusy, CoordinatorPoll
 from orchestrator.cluster.worker import WorkerFailure
-from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup
+from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup, get_within
 from orchestrator.control.driver_side import DrainWatch, DriverCallbacks
 from orchestrator.control.failures import COORDINATOR, AttemptFailed, FailureRecord
 from orchestrator.control.specs import FaultPolicy
@@ -115,7 +115,15 @@ class Relay:
                 raise self.unresponsive(timeout_s, "poll")
 
     def flush(self, timeout_s: float = 10.0) -> None:
-        """Forward what the coordinator still holds (at the end of an attempt, however it ended); never raises."""
+        """Forward what the coordinator still holds (at the end of an attempt, however it ended); never raises.
+
+        The coordinator is sealed first: a rank's last files reported after that are never committed,
+        so no commit happens without its ``backup_committed`` event in events.jsonl.
+        """
+        try:
+            get_within(self.coordinator.seal.remote(), timeout_s, "the coordinator (seal)")
+        except Exception as exc:  # noqa: BLE001 - busy or lost: collect what there is
+            logger.debug("could not seal the coordinator: %s", exc)
         try:
             self.collect(timeout_s)
         except Exception as exc:  # noqa: BLE001 - a lost coordinator: its last events are gone with it

@@ -243,7 +243,7 @@ class RunLease:
                 written = backend.create(payload) if current is None else backend.replace(payload, version)
                 version = _confirm(backend, record, written)
                 if version is not None:
-                    if current is not None and not current.released:
+                    if current is not None and not current.released and current.owner.id != owner.id:
                         log.warning("%s", f"took over the lease on run {storage.url()} from "
                                     f"{current.owner.describe()} (token {current.token} -> {record.token})")
                     return cls(storage, record, version, backend)
