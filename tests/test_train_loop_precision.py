@@ -220,3 +220,40 @@ def test_a_learning_rate_scheduler_callback_composes_with_a_step_schedule_throug
     expected = [plain.learning_rates[0], plain.learning_rates[1] / 2, plain.learning_rates[2] / 2]
     assert result.learning_rates == pytest.approx(expected)
     assert [h["logs"]["learning_rate"] for h in link.core.history] == pytest.approx(expected)
+
+
+# -- what callbacks and validation see under a per-step schedule and a precision ---------------------
+class _RatesSeen(callbacks.Callback):
+    batch_sync_every = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_batches: list[float] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.at_batches.append(self.trainer.learning_rate)
+
+
+def test_batch_hooks_see_the_rate_a_step_schedule_set_and_history_the_rate_each_epoch_started_with(group):
+    seen = _RatesSeen()
+    result, link = _fit([seen], _config(lr_scheduler=_step_lr, lr_scheduler_interval="step"), epochs=2)
+    steps = result.steps_run
+    assert seen.at_batches == pytest.approx([0.05 * 0.5 ** (s + 1) for s in range(steps)])
+    per_epoch = steps // 2
+    assert [h["logs"]["learning_rate"] for h in link.core.history] == pytest.approx(
+        [0.05, 0.05 * 0.5 ** per_epoch])
+
+
+def _autocast_recording_step(seen: list):
+    def step(model, batch):
+        if not model.training:
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        inputs, targets = batch
+        return {"loss": torch.nn.functional.mse_loss(model(inputs).float(), targets)}
+    return step
+
+
+def test_validation_runs_in_the_trainings_precision(group):
+    seen: list[bool] = []
+    _fit([], _config(precision="bf16-mixed", train_step=_autocast_recording_step(seen)), epochs=1)
+    assert seen and all(seen)

@@ -89,6 +89,7 @@ class CoordinatorCore:
         self._writes: dict[str, int] = {}  # folder -> the number of its save in flight (not yet committed)
         self._write_count = 0
         self.sealed = False
+        self._epoch_lr: float | None = (restore or {}).get("view", {}).get("epoch_learning_rate")
         self._handlers: dict[ReportKind, Callable[[Report, Reports], list[Decision]]] = {
             ReportKind.TRAIN_BEGIN: self._on_train_begin,
             ReportKind.EPOCH_BEGIN: self._on_epoch_begin,
@@ -109,7 +110,8 @@ class CoordinatorCore:
     def state_dict(self) -> dict[str, Any]:
         return {"callbacks": self.callbacks.state_dict(), "history": [dict(h) for h in self.history],
                 "last_logs": dict(self.last_logs), "skip": [list(p) for p in self.skip], "layout": self.layout,
-                "view": {"learning_rate": self.view.learning_rate, "epoch": self.view.epoch,
+                "view": {"learning_rate": self.view.learning_rate, "epoch_learning_rate": self._epoch_lr,
+                         "epoch": self.view.epoch,
                          "step": self.view.step, "global_step": self.view.global_step}}
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -267,10 +269,12 @@ class CoordinatorCore:
         decisions = self.callbacks.call("on_epoch_begin", first.epoch, {})
         if self.callbacks.batch_sync_every() is not None:
             decisions += self.callbacks.call("on_train_batch_begin", 0, {})
+        self._epoch_lr = self.view.learning_rate  # what History logs for this epoch
         return self._record(decisions, first.epoch, -1)
 
     def _on_batch_end(self, first: Report, reports: Reports) -> list[Decision]:
         self.view.step, self.view.global_step = first.step, first.global_step
+        self.view.learning_rate = self._same_lr(reports)  # a per-step schedule moves it between epochs
         nonfinite = any(r.nonfinite for r in reports.values())
         if any(r.preempted for r in reports.values()):  # an emergency backup at this very step, then a stop
             self._emit(EventType.PREEMPTED, epoch=first.epoch, step=first.global_step)
@@ -291,7 +295,7 @@ class CoordinatorCore:
 
     def _on_epoch_end(self, first: Report, reports: Reports) -> list[Decision]:
         self.view.global_step = first.global_step
-        lr_used = self.view.learning_rate
+        lr_used = self._epoch_lr if self._epoch_lr is not None else self.view.learning_rate
         # History logs the rate the epoch started with; epoch-end callbacks see the rate now (a per-step
         # schedule moved it), which a SetLearningRate they decide is relative to
         self.view.learning_rate = self._same_lr(reports)

@@ -308,7 +308,10 @@ class TrainLoop:
         # stopping run finishes instead of honouring a preemption notice (its stop would not survive a resume).
         going_on = not stop and stopped_step is None
         due = validation_due(epoch, self.config.validation_freq)  # Keras's validation_freq
-        val, abandoned = self.validation.run(self.model, self.val_step, watch=going_on) if due else (None, False)
+        val, abandoned = None, False
+        if due:
+            with self.precision.autocast():  # validation runs in the training's precision, as in Lightning
+                val, abandoned = self.validation.run(self.model, self.val_step, watch=going_on)
         if abandoned:  # the position still says "epoch trained, not validated"
             self._preempt(epoch, self.position.batch)
             return True, epoch, first_batch
