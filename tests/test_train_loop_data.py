@@ -15,6 +15,7 @@ from orchestrator.core.events import EventType
 from orchestrator.decisions import Backup
 from orchestrator.loop.data import Window, epoch_window
 from orchestrator.storage.layout import ResumeMismatch
+from clean_process import in_clean_process
 from test_train_loop import (  # noqa: F401  (group is a fixture)
     BATCH, BATCH_END, EPOCH_END, TRAIN, VAL, StandInCoordinator, _assert_same_weights, _config, _data, _fit,
     _linear, _run, _storage, _with_dropout, group)
@@ -46,6 +47,7 @@ def _noisy_config(workers: int):
 
 
 # -- loader_workers ------------------------------------------------------------------------------
+@in_clean_process
 def test_two_loader_workers_resumed_mid_epoch_draw_the_same_augmentations_as_an_uninterrupted_run(group, tmp_path):
     storage = _storage(tmp_path)
     uninterrupted = StandInCoordinator({(BATCH_END, 1, 2): [Backup(backup_dir="backup")]}, draws_rng=True)

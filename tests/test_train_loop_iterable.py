@@ -20,6 +20,7 @@ from orchestrator.decisions import Backup
 from orchestrator.loop.iterable import RankBatches, batch_loader, rank_source
 from orchestrator.loop.specs import TrainSpec
 from orchestrator.loop.train_loop import TrainLoop
+from clean_process import in_clean_process
 from test_train_loop import (  # noqa: F401  (group is a fixture)
     BATCH, BATCH_END, EPOCH_END, TRAIN, VAL, StandInCoordinator, _RecordingLink, _assert_same_weights, _config,
     _free_port, _linear, _run, _storage, _with_dropout, group)
@@ -104,6 +105,7 @@ def test_a_dataset_that_says_it_is_rank_aware_is_read_as_it_is():
     assert _batches(dataset, 1, 2) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
+@in_clean_process
 def test_loader_workers_deal_whole_batches_so_the_batches_do_not_depend_on_their_number():
     assert _batches(Ints(45), 1, 2, workers=2) == _batches(Ints(45), 1, 2, workers=0)
 
@@ -121,6 +123,7 @@ def _stream_config(kind=StatefulStream, workers: int = 0, n: int | None = TRAIN,
 
 
 @pytest.mark.parametrize("kind, workers", [(StatefulStream, 0), (Stream, 0), (StatefulStream, 2)])
+@in_clean_process
 def test_a_stream_resumed_mid_epoch_trains_the_same_weights_as_an_uninterrupted_run(group, tmp_path, kind, workers):
     storage = _storage(tmp_path)
     straight = StandInCoordinator({(BATCH_END, 1, 2): [Backup(backup_dir="backup")]}, draws_rng=True)
