@@ -244,7 +244,7 @@ def test_batch_hooks_see_the_rate_a_step_schedule_set_and_history_the_rate_each_
         [0.05, 0.05 * 0.5 ** per_epoch])
 
 
-def _autocast_recording_step(seen: list):
+def _bf16_recording_step(seen: list):
     def step(model, batch):
         if not model.training:
             seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
@@ -255,5 +255,5 @@ def _autocast_recording_step(seen: list):
 
 def test_validation_runs_in_the_trainings_precision(group):
     seen: list[bool] = []
-    _fit([], _config(precision="bf16-mixed", train_step=_autocast_recording_step(seen)), epochs=1)
+    _fit([], _config(precision="bf16-mixed", train_step=_bf16_recording_step(seen)), epochs=1)
     assert seen and all(seen)

@@ -221,6 +221,7 @@ class CoordinatorCore:
             self.callbacks.callbacks[i].load_state_dict(st)
         rate = float(state.get("view", {}).get("learning_rate", self.view.learning_rate))
         self.view.learning_rate = rate * decision.lr_factor if decision.lr_factor else rate
+        self._epoch_lr = self.view.learning_rate  # the replay runs at this rate
         self._emit(EventType.ROLLED_BACK, epoch=epoch, step=step, folder=self.last_committed,
                    skip=[list(p) for p in self.skip])
         return dataclasses.replace(decision, folder=self.last_committed)
