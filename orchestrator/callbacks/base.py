@@ -78,8 +78,18 @@ class Callback:
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}
         self.trainer: TrainingView = TrainingView()
+        self.storage: Any = None
 
     # -- wiring --------------------------------------------------------------------------
+    def set_storage(self, storage: Any) -> None:
+        """Give the callback the run's storage (a :class:`~orchestrator.storage.fs.RunStorage`).
+
+        The coordinator calls it before ``on_train_begin`` of every attempt; callbacks that write
+        files (CSVLogger, TensorBoard) write through it, so a relative path lands under the run
+        directory and any fsspec URL works. ``None`` when the run has no storage (unit tests).
+        """
+        self.storage = storage
+
     def set_params(self, params: dict[str, Any]) -> None:
         self.params = params
 

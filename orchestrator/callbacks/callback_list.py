@@ -49,6 +49,11 @@ class CallbackList:
         for cb in self.callbacks:
             cb.set_params(params)
 
+    def set_storage(self, storage: Any) -> None:
+        """Give every callback the run's storage (see :meth:`Callback.set_storage`)."""
+        for cb in self.callbacks:
+            cb.set_storage(storage)
+
     def batch_sync_every(self) -> int | None:
         """Global steps between batch-hook calls: the gcd of every callback's interval, so each
         callback is called on every step it asked for (None when none asks)."""

@@ -76,6 +76,7 @@ class CoordinatorCore:
         self.view = TrainingView(world_size=world_size)
         self.callbacks = CallbackList(callbacks, self.view)
         self.callbacks.set_params(params)
+        self.callbacks.set_storage(storage)
         self.storage = storage
         self.restore = restore
         self.events: list[dict[str, Any]] = []
