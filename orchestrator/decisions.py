@@ -183,6 +183,8 @@ class Report:
         steps_per_epoch: Batches per epoch on every rank.
         global_step: Batches run since the start of training.
         preempted: Some rank received a preemption notice before this step.
+        epoch_ends: Some rank's stream has no batch after this step: the epoch ends here, however
+            many steps ``steps_per_epoch`` promised (so no ``on_train_batch_begin`` for a next step).
         layout: At ``train_begin``: what this rank's position means (``batch_size``, ``seed``,
             ``world_size``, ``samples`` in its training set, ``parameters``: name -> shape), which
             the coordinator compares across ranks and with the backup it resumes from.
@@ -198,6 +200,7 @@ class Report:
     steps_per_epoch: int = 0
     global_step: int = 0
     preempted: bool = False
+    epoch_ends: bool = False
     layout: dict | None = None
 
     def __post_init__(self) -> None:

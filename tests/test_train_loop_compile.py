@@ -77,6 +77,22 @@ def test_backups_and_model_checkpoints_of_a_compiled_model_hold_the_plain_keys_a
     _assert_same_weights(plain.state_dict(), result.state_dict)
 
 
+def test_a_model_factory_returning_torch_compile_trains_compiled_and_saves_the_plain_keys(group, tmp_path):
+    graphs: list = []
+    storage = _storage(tmp_path)
+    config = _config(model=lambda: torch.compile(_with_dropout(), backend=_counting_backend(graphs)))
+    result, link = _fit([callbacks.ModelCheckpoint("m.pt"), callbacks.BackupAndRestore()], config, epochs=1,
+                        storage=storage)
+    plain = _run(StandInCoordinator(), _config(), epochs=1)
+    assert graphs, "the factory's torch.compile was dropped: the forward never went through dynamo"
+    (commit,) = link.events(EventType.BACKUP_COMMITTED)
+    assert sorted(from_bytes(storage.read_bytes(f"{commit['folder']}/{SHARED_FILE}"))["model"]) == _plain_keys()
+    saved = torch.load(io.BytesIO(storage.read_bytes("checkpoints/m.pt")), weights_only=True)
+    _with_dropout().load_state_dict(saved["model"])  # strict: no _orig_mod. prefix
+    assert sorted(result.state_dict) == _plain_keys()
+    _assert_same_weights(result.state_dict, plain.state_dict)
+
+
 @pytest.mark.parametrize("first, then", [(EAGER, False), (False, EAGER)])
 def test_a_run_resumed_mid_epoch_with_compile_switched_ends_bit_identical(group, tmp_path, first, then):
     storage = _storage(tmp_path)

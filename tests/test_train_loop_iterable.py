@@ -163,6 +163,8 @@ def test_a_pass_that_ends_inside_a_steps_per_epoch_window_ends_the_epoch_and_the
     result = _run(coordinator, _stream_config(steps_per_epoch=2), epochs=4, batch_sync_every=1)
     steps = [[r.step for r in coordinator.reports if r.kind == BATCH_END and r.epoch == e] for e in range(4)]
     assert steps == [[0, 1], [0, 1], [0], [0, 1]] and result.steps_run == 7
+    ends = [[r.epoch_ends for r in coordinator.reports if r.kind == BATCH_END and r.epoch == e] for e in range(4)]
+    assert ends == [[False, False], [False, False], [True], [False, False]]  # no batch-begin hook past the data
 
 
 def test_a_stream_with_no_batch_for_a_rank_is_an_error_not_a_hang(group):

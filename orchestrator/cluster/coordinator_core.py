@@ -289,7 +289,7 @@ class CoordinatorCore:
             self._emit(EventType.NAN_DETECTED, epoch=first.epoch, step=first.step)
         decisions = self.callbacks.call("on_train_batch_end", first.step, dict(logs))
         self._emit(EventType.BATCH_END, epoch=first.epoch, step=first.step, logs=logs)
-        more = first.steps_per_epoch is None or first.step + 1 < first.steps_per_epoch  # None: a stream's length
+        more = not first.epoch_ends and (first.steps_per_epoch is None or first.step + 1 < first.steps_per_epoch)
         if not any(isinstance(d, StopTraining) for d in decisions) and more \
                 and self.callbacks.batch_sync_every() is not None:
             decisions += self.callbacks.call("on_train_batch_begin", first.step + 1, {})

@@ -65,6 +65,28 @@ def check_compile(value: Any, device_type: str) -> None:
                            "compile={'backend': 'eager'}, which only traces)")
 
 
+def plain_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a model factory's ``torch.compile(module)`` wraps, with its forward compiled in place.
+
+    A factory may return ``torch.compile(net)`` (an ``OptimizedModule``), whose ``state_dict()``
+    prefixes every key with ``_orig_mod.``. The loop trains ``net`` itself instead, its ``forward``
+    compiled with the wrapper's own dynamo context (the same backend and options), so backups,
+    ModelCheckpoint files and ``History.model`` hold the plain keys, as with ``compile=``.
+    Any other module is returned as it is.
+
+    Example:
+        >>> net = plain_module(torch.compile(torch.nn.Linear(2, 1), backend="eager"))
+        >>> type(net).__name__, sorted(net.state_dict())
+        ('Linear', ['bias', 'weight'])
+    """
+    inner = getattr(model, "_orig_mod", None)
+    context = getattr(model, "dynamo_ctx", None)
+    if not isinstance(inner, torch.nn.Module) or context is None:
+        return model
+    inner.forward = context(inner.forward)  # an instance attribute: not in state_dict()
+    return inner
+
+
 def compile_model(model: torch.nn.Module, value: Any, device: torch.device) -> torch.nn.Module:
     """Compile ``model``'s forward in place with ``compile=value``'s options (nothing when off); return it.
 

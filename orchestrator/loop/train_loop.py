@@ -47,7 +47,7 @@ from orchestrator.decisions import (
     StopTraining,
 )
 from orchestrator.core.config import validation_due
-from orchestrator.loop.compiled import compile_model
+from orchestrator.loop.compiled import compile_model, plain_module
 from orchestrator.loop.data import ShardSampler, Window, epoch_window, make_loader, shutdown_workers
 from orchestrator.loop.iterable import data_components, train_stream
 from orchestrator.loop.optim_step import (
@@ -172,9 +172,10 @@ class TrainLoop:
     def _build(self) -> None:
         cfg = self.config
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        self.model: torch.nn.Module = cfg.model().to(self.device)
-        if not isinstance(self.model, torch.nn.Module):
-            raise TypeError(f"model factory must return a torch.nn.Module, got {type(self.model).__name__}")
+        model = plain_module(cfg.model())
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model factory must return a torch.nn.Module, got {type(model).__name__}")
+        self.model: torch.nn.Module = model.to(self.device)
         self.optimizer: torch.optim.Optimizer = cfg.optimizer(self.model.parameters())
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
@@ -371,7 +372,8 @@ class TrainLoop:
             if nonfinite > 0:
                 self.saver.flush()  # pending backups commit first, so a rollback sees the newest one
             if nonfinite > 0 or periodic:
-                if self._sync(ReportKind.BATCH_END, epoch, step, train=sums.train.phase_sums(), nonfinite=nonfinite > 0):
+                if self._sync(ReportKind.BATCH_END, epoch, step, train=sums.train.phase_sums(), nonfinite=nonfinite > 0,
+                              epoch_ends=signals.out_of_data):
                     return step
             if signals.out_of_data:  # some rank's shard ran out: every rank ends the epoch at this step
                 break
