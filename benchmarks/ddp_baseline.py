@@ -1,11 +1,15 @@
 """A hand-written DDP loop over the benchmark workload; run with torchrun --nproc_per_node 2.
 
-Prints one JSON line (rank 0): {"steps": ..., "seconds": ...} for the timed epochs.
+Prints one JSON line (rank 0): {"steps": ..., "seconds": ...} for the timed epochs (optimizer steps).
+``--realistic``: the loop a user writes for a GPU job (workload.REALISTIC): DataLoader worker
+processes, bf16 autocast, gradient accumulation with ``no_sync`` on all but the last micro-batch,
+and a warm-up + cosine schedule stepped after every optimizer step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -20,7 +24,10 @@ import workload
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--realistic", action="store_true")
     args = parser.parse_args()
+    real = workload.REALISTIC if args.realistic else {}
+    accumulate = real.get("accumulate_grad_batches", 1)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -30,7 +37,10 @@ def main() -> None:
     optimizer = workload.make_optimizer(model.parameters())
     train, val = workload.load_data()
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0)
-    loader = DataLoader(train, batch_size=workload.BATCH, sampler=sampler)
+    workers = real.get("loader_workers", 0)
+    loader = DataLoader(train, batch_size=workload.BATCH, sampler=sampler, num_workers=workers,
+                        persistent_workers=workers > 0)
+    schedule = workload.warmup_cosine(optimizer, workload.optimizer_steps(args.epochs, world)) if real else None
     val_loader = DataLoader(val, batch_size=workload.BATCH,
                             sampler=DistributedSampler(val, num_replicas=world, rank=rank, shuffle=False))
     loss_fn = torch.nn.functional.cross_entropy
@@ -41,20 +51,30 @@ def main() -> None:
         sampler.set_epoch(epoch)
         ddp.train()
         total = torch.zeros(3, dtype=torch.float64)
-        for x, y in loader:
-            out = ddp(x)
-            loss = loss_fn(out, y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        batches = len(loader) - len(loader) % accumulate  # whole optimizer steps only
+        for i, (x, y) in enumerate(loader):
+            if i >= batches:
+                break
+            last = (i + 1) % accumulate == 0
+            with (contextlib.nullcontext() if last else ddp.no_sync()), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(real)):
+                out = ddp(x)
+                loss = loss_fn(out, y)
+                (loss / accumulate).backward()
+            if last:
+                optimizer.step()
+                optimizer.zero_grad()
+                if schedule is not None:
+                    schedule.step()
+                steps += 1
             total += torch.stack([loss.detach().double() * len(y),
                                   (out.argmax(1) == y).double().sum(), torch.tensor(len(y), dtype=torch.float64)])
-            steps += 1
         model.eval()
         vtotal = torch.zeros(3, dtype=torch.float64)
         with torch.no_grad():
             for x, y in val_loader:
-                out = model(x)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(real)):
+                    out = model(x)
                 vtotal += torch.stack([loss_fn(out, y).double() * len(y), (out.argmax(1) == y).double().sum(),
                                        torch.tensor(len(y), dtype=torch.float64)])
         dist.all_reduce(total)

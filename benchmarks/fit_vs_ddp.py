@@ -1,7 +1,12 @@
 """Steps/s of Trainer.fit (2 workers, EarlyStopping + ReduceLROnPlateau + TerminateOnNaN) against a
 hand-written DDP loop under torchrun, same model, data, batch size and threads, in one run.
 
-    python benchmarks/fit_vs_ddp.py [--epochs 3] [--repeats 2]
+    python benchmarks/fit_vs_ddp.py [--epochs 3] [--repeats 5] [--realistic]
+
+``--realistic`` runs both sides as a GPU job is configured (workload.REALISTIC): ``loader_workers=2``,
+``"bf16-mixed"``, ``accumulate_grad_batches=2`` and a warm-up + cosine schedule stepped per optimizer
+step; the hand-written loop does the same with DataLoader workers, autocast, ``no_sync`` and
+``LambdaLR``. Steps are optimizer steps on both sides.
 
 Both sides are timed from the start of the first epoch to the end of the last one (validation
 included); process start-up and group formation are excluded on both sides.
@@ -10,6 +15,7 @@ included); process start-up and group formation are excluded on both sides.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -25,7 +31,12 @@ import workload  # noqa: E402
 from orchestrator import Trainer, callbacks  # noqa: E402
 
 
-def run_fit(epochs: int) -> tuple[int, float]:
+def run_fit(epochs: int, realistic: bool) -> tuple[int, float]:
+    real = workload.REALISTIC if realistic else {}
+    extra = {} if not real else dict(
+        loader_workers=real["loader_workers"], precision=real["precision"],
+        accumulate_grad_batches=real["accumulate_grad_batches"], lr_scheduler_interval="step",
+        lr_scheduler=functools.partial(workload.warmup_cosine, total_steps=workload.optimizer_steps(epochs)))
     trainer = Trainer(
         model=workload.build_model, optimizer=workload.make_optimizer,
         loss=__import__("torch").nn.functional.cross_entropy, data=workload.load_data,
@@ -33,6 +44,7 @@ def run_fit(epochs: int) -> tuple[int, float]:
         callbacks=[callbacks.EarlyStopping(monitor="val_loss", patience=100),
                    callbacks.ReduceLROnPlateau(monitor="val_loss", patience=100),
                    callbacks.TerminateOnNaN()],
+        **extra,
     )
     history = trainer.fit(epochs=epochs, verbose=0)
     begin = next(e["time"] for e in history.events if e["type"] == "epoch_begin")
@@ -40,11 +52,11 @@ def run_fit(epochs: int) -> tuple[int, float]:
     return history.results[0].steps_run, end - begin
 
 
-def run_ddp(epochs: int) -> tuple[int, float]:
+def run_ddp(epochs: int, realistic: bool) -> tuple[int, float]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(HERE / "ddp_baseline.py"), "--epochs", str(epochs)],
+         str(HERE / "ddp_baseline.py"), "--epochs", str(epochs)] + (["--realistic"] if realistic else []),
         env=env, capture_output=True, text=True, check=True, timeout=600,
     )
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
@@ -56,14 +68,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--realistic", action="store_true", help="loader workers, bf16, accumulation, cosine")
     args = parser.parse_args()
+    import torch
+    print(f"torch {torch.__version__}, ray {ray.__version__}, epochs {args.epochs}, repeats {args.repeats}, "
+          f"batch {workload.BATCH}/worker, 2 workers x 1 thread, "
+          f"config {workload.REALISTIC if args.realistic else 'plain fp32, 1 micro-batch, constant lr'}", flush=True)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}})
     rows = []
     try:
         for i in range(args.repeats):  # interleaved, so drift hits both sides alike
-            fs, ft = run_fit(args.epochs)
-            ds, dt = run_ddp(args.epochs)
+            fs, ft = run_fit(args.epochs, args.realistic)
+            ds, dt = run_ddp(args.epochs, args.realistic)
             rows.append((fs / ft, ds / dt))
             print(f"repeat {i + 1}: fit {fs} steps in {ft:.2f}s = {fs / ft:.1f} steps/s | "
                   f"torchrun DDP {ds} steps in {dt:.2f}s = {ds / dt:.1f} steps/s | ratio {fs / ft / (ds / dt):.3f}",

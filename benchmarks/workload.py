@@ -1,6 +1,13 @@
-"""The model and data both sides of the fit-vs-DDP benchmark use."""
+"""The model, data and settings both sides of the fit-vs-DDP benchmark use.
+
+``REALISTIC`` is the configuration of a real GPU job, on CPU: two DataLoader worker processes per
+rank, bf16 autocast, two micro-batches per optimizer step, and a warm-up then cosine schedule
+stepped at every optimizer step.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -32,3 +39,22 @@ def build_model() -> torch.nn.Module:
 
 def make_optimizer(params):
     return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+
+REALISTIC = {"loader_workers": 2, "precision": "bf16-mixed", "accumulate_grad_batches": 2, "warmup_steps": 20}
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
+                  warmup_steps: int = REALISTIC["warmup_steps"]) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps`` optimizer steps, then cosine down to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimizer_steps(epochs: int, world: int = 2) -> int:
+    """Optimizer steps of the realistic configuration over ``epochs`` (the schedule's length)."""
+    return epochs * (TRAIN // world // BATCH) // REALISTIC["accumulate_grad_batches"]
