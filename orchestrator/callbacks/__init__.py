@@ -7,6 +7,7 @@ package imports torch or ray.
 from orchestrator.callbacks.backup_and_restore import BackupAndRestore
 from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.callbacks.callback_list import CallbackList
+from orchestrator.callbacks.csv_logger import CSVLogger
 from orchestrator.callbacks.early_stopping import EarlyStopping
 from orchestrator.callbacks.history import History
 from orchestrator.callbacks.lambda_callback import LambdaCallback
@@ -15,6 +16,7 @@ from orchestrator.callbacks.model_checkpoint import ModelCheckpoint
 from orchestrator.callbacks.monitor import MonitorCallback
 from orchestrator.callbacks.progbar_logger import ProgbarLogger
 from orchestrator.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
+from orchestrator.callbacks.remote_monitor import RemoteMonitor
 from orchestrator.callbacks.rollback_on_nan import RollbackOnNaN
 from orchestrator.callbacks.terminate_on_nan import TerminateOnNaN
 
@@ -22,6 +24,7 @@ __all__ = [
     "BackupAndRestore",
     "Callback",
     "CallbackList",
+    "CSVLogger",
     "EarlyStopping",
     "History",
     "LambdaCallback",
@@ -30,6 +33,7 @@ __all__ = [
     "MonitorCallback",
     "ProgbarLogger",
     "ReduceLROnPlateau",
+    "RemoteMonitor",
     "RollbackOnNaN",
     "TerminateOnNaN",
     "TrainingView",
