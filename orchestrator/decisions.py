@@ -9,34 +9,108 @@ compare by value in tests.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Iterable, Union
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Union
+
+#: Longest string kept in a decision's ``details`` (longer ones are cut): events.jsonl lines stay small.
+MAX_DETAIL_CHARS = 200
+
+
+def plain_details(details: Mapping[str, Any] | None, owner: str = "a decision") -> dict[str, Any]:
+    """``details`` as a small JSON-safe dict: str keys; values None, bool, int, float or str.
+
+    numpy and torch scalars become Python numbers (``.item()``); strings longer than
+    :data:`MAX_DETAIL_CHARS` are cut. Non-finite floats stay floats (NaN is written as ``NaN``,
+    as in the epoch logs).
+
+    Raises:
+        TypeError: A key is not a string, or a value is none of the above (a list, a tensor of
+            several elements...), naming the key.
+
+    Example:
+        >>> plain_details({"value": 1, "best": None, "mode": "min"})
+        {'value': 1, 'best': None, 'mode': 'min'}
+    """
+    out: dict[str, Any] = {}
+    for key, value in (details or {}).items():
+        if not isinstance(key, str):
+            raise TypeError(f"{owner}: details keys must be strings, got {key!r}")
+        out[key] = _plain(value, key, owner)
+    return out
+
+
+def _plain(value: Any, key: str, owner: str) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        return value if len(value) <= MAX_DETAIL_CHARS else value[:MAX_DETAIL_CHARS - 3] + "..."
+    item = getattr(value, "item", None)
+    if callable(item):  # a one-element numpy array or torch tensor
+        try:
+            return _plain(item(), key, owner)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{owner}: details[{key!r}] is {type(value).__name__} {value!r:.80}; details values must be "
+                    "None, a bool, a number or a string (convert tensors with float(x))")
+
+
+def _details_field() -> Any:
+    """``details``: what caused a decision; not part of its identity (equality and hash ignore it)."""
+    return field(default_factory=dict, compare=False)
+
+
+class _Explained:
+    """Normalises ``details`` (see :func:`plain_details`) after the dataclass ``__init__``."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "details", plain_details(getattr(self, "details"), type(self).__name__))
+
+
 
 
 @dataclass(frozen=True)
-class StopTraining:
+class StopTraining(_Explained):
     """Stop after the current step (batch hooks) or epoch (epoch hooks).
 
     Args:
         reason: Short machine-readable reason, e.g. ``"early_stopping"``.
         source: Name of the callback that decided.
+        details: The values that caused the decision (e.g. ``monitor``, ``value``, ``best``,
+            ``wait``, ``patience``), written on its event in ``events.jsonl``: names declared for the
+            event type (:mod:`orchestrator.core.events`) at the top level, others under ``details``.
+            Values must be None, bools, numbers or strings. Not compared: two stops are equal
+            whatever their details. Defaults to ``{}``.
+
+    Example:
+        >>> StopTraining("target_reached", "MyCallback", details={"value": 0.99}).details
+        {'value': 0.99}
     """
 
     reason: str = "requested"
     source: str = ""
+    details: dict[str, Any] = _details_field()
 
 
 @dataclass(frozen=True)
-class SetLearningRate:
+class SetLearningRate(_Explained):
     """Set the learning rate of every optimizer param group on every rank.
 
     Args:
         value: The new learning rate.
         source: Name of the callback that decided.
+        details: The values that caused the decision (e.g. ``old``, ``monitor``,
+            ``monitor_value``, ``best``, ``wait``, ``patience``), written on its ``lr_changed`` event
+            (see :class:`StopTraining`). Not compared. Defaults to ``{}``.
     """
 
     value: float
     source: str = ""
+    details: dict[str, Any] = _details_field()
 
 
 @dataclass(frozen=True)
@@ -111,24 +185,50 @@ class SkipBatches:
 
 
 @dataclass(frozen=True)
-class Rollback:
+class Rollback(_Explained):
     """Every rank reloads the newest committed backup in place and continues from it.
 
     Args:
         lr_factor: Multiply the learning rate after reloading; ``None`` keeps the saved rate.
         folder: Filled in by the coordinator: the committed backup folder to reload.
         source: Name of the callback that decided.
+        details: The values that caused the decision (e.g. ``value``, ``rollbacks``,
+            ``max_rollbacks``), written on its ``rolled_back`` event (see :class:`StopTraining`).
+            Not compared. Defaults to ``{}``.
     """
 
     lr_factor: float | None = None
     folder: str | None = None
     source: str = ""
+    details: dict[str, Any] = _details_field()
+
+
+@dataclass(frozen=True)
+class WriteHistograms:
+    """Rank 0 writes a TensorBoard event file of the model's weight histograms (in the background).
+
+    Args:
+        filepath: The event file to write: a path relative to the run directory, or a URL on its
+            filesystem (the callback names it so that it sorts among its other event files).
+        step: The step the histograms are recorded at (Keras: the 0-based epoch).
+        bins: Equal-width buckets per histogram, over the weights' [min, max]. Defaults to ``30``.
+        source: Name of the callback that decided.
+
+    Example:
+        >>> WriteHistograms("logs/train/events.out.tfevents.0000000003.digits", step=2).bins
+        30
+    """
+
+    filepath: str
+    step: int
+    bins: int = 30
+    source: str = ""
 
 
 Decision = Union[StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights, SaveModel, Backup, SkipBatches,
-                 Rollback]
+                 Rollback, WriteHistograms]
 DECISION_TYPES = (StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights, SaveModel, Backup, SkipBatches,
-                  Rollback)
+                  Rollback, WriteHistograms)
 
 
 def as_decisions(value: object, source: str = "") -> list[Decision]:

@@ -384,6 +384,30 @@ def test_a_rollback_reloads_the_coordinator_state_of_the_newest_committed_folder
     assert [(e["folder"], e["skip"]) for e in events_of(core, EventType.ROLLED_BACK)] == [(folder, [[1, 1]])]
 
 
+@pytest.mark.parametrize("target_step", [0, STEPS], ids=["initial-backup", "epoch-end-backup"])
+def test_a_rolled_back_event_names_the_bad_step_the_target_step_and_the_callbacks_counts(storage, target_step):
+    core = make_core([RollbackOnNaN(max_rollbacks=2, lr_factor=0.5)], storage=storage)
+    (initial,) = core.handle(reports(ReportKind.TRAIN_BEGIN))
+    persist_from_every_rank(core, storage, step=0, state=initial.coordinator_state)
+    core.handle(reports(ReportKind.EPOCH_BEGIN, epoch=0))
+    core.handle(epoch_end(0, same_loss(1.0)))
+    if target_step:
+        backup = decide_backup(core, target_step)
+        persist_from_every_rank(core, storage, step=target_step, state=backup.coordinator_state, write=backup.write)
+    core.handle(reports(ReportKind.EPOCH_BEGIN, epoch=1, global_step=STEPS))
+    core.handle(_nan_at(step=2, epoch=1))  # the 3rd step of epoch 1: global step STEPS + 3
+
+    (event,) = events_of(core, EventType.ROLLED_BACK)
+    assert {k: event[k] for k in ("epoch", "step", "bad_step", "target_step", "folder", "lr_factor", "learning_rate",
+                                  "monitor", "rollbacks", "max_rollbacks", "source")} == {
+        "epoch": 1, "step": 2, "bad_step": STEPS + 3, "target_step": target_step, "folder": step_dir("backup", target_step),
+        "lr_factor": 0.5, "learning_rate": pytest.approx(0.05), "monitor": "loss", "rollbacks": 1, "max_rollbacks": 2,
+        "source": "RollbackOnNaN"}
+    assert math.isnan(event["value"])  # the cluster-wide loss of the bad step
+    resumes = (1, 0) if target_step else (0, 0)  # the replay starts where the target's epoch resumes
+    assert (core.position.epoch, core.position.done, core.position.global_step) == (*resumes, target_step)
+
+
 def _nan_at(step: int, epoch: int = 1) -> dict[int, Report]:
     return {rank: Report(ReportKind.BATCH_END, epoch=epoch, step=step, train=PhaseSums({"loss": 1.0}, 2),
                          learning_rate=0.1, nonfinite=rank == 1, steps_per_epoch=STEPS,

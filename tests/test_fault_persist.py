@@ -42,6 +42,11 @@ def test_sigkill_during_a_background_persist_falls_back_to_the_previous_committe
     # the step being persisted when rank 0 died (3) never counts; the newest committed one is used
     assert committed and 3 not in committed
     assert restored and restored[0]["step"] == max(committed)
+    # the driver heard of at most the 3 steps done before the kill; the steps after the backup are lost
+    reached = restored[0]["reached_step"]
+    assert max(committed) <= reached <= 3 and restored[0]["lost_steps"] == reached - max(committed)
+    (failed,) = [e for e in events if e["type"] == "worker_failed"]
+    assert failed["role"] == "worker" and failed["detection_s"] >= 0
     leftovers = [e["step"] for e in events if e["type"] == "backup_skipped"]
     assert all(step > max(committed) for step in leftovers)
     assert reference.history == resumed.history

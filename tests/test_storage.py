@@ -374,9 +374,9 @@ def test_an_unknown_event_type_is_rejected_naming_it(tmp_path):
 def test_fields_not_declared_for_an_event_type_are_written_and_logged(tmp_path, caplog):
     storage = StorageSpec(str(tmp_path), "r").open()
     with caplog.at_level(logging.WARNING, logger="orchestrator.storage.run_files"):
-        record = EventLog(storage, attempt=1).append(EventType.LR_CHANGED, value=0.05, source="cb", old=0.1)
-    assert record["old"] == 0.1
-    assert "['old'] are not declared" in caplog.text
+        record = EventLog(storage, attempt=1).append(EventType.LR_CHANGED, value=0.05, source="cb", colour="red")
+    assert record["colour"] == "red"
+    assert "['colour'] are not declared" in caplog.text
 
 
 def test_a_torn_last_event_line_is_skipped(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import Any
 
 from orchestrator.callbacks.monitor import MonitorCallback
@@ -39,7 +40,8 @@ class EarlyStopping(MonitorCallback):
             Defaults to ``0``.
 
     Improvements are compared in float32, as Keras does (see
-    :class:`~orchestrator.callbacks.monitor.MonitorCallback`).
+    :class:`~orchestrator.callbacks.monitor.MonitorCallback`). The stop's ``early_stopping`` event
+    in ``events.jsonl`` carries the values that caused it (:meth:`stop_details`).
 
     Example:
         >>> stopper = EarlyStopping(monitor="loss", patience=3)
@@ -112,8 +114,26 @@ class EarlyStopping(MonitorCallback):
 
         if self.wait >= self.patience and epoch > 0:
             self.stopped_epoch = epoch
-            decisions.append(StopTraining(reason="early_stopping", source="EarlyStopping"))
+            decisions.append(StopTraining(reason="early_stopping", source="EarlyStopping",
+                                          details=self.stop_details(current)))
         return decisions or None
+
+    def stop_details(self, current: float) -> dict[str, Any]:
+        """What a stop decided now records in its ``early_stopping`` event: the monitor, its
+        ``value`` this epoch, the ``best`` so far and its ``best_epoch``, ``wait`` and ``patience``,
+        ``min_delta`` (absolute), the resolved ``mode`` (``"min"`` or ``"max"``) and ``baseline``.
+
+        Example:
+            >>> stopper = EarlyStopping(monitor="loss", patience=2)
+            >>> stopper.validate({"metric_directions": {"loss": "min"}})
+            >>> stopper.stop_details(0.5)["mode"]
+            'min'
+        """
+        return {"monitor": self.monitor, "value": float(current),
+                "best": None if self.best is None else float(self.best), "best_epoch": self.best_epoch,
+                "wait": self.wait, "patience": self.patience, "min_delta": abs(float(self.min_delta)),
+                "mode": "min" if self.monitor_op is operator.lt else "max",
+                "baseline": None if self.baseline is None else float(self.baseline)}
 
     def on_train_end(self, logs: dict | None = None) -> RestoreWeights | None:
         if self.stopped_epoch > 0 and self.verbose > 0:

@@ -23,7 +23,8 @@ class LearningRateScheduler(Callback):
     At the beginning of every epoch this callback calls ``schedule`` with the 0-based epoch
     index and the current learning rate and returns a
     :class:`~orchestrator.decisions.SetLearningRate` with the result, which every rank applies
-    before the epoch's first step. A one-argument ``schedule(epoch)`` is also accepted.
+    before the epoch's first step. A one-argument ``schedule(epoch)`` is also accepted. Each
+    decision's ``lr_changed`` event in ``events.jsonl`` carries the ``old`` and ``new`` rates.
 
     Args:
         schedule: A function taking the epoch index (int, from 0) and the current learning rate
@@ -54,8 +55,9 @@ class LearningRateScheduler(Callback):
         Raises:
             ValueError: If ``schedule`` returns something other than a float.
         """
+        old = float(self.trainer.learning_rate)
         try:
-            learning_rate = self.schedule(epoch, float(self.trainer.learning_rate))
+            learning_rate = self.schedule(epoch, old)
         except TypeError:  # the one-argument form, as Keras accepts it
             learning_rate = self.schedule(epoch)
         if not _is_float(learning_rate):
@@ -65,7 +67,7 @@ class LearningRateScheduler(Callback):
         learning_rate = float(learning_rate)
         if self.verbose > 0:
             print(f"\nEpoch {epoch + 1}: LearningRateScheduler setting learning rate to {learning_rate}.")
-        return SetLearningRate(learning_rate, source="LearningRateScheduler")
+        return SetLearningRate(learning_rate, source="LearningRateScheduler", details={"old": old, "new": learning_rate})
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is not None:

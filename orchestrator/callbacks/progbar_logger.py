@@ -24,13 +24,20 @@ class ProgbarLogger(Callback):
     """Callback that prints metrics on the driver.
 
     Reads ``params["verbose"]`` at each call: ``0`` prints nothing; on an interactive terminal
-    ``"auto"`` or ``1`` draws a ``tqdm`` bar per epoch, updated from the batch reports the
-    driver forwards (about once a second); otherwise (``2``, or output that is not a terminal,
-    such as a log file) it prints exactly one line per epoch::
+    ``"auto"`` or ``1`` draws a ``tqdm`` bar per epoch, updated from the progress reports the
+    driver forwards (rank 0's running loss, about once a second): steps done of the epoch's steps,
+    elapsed time and ETA, steps/s and the running loss, then the epoch's logs at its end::
+
+        Epoch 3/20:  45%|████▌     | 45/100 [00:04<00:05, 10.2step/s, loss: 0.1234]
+
+    Otherwise (``2``, or output that is not a terminal, such as a log file or ``ray job logs``)
+    it prints exactly one line per epoch, and nothing per batch::
 
         Epoch 3/20 - 1.2s - loss: 0.1234 - val_loss: 0.2345 - learning_rate: 0.1000
 
-    Nothing is ever printed per batch when the output is not a terminal.
+    After a restart the attempt's ``on_train_begin`` closes the bar of the failed attempt, and a
+    resume mid-epoch opens the bar at the restored step (``trainer.extra["initial_step"]`` steps of
+    ``trainer.epoch`` done, set by the driver), so it shows the steps really done.
 
     Args:
         stream: Where to write. ``None`` means ``sys.stdout`` as it is at call time (Keras's
@@ -77,7 +84,11 @@ class ProgbarLogger(Callback):
 
     # -- hooks -----------------------------------------------------------------------------------
     def on_train_begin(self, logs: dict | None = None) -> None:
-        self._epoch_start = self._now()
+        self._close_bar()  # a restart: the failed attempt's bar ends where it was
+        self._epoch, self._epoch_start = self.trainer.epoch, self._now()
+        initial = int(self.trainer.extra.get("initial_step", 0) or 0)
+        if initial > 0 and self._mode() == "bar":  # resumed mid-epoch: the bar starts at the restored step
+            self._open_bar(self._epoch, initial=initial)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._close_bar()
@@ -112,11 +123,12 @@ class ProgbarLogger(Callback):
         self._close_bar()
 
     # -- tqdm --------------------------------------------------------------------------------------
-    def _open_bar(self, epoch: int) -> None:
+    def _open_bar(self, epoch: int, initial: int = 0) -> None:
         from tqdm import tqdm  # imported only when a terminal is there to draw on
 
         epochs = self.params.get("epochs")
-        self._bar = tqdm(total=self.params.get("steps") or None, file=self._out, unit="step",
+        # tqdm's default format shows n/total, elapsed<ETA and steps/s; the running loss goes in the postfix
+        self._bar = tqdm(total=self.params.get("steps") or None, file=self._out, unit="step", initial=initial,
                          desc=f"Epoch {epoch + 1}/{epochs}" if epochs else f"Epoch {epoch + 1}",
                          dynamic_ncols=True, leave=True)
 

@@ -40,6 +40,10 @@ class ReduceLROnPlateau(MonitorCallback):
     continues where the backup left off. Improvements are compared in float32, as Keras does (see
     :class:`~orchestrator.callbacks.monitor.MonitorCallback`).
 
+    Each reduction's ``lr_changed`` event in ``events.jsonl`` carries what caused it: ``old`` and
+    ``new`` rates, the ``monitor`` and its ``monitor_value`` this epoch, the ``best`` so far,
+    ``wait`` (epochs without improvement, before the reset) and ``patience``, ``factor`` and ``min_lr``.
+
     Example:
         >>> reduce_lr = ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=5, min_lr=0.001)
         >>> # Trainer(..., callbacks=[reduce_lr]).fit(epochs=50)
@@ -114,9 +118,12 @@ class ReduceLROnPlateau(MonitorCallback):
         new_lr = max(old_lr * self.factor, self.min_lr)
         if self.verbose > 0:
             print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {new_lr}.")
+        details = {"old": old_lr, "new": new_lr, "monitor": self.monitor, "monitor_value": float(current),
+                   "best": None if self.best is None else float(self.best), "wait": self.wait,
+                   "patience": self.patience, "factor": float(self.factor), "min_lr": float(self.min_lr)}
         self.cooldown_counter = self.cooldown
         self.wait = 0
-        return SetLearningRate(new_lr, source="ReduceLROnPlateau")
+        return SetLearningRate(new_lr, source="ReduceLROnPlateau", details=details)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -19,6 +19,11 @@ class RollbackOnNaN(Callback):
     run also backs up its initial state, so a NaN in the very first batches can roll back too.
     Backups are never committed from a state holding non-finite weights.
 
+    Each rollback's ``rolled_back`` event in ``events.jsonl`` carries ``bad_step`` (the global step
+    that went non-finite), ``target_step`` (the global step of the backup reloaded), the loss
+    (``monitor``, ``value``), ``rollbacks`` so far and ``max_rollbacks``; the final stop's
+    ``terminated_on_nan`` event the same values.
+
     Args:
         max_rollbacks: Rollbacks allowed before training stops. Defaults to ``3``.
         lr_factor: Multiply the learning rate by this after each rollback (e.g. ``0.5``);
@@ -58,11 +63,17 @@ class RollbackOnNaN(Callback):
             return None
         if self.rollbacks >= self.max_rollbacks:
             print(f"Batch {batch}: Invalid loss after {self.rollbacks} rollbacks, terminating training")
-            return StopTraining(reason="nan_detected", source="RollbackOnNaN")
+            return StopTraining(reason="nan_detected", source="RollbackOnNaN", details=self._details(loss))
         self.rollbacks += 1
         if self.skip_batches:
             self.skipped.append((self.trainer.epoch, batch))
-        return [SkipBatches(tuple(self.skipped)), Rollback(lr_factor=self.lr_factor, source="RollbackOnNaN")]
+        return [SkipBatches(tuple(self.skipped)),
+                Rollback(lr_factor=self.lr_factor, source="RollbackOnNaN", details=self._details(loss))]
+
+    def _details(self, loss: float) -> dict[str, Any]:
+        """What its event records: the non-finite loss and the rollbacks so far (this one included)."""
+        return {"monitor": "loss", "value": float(loss), "rollbacks": self.rollbacks,
+                "max_rollbacks": self.max_rollbacks}
 
     def state_dict(self) -> dict[str, Any]:
         return {"rollbacks": self.rollbacks, "skipped": [list(p) for p in self.skipped]}

@@ -16,7 +16,8 @@ class TerminateOnNaN(Callback):
     (``batch_sync_every`` stays ``None``). By default it returns a
     :class:`~orchestrator.decisions.StopTraining` that every rank applies after the step, so the
     other callbacks' ``on_train_end`` still runs. With ``raise_error=True`` it raises instead,
-    which fails the run without the usual end-of-training cleanup.
+    which fails the run without the usual end-of-training cleanup. The stop's ``terminated_on_nan``
+    event in ``events.jsonl`` carries ``monitor`` (``"loss"``) and the non-finite ``value``.
 
     Args:
         raise_error: If ``False``, stop gracefully; if ``True``, raise :class:`RuntimeError` at
@@ -26,7 +27,7 @@ class TerminateOnNaN(Callback):
         >>> guard = TerminateOnNaN()
         >>> guard.on_train_batch_end(7, {"loss": float("nan")})
         Batch 7: Invalid loss, terminating training
-        StopTraining(reason='nan_detected', source='TerminateOnNaN')
+        StopTraining(reason='nan_detected', source='TerminateOnNaN', details={'monitor': 'loss', 'value': nan})
     """
 
     def __init__(self, raise_error: bool = False) -> None:
@@ -48,7 +49,7 @@ class TerminateOnNaN(Callback):
                 f"Loss value: {loss}. Terminating training immediately."
             )
         print(f"Batch {batch}: Invalid loss, terminating training")
-        return StopTraining(reason="nan_detected", source="TerminateOnNaN")
+        return StopTraining(reason="nan_detected", source="TerminateOnNaN", details={"monitor": "loss", "value": loss})
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> StopTraining | None:
         # Safety net: the epoch's aggregated loss is non-finite when any step's loss was.
@@ -61,4 +62,4 @@ class TerminateOnNaN(Callback):
                 f"Loss value: {loss}. Terminating training immediately."
             )
         print(f"Epoch {epoch + 1}: Invalid loss, terminating training")
-        return StopTraining(reason="nan_detected", source="TerminateOnNaN")
+        return StopTraining(reason="nan_detected", source="TerminateOnNaN", details={"monitor": "loss", "value": loss})

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 from orchestrator.callbacks.base import Callback, TrainingView
 from orchestrator.callbacks.callback_list import CallbackList
+from orchestrator.cluster.decision_events import Position, decision_event, with_details
+from orchestrator.cluster.report_checks import same_data, same_lr
 from orchestrator.cluster.specs import CoordinatorSpec
 from orchestrator.cluster.sync_barrier import Reports, SyncBarrier, _SyncPoint  # noqa: F401 - re-exported
 from orchestrator.core.events import EventType, undeclared_fields
@@ -29,12 +31,10 @@ from orchestrator.decisions import (
     Report,
     ReportKind,
     Rollback,
-    SaveModel,
     SetLearningRate,
     SkipBatches,
     StopTraining,
 )
-from orchestrator.errors import OrchestratorError
 from orchestrator.storage.checkpoint import FileEntry, Manifest, commit, purge_older, read_coordinator_state, step_dir
 from orchestrator.storage.layout import check_layout
 from orchestrator.storage.lease import LeaseLost, check_token
@@ -91,6 +91,8 @@ class CoordinatorCore:
         self._write_count = 0
         self.sealed = False
         self._epoch_lr: float | None = (restore or {}).get("view", {}).get("epoch_learning_rate")
+        self.position = Position.from_state(restore)  # where the ranks are: moved at every sync point
+        self._rate_in: float | None = None
         self._handlers: dict[ReportKind, Callable[[Report, Reports], list[Decision]]] = {
             ReportKind.TRAIN_BEGIN: self._on_train_begin,
             ReportKind.EPOCH_BEGIN: self._on_epoch_begin,
@@ -112,8 +114,8 @@ class CoordinatorCore:
         return {"callbacks": self.callbacks.state_dict(), "history": [dict(h) for h in self.history],
                 "last_logs": dict(self.last_logs), "skip": [list(p) for p in self.skip], "layout": self.layout,
                 "view": {"learning_rate": self.view.learning_rate, "epoch_learning_rate": self._epoch_lr,
-                         "epoch": self.view.epoch,
-                         "step": self.view.step, "global_step": self.view.global_step}}
+                         "epoch": self.view.epoch, "step": self.view.step, "global_step": self.view.global_step,
+                         **self.position.state_dict()}}
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.callbacks.load_state_dict(state.get("callbacks", []))
@@ -122,6 +124,7 @@ class CoordinatorCore:
         view = state.get("view", {})
         self.view.epoch = int(view.get("epoch", 0))
         self.view.step = int(view.get("step", 0))
+        self.position = Position.from_state(state)
 
     # -- sync points -----------------------------------------------------------------------
     def handle(self, reports: Reports) -> list[Decision]:
@@ -133,6 +136,7 @@ class CoordinatorCore:
         if self.error is not None:
             return [StopTraining(reason="callback_error", source="coordinator")]
         first = reports[min(reports)]
+        self._rate_in = first.learning_rate  # before the hooks: the "old" rate of a SetLearningRate they decide
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -175,13 +179,12 @@ class CoordinatorCore:
                 if d is None:
                     continue
             filled.append(d)
+        rate = self.view.learning_rate if self._rate_in is None else self._rate_in  # what a SetLearningRate changes
         for d in filled:
-            if isinstance(d, SaveModel):
-                self._emit(EventType.CHECKPOINT_SAVED, path=d.filepath, epoch=epoch, step=step)
-            elif isinstance(d, StopTraining):
-                self._emit(EventType.STOP, reason=d.reason, source=d.source, epoch=epoch, step=step)
-            elif isinstance(d, SetLearningRate):
-                self._emit(EventType.LR_CHANGED, value=d.value, source=d.source, epoch=epoch, step=step)
+            event = decision_event(d, learning_rate=rate, global_step=self.view.global_step)
+            if event is not None:
+                self._emit(event[0], epoch=epoch, step=step, **event[1])
+            rate = d.value if isinstance(d, SetLearningRate) else rate
         return filled
 
     def _start_write(self, decision: Backup) -> Backup | None:
@@ -215,6 +218,7 @@ class CoordinatorCore:
                        "stopping training (add BackupAndRestore with a small save_freq)", category="UserWarning")
             return StopTraining(reason="nan_detected", source=decision.source)
         self._abandon_writes(f"abandoned: the run rolled back to {self.last_committed}")
+        bad_step = self.view.global_step
         state = read_coordinator_state(self.storage, self.last_committed)
         survivors = {i: cb.state_dict() for i, cb in enumerate(self.callbacks.callbacks) if cb.survives_rollback}
         self._load_state(state)
@@ -223,40 +227,23 @@ class CoordinatorCore:
         rate = float(state.get("view", {}).get("learning_rate", self.view.learning_rate))
         self.view.learning_rate = rate * decision.lr_factor if decision.lr_factor else rate
         self._epoch_lr = self.view.learning_rate  # the replay runs at this rate
-        self._emit(EventType.ROLLED_BACK, epoch=epoch, step=step, folder=self.last_committed,
-                   skip=[list(p) for p in self.skip])
+        fields = {"folder": self.last_committed, "skip": [list(p) for p in self.skip], "source": decision.source,
+                  "bad_step": bad_step, "target_step": int(state.get("view", {}).get("global_step", 0)),
+                  "lr_factor": decision.lr_factor, "learning_rate": self.view.learning_rate}
+        self._emit(EventType.ROLLED_BACK, epoch=epoch, step=step,
+                   **with_details(EventType.ROLLED_BACK, fields, decision.details))
         return dataclasses.replace(decision, folder=self.last_committed)
 
-    @staticmethod
-    def _same_lr(reports: Reports) -> float:
-        rates = {r.learning_rate for r in reports.values()}
-        if len(rates) > 1:
-            by_rank = {rank: reports[rank].learning_rate for rank in sorted(reports)}
-            raise RuntimeError(f"ranks disagree on the learning rate: {by_rank}; every rank must apply the "
-                               "same SetLearningRate decisions (does an LR scheduler run on some ranks only?)")
-        return rates.pop()
-
-    @staticmethod
-    def _same_data(reports: Reports) -> None:
-        """Every rank must shard the same training set: same length, same steps per epoch."""
-        samples = {rank: (r.layout or {}).get("samples") for rank, r in sorted(reports.items())}
-        steps = {rank: r.steps_per_epoch for rank, r in sorted(reports.items())}
-        if len(set(steps.values())) > 1 or len(set(samples.values())) > 1:
-            per_rank = ", ".join(f"rank {rank}: {samples[rank]} samples, {steps[rank]} steps per epoch"
-                                 for rank in steps)
-            raise OrchestratorError(
-                f"ranks disagree on the training data ({per_rank}); data() must return the same training set "
-                "on every rank (each rank trains on its own shard of it), e.g. load it from the same files")
-
     def _on_train_begin(self, first: Report, reports: Reports) -> list[Decision]:
-        self.view.learning_rate = self._same_lr(reports)
-        self._same_data(reports)
+        self.view.learning_rate = same_lr(reports)
+        same_data(reports)
         if first.layout is not None:  # what this attempt's positions mean; a resume must not change it
             check_layout(self.layout, first.layout, self.last_committed or "the backup")
             self.layout = dict(first.layout)
         self.callbacks.params["steps"] = first.steps_per_epoch
-        self.view.global_step = first.global_step
-        self._emit(EventType.TRAIN_BEGIN, steps=first.steps_per_epoch, global_step=first.global_step)
+        self.view.global_step = self.position.global_step = first.global_step
+        self._emit(EventType.TRAIN_BEGIN, steps=first.steps_per_epoch, global_step=first.global_step,
+                   epoch=self.position.epoch, initial_step=max(self.position.done, 0))
         decisions = self.callbacks.call("on_train_begin", {})
         if self.restore is not None:  # after on_train_begin, which resets callbacks as Keras does
             self._load_state(self.restore)
@@ -266,8 +253,9 @@ class CoordinatorCore:
 
     def _on_epoch_begin(self, first: Report, reports: Reports) -> list[Decision]:
         self.view.epoch, self.view.step = first.epoch, 0
-        self.view.learning_rate = self._same_lr(reports)
-        self._emit(EventType.EPOCH_BEGIN, epoch=first.epoch)
+        self.view.learning_rate = same_lr(reports)
+        self.position.move(first.epoch, 0, first.global_step)
+        self._emit(EventType.EPOCH_BEGIN, epoch=first.epoch, global_step=first.global_step)
         decisions = self.callbacks.call("on_epoch_begin", first.epoch, {})
         if self.callbacks.batch_sync_every() is not None:
             decisions += self.callbacks.call("on_train_batch_begin", 0, {})
@@ -276,7 +264,8 @@ class CoordinatorCore:
 
     def _on_batch_end(self, first: Report, reports: Reports) -> list[Decision]:
         self.view.step, self.view.global_step = first.step, first.global_step
-        self.view.learning_rate = self._same_lr(reports)  # a per-step schedule moves it between epochs
+        self.position.move(first.epoch, first.step + 1, first.global_step)
+        self.view.learning_rate = same_lr(reports)  # a per-step schedule moves it between epochs
         nonfinite = any(r.nonfinite for r in reports.values())
         if any(r.preempted for r in reports.values()):  # an emergency backup at this very step, then a stop
             self._emit(EventType.PREEMPTED, epoch=first.epoch, step=first.global_step)
@@ -286,9 +275,9 @@ class CoordinatorCore:
         if nonfinite and math.isfinite(logs.get("loss", math.nan)):
             logs["loss"] = math.nan
         if nonfinite:
-            self._emit(EventType.NAN_DETECTED, epoch=first.epoch, step=first.step)
+            self._emit(EventType.NAN_DETECTED, epoch=first.epoch, step=first.step, global_step=first.global_step)
         decisions = self.callbacks.call("on_train_batch_end", first.step, dict(logs))
-        self._emit(EventType.BATCH_END, epoch=first.epoch, step=first.step, logs=logs)
+        self._emit(EventType.BATCH_END, epoch=first.epoch, step=first.step, logs=logs, global_step=first.global_step)
         more = not first.epoch_ends and (first.steps_per_epoch is None or first.step + 1 < first.steps_per_epoch)
         if not any(isinstance(d, StopTraining) for d in decisions) and more \
                 and self.callbacks.batch_sync_every() is not None:
@@ -297,10 +286,11 @@ class CoordinatorCore:
 
     def _on_epoch_end(self, first: Report, reports: Reports) -> list[Decision]:
         self.view.global_step = first.global_step
+        self.position.move(first.epoch + 1, 0, first.global_step)  # before any Backup: it resumes the next epoch
         lr_used = self._epoch_lr if self._epoch_lr is not None else self.view.learning_rate
         # History logs the rate the epoch started with; epoch-end callbacks see the rate now (a per-step
         # schedule moved it), which a SetLearningRate they decide is relative to
-        self.view.learning_rate = self._same_lr(reports)
+        self.view.learning_rate = same_lr(reports)
         logs = aggregate(_sums(r.train) for r in reports.values())
         if first.val is not None:
             val_logs = aggregate(_sums(r.val) for r in reports.values())
@@ -314,7 +304,7 @@ class CoordinatorCore:
         logs["learning_rate"] = lr_used  # Keras logs the rate used during the epoch
         self.last_logs = dict(logs)
         self.history.append({"epoch": first.epoch, "logs": dict(logs)})
-        self._emit(EventType.EPOCH_END, epoch=first.epoch, logs=dict(logs))
+        self._emit(EventType.EPOCH_END, epoch=first.epoch, logs=dict(logs), global_step=first.global_step)
         if any(r.preempted for r in reports.values()) \
                 and not any(isinstance(d, (StopTraining, Rollback)) for d in decisions):
             # a rank got a preemption notice by this epoch's end: an emergency backup of the finished epoch
@@ -332,8 +322,9 @@ class CoordinatorCore:
 
     # -- between sync points ---------------------------------------------------------------
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
-        """Rank 0's running logs, for the driver's progress bar."""
-        self._emit(EventType.PROGRESS, epoch=epoch, step=step, logs=logs)
+        """Rank 0's running logs, for the driver's progress bar (with the global step, when known)."""
+        self._emit(EventType.PROGRESS, epoch=epoch, step=step, logs=logs,
+                   global_step=self.position.global_at(epoch, step))
 
     def persisted(self, rank: int, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
         """Record one rank's durable files; commit the step once every rank's are in (in any order).

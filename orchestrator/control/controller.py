@@ -24,6 +24,7 @@ import ray
 
 from orchestrator.cluster.worker_group import WorkerGroup
 from orchestrator.control.attempt import Attempt, AttemptRunner, run_attempt
+from orchestrator.control.driver_side import reached_step
 from orchestrator.control.failures import AttemptFailed, FailureDecision, FailurePolicy, FailureRecord, NodesDrained
 from orchestrator.control.specs import FitSpec, Resume
 from orchestrator.control.states import (TERMINAL, ControllerState, Failed, Finished, FitOutcome, Preempted,
@@ -55,8 +56,12 @@ def ensure_ray() -> bool:
     return True
 
 
-def find_resume(fit: FitSpec, storage: RunStorage, events: EventLog) -> Resume:
+def find_resume(fit: FitSpec, storage: RunStorage, events: EventLog, reached: int | None = None) -> Resume:
     """The newest valid committed backup (folder, coordinator state), after removing newer leftovers.
+
+    ``reached`` is the highest global step the previous attempt of this driver got to (see
+    :func:`~orchestrator.control.driver_side.reached_step`), recorded on the ``restored`` event with
+    the steps lost (``reached`` minus the backup's step); None when not known.
 
     Raises:
         OrchestratorError: The backup was written by another number of workers.
@@ -83,7 +88,8 @@ def find_resume(fit: FitSpec, storage: RunStorage, events: EventLog) -> Resume:
                                        **option_layout(fit.loop)},
                  storage.url(found.folder))
     events.append(EventType.RESTORED, epoch=found.manifest.epoch, step=found.manifest.step, folder=found.folder,
-                  phase=found.manifest.phase)
+                  phase=found.manifest.phase, reached_step=reached,
+                  lost_steps=None if reached is None else max(reached - found.manifest.step, 0))
     return Resume(folder=found.folder, state=state)
 
 
@@ -235,11 +241,13 @@ class Controller:
 
     def _next_attempt(self) -> ControllerState:
         try:
+            reached = None
             if self.events is not None:  # a restart: a new token fences the previous attempt's coordinator out
                 self._take_lease()
+                reached = reached_step(self.outcome.events, self.events.attempt)
             attempt = bump_attempt(self.storage)
             self.events = EventLog(self.storage, attempt, token=self.lease.token if self.lease else None)
-            resume = find_resume(self.fit, self.storage, self.events)
+            resume = find_resume(self.fit, self.storage, self.events, reached)
         except BaseException as exc:
             return self._failed(exc)
         return Running(attempt, resume)
@@ -271,8 +279,7 @@ class Controller:
     def _after_failure(self, failed: AttemptFailed) -> ControllerState:
         assert self.events is not None
         self.failures.append(failed.record)
-        self.events.append(EventType.WORKER_FAILED, rank=failed.record.rank, node=failed.record.node,
-                           cause=failed.record.cause)
+        self.events.append(EventType.WORKER_FAILED, **failed.record.event_fields())
         decision = self.policy.decide(self.failures)
         if decision.restart:
             logger.warning("attempt %d failed (%s); %s", failed.record.attempt, failed.record.cause, decision.reason)

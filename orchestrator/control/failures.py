@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = ["AttemptFailed", "COORDINATOR", "Drain", "FailureDecision", "FailurePolicy", "FailureRecord",
            "NodesDrained"]
@@ -33,6 +33,13 @@ class FailureRecord:
         node: The node address of that rank (or of the coordinator).
         cause: One line saying what happened.
         role: ``"worker"``, or ``"coordinator"`` when the coordinator died or hung. Defaults to ``"worker"``.
+        detection_s: Seconds from the last sign of life of what failed, as the driver knew it, to the
+            driver's detection of the failure: for a rank, its age in the coordinator's newest poll
+            answer (seconds since its last heartbeat, progress report or sync point; 0 while it
+            waited at a sync point) plus the time since that answer; for the coordinator, the time
+            since its newest answer. The failure came after that sign of life, so for a death or
+            an error this bounds the detection latency from above; for a hang it is the silence
+            that tripped the watchdog. None when not measured. Defaults to ``None``.
 
     Example:
         >>> FailureRecord(2, None, "10.0.0.1", "the coordinator died", role=COORDINATOR).who
@@ -44,6 +51,17 @@ class FailureRecord:
     node: str
     cause: str
     role: str = "worker"
+    detection_s: float | None = None
+
+    def event_fields(self) -> dict[str, Any]:
+        """The fields of its ``worker_failed`` event: ``rank``, ``node``, ``cause``, ``role``, ``detection_s``.
+
+        Example:
+            >>> FailureRecord(1, 0, "10.0.0.1", "rank 0 died", detection_s=1.23456).event_fields()["detection_s"]
+            1.235
+        """
+        return {"rank": self.rank, "node": self.node, "cause": self.cause, "role": self.role,
+                "detection_s": None if self.detection_s is None else round(float(self.detection_s), 3)}
 
     @property
     def who(self) -> str:

@@ -11,6 +11,7 @@ a :class:`HangError` naming the callback and its hook (not retried).
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import logging
 import re
 import threading
@@ -24,7 +25,7 @@ import ray
 from orchestrator.cluster.coordinator import CoordinatorBusy, CoordinatorPoll
 from orchestrator.cluster.worker import WorkerFailure
 from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup, get_within
-from orchestrator.control.driver_side import DrainWatch, DriverCallbacks
+from orchestrator.control.driver_side import DrainWatch, DriverCallbacks, remember
 from orchestrator.control.failures import COORDINATOR, AttemptFailed, FailureRecord
 from orchestrator.control.specs import FaultPolicy
 from orchestrator.control.states import FitOutcome
@@ -67,6 +68,7 @@ class Relay:
     where: dict[str, Any] = field(default_factory=dict)
     ages: dict[int, float] = field(default_factory=dict, init=False)  # from the newest answer
     busy: CoordinatorBusy | None = field(default=None, init=False)  # from the newest answer
+    answered: float | None = field(default=None, init=False)  # time.monotonic() of the newest answer
     _pending: Any = field(default=None, init=False, repr=False)  # the poll in flight
     _sent: float = field(default=0.0, init=False, repr=False)
 
@@ -86,9 +88,10 @@ class Relay:
             return False
         ref, self._pending = self._pending, None
         answer: CoordinatorPoll = self._ask(lambda: ref, "poll")
-        self.ages, self.busy = answer.ages, answer.busy
+        self.ages, self.busy, self.answered = answer.ages, answer.busy, time.monotonic()
         for event in answer.events:
-            self.outcome.events.append(event)
+            event["attempt"] = self.attempt  # as in events.jsonl; reached_step() reads it
+            remember(self.outcome.events, event)  # a bounded number: events.jsonl has them all
             _persist_event(self.events, event)
             if event["type"] == EventType.WARNING:
                 category = getattr(builtins, event["category"], UserWarning)
@@ -97,6 +100,21 @@ class Relay:
                 warnings.warn(event["message"], category, stacklevel=4)
             self.driver.dispatch(event)
         return True
+
+    def silence_s(self, rank: int | None) -> float | None:
+        """Seconds since the last sign of life of ``rank`` (None: the coordinator) that the driver knows of.
+
+        A rank's is its age in the newest answer plus the time since that answer; the
+        coordinator's the time since its newest answer. None before any answer, or for a rank the
+        coordinator never heard from.
+        """
+        if self.answered is None:
+            return None
+        since = time.monotonic() - self.answered
+        if rank is None:
+            return since
+        age = self.ages.get(rank)
+        return None if age is None else age + since
 
     @property
     def unanswered_s(self) -> float:
@@ -207,7 +225,7 @@ def coordinator_hang(relay: Relay, hang_timeout_s: float) -> BaseException | Non
 
 def _persist_event(events: EventLog, event: dict[str, Any]) -> None:
     kind = event_type(event["type"])
-    fields = {k: v for k, v in event.items() if k not in ("type", "time", "epoch", "step")}
+    fields = {k: v for k, v in event.items() if k not in ("type", "time", "epoch", "step", "attempt")}
     if kind is EventType.STOP:
         if event.get("reason") == "preempted":
             return  # the controller records "preempted" once
@@ -226,11 +244,23 @@ def watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, i
     (the attempt stops at once and records nothing more), else None.
 
     Raises:
-        AttemptFailed: A rank or the coordinator died, raised or hung.
+        AttemptFailed: A rank or the coordinator died, raised or hung; its record's ``detection_s``
+            says how long the driver had not heard from it (see :class:`FailureRecord`).
         HangError: A coordinator callback blocked for ``hang_timeout_s`` (not retried).
         OrchestratorError: The ranks did not stop within ``preemption_grace_s`` of a preemption.
         Anything a coordinator callback raised.
     """
+    try:
+        return _watch(faults, attempt, group, relay, infos, refs, preempt, drain, fenced)
+    except AttemptFailed as failed:
+        if failed.record.detection_s is None:
+            failed.record = dataclasses.replace(failed.record, detection_s=relay.silence_s(failed.record.rank))
+        raise
+
+
+def _watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, infos: list[dict[str, Any]],
+           refs: list[Any], preempt: threading.Event, drain: DrainWatch,
+           fenced: Callable[[], BaseException | None] | None) -> list[LoopResult]:
     rank_of = {ref: rank for rank, ref in enumerate(refs)}
     results: dict[int, LoopResult] = {}
     pending = list(refs)

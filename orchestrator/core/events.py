@@ -28,6 +28,21 @@ class _Spec:
     doc: str
 
 
+# What a decision's event carries besides ``time``/``epoch``/``step``: the decision's own values, then
+# the values that caused it (from the deciding callback's ``details``; undeclared names go under
+# ``details``). ``epoch`` and ``step`` of a decision event are the epoch and the 0-based batch in it
+# (``-1`` at epoch sync points); ``global_step`` counts steps from the start of training, the
+# numbering of backup folders (``step-<N>``).
+_STOP_FIELDS = ("reason", "source", "global_step", "details")
+_EARLY_STOPPING_FIELDS = ("monitor", "value", "best", "best_epoch", "wait", "patience", "min_delta", "mode",
+                          "baseline")
+_NAN_FIELDS = ("monitor", "value", "rollbacks", "max_rollbacks")
+_LR_FIELDS = ("value", "source", "old", "new", "global_step", "monitor", "monitor_value", "best", "wait",
+              "patience", "factor", "min_lr", "details")
+_ROLLBACK_FIELDS = ("folder", "skip", "source", "bad_step", "target_step", "lr_factor", "learning_rate", "monitor",
+                    "value", "rollbacks", "max_rollbacks", "details")
+
+
 class EventType(enum.StrEnum):
     """An event's ``type``. A ``StrEnum``: ``EventType.STARTED == "started"`` and ``str()`` gives the value."""
 
@@ -42,11 +57,16 @@ class EventType(enum.StrEnum):
     # -- lifecycle (driver: controller and attempt) ------------------------------------------
     STARTED = _Spec("started", ("world_size", "nodes", "node_ids", "resumed_from", "warm"), True,
                     "an attempt's workers are up")
-    RESTORED = _Spec("restored", ("folder", "phase"), True, "an attempt resumes from a committed backup")
+    RESTORED = _Spec("restored", ("folder", "phase", "reached_step", "lost_steps"), True,
+                     "an attempt resumes from a committed backup; ``step`` is the backup's global step, "
+                     "``reached_step`` the highest global step the driver heard of in the attempt before "
+                     "(null in a new driver), ``lost_steps`` the difference (steps to train again; a lower bound)")
     BACKUP_SKIPPED = _Spec("backup_skipped", ("reason", "folder"), True,
                            "a backup step was not trusted on resume (torn, corrupt, uncommitted), or a "
                            "backup was not taken or not committed (a non-finite step, a rollback)")
-    WORKER_FAILED = _Spec("worker_failed", ("rank", "node", "cause"), True, "a rank died, raised or hung")
+    WORKER_FAILED = _Spec("worker_failed", ("rank", "node", "cause", "role", "detection_s"), True,
+                          "a rank (or the coordinator: ``role``) died, raised or hung; ``detection_s`` is the "
+                          "seconds from its last sign of life the driver knew of to the driver's detection")
     NODE_DRAINING = _Spec("node_draining", ("nodes", "hosts", "deadlines_ms"), True,
                           "Ray is draining nodes of this attempt")
     PREEMPTED = _Spec("preempted", ("reason", "nodes", "lost"), True,
@@ -54,30 +74,35 @@ class EventType(enum.StrEnum):
     FINISHED = _Spec("finished", ("epochs",), True, "training ended normally (early stopping included)")
     FAILED = _Spec("failed", ("error",), True, "training ended with an error")
     # -- decisions and their effects (coordinator) -------------------------------------------
-    LR_CHANGED = _Spec("lr_changed", ("value", "source"), True, "a callback set the learning rate")
-    NAN_DETECTED = _Spec("nan_detected", (), True,
+    LR_CHANGED = _Spec("lr_changed", _LR_FIELDS, True,
+                       "a callback set the learning rate: ``value`` and ``new`` the new rate, ``old`` the rate "
+                       "before; ReduceLROnPlateau adds what caused it")
+    NAN_DETECTED = _Spec("nan_detected", ("global_step",), True,
                          "a rank saw a non-finite loss or gradient at this step (its update was not applied)")
-    EARLY_STOPPING = _Spec("early_stopping", ("reason", "source"), True, "EarlyStopping stopped training")
-    TERMINATED_ON_NAN = _Spec("terminated_on_nan", ("reason", "source"), True,
+    EARLY_STOPPING = _Spec("early_stopping", _STOP_FIELDS + _EARLY_STOPPING_FIELDS, True,
+                           "EarlyStopping stopped training, with its state at that moment")
+    TERMINATED_ON_NAN = _Spec("terminated_on_nan", _STOP_FIELDS + _NAN_FIELDS, True,
                               "TerminateOnNaN (or RollbackOnNaN past its budget) stopped training")
-    STOPPED = _Spec("stopped", ("reason", "source"), True, "another callback stopped training")
-    ROLLED_BACK = _Spec("rolled_back", ("folder", "skip"), True,
-                        "every rank reloaded the newest committed backup after a non-finite loss")
+    STOPPED = _Spec("stopped", _STOP_FIELDS + ("monitor", "value"), True, "another callback stopped training")
+    ROLLED_BACK = _Spec("rolled_back", _ROLLBACK_FIELDS, True,
+                        "every rank reloaded the newest committed backup after a non-finite loss: ``bad_step`` "
+                        "the global step that went non-finite, ``target_step`` the backup's global step")
     CHECKPOINT_SAVED = _Spec("checkpoint_saved", ("path",), True, "ModelCheckpoint wrote a file")
     BACKUP_COMMITTED = _Spec("backup_committed", ("folder", "bytes", "purged"), True,
                              "every rank's files of a backup were durable and its manifest was written")
     BACKUP_FAILED = _Spec("backup_failed", ("rank", "folder", "error"), True, "a rank could not write a backup")
-    EPOCH_END = _Spec("epoch_end", ("logs",), True, "the epoch's cluster-wide logs")
+    EPOCH_END = _Spec("epoch_end", ("logs", "global_step"), True, "the epoch's cluster-wide logs")
     WARNING = _Spec("warning", ("message", "category"), True, "a callback warned (re-issued on the driver)")
     # -- in memory only (driver display) -----------------------------------------------------
-    TRAIN_BEGIN = _Spec("train_begin", ("steps", "global_step"), False, "on_train_begin ran")
-    EPOCH_BEGIN = _Spec("epoch_begin", (), False, "on_epoch_begin ran")
-    BATCH_END = _Spec("batch_end", ("logs",), False, "a batch sync point's logs")
-    PROGRESS = _Spec("progress", ("logs",), False, "rank 0's running loss, about once a second")
+    TRAIN_BEGIN = _Spec("train_begin", ("steps", "global_step", "initial_step"), False,
+                        "on_train_begin ran; ``epoch`` is the epoch the ranks continue in and ``initial_step`` "
+                        "the steps of it already done (0 unless resumed mid-epoch)")
+    EPOCH_BEGIN = _Spec("epoch_begin", ("global_step",), False, "on_epoch_begin ran")
+    BATCH_END = _Spec("batch_end", ("logs", "global_step"), False, "a batch sync point's logs")
+    PROGRESS = _Spec("progress", ("logs", "global_step"), False, "rank 0's running loss, about once a second")
     TRAIN_END = _Spec("train_end", ("logs",), False, "on_train_end ran")
-    STOP = _Spec("stop", ("reason", "source"), False,
+    STOP = _Spec("stop", tuple(dict.fromkeys(_STOP_FIELDS + _EARLY_STOPPING_FIELDS + _NAN_FIELDS)), False,
                  "a StopTraining decision; written to events.jsonl as early_stopping, terminated_on_nan or stopped")
-
 
 #: Keys every event carries besides its own fields (``attempt`` and ``owner`` are added when it is written to events.jsonl).
 COMMON_FIELDS: frozenset[str] = frozenset({"time", "attempt", "epoch", "step", "type", "owner"})
@@ -87,8 +112,8 @@ def undeclared_fields(kind: EventType, fields: Iterable[str]) -> list[str]:
     """The names in ``fields`` that are neither common keys nor declared for ``kind``, sorted.
 
     Example:
-        >>> undeclared_fields(EventType.LR_CHANGED, ["value", "source", "epoch", "old"])
-        ['old']
+        >>> undeclared_fields(EventType.LR_CHANGED, ["value", "source", "epoch", "old", "colour"])
+        ['colour']
     """
     return sorted(set(fields) - COMMON_FIELDS - set(kind.fields))
 
