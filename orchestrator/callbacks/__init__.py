@@ -18,6 +18,7 @@ from orchestrator.callbacks.progbar_logger import ProgbarLogger
 from orchestrator.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
 from orchestrator.callbacks.remote_monitor import RemoteMonitor
 from orchestrator.callbacks.rollback_on_nan import RollbackOnNaN
+from orchestrator.callbacks.tensorboard import TensorBoard
 from orchestrator.callbacks.terminate_on_nan import TerminateOnNaN
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "ReduceLROnPlateau",
     "RemoteMonitor",
     "RollbackOnNaN",
+    "TensorBoard",
     "TerminateOnNaN",
     "TrainingView",
 ]

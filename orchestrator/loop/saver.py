@@ -19,9 +19,10 @@ from typing import Any, Callable
 
 import torch
 
-from orchestrator.decisions import Backup, SaveModel
+from orchestrator.decisions import Backup, SaveModel, WriteHistograms
 from orchestrator.loop.rank_state import Component, Components, Position
 from orchestrator.loop.state_io import AsyncPersister, StagingArea, from_bytes, save_to
+from orchestrator.loop.tb_histograms import HistogramWriter
 from orchestrator.storage.checkpoint import COORDINATOR_FILE, SHARED_FILE, FileEntry, encode_state, rank_file, step_dir
 from orchestrator.storage.layout import OPTION_COMPONENTS, component_mismatch
 
@@ -91,6 +92,7 @@ class RankSaver:
         self.on_persisted = on_persisted
         self.area = StagingArea()
         self.persister: AsyncPersister | None = None
+        self.histograms: HistogramWriter | None = None
 
     def _storage(self) -> Any:
         if self.storage is None:
@@ -135,7 +137,9 @@ class RankSaver:
         self.on_persisted(self.rank, folder, entries, meta)
 
     def flush(self) -> None:
-        """Block until the pending backup is durable; raise if it failed."""
+        """Block until the pending backup is durable (raise if it failed) and any histogram file written."""
+        if self.histograms is not None:
+            self.histograms.wait()
         if self.persister is not None:
             self.persister.wait()
 
@@ -181,3 +185,10 @@ class RankSaver:
             if old != decision.filepath:
                 storage.rm(checkpoint_path(old))
 
+    def write_histograms(self, decision: WriteHistograms, model: torch.nn.Module) -> None:
+        """Rank 0 computes TensorBoard's weight histograms now and writes their file in the background."""
+        if self.rank != 0:
+            return  # one writer per file
+        if self.histograms is None:
+            self.histograms = HistogramWriter(self._storage())
+        self.histograms.write(decision, model)
