@@ -71,7 +71,8 @@ class Trainer:
         optimizer: ``(params) -> torch.optim.Optimizer``, called on every worker.
         loss: ``(outputs, targets) -> scalar tensor`` (the batch mean). Optional with ``train_step``.
         data: ``() -> (train_dataset, val_dataset or None)``, map-style or iterable datasets (see
-            :mod:`orchestrator.loop.iterable`), called on every worker.
+            :mod:`orchestrator.loop.iterable`) or Ray Datasets (``ray.data.Dataset``, see
+            :mod:`orchestrator.cluster.ray_data`), called on every worker.
         metrics: Built-in names (``"accuracy"`` or ``"acc"``, ``"mse"``, ``"mae"``; see
             :data:`orchestrator.core.metrics.BUILTIN_METRICS`), logged under the name given, or
             ``{"name": fn(outputs, targets)}`` returning the batch mean. Defaults to none.
@@ -129,6 +130,12 @@ class Trainer:
             ``torch.compile`` keyword arguments (``backend``, ``mode``, ``fullgraph``, ``dynamic``,
             ``options``). The default backend needs a C++ compiler on CPU (Triton on GPU); without it
             ``Trainer(...)`` raises naming what is missing. Defaults to ``False``.
+        ray_data_columns: With ``ray.data.Dataset`` input, the ``(features, label)`` column names whose
+            tensors make each ``(inputs, targets)`` batch; ``None`` gives ``train_step``/``val_step`` the
+            dict of columns. Defaults to ``None``.
+        ray_data_shuffle_buffer: With ``ray.data.Dataset`` input, each rank draws its training batches
+            from a local shuffle buffer of this many rows, reseeded every data pass from (seed, rank,
+            pass), so a resume reshuffles exactly as before. Defaults to ``None`` (the dataset's order).
 
     Example:
         >>> trainer = Trainer(model=build_model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
@@ -175,6 +182,8 @@ class Trainer:
         validation_steps: int | None = None,
         validation_freq: int | list[int] = 1,
         compile: bool | Mapping[str, Any] = False,
+        ray_data_columns: tuple[str, str] | None = None,
+        ray_data_shuffle_buffer: int | None = None,
     ) -> None:
         self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.loop = LoopConfig(model=model, optimizer=optimizer, data=data, loss=loss, metrics=metrics,
@@ -183,7 +192,8 @@ class Trainer:
                                accumulate_grad_batches=accumulate_grad_batches, lr_scheduler=lr_scheduler,
                                lr_scheduler_interval=lr_scheduler_interval, loader_workers=loader_workers,
                                steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
-                               validation_freq=validation_freq, compile=compile)
+                               validation_freq=validation_freq, compile=compile,
+                               ray_data_columns=ray_data_columns, ray_data_shuffle_buffer=ray_data_shuffle_buffer)
         self.scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources_per_worker,
                                      placement_strategy=placement_strategy,
@@ -316,6 +326,8 @@ class Trainer:
                 "loader_workers": self.loop.loader_workers, "steps_per_epoch": self.loop.steps_per_epoch,
                 "validation_steps": self.loop.validation_steps, "validation_freq": self.loop.validation_freq,
                 "compile": _describe_compile(self.loop.compile),
+                "ray_data_columns": list(self.loop.ray_data_columns) if self.loop.ray_data_columns else None,
+                "ray_data_shuffle_buffer": self.loop.ray_data_shuffle_buffer,
                 "callbacks": [cb.name for cb in self.callbacks]}
 
     def _build_final_model(self, state_dict: Mapping[str, Any] | None) -> Any:

@@ -129,6 +129,7 @@ class TrainWorker:
         """Join the process group at ``master`` and run this rank's loop; a failure is returned as a value."""
         import torch
 
+        from orchestrator.cluster.ray_data import RayDataInput
         from orchestrator.loop.train_loop import TrainLoop, init_process_group
 
         try:
@@ -141,12 +142,14 @@ class TrainWorker:
             else:
                 device, backend = torch.device("cpu"), "gloo"
             init_process_group(backend, master[0], master[1], self.rank, self.world_size)
+            data_input = RayDataInput()  # ray.data.Datasets from data() become rank shards (see ray_data.py)
             try:
                 storage = spec.storage.open() if spec.storage is not None else None
                 loop = TrainLoop(spec, self.rank, self.world_size, device, RayLink(coordinator, self.rank),
-                                 storage=storage, preemption=self.preemption)
+                                 storage=storage, preemption=self.preemption, data_input=data_input)
                 return loop.run()
             finally:
+                data_input.close()
                 torch.distributed.destroy_process_group()
         except Exception as exc:
             return failure_of(self.rank, exc, spec.storage.options if spec.storage is not None else None)

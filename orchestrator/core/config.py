@@ -152,6 +152,11 @@ class LoopConfig:
         compile: Compile the model with ``torch.compile`` on every rank: ``True``, or a dict of its keyword
             arguments (:data:`COMPILE_OPTIONS`, e.g. ``{"mode": "max-autotune"}`` or ``{"backend": "eager"}``);
             see :func:`compile_options`. Defaults to ``False``.
+        ray_data_columns: For ``ray.data.Dataset`` input, the ``(features, label)`` columns whose tensors
+            make the ``(inputs, targets)`` batch; ``None`` gives ``train_step`` the dict of columns. See
+            :func:`validate_ray_data_columns`. Defaults to ``None``.
+        ray_data_shuffle_buffer: Rows of the local shuffle buffer each rank draws its Ray Dataset batches
+            from, reseeded per data pass from (seed, rank, pass). Defaults to ``None`` (the dataset's order).
 
     Example:
         >>> config = LoopConfig(model=build_model, optimizer=make_sgd, data=load_data,
@@ -181,6 +186,8 @@ class LoopConfig:
     validation_steps: int | None = None
     validation_freq: int | list[int] = 1
     compile: bool | Mapping[str, Any] = False
+    ray_data_columns: tuple[str, str] | None = None
+    ray_data_shuffle_buffer: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.data is not None,
@@ -217,6 +224,9 @@ class LoopConfig:
                 validate_int(name, getattr(self, name), 1, "batches per rank, or None")
         object.__setattr__(self, "validation_freq", validate_validation_freq(self.validation_freq))
         compile_options(self.compile)  # validates
+        object.__setattr__(self, "ray_data_columns", validate_ray_data_columns(self.ray_data_columns))
+        if self.ray_data_shuffle_buffer is not None:
+            validate_int("ray_data_shuffle_buffer", self.ray_data_shuffle_buffer, 1, "rows per rank, or None")
 
 
 def compile_options(value: Any) -> dict[str, Any] | None:
@@ -238,6 +248,23 @@ def compile_options(value: Any) -> dict[str, Any] | None:
     _require(value.get("mode") is None or isinstance(value.get("mode"), str),
              f"compile: mode must be a string or None, got {value.get('mode')!r}")
     return dict(value)
+
+
+def validate_ray_data_columns(value: Any) -> tuple[str, str] | None:
+    """``value`` as a ``(features, label)`` pair of distinct column names, or None.
+
+    Example:
+        >>> validate_ray_data_columns(["image", "label"])
+        ('image', 'label')
+    """
+    if value is None:
+        return None
+    _require(isinstance(value, (tuple, list)) and len(value) == 2
+             and all(isinstance(v, str) and v for v in value) and value[0] != value[1],
+             "ray_data_columns must be None or (features, label): two different column names of the Ray "
+             f"Dataset, e.g. ('x', 'y'), got {value!r}; merge several feature columns into one with map_batches, "
+             "or pass None and a train_step that reads the dict of columns")
+    return (value[0], value[1])
 
 
 def validate_validation_freq(value: Any) -> int | list[int]:

@@ -12,7 +12,9 @@
   an attribute ``rank_aware = True`` saying that the dataset already yields only this rank's part
   (e.g. it reads ``torch.distributed.get_rank()`` or was split with ``split_dataset_by_node``).
 
-The rank's samples are batched in the order they come (the last batch may be short). With
+A source that batches itself says so with ``yields_batches = True`` (with ``rank_aware``): each item
+it yields is one batch, used as it is (a Ray Dataset's shard, see :mod:`orchestrator.cluster.ray_data`).
+Otherwise the rank's samples are batched in the order they come (the last batch may be short). With
 ``loader_workers=W`` every DataLoader worker reads the rank's stream and keeps every ``W``-th
 *batch*, so the batches and their order are the same whatever ``W`` (a dataset must therefore not
 split itself by ``get_worker_info()``). ``set_epoch(data_pass)`` is called on a dataset that has it
@@ -37,7 +39,7 @@ some rank no batch at all is an error on every rank.
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -69,6 +71,18 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def as_datasets(value: Any, *_: Any) -> tuple[Any, Any]:
+    """What ``data()`` returned as ``(train, val)``: the loop's default ``data_input`` (see :data:`DataInput`)."""
+    if isinstance(value, tuple) and len(value) == 2:
+        return value
+    return value, None
+
+
+#: ``(what data() returned, rank, world_size, LoopConfig) -> (train, val)``: what the loop reads. The Ray
+#: layer passes one that turns Ray Datasets into rank shards (:mod:`orchestrator.cluster.ray_data`).
+DataInput = Callable[[Any, int, int, Any], tuple[Any, Any]]
+
+
 class RankBatches(IterableDataset):
     """One rank's batches of an iterable, each paired with where the stream is after it.
 
@@ -88,6 +102,7 @@ class RankBatches(IterableDataset):
         self.source, self.rank, self.world_size = source, rank, world_size
         self.batch_size, self.stride = batch_size, stride
         self.stateful = is_stateful(source)
+        self.batched = bool(getattr(source, "yields_batches", False))  # each item is a whole batch
         self.data_pass = 0
         self.mark: dict[str, Any] | None = None  # continue after this batch (None: from the pass's start)
         self.limit: int | None = None  # at most this many batches in the pass
@@ -112,7 +127,7 @@ class RankBatches(IterableDataset):
             if self.stride and i % self.world_size != self.rank:
                 continue
             buffer.append(sample)
-            if len(buffer) < self.batch_size:
+            if len(buffer) < (1 if self.batched else self.batch_size):
                 continue
             out = self._deal(buffer, index, first, worker, workers, read)
             buffer, index = [], index + 1
@@ -130,7 +145,8 @@ class RankBatches(IterableDataset):
         if index < first or (index - first) % workers != worker:
             return None  # already trained (a re-read pass), or another worker's batch
         inner = copy.deepcopy(self.source.state_dict()) if self.stateful else None
-        return default_collate(buffer), {"batches": index + 1, "read": read, "inner": inner}
+        batch = buffer[0] if self.batched else default_collate(buffer)
+        return batch, {"batches": index + 1, "read": read, "inner": inner}
 
 
 def batch_loader(batches: RankBatches, *, workers: int, pin_memory: bool, seed: int) -> DataLoader:

@@ -45,11 +45,12 @@ from orchestrator.decisions import (
     SkipBatches,
     SnapshotWeights,
     StopTraining,
+    WriteHistograms,
 )
 from orchestrator.core.config import validation_due
 from orchestrator.loop.compiled import compile_model, plain_module
 from orchestrator.loop.data import ShardSampler, Window, epoch_window, make_loader, shutdown_workers
-from orchestrator.loop.iterable import data_components, train_stream
+from orchestrator.loop.iterable import DataInput, as_datasets, data_components, train_stream
 from orchestrator.loop.optim_step import (
     LearningRates, OptimStep, Precision, build_scheduler, micro_batch_groups, steps_per_epoch)
 from orchestrator.loop.rank_state import MetricSums, Position, Snapshots, rank_components
@@ -119,12 +120,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _as_datasets(value: Any) -> tuple[Any, Any]:
-    if isinstance(value, tuple) and len(value) == 2:
-        return value
-    return value, None
-
-
 class TrainLoop:
     """One rank's training loop.
 
@@ -142,6 +137,7 @@ class TrainLoop:
         link: The coordinator link.
         storage: The opened run storage (for backups and checkpoints), or None.
         preemption: Set (from another thread) when a preemption notice arrives.
+        data_input: ``data()``'s value to ``(train, val)`` (Ray layer: Ray Datasets to shards). Defaults to as is.
 
     Example:
         >>> result = TrainLoop(spec, rank=0, world_size=1, device=torch.device("cpu"),
@@ -149,7 +145,8 @@ class TrainLoop:
     """
 
     def __init__(self, spec: TrainSpec, rank: int, world_size: int, device: torch.device,
-                 link: CoordinatorLink, storage: Any = None, preemption: threading.Event | None = None) -> None:
+                 link: CoordinatorLink, storage: Any = None, preemption: threading.Event | None = None,
+                 data_input: DataInput = as_datasets) -> None:
         self.spec = spec
         self.config = spec.loop
         self.rank = rank
@@ -160,7 +157,7 @@ class TrainLoop:
         self.batch_sync_every = spec.batch_sync_every
         self.storage = storage
         self.resume_from = spec.resume_from
-        self.preemption = preemption or threading.Event()
+        self.preemption, self.data_input = preemption or threading.Event(), data_input
         self.skip: set[tuple[int, int]] = set()
         self.position = Position()
         self.metric_sums = MetricSums(device)
@@ -186,7 +183,7 @@ class TrainLoop:
         compile_model(self.model, cfg.compile, self.device)  # its forward, in place: plain state_dict keys
         self.signalled = SignalledModule(self.model)
         self.ddp = DistributedDataParallel(self.signalled, device_ids=device_ids)
-        train_ds, val_ds = _as_datasets(cfg.data())
+        train_ds, val_ds = self.data_input(cfg.data(), self.rank, self.world_size, cfg)
         self.stream = train_stream(train_ds, self.rank, self.world_size, cfg, self.device)  # iterables: see iterable.py
         if self.stream is not None:
             self.train_loader, self.steps_per_epoch = self.stream.loader, cfg.steps_per_epoch  # None: unknown (Keras)
@@ -251,6 +248,8 @@ class TrainLoop:
                 self.saver.backup(d, self.position)
             elif isinstance(d, SaveModel):
                 self.saver.save_model(d, self.model, self.optimizer, self.position)
+            elif isinstance(d, WriteHistograms):  # rank 0, file written in the background
+                self.saver.write_histograms(d, self.model)
             elif isinstance(d, SkipBatches):
                 self.skip = {(int(e), int(b)) for e, b in d.batches}
             elif isinstance(d, Rollback):
