@@ -3,6 +3,7 @@
     orchestrator run TARGET [--storage URL] [--run-name NAME] [--epochs N] [--num-workers N]
                             [--use-gpu] [--set KEY=VALUE ...]
     orchestrator status RUN_URL [--option KEY=VALUE ...]
+    orchestrator plot RUN_URL [-o run.png] [--size WxH] [--option KEY=VALUE ...]
 
 ``TARGET`` is a Python file defining ``make_trainer(**config)`` (or a ``trainer``), or
 ``package.module:function`` returning an :class:`orchestrator.Trainer`; ``--set`` values are passed
@@ -10,8 +11,9 @@ to that function as keyword arguments (parsed as JSON when they parse, else kept
 
 Exit codes: 0 finished (early stopping included, or already finished before); 75 preempted with an
 emergency backup: run the same command again; 1 training failed (``status``: the storage could not
-be read); 2 bad arguments or no run there; 3 (``status``) a run file is damaged: what could be read is
-printed, and each damaged file and line is named on stderr.
+be read); 2 bad arguments or no run there (``plot``: or no epoch ended yet, or matplotlib missing);
+3 (``status``, ``plot``) a run file is damaged: what could be read is printed (drawn), and each damaged
+file and line is named on stderr.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import ray
 
 from orchestrator.api import Trainer
 from orchestrator.core.events import EventType, event_type
+from orchestrator.core.goodput import goodput
 from orchestrator.errors import Preempted
 from orchestrator.core.redaction import redact
 from orchestrator.storage.fs import RunStorage, StorageSpec
@@ -152,8 +155,12 @@ def _number(value: Any) -> str:
     return f"{str(value):>14}"
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """Print what can be read of a run; a damaged file is named (file and line) on stderr, exit 3."""
+def _open_run(args: argparse.Namespace) -> RunStorage:
+    """The run at ``args.run_url`` opened with the ``--option`` storage options.
+
+    Raises:
+        UsageError: RUN_URL is not ``<storage>/<run_name>``, or no run.json is there.
+    """
     url = args.run_url.rstrip("/")
     root, _, run_name = url.rpartition("/")
     if not root or not run_name:
@@ -163,6 +170,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     storage = StorageSpec(root, run_name, options).open()
     if not storage.exists(RUN_JSON):
         raise UsageError(f"no run at {storage.url()} (run.json is missing)")
+    return storage
+
+
+def _print_problems(command: str, problems: list[str]) -> int:
+    """Name each damaged place on stderr (at most ``_MAX_PROBLEM_LINES``); the exit code."""
+    if not problems:
+        return EXIT_FINISHED
+    for problem in problems[:_MAX_PROBLEM_LINES]:
+        print(f"orchestrator {command}: damaged run file: {problem}", file=sys.stderr)
+    if len(problems) > _MAX_PROBLEM_LINES:
+        print(f"orchestrator {command}: ... and {len(problems) - _MAX_PROBLEM_LINES} more damaged lines",
+              file=sys.stderr)
+    return EXIT_DAMAGED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print what can be read of a run; a damaged file is named (file and line) on stderr, exit 3."""
+    storage = _open_run(args)
     problems: list[str] = []
     run = _read_run_json(storage, problems)
     unknown = "?" if problems else 0  # a damaged run.json: its counter is unknown, not 0
@@ -202,21 +227,41 @@ def cmd_status(args: argparse.Namespace) -> int:
             e = record.event
             detail = {k: v for k, v in e.items() if k not in ("time", "type", "attempt")}
             print(f"attempt {e.get('attempt', '?')}: {kind.value} {json.dumps(detail, default=str)}")
-    if problems:
-        for problem in problems[:_MAX_PROBLEM_LINES]:
-            print(f"orchestrator status: damaged run file: {problem}", file=sys.stderr)
-        if len(problems) > _MAX_PROBLEM_LINES:
-            print(f"orchestrator status: ... and {len(problems) - _MAX_PROBLEM_LINES} more damaged lines",
-                  file=sys.stderr)
-        return EXIT_DAMAGED
-    return EXIT_FINISHED
+    if any(kind is EventType.STARTED for kind, _ in events):  # where the time went (a run's workers came up)
+        for line in goodput(record.event for _, record in events).lines():
+            print(line)
+    return _print_problems("status", problems)
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise UsageError(f"--size expects WIDTHxHEIGHT in pixels such as 1200x800, got {text!r}")
+    return int(width), int(height)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a run's curves and markers into a PNG; a damaged event line is named on stderr, exit 3."""
+    from orchestrator.plot import MissingExtra, plot_events
+
+    size = _size(args.size)
+    storage = _open_run(args)
+    found = read_event_log(storage)
+    try:
+        width, height = plot_events(found.events, args.output, title=storage.spec.run_name, size=size)
+    except MissingExtra as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"wrote {args.output} ({width}x{height} pixels) from {storage.url()}")
+    return _print_problems("plot", found.problems)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orchestrator", description=__doc__.split("\n\n")[0],
-        epilog="exit codes: 0 finished, 75 preempted (run again), 1 failed (status: storage unreadable), "
-               "2 usage or no run, 3 status: a run file is damaged (the rest is printed, the damaged file "
+        epilog="exit codes: 0 finished, 75 preempted (run again), 1 failed (status, plot: storage unreadable), "
+               "2 usage or no run, 3 status, plot: a run file is damaged (the rest is printed, the damaged file "
                "and line named)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="build the trainer from TARGET and fit it")
@@ -230,10 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--takeover", action="store_true",
                      help="take the run over from a driver that still holds its lease (only when you know it is gone)")
     run.set_defaults(func=cmd_run)
-    status = sub.add_parser("status", help="print a run's epochs, metrics, backups, attempts and decisions")
+    status = sub.add_parser("status", help="print a run's epochs, metrics, backups, attempts, decisions and goodput")
     status.add_argument("run_url", help="<storage>/<run_name>")
     status.add_argument("--option", action="append", metavar="KEY=VALUE", help="fsspec storage option")
     status.set_defaults(func=cmd_status)
+    plot = sub.add_parser("plot", help="draw a run's train/validation curves, learning rate, restarts, restores, "
+                                       "rollbacks, preemptions, LR changes and early stop into a PNG "
+                                       '(needs pip install "orchestrator[plot]")')
+    plot.add_argument("run_url", help="<storage>/<run_name>")
+    plot.add_argument("-o", "--output", default="run.png", help="the PNG file to write (default run.png)")
+    plot.add_argument("--size", metavar="WxH", help="size in pixels (default 1200 wide, 260 a panel + 80 high)")
+    plot.add_argument("--option", action="append", metavar="KEY=VALUE", help="fsspec storage option")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

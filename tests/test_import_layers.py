@@ -23,7 +23,7 @@ LAYERS = {
     "cluster": 4,
     "control": 5,
     "api": 6,
-    "cli": 7, "__main__": 7, "__init__": 7,
+    "cli": 7, "__main__": 7, "__init__": 7, "plot": 7,
 }
 RAY_MIN_LAYER = LAYERS["cluster"]
 TORCH_FREE_LAYERS = {LAYERS["core"], LAYERS["storage"], LAYERS["callbacks"], LAYERS["control"]}
@@ -31,6 +31,7 @@ TORCH_FREE_LAYERS = {LAYERS["core"], LAYERS["storage"], LAYERS["callbacks"], LAY
 TORCH_FREE_MODULES = ("orchestrator.cluster.coordinator", "orchestrator.cluster.coordinator_core",
                       "orchestrator.cluster.sync_barrier",
                       "orchestrator.control.controller", "orchestrator.control.attempt",
+                      "orchestrator.control.metrics_export", "orchestrator.plot",
                       "orchestrator.storage.checkpoint", "orchestrator.core.events")
 
 

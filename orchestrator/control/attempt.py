@@ -18,6 +18,7 @@ import ray
 
 from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup, get_within
 from orchestrator.control.failures import COORDINATOR, AttemptFailed, FailureRecord, NodesDrained
+from orchestrator.control.metrics_export import for_fit as run_metrics
 from orchestrator.control.specs import FitSpec, Resume
 from orchestrator.control.states import FitOutcome
 from orchestrator.control.watch import DrainWatch, DriverCallbacks, Relay, watch
@@ -81,7 +82,10 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
         Anything else: a callback's error, the preemption grace exceeded, an actor that did not answer.
     """
     resume, events = attempt.resume, attempt.events
-    driver = DriverCallbacks(fit.driver_callbacks, fit.params, (resume.state or {}).get("history"))
+    metrics = run_metrics(fit)  # Prometheus metrics through Ray, fed the attempt's begin, events and end
+    metrics.begin_attempt(attempt.number)
+    driver = DriverCallbacks(fit.driver_callbacks, fit.params, (resume.state or {}).get("history"),
+                             observe=metrics.observe)
     coordinator_spec = fit.coordinator_spec(resume)
     coordinator, ready = group.coordinator(coordinator_spec)  # starts (or is a spare) while the workers start
     relay = Relay(coordinator, driver, outcome, events, attempt=attempt.number)
@@ -102,8 +106,9 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
         if not group.promoted or not group.storage_checked:  # promoted standbys sit where checked workers were
             _check_storage_visible(group, fit.storage, attempt.storage, infos)
             group.storage_checked = True
-        events.append(EventType.STARTED, world_size=fit.scaling.num_workers, nodes=sorted({i["node"] for i in infos}),
-                      node_ids=[i["node_id"] for i in infos], resumed_from=resume.folder, warm=group.promoted)
+        metrics.observe(events.append(
+            EventType.STARTED, world_size=fit.scaling.num_workers, nodes=sorted({i["node"] for i in infos}),
+            node_ids=[i["node_id"] for i in infos], resumed_from=resume.folder, warm=group.promoted))
         refs = group.run(fit.train_spec(resume), coordinator)
         try:
             results = watch(fit.faults, attempt.number, group, relay, infos, refs, attempt.preempt, drain,
@@ -129,6 +134,7 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
         # Ctrl-C: clean up, collect nothing; fenced out: the run is another driver's, write nothing into it
         if not isinstance(sys.exc_info()[1], (KeyboardInterrupt, LeaseLost)):
             relay.flush()  # a backup committed as the attempt ended is in events.jsonl before what ended it
+        metrics.end_attempt(sys.exc_info()[1], preempted=attempt.preempt.is_set())
         ray.kill(relay.coordinator, no_restart=True)
 
 
