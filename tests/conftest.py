@@ -8,7 +8,24 @@ from pathlib import Path
 
 import pytest
 
+import background
+
 TESTS_DIR = Path(__file__).resolve().parent
+_SCENARIOS: list[background.Scenario] = []
+
+
+def pytest_collection_finish(session):
+    """Start the background scenarios of the collected modules now, so they run beside the suite."""
+    if session.config.option.collectonly:
+        return
+    _SCENARIOS[:] = background.collected_scenarios(session.items)
+    for scenario in _SCENARIOS:
+        scenario.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for scenario in _SCENARIOS:  # shut down if not waited for (an early stop), and cleaned up
+        scenario.remove()
 
 
 @pytest.fixture(scope="session")

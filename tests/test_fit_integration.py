@@ -173,7 +173,7 @@ def test_progress_reaches_the_driver_at_most_about_once_a_second(ray_cluster):
     begin = next(e["time"] for e in history.events if e["type"] == "epoch_begin")
     end = next(e["time"] for e in history.events if e["type"] == "epoch_end")
     assert len(progress) >= 1
-    assert len(progress) <= (end - begin) / 1.0 + 2
+    assert len(progress) <= (end - begin) / 1.0 + 2  # 250 steps: one event a step would break this
     assert all(math.isfinite(e["logs"]["loss"]) for e in progress)
 
 

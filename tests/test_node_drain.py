@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,6 +10,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
+import background
 import workloads
 from orchestrator.storage.run_files import read_events
 from orchestrator.storage.fs import StorageSpec
@@ -29,37 +27,24 @@ class Runs(NamedTuple):
     output: str  # its output's tail, for failure messages
 
 
+# sigterm first: it needs the workers on the spot node, so no other usable node but one
+SCENARIO = background.Scenario("drain", [sys.executable, str(ROOT / "tests" / "entries" / "drain_cluster.py"),
+                                         "sigterm,drain", "{folder}", "drained", str(EPOCHS)])
+
+
 @pytest.fixture(scope="module")
 def runs(ray_session, tmp_path_factory) -> Runs:
     """Both scenarios, one after the other on one multi-node cluster of their own, and their reference.
 
-    The cluster lives in a subprocess (this session already owns a Ray instance); while it starts and
-    trains, the reference (the same run, never disturbed) is fitted on the session's Ray.
+    The cluster lives in a subprocess (this session already owns a Ray instance), started with the
+    session (tests/background.py); the reference (the same run, never disturbed) is fitted on the
+    session's Ray.
     """
-    folder = tmp_path_factory.mktemp("drain-cluster")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-               OMP_NUM_THREADS="1")
-    output_file = folder / "output.log"
-    # sigterm first: it needs the workers on the spot node, so no other usable node but one
-    with output_file.open("w") as output:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "entries" / "drain_cluster.py"),
-                                 "sigterm,drain", str(folder), "drained", str(EPOCHS)], env=env, stdout=output,
-                                stderr=subprocess.STDOUT, text=True)
-    try:
-        reference = workloads.drainable_trainer(str(tmp_path_factory.mktemp("reference")), "reference").fit(
-            epochs=EPOCHS, verbose=0)
-        proc.wait(timeout=540)
-    finally:
-        if proc.poll() is None:  # SIGINT first: the cluster is shut down on the way out
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    return Runs(reference, folder, proc.returncode, f"exit code {proc.returncode}\n" + output_file.read_text()[-8000:])
+    SCENARIO.start()  # already running unless collection did not start it
+    reference = workloads.drainable_trainer(str(tmp_path_factory.mktemp("reference")), "reference").fit(
+        epochs=EPOCHS, verbose=0)
+    returncode = SCENARIO.wait(timeout=540)
+    return Runs(reference, SCENARIO.folder, returncode, f"exit code {returncode}\n" + SCENARIO.output())
 
 
 def run_on_own_cluster(runs: Runs, mode: str) -> tuple[Path, dict, list[dict]]:

@@ -93,8 +93,8 @@ def dict_step(model, batch):
 
 
 def many_batches_data():
-    """Enough batches at batch size 8 for an epoch to last more than a second on 2 CPU ranks."""
-    return make_classification(20000, seed=5), None
+    """250 steps at batch size 8 on 2 ranks: without a rate limit, one progress event a step."""
+    return make_classification(4000, seed=5), None
 
 
 def failing_step(fail_at_call: int, flag_path: str):

@@ -1,0 +1,100 @@
+"""Scenarios that run in a subprocess of their own from the start of the test session.
+
+A scenario on a cluster of its own (several Ray nodes in a subprocess) mostly waits: for nodes to
+start, for drain deadlines, for restarts. Started when collection ends, it runs beside the rest of
+the suite instead of after it; its test then only reads what it left. A scenario that is not
+collected (``-k``, a single file) is never started.
+
+Example (in a test module)::
+
+    SCENARIO = background.Scenario("drain", [sys.executable, "entries/drain_cluster.py", ...])
+    # conftest starts every collected module's SCENARIO; a fixture calls SCENARIO.wait(timeout)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def clean_env() -> dict[str, str]:
+    """The environment of a subprocess that starts a Ray cluster of its own (not the session's)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+               OMP_NUM_THREADS="1")
+    return env
+
+
+@dataclass
+class Scenario:
+    """A command started once per session; ``folder`` is its own scratch directory (an argument of it).
+
+    Args:
+        name: Names the scratch folder and the log.
+        argv: The command, with ``{folder}`` where the scratch folder goes.
+    """
+
+    name: str
+    argv: list[str]
+    folder: Path | None = None
+    proc: subprocess.Popen | None = None
+    returncode: int | None = None
+    _log: Path | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        if self.proc is not None:
+            return
+        self.folder = Path(tempfile.mkdtemp(prefix=f"bg-{self.name}-"))
+        self._log = self.folder / "output.log"
+        with self._log.open("w") as out:
+            self.proc = subprocess.Popen([a.replace("{folder}", str(self.folder)) for a in self.argv],
+                                         env=clean_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+
+    def wait(self, timeout: float) -> int:
+        """Its exit code, once it has ended (started now if it was not); SIGINT, then kill, past ``timeout``."""
+        self.start()
+        assert self.proc is not None
+        try:
+            self.returncode = self.proc.wait(timeout=timeout)
+        finally:
+            self.stop()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self._log.read_text()[-8000:] if self._log is not None and self._log.exists() else ""
+
+    def remove(self) -> None:
+        """Delete the scratch folder (at the end of the session)."""
+        self.stop()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def stop(self) -> None:
+        """SIGINT first (the scenario shuts its cluster down on the way out), then kill."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def collected_scenarios(items) -> list[Scenario]:
+    """The ``SCENARIO`` of every module that has a collected test, once each."""
+    seen: dict[int, Scenario] = {}
+    for item in items:
+        scenario = getattr(item.module, "SCENARIO", None) if hasattr(item, "module") else None
+        if isinstance(scenario, Scenario):
+            seen[id(scenario)] = scenario
+    return list(seen.values())
