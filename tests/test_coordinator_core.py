@@ -290,6 +290,17 @@ def test_persisted_from_every_rank_writes_the_manifest_and_purges_the_older_step
                                                                         ("backup/step-8", 8, [4])]
 
 
+def test_a_commit_event_carries_the_longest_training_stall_of_any_rank(storage):
+    core = make_core([Recorder()], storage=storage)
+    folder = step_dir("backup", 4)
+    write = decide_backup(core, 4).write
+    for rank, stall in ((0, 0.25), (1, 0.75)):
+        entries = write_rank_files(storage, folder, rank, None)
+        core.persisted(rank, folder, entries, meta(4, rank, write=write, stall_s=stall))
+    (commit,) = events_of(core, EventType.BACKUP_COMMITTED)
+    assert commit["stall_s"] == 0.75
+
+
 def test_persisted_reports_out_of_rank_order_still_commit_once(storage):
     core = make_core([Recorder()], storage=storage)
     folder = decide_backup(core, 4) and step_dir("backup", 4)

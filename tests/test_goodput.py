@@ -54,6 +54,14 @@ PREEMPTED_RESUMED_NEXT_DAY = [
     ev(1027, 2, "finished"),
 ]
 
+# two backups that stood training still for 0.5 s and 1.5 s: lost, out of the productive time
+STALLED_BY_BACKUPS = [
+    ev(0, 1, "started"),
+    ev(12, 1, "backup_committed", epoch=0, step=10, folder="backup/step-10", stall_s=0.5),
+    ev(22, 1, "backup_committed", epoch=1, step=20, folder="backup/step-20", stall_s=1.5),
+    ev(23, 1, "finished"),
+]
+
 FAILS_BEFORE_TRAINING = [
     ev(0, 1, "started"),
     ev(5, 1, "worker_failed", rank=0, cause="ImportError"),
@@ -77,10 +85,11 @@ OLD_FORMAT = [
     (ROLLBACK_FOLDER_ONLY, 28, 21, {"startup": 2, "replayed": 5}, 5, 1, 1),
     (PREEMPTED_RESUMED_NEXT_DAY, 1027, 20, {"startup": 2 + 2, "restore": 2, "interrupted": 1, "between_attempts": 1000},
      0, 2, 0),
+    (STALLED_BY_BACKUPS, 23, 19, {"startup": 2, "backup_stalls": 2}, 0, 1, 0),
     (FAILS_BEFORE_TRAINING, 5, 0, {"startup": 5}, 0, 1, 0),
     (OLD_FORMAT, 21, 21, {}, 0, 1, 0),
 ], ids=["uninterrupted", "restart-replays-steps", "rollback", "rollback-folder-only", "preempted-resumed-next-day",
-        "fails-before-training", "old-format-no-steps"])
+        "stalled-by-backups", "fails-before-training", "old-format-no-steps"])
 def test_goodput_splits_the_wall_time_of_a_run_into_productive_and_lost_seconds_by_cause(
         events, wall, productive, lost, replayed_steps, attempts, rollbacks):
     b = goodput(events)
@@ -148,9 +157,9 @@ def test_the_breakdown_prints_a_summary_and_one_line_per_cause():
     lines = goodput(RESTART_REPLAYS).lines()
     assert lines[0] == ("goodput 56.4%: 31.0 s productive of 55.0 s wall (2 attempts, 1 restart, 0 rollbacks, "
                         "1 s a step)")
-    assert [line.split()[2:] for line in lines[1:6]] == [
+    assert [line.split()[2:] for line in lines[1:7]] == [
         ["start-up", "6.0", "s", "10.9%"], ["restore", "4.0", "s", "7.3%"],
         ["replayed", "steps", "10.0", "s", "18.2%", "(10", "steps)"], ["interrupted", "work", "3.0", "s", "5.5%"],
-        ["between", "attempts", "1.0", "s", "1.8%"]]
-    assert lines[6] == "  backup stalls: not recorded in the events (counted as productive)"
+        ["between", "attempts", "1.0", "s", "1.8%"], ["backup", "stalls", "0.0", "s", "0.0%"]]
+    assert len(lines) == 7
     assert goodput([]).lines()[0].startswith("goodput n/a: 0.0 s productive of 0.0 s wall (0 attempts")

@@ -160,6 +160,7 @@ def test_a_fit_exports_its_metrics_through_rays_metrics_export(ray_cluster, rest
     assert seen["ray_orchestrator_samples_total"][tag] == steps * 16 * 2
     assert seen["ray_orchestrator_restarts_total"][tag] == 1
     assert seen["ray_orchestrator_backups_committed_total"][tag] == sum(e["type"] == "backup_committed" for e in events)
+    assert all(e["stall_s"] > 0 for e in events if e["type"] == "backup_committed")  # each rank timed its copy
     assert seen["ray_orchestrator_global_step"][tag] == steps_per_epoch * epochs
     changes = [e["value"] for e in events if e["type"] == "lr_changed"]
     assert changes and seen["ray_orchestrator_learning_rate"][tag] == changes[-1] < 0.1  # the rate now

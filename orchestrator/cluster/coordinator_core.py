@@ -87,6 +87,7 @@ class CoordinatorCore:
         self.layout: dict[str, Any] | None = (restore or {}).get("layout")
         self._persisted: dict[str, dict[int, list[FileEntry]]] = {}
         self._failed: set[str] = set()
+        self._stalls: dict[str, float] = {}  # folder -> the longest training stall of its save on a rank
         self._writes: dict[str, int] = {}  # folder -> the number of its save in flight (not yet committed)
         self._write_count = 0
         self.sealed = False
@@ -347,6 +348,7 @@ class CoordinatorCore:
             return
         ranks = self._persisted.setdefault(folder, {})
         ranks[rank] = entries
+        self._stalls[folder] = max(self._stalls.get(folder, 0.0), float(meta.get("stall_s") or 0.0))
         if len(ranks) < self.world_size:
             return
         del self._persisted[folder]
@@ -362,7 +364,7 @@ class CoordinatorCore:
         removed = purge_older(self.storage, meta["backup_dir"], manifest.step, keep=int(meta.get("keep", 1))) \
             if self._still_owner(folder) else []
         self._emit(EventType.BACKUP_COMMITTED, epoch=manifest.epoch, step=manifest.step, folder=folder,
-                   bytes=sum(f.size for f in files), purged=removed)
+                   bytes=sum(f.size for f in files), purged=removed, stall_s=round(self._stalls.pop(folder, 0.0), 4))
 
     def seal(self) -> None:
         """The attempt is ending: commit nothing more, so that every commit made has its event drained."""

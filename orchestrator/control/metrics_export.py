@@ -70,6 +70,9 @@ METRICS: dict[str, MetricDef] = {
     "orchestrator_backup_persist_seconds": MetricDef(
         "histogram", "seconds from a backup's step to its commit (copy, background persist, commit)", (),
         (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)),
+    "orchestrator_backup_stall_seconds": MetricDef(
+        "histogram", "seconds training stood still for a backup (the slowest rank's wait and copy to CPU)", (),
+        (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)),
     "orchestrator_restarts": MetricDef("counter", "attempts started after the first (failures, drains)"),
     "orchestrator_rollbacks": MetricDef("counter", "rollbacks to the newest backup after a non-finite loss"),
     "orchestrator_lost_steps": MetricDef("counter", "global steps trained again after restarts and rollbacks "
@@ -226,6 +229,9 @@ class RunMetrics:
         elif kind is EventType.BACKUP_COMMITTED:
             self._count("orchestrator_backups_committed", 1)
             self._count("orchestrator_backup_bytes", _number(event.get("bytes")) or 0.0)
+            stall = _number(event.get("stall_s"))
+            if stall is not None:
+                self._observations.append(("orchestrator_backup_stall_seconds", max(0.0, stall)))
             step = event.get("step")
             if isinstance(step, int) and step in self._reached:
                 self._observations.append(("orchestrator_backup_persist_seconds", max(0.0, t - self._reached[step])))

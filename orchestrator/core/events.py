@@ -88,8 +88,10 @@ class EventType(enum.StrEnum):
                         "every rank reloaded the newest committed backup after a non-finite loss: ``bad_step`` "
                         "the global step that went non-finite, ``target_step`` the backup's global step")
     CHECKPOINT_SAVED = _Spec("checkpoint_saved", ("path",), True, "ModelCheckpoint wrote a file")
-    BACKUP_COMMITTED = _Spec("backup_committed", ("folder", "bytes", "purged"), True,
-                             "every rank's files of a backup were durable and its manifest was written")
+    BACKUP_COMMITTED = _Spec("backup_committed", ("folder", "bytes", "purged", "stall_s"), True,
+                             "every rank's files of a backup were durable and its manifest was written; stall_s: the "
+                             "longest a rank's training stood still for it (waiting for the previous "
+                             "persist, copying to CPU)")
     BACKUP_FAILED = _Spec("backup_failed", ("rank", "folder", "error"), True, "a rank could not write a backup")
     EPOCH_END = _Spec("epoch_end", ("logs", "global_step"), True, "the epoch's cluster-wide logs")
     WARNING = _Spec("warning", ("message", "category"), True, "a callback warned (re-issued on the driver)")

@@ -17,8 +17,9 @@ How the wall time (first event of the run to its last, or to ``now`` for a live 
   recorded progress to its end (work whose steps were not recorded, and the failure's detection);
 - **between attempts**: from an attempt's end to the next one's first event (restarting, waiting
   for resources, or no driver running);
-- **productive**: the rest: new training steps, validation, epoch-end hooks and backup stalls
-  (events carry no stall times, so stalls cannot be told apart).
+- **backup stalls**: the seconds training stood still for its backups (``stall_s`` of each
+  ``backup_committed``: the slowest rank's wait for the previous persist plus its copy to CPU);
+- **productive**: the rest: new training steps, validation and epoch-end hooks.
 
 Progress points are ``(time, global step)`` pairs from ``backup_committed`` (``step``) and the
 ``global_step`` of ``epoch_end``, ``batch_end``, ``progress``, ``lr_changed``, ``nan_detected`` and
@@ -46,9 +47,11 @@ from orchestrator.core.events import EventType, event_type
 __all__ = ["CAUSE_LABELS", "LOST_CAUSES", "GoodputBreakdown", "GoodputLedger", "goodput"]
 
 #: The causes of lost seconds, in the order they are printed.
-LOST_CAUSES: tuple[str, ...] = ("startup", "restore", "replayed", "interrupted", "between_attempts")
+LOST_CAUSES: tuple[str, ...] = ("startup", "restore", "replayed", "interrupted", "between_attempts",
+                                "backup_stalls")
 CAUSE_LABELS: dict[str, str] = {"startup": "start-up", "restore": "restore", "replayed": "replayed steps",
-                                "interrupted": "interrupted work", "between_attempts": "between attempts"}
+                                "interrupted": "interrupted work", "between_attempts": "between attempts",
+                                "backup_stalls": "backup stalls"}
 
 # Where each event type carries the global step it was at (a progress point).
 _STEP_FIELD: dict[EventType, str] = {
@@ -72,7 +75,7 @@ class GoodputBreakdown:
 
     Args:
         wall_s: First event of the run to its last (or to ``now``).
-        productive_s: Seconds of new training (validation and backup stalls included).
+        productive_s: Seconds of new training (validation included).
         lost_s: Seconds lost, by cause (every key of :data:`LOST_CAUSES`).
         attempts: Attempts seen.
         rollbacks: Rollbacks to a backup after a non-finite loss.
@@ -121,7 +124,6 @@ class GoodputBreakdown:
             share = f"{100 * seconds / self.wall_s:5.1f}%" if self.wall_s > 0 else "    -"
             extra = f"  ({plural(self.replayed_steps, 'step')})" if cause == "replayed" else ""
             out.append(f"  lost to {CAUSE_LABELS[cause]:<17} {seconds:10.1f} s  {share}{extra}")
-        out.append("  backup stalls: not recorded in the events (counted as productive)")
         return out
 
 
@@ -143,6 +145,7 @@ class _Attempt:
     restart_pending: bool = False  # ended by a failure or a node drain: another attempt follows
     productive: float = 0.0  # between progress points
     replayed: float = 0.0
+    stalls: float = 0.0  # training stood still for backups (stall_s of its commits)
 
 
 @dataclass
@@ -200,6 +203,8 @@ class GoodputLedger:
             step = _int(event.get(_STEP_FIELD[kind]))
             if step is not None or kind is EventType.EPOCH_END:  # an epoch_end of an older run: time, no step
                 self._point(a, t, step)
+        if kind is EventType.BACKUP_COMMITTED and isinstance(event.get("stall_s"), (int, float)):
+            a.stalls += max(0.0, float(event["stall_s"]))
         if kind in _ENDS:
             a.end, a.end_kind = t, kind.value
             a.restart_pending = kind is EventType.WORKER_FAILED or (
@@ -241,6 +246,9 @@ class GoodputLedger:
                 lost["interrupted"] += tail
             else:
                 productive += tail
+            stalls = min(a.stalls, productive)  # they happened inside the attempt's training time
+            lost["backup_stalls"] += stalls
+            productive -= stalls
         last = self.attempts[-1] if self.attempts else None
         if last is not None and last.restart_pending and now is not None and last.end is not None:
             lost["between_attempts"] += max(0.0, now - last.end)  # live: the next attempt is coming

@@ -14,6 +14,7 @@ A backup is two-phase: :class:`~orchestrator.loop.state_io.StagingArea` copies t
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -115,11 +116,13 @@ class RankSaver:
         storage = self._storage()
         if self.persister is None:
             self.persister = AsyncPersister(storage.write_stream, self._done)
+        began = time.perf_counter()  # training stalls from here until the copy is staged
         self.persister.wait()  # the staging buffers are about to be reused
         meta = {"epoch": position.epoch, "batch": position.batch, "step": position.global_step,
                 "phase": position.phase, "world_size": self.world_size, "backup_dir": decision.backup_dir,
                 "keep": decision.keep, "rank": self.rank, "write": decision.write}
         staged = self.area.stage(self.files(decision.coordinator_state))
+        meta["stall_s"] = time.perf_counter() - began
         self.persister.submit(step_dir(decision.backup_dir, position.global_step), staged, meta,
                               check=self._refusal)
 
