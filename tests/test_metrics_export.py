@@ -61,6 +61,15 @@ def test_the_exporter_counts_steps_samples_rates_losses_and_backups_from_the_eve
     assert s["orchestrator_controller_state_seconds:running"] >= 0
 
 
+def test_the_time_before_the_first_attempt_counts_as_the_starting_state():
+    m = RunMetrics("r", samples_per_step=1, export=False)
+    m.begin_starting()
+    m.begin_attempt(1, now=100.0)
+    m.end_attempt(None, now=101.0)
+    s = m.snapshot()
+    assert s["orchestrator_controller_state_seconds:starting"] > 0
+
+
 def test_the_exporter_counts_a_restart_its_lost_steps_and_a_rollback():
     events = ONE_ATTEMPT[:4] + [
         ev(105, "progress", epoch=0, step=7, global_step=8, logs={"loss": 1.8}),
@@ -171,6 +180,7 @@ def test_a_fit_exports_its_metrics_through_rays_metrics_export(ray_cluster, rest
     parts = [v for k, v in seen["ray_orchestrator_goodput_seconds"].items() if k.startswith(tag) and "wall" not in k]
     assert sum(parts) == pytest.approx(wall, rel=1e-3)
     assert seen["ray_orchestrator_controller_state_seconds_total"][f"{tag},state=running"] > 0
+    assert seen["ray_orchestrator_controller_state_seconds_total"][f"{tag},state=starting"] > 0
     assert seen["ray_orchestrator_backup_persist_seconds_count"][tag] >= 1
     for name, value in final.items():  # and every value Ray has is the driver's
         if not name.startswith("orchestrator_controller_state_seconds"):  # counted until the very end
@@ -191,7 +201,7 @@ def test_status_prints_the_goodput_of_a_real_restarted_run(restarted_run, capsys
     assert re.match(r"goodput \d+\.\d%: [\d.]+ s productive of [\d.]+ s wall \(2 attempts, 1 restart, 0 rollbacks",
                     summary), summary
     assert [line.split()[2] for line in out if line.startswith("  lost to ")] == [
-        "start-up", "restore", "replayed", "interrupted", "between"]
+        "start-up", "restore", "replayed", "interrupted", "between", "backup"]
 
 
 def test_plot_draws_a_real_restarted_run_with_its_markers(restarted_run, tmp_path):

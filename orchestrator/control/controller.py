@@ -25,6 +25,7 @@ import ray
 from orchestrator.cluster.worker_group import WorkerGroup
 from orchestrator.control.attempt import Attempt, AttemptRunner, run_attempt
 from orchestrator.control.driver_side import reached_step
+from orchestrator.control import metrics_export
 from orchestrator.control.failures import AttemptFailed, FailureDecision, FailurePolicy, FailureRecord, NodesDrained
 from orchestrator.control.specs import FitSpec, Resume
 from orchestrator.control.states import (TERMINAL, ControllerState, Failed, Finished, FitOutcome, Preempted,
@@ -191,6 +192,7 @@ class Controller:
         self.close()
 
     def _start(self) -> ControllerState:
+        metrics_export.for_fit(self.fit).begin_starting()
         try:  # nothing has started yet, so there is nothing to record
             self.storage.check_access()
             if run_status(self.storage) == "finished":  # never two trainings in one run

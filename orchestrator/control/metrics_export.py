@@ -78,8 +78,8 @@ METRICS: dict[str, MetricDef] = {
     "orchestrator_lost_steps": MetricDef("counter", "global steps trained again after restarts and rollbacks "
                                                     "(a lower bound)"),
     "orchestrator_controller_state_seconds": MetricDef(
-        "counter", "seconds the controller spent running attempts (state=running) and between them "
-                   "(state=restarting)", ("state",)),
+        "counter", "seconds the controller spent starting (state=starting: storage, capacity and lease "
+                   "checks), running attempts (state=running) and between them (state=restarting)", ("state",)),
     "orchestrator_goodput": MetricDef("gauge", "productive training seconds over wall seconds, for this driver's "
                                                "attempts of the run"),
     "orchestrator_goodput_seconds": MetricDef(
@@ -181,6 +181,7 @@ class RunMetrics:
         self._attempts = 0
         self._in_attempt = False
         self._state_since = time.monotonic()
+        self._starting = False  # in the controller's Starting state (before the first attempt)
         self._last_flush = 0.0
         self._lost_counted = 0
         self._warned = False
@@ -320,12 +321,18 @@ class RunMetrics:
     def _set(self, name: str, value: float, tag: str = "") -> None:
         self._gauges[(name, tag)] = value
 
+    def begin_starting(self) -> None:
+        """The controller's Starting state begins now (storage and capacity checks, the run lease)."""
+        self._starting = True
+        self._state_since = time.monotonic()
+
     def _account_state(self) -> None:
         """Add the seconds since the last call to the controller state the driver was in."""
         now = time.monotonic()
-        if self._attempts:
-            self._count("orchestrator_controller_state_seconds", now - self._state_since,
-                        "running" if self._in_attempt else "restarting")
+        if self._attempts or self._starting:
+            state = "running" if self._in_attempt else "restarting" if self._attempts else "starting"
+            self._count("orchestrator_controller_state_seconds", now - self._state_since, state)
+        self._starting = False
         self._state_since = now
 
     def _move(self, t: float, step: int | None, *, count: bool, rate_now: bool = False) -> None:
