@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shutil
+import tempfile
 import os
 import subprocess
 import sys
@@ -37,7 +39,9 @@ def run_fit(epochs: int, realistic: bool) -> tuple[int, float]:
         loader_workers=real["loader_workers"], precision=real["precision"],
         accumulate_grad_batches=real["accumulate_grad_batches"], lr_scheduler_interval="step",
         lr_scheduler=functools.partial(workload.warmup_cosine, total_steps=workload.optimizer_steps(epochs)))
+    folder = tempfile.mkdtemp(prefix="fit-vs-ddp-")
     trainer = Trainer(
+        storage=folder, run_name="bench",  # a new run each time
         model=workload.build_model, optimizer=workload.make_optimizer,
         loss=__import__("torch").nn.functional.cross_entropy, data=workload.load_data,
         metrics=["accuracy"], batch_size=workload.BATCH, num_workers=2, threads_per_worker=1,
@@ -46,7 +50,10 @@ def run_fit(epochs: int, realistic: bool) -> tuple[int, float]:
                    callbacks.TerminateOnNaN()],
         **extra,
     )
-    history = trainer.fit(epochs=epochs, verbose=0)
+    try:
+        history = trainer.fit(epochs=epochs, verbose=0)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     begin = next(e["time"] for e in history.events if e["type"] == "epoch_begin")
     end = [e["time"] for e in history.events if e["type"] == "epoch_end"][-1]
     return history.results[0].steps_run, end - begin
