@@ -6,6 +6,7 @@ attempt), steps the controller, and reads the run directory back: ``events.jsonl
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -417,3 +418,14 @@ def test_ctrl_c_while_watching_kills_the_workers_and_the_coordinator_at_once_and
     with pytest.raises(KeyboardInterrupt):
         attempt_module.run_attempt(fit, attempt, RayFreeGroup(log), FitOutcome())
     assert log == ["watch", "stop_workers", "kill coordinator"]  # no wait for the coordinator's last events
+
+
+@pytest.mark.parametrize("loader_workers, reusable", [(0, True), (2, False)])
+def test_a_finished_groups_workers_are_kept_for_the_next_fit_unless_they_forked_loader_workers(
+        tmp_path, loader_workers, reusable):
+    controller, _, _ = make(tmp_path, finished())
+    controller.fit = dataclasses.replace(
+        controller.fit, loop=dataclasses.replace(controller.fit.loop, loader_workers=loader_workers))
+    step_to_end(controller)
+    controller._owns_group = True  # as if it had built the group on a Ray it did not start
+    assert isinstance(controller.state, Finished) and controller._reusable() is reusable

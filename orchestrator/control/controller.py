@@ -181,8 +181,14 @@ class Controller:
                 logger.warning("could not release the run lease: %s", exc)
 
     def _reusable(self) -> bool:
-        """Whether the group can serve the next fit: ours, on a Ray that outlives this fit, after a finish."""
+        """Whether the group can serve the next fit: ours, on a Ray that outlives this fit, after a finish.
+
+        Not a group whose ranks forked DataLoader workers (``loader_workers > 0``): in a worker that
+        had forked loader workers for two fits, the third fit's forked children crashed (SIGSEGV)
+        in about one fit in three, so each such fit gets fresh worker processes.
+        """
         return (self._owns_group and not self._started_ray and self.fit.scaling.reuse_workers
+                and self.fit.loop.loader_workers == 0
                 and isinstance(self.state, Finished) and not self.state.outcome.already_finished)
 
     def __enter__(self) -> "Controller":
