@@ -149,10 +149,10 @@ class Coordinator:
 
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         self._beats[0] = time.monotonic()
-        self._submit("progress", self._core().progress, epoch, step, logs)  # fire and forget, in order
         fields = self.timeline.first_step(time.time()) if self.timeline is not None else None
-        if fields is not None:  # the first step after a live recovery
+        if fields is not None:  # the first step after a live recovery (before its progress: where it resumed)
             self._submit("recovered", lambda: self._core()._emit(EventType.RECOVERED, **fields))
+        self._submit("progress", self._core().progress, epoch, step, logs)  # fire and forget, in order
 
     def recovery_times(self, joined_at: float, transferred_at: float) -> None:
         """Rank 0 after a live recovery: when it joined the new group and when it had the survivors' state."""

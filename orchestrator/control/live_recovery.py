@@ -72,7 +72,8 @@ class LiveCopy:
 
     def resume(self) -> Resume:
         """The next attempt's :class:`~orchestrator.control.specs.Resume`."""
-        recovery = {"step": self.live.step, "rank": self.rank, "detection_s": self.detection_s,
+        detection_s = None if self.detection_s is None else round(self.detection_s, 3)
+        recovery = {"step": self.live.step, "rank": self.rank, "detection_s": detection_s,
                     "secured_s": round(self.secured_s, 3), "secured_at": self.secured_at,
                     "lost_steps": self.lost_steps}
         return Resume(folder=self.last_committed, state=self.coordinator_state, live=self.live, recovery=recovery)
