@@ -56,7 +56,8 @@ class EventType(enum.StrEnum):
 
     # -- lifecycle (driver: controller and attempt) ------------------------------------------
     STARTED = _Spec("started", ("world_size", "nodes", "node_ids", "resumed_from", "warm"), True,
-                    "an attempt's workers are up")
+                    "an attempt's workers are up; ``resumed_from`` the backup folder it resumes from, "
+                    "``memory`` after a live recovery, or null")
     RESTORED = _Spec("restored", ("folder", "phase", "reached_step", "lost_steps"), True,
                      "an attempt resumes from a committed backup; ``step`` is the backup's global step, "
                      "``reached_step`` the highest global step the driver heard of in the attempt before "
