@@ -17,7 +17,8 @@ to a file in a post-step hook of its optimizer, i.e. when an optimizer step has 
 - recovery: kill -> the first step completed after the restart (the issue's definition);
 - regain: kill -> step ``kill-step + 1`` completed (recovery plus redoing the lost steps);
 - lost: steps completed before the kill that were redone (kill-step minus the restored step;
-  the orchestrator's from the "restored" event in events.jsonl, Ray Train's from its checkpoint).
+  the orchestrator's from the "recovered" event in events.jsonl (a live recovery from the survivors'
+  memory, the default) or the "restored" one (a backup), Ray Train's from its checkpoint).
 
 Ray Train: Ray 2.60 runs Train V2 by default (``RAY_TRAIN_V2_ENABLED`` unset means on); the path
 used is printed. Its controller polls the workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``
@@ -134,7 +135,7 @@ def run_orchestrator(probe: Probe, save_every: int, warm: bool = True) -> dict[s
     trainer.fit(epochs=1, verbose=0)
     events = [json.loads(ln) for ln in Path(storage, "recovery", "events.jsonl").read_text().splitlines()]
     assert sum(e["type"] == "worker_failed" for e in events) == 1, "the kill did not happen once"
-    restored = [e["step"] for e in events if e["type"] == "restored"]
+    restored = [e["step"] for e in events if e["type"] in ("recovered", "restored")]  # memory, or a backup
     assert len(restored) == 1, events
     return probe.measure(restored[0])
 

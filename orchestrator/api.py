@@ -104,6 +104,9 @@ class Trainer:
         warm_standbys: With ``max_failures > 0`` on CPU workers, keep one idle standby process per
             worker (torch imported, no resources of its own, in the worker's placement bundle) so
             that a restart after a failure skips the cold start. Defaults to ``True``.
+        live_recovery: When a worker dies (SIGKILL, OOM kill, node loss), continue from the surviving
+            workers' state in memory (at most the step in flight is redone) instead of the newest
+            committed backup, which stays the fallback. Defaults to ``True``.
         reuse_workers: After a fit that finished, keep its idle CPU workers (torch imported) for up to
             a minute, so that the next fit of the same shape in this driver starts without new
             processes (about 4 s less on 2 cores). Only on a Ray cluster the driver did not start
@@ -173,6 +176,7 @@ class Trainer:
         preemption_grace_s: float = 120.0,
         placement_timeout_s: float = 600.0,
         warm_standbys: bool = True,
+        live_recovery: bool = True,
         reuse_workers: bool = True,
         precision: str = "32-true",
         accumulate_grad_batches: int = 1,
@@ -208,7 +212,8 @@ class Trainer:
                                   hang_timeout_s=validate_seconds("hang_timeout_s", hang_timeout_s),
                                   preemption_grace_s=validate_seconds("preemption_grace_s", preemption_grace_s),
                                   placement_timeout_s=validate_seconds("placement_timeout_s", placement_timeout_s),
-                                  warm_standbys=validate_flag("warm_standbys", warm_standbys))
+                                  warm_standbys=validate_flag("warm_standbys", warm_standbys),
+                                  live_recovery=validate_flag("live_recovery", live_recovery))
         self._base_params = {"metrics": list(self.loop.metrics),
                              "metric_directions": metric_directions(self.loop.metrics),
                              "num_workers": num_workers, "batch_size": batch_size}

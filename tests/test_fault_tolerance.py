@@ -60,7 +60,9 @@ def test_a_worker_failure_mid_epoch_restarts_the_group_and_ends_bit_identical(ra
     # epoch 1, batch 4 (7 steps per epoch); with standbys, once they are up (2 workers + 2 standbys)
     step = workloads.faulty_step(action, 1, 11, str(flag), wait_for_workers=4 if warm else 0)
     # a cold first attempt (no workers parked by an earlier fit), so that "warm" speaks of the restart only
-    resumed = make(tmp_path, "faulty", step, warm_standbys=warm, reuse_workers=False).fit(epochs=3, verbose=0)
+    # live_recovery=False: this is the storage path (tests/test_live_recovery.py: the survivors' memory)
+    resumed = make(tmp_path, "faulty", step, warm_standbys=warm, reuse_workers=False,
+                   live_recovery=False).fit(epochs=3, verbose=0)
     assert_same_run(reference, resumed)
     events = events_of(tmp_path, "faulty")
     started = [e for e in events if e["type"] == "started"]

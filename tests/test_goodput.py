@@ -163,3 +163,18 @@ def test_the_breakdown_prints_a_summary_and_one_line_per_cause():
         ["between", "attempts", "1.0", "s", "1.8%"], ["backup", "stalls", "0.0", "s", "0.0%"]]
     assert len(lines) == 7
     assert goodput([]).lines()[0].startswith("goodput n/a: 0.0 s productive of 0.0 s wall (0 attempts")
+
+
+def test_a_live_recovery_counts_only_the_step_in_flight_as_replayed():
+    events = [
+        ev(0, 1, "started"),
+        ev(12, 1, "epoch_end", epoch=0, global_step=10),
+        ev(22, 1, "epoch_end", epoch=1, global_step=20),
+        ev(23, 1, "worker_failed", rank=1, cause="died"),
+        ev(24, 2, "started"),
+        ev(25, 2, "recovered", step=20, source="memory", rank=1, lost_steps=1),  # at its first step
+        ev(35, 2, "epoch_end", epoch=2, global_step=30),
+        ev(36, 2, "finished"),
+    ]
+    b = goodput(events)
+    assert b.replayed_steps == 1 and b.restarts == 1

@@ -39,6 +39,7 @@ def make(**overrides):
     ({"preemption_grace_s": -5}, "preemption_grace_s"),
     ({"placement_timeout_s": "soon"}, "placement_timeout_s"),
     ({"warm_standbys": "no"}, "warm_standbys must be True or False"),
+    ({"live_recovery": "no"}, "live_recovery must be True or False"),
     ({"metrics": {"f1": "precision"}}, r"metrics\['f1'\]: unknown metric 'precision'"),
     ({"val_batch_size": 0}, "val_batch_size"),
     ({"threads_per_worker": 0}, "threads_per_worker"),

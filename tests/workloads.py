@@ -169,6 +169,58 @@ def faulty_step(action: str, rank: int, at_call: int, flag_path: str | None, wai
     return train_step
 
 
+def handshake_then_sigkill(rank: int, pause_call: int, kill_call: int, folder: str):
+    """The default step; ``rank``, on its first attempt only (while ``folder/armed`` exists): at its
+    ``pause_call``-th training call writes ``folder/paused`` and waits for ``folder/go``; at its
+    ``kill_call``-th writes ``folder/dying`` and SIGKILLs its own process."""
+    import os
+    import signal
+    import time
+
+    calls = {"n": 0}
+    armed = os.path.join(folder, "armed")
+
+    def train_step(model, batch):
+        inputs, targets = batch
+        if model.training and dist.get_rank() == rank and os.path.exists(armed):
+            if calls["n"] == pause_call:
+                open(os.path.join(folder, "paused"), "w").close()
+                while not os.path.exists(os.path.join(folder, "go")):
+                    time.sleep(0.02)
+            if calls["n"] == kill_call:
+                os.remove(armed)
+                open(os.path.join(folder, "dying"), "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+        if model.training:
+            calls["n"] += 1
+        outputs = model(inputs)
+        return {"loss": torch.nn.functional.cross_entropy(outputs, targets), "batch_size": len(targets)}
+
+    return train_step
+
+
+def sigkill_every_rank(at_call: int, flag_dir: str):
+    """The default step, but every rank SIGKILLs itself at its ``at_call``-th training call while its
+    flag file ``flag_dir/rank-<r>`` exists (removed first, so the next attempt runs through)."""
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    def train_step(model, batch):
+        inputs, targets = batch
+        if model.training:
+            flag = os.path.join(flag_dir, f"rank-{dist.get_rank()}")
+            if calls["n"] == at_call and os.path.exists(flag):
+                os.remove(flag)
+                os.kill(os.getpid(), signal.SIGKILL)
+            calls["n"] += 1
+        outputs = model(inputs)
+        return {"loss": torch.nn.functional.cross_entropy(outputs, targets), "batch_size": len(targets)}
+
+    return train_step
+
+
 def _wait_for_workers(n: int, timeout_s: float = 120.0) -> None:
     import time
 

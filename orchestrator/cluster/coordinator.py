@@ -28,7 +28,9 @@ from typing import Any, Callable
 import ray
 
 from orchestrator.cluster.coordinator_core import CoordinatorCore, Reports, SyncBarrier
+from orchestrator.cluster.recovery_timeline import RecoveryTimeline
 from orchestrator.cluster.specs import CoordinatorSpec
+from orchestrator.core.events import EventType
 from orchestrator.decisions import Decision, Report
 from orchestrator.storage.checkpoint import FileEntry
 
@@ -91,6 +93,7 @@ class Coordinator:
 
     def __init__(self) -> None:
         self.core: CoordinatorCore | None = None
+        self.timeline: RecoveryTimeline | None = None  # a live recovery's, completed at its first step
         self.barrier: SyncBarrier | None = None
         self._beats: dict[int, float] = {}  # a rank is watched from its first sign of life on
         self._waiting: set[int] = set()
@@ -103,6 +106,7 @@ class Coordinator:
 
     def setup(self, spec: CoordinatorSpec) -> None:
         self.core = CoordinatorCore.from_spec(spec)
+        self.timeline = RecoveryTimeline(spec.recovery) if spec.recovery is not None else None
         self.barrier = SyncBarrier(spec.world_size, self._handle_later)
 
     def _core(self) -> CoordinatorCore:
@@ -145,7 +149,21 @@ class Coordinator:
 
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         self._beats[0] = time.monotonic()
+        fields = self.timeline.first_step(time.time()) if self.timeline is not None else None
+        if fields is not None:  # the first step after a live recovery (before its progress: where it resumed)
+            self._submit("recovered", lambda: self._core()._emit(EventType.RECOVERED, **fields))
         self._submit("progress", self._core().progress, epoch, step, logs)  # fire and forget, in order
+
+    def recovery_times(self, joined_at: float, transferred_at: float) -> None:
+        """Rank 0 after a live recovery: when it joined the new group and when it had the survivors' state."""
+        if self.timeline is not None:
+            self.timeline.joined(joined_at, transferred_at)
+
+    async def live_state(self) -> dict[str, Any]:
+        """The coordinator's state now and the newest committed backup, for a live recovery."""
+        core = self._core()
+        return await asyncio.wrap_future(self._submit(
+            "live_state", lambda: {"state": core.state_dict(), "last_committed": core.last_committed}))
 
     async def persisted(self, rank: int, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
         what = f"rank {rank}'s backup files of {folder} (commit)"

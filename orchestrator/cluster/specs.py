@@ -26,6 +26,8 @@ class CoordinatorSpec:
             decisions that leave ``keep`` as ``None``.
         lease_token: The driver's run-lease token: checked on storage before every commit and
             purge, so a fenced-out attempt can do neither; None: no lease (tests, no storage).
+        recovery: A live recovery's timeline so far (the driver's part), completed and emitted as
+            a ``recovered`` event at the first step after it; None otherwise.
 
     Example:
         >>> CoordinatorSpec(callbacks=[], params={"epochs": 1}, world_size=2).backup_dir
@@ -41,3 +43,4 @@ class CoordinatorSpec:
     backup_dir: str = "backup"
     keep_backups: int = 1
     lease_token: int | None = None
+    recovery: dict[str, Any] | None = None

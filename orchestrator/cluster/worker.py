@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -105,12 +106,22 @@ class TrainWorker:
         self.rank = rank
         self.world_size = world_size
         self.preemption = threading.Event()
+        self.loop: Any = None  # the running (or ended) TrainLoop: a survivor's state is copied from it
         if warm:
             threading.Thread(target=_warm_up, name="orchestrator-warm-up", daemon=True).start()
 
     def notify_preemption(self) -> None:
         """Ask the loop to stop at the next step boundary (every rank agrees on which, via the step signal)."""
         self.preemption.set()
+
+    @ray.method(num_returns=2)
+    def live_state(self, shared: bool, timeout_s: float) -> tuple[dict[str, Any], Any]:
+        """``(header, payload)``: this rank's state as of its last step boundary, for a live recovery
+        (see :meth:`orchestrator.loop.live.LiveState.copy`); freezes the rank's loop."""
+        live = getattr(self.loop, "live", None)
+        if live is None:
+            return {"ok": False, "rank": self.rank, "reason": "the loop has not started"}, None
+        return live.copy(shared, timeout_s)
 
     def info(self) -> dict[str, Any]:
         return {"rank": self.rank, "node": ray.util.get_node_ip_address(), "pid": os.getpid(),
@@ -130,7 +141,8 @@ class TrainWorker:
         import torch
 
         from orchestrator.cluster.ray_data import RayDataInput
-        from orchestrator.loop.train_loop import TrainLoop, init_process_group
+        from orchestrator.loop.signalled import init_process_group
+        from orchestrator.loop.train_loop import TrainLoop
 
         try:
             if spec.threads:
@@ -142,14 +154,31 @@ class TrainWorker:
             else:
                 device, backend = torch.device("cpu"), "gloo"
             init_process_group(backend, master[0], master[1], self.rank, self.world_size)
+            live_restore = _receive(spec.live, self.rank, coordinator) if spec.live is not None else None
             data_input = RayDataInput()  # ray.data.Datasets from data() become rank shards (see ray_data.py)
             try:
                 storage = spec.storage.open() if spec.storage is not None else None
-                loop = TrainLoop(spec, self.rank, self.world_size, device, RayLink(coordinator, self.rank),
-                                 storage=storage, preemption=self.preemption, data_input=data_input)
-                return loop.run()
+                self.loop = TrainLoop(spec, self.rank, self.world_size, device, RayLink(coordinator, self.rank),
+                                      storage=storage, preemption=self.preemption, data_input=data_input,
+                                      live_restore=live_restore)
+                return self.loop.run()
             finally:
                 data_input.close()
                 torch.distributed.destroy_process_group()
         except Exception as exc:
             return failure_of(self.rank, exc, spec.storage.options if spec.storage is not None else None)
+
+
+def _receive(live: Any, rank: int, coordinator: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(shared states, own states)`` of a live recovery (:class:`~orchestrator.loop.specs.LiveResume`),
+    from the object store: the donor's shared part, this rank's own part if it survived, else rebuilt.
+    Rank 0 tells the coordinator when the group was re-formed and the state transferred."""
+    from orchestrator.loop.live import rebuilt_own
+
+    joined = time.time()
+    donor = ray.get(live.payloads[live.donor])
+    own = ray.get(live.payloads[rank])["own"] if rank in live.payloads else rebuilt_own(donor["own"])
+    if rank == 0:
+        coordinator.recovery_times.remote(joined, time.time())  # fire and forget, before any progress
+    return donor["shared"], own
+

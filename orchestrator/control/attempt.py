@@ -18,6 +18,7 @@ import ray
 
 from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup, get_within
 from orchestrator.control.failures import COORDINATOR, AttemptFailed, FailureRecord, NodesDrained
+from orchestrator.control.live_recovery import secure
 from orchestrator.control.metrics_export import for_fit as run_metrics
 from orchestrator.control.specs import FitSpec, Resume
 from orchestrator.control.states import FitOutcome
@@ -108,7 +109,8 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
             group.storage_checked = True
         metrics.observe(events.append(
             EventType.STARTED, world_size=fit.scaling.num_workers, nodes=sorted({i["node"] for i in infos}),
-            node_ids=[i["node_id"] for i in infos], resumed_from=resume.folder, warm=group.promoted))
+            node_ids=[i["node_id"] for i in infos], resumed_from="memory" if resume.live is not None else resume.folder,
+            warm=group.promoted))
         refs = group.run(fit.train_spec(resume), coordinator)
         try:
             results = watch(fit.faults, attempt.number, group, relay, infos, refs, attempt.preempt, drain,
@@ -119,6 +121,8 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
                 infos[rank]["node_id"] if rank is not None else None
             if node_id is not None and node_id in drain.draining:  # expected: its node is going away
                 raise NodesDrained(sorted(drain.draining), lost=failed.record.cause) from failed.error
+            if fit.faults.live_recovery and fit.faults.max_failures > 0:  # a restart may follow: secure the survivors' state
+                failed.live = secure(group, relay, failed)
             raise
         if drain.draining and not attempt.preempt.is_set() and any(r.preempted for r in results):
             raise NodesDrained(sorted(drain.draining), step=max(r.steps_run for r in results))

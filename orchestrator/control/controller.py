@@ -137,6 +137,7 @@ class Controller:
         self.failures: list[FailureRecord] = []
         self.outcome = FitOutcome()
         self.events: EventLog | None = None  # the current attempt's
+        self.live: Any = None  # the survivors' state of a failed attempt (a LiveCopy), for the next one
         self.lease: RunLease | None = None  # held from Starting to close()
         self._started_ray = False
         self._owns_group = False
@@ -255,7 +256,9 @@ class Controller:
                 reached = reached_step(self.outcome.events, self.events.attempt)
             attempt = bump_attempt(self.storage)
             self.events = EventLog(self.storage, attempt, token=self.lease.token if self.lease else None)
-            resume = find_resume(self.fit, self.storage, self.events, reached)
+            live, self.live = self.live, None
+            # a live recovery: the survivors' state, never read from storage (see control/live_recovery.py)
+            resume = live.resume() if live is not None else find_resume(self.fit, self.storage, self.events, reached)
         except BaseException as exc:
             return self._failed(exc)
         return Running(attempt, resume)
@@ -290,6 +293,7 @@ class Controller:
         self.events.append(EventType.WORKER_FAILED, **failed.record.event_fields())
         decision = self.policy.decide(self.failures)
         if decision.restart:
+            self.live = failed.live
             logger.warning("attempt %d failed (%s); %s", failed.record.attempt, failed.record.cause, decision.reason)
             return Restarting(failure=failed.record)
         if len(self.failures) == 1:

@@ -96,6 +96,7 @@ class AttemptFailed(Exception):
         super().__init__(record.cause)
         self.record = record
         self.error = error
+        self.live: Any = None  # the survivors' state, when secured for a live recovery (control/live_recovery.py)
 
 
 class NodesDrained(Exception):

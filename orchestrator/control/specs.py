@@ -42,6 +42,8 @@ class FaultPolicy:
         preemption_grace_s: Time the ranks get to stop with an emergency backup. Defaults to ``120``.
         placement_timeout_s: Time an attempt waits for the cluster's resources. Defaults to ``600``.
         warm_standbys: Keep idle pre-warmed workers for restarts (CPU groups). Defaults to ``True``.
+        live_recovery: After a worker's death, restart from the survivors' state in memory when they
+            hold a consistent one (see :mod:`orchestrator.control.live_recovery`). Defaults to ``True``.
         poll_interval_s: How often the driver polls the coordinator and the ranks. Defaults to ``0.2``.
         drain_poll_interval_s: How often the driver asks Ray for draining nodes. Defaults to ``1``.
         lease_ttl_s: The run lease expires this long after its driver stopped renewing it (a
@@ -56,6 +58,7 @@ class FaultPolicy:
     preemption_grace_s: float = 120.0
     placement_timeout_s: float = 600.0
     warm_standbys: bool = True
+    live_recovery: bool = True
     poll_interval_s: float = 0.2
     drain_poll_interval_s: float = 1.0
     lease_ttl_s: float = 60.0
@@ -104,21 +107,26 @@ class FitSpec:
     def train_spec(self, resume: "Resume") -> TrainSpec:
         """What every rank of an attempt resuming from ``resume`` (or from scratch) runs."""
         return TrainSpec(loop=self.loop, epochs=self.epochs, batch_sync_every=self.batch_sync_every,
-                         storage=self.storage, resume_from=resume.folder,
+                         storage=self.storage, resume_from=None if resume.live is not None else resume.folder,
                          resume_layout=(resume.state or {}).get("layout"), use_gpu=self.scaling.use_gpu,
-                         threads=self.scaling.threads_per_worker)
+                         threads=self.scaling.threads_per_worker, live=resume.live)
 
     def coordinator_spec(self, resume: "Resume") -> CoordinatorSpec:
         """What the coordinator of an attempt resuming from ``resume`` runs."""
         return CoordinatorSpec(callbacks=self.callbacks, params=self.params, world_size=self.scaling.num_workers,
                                storage=self.storage, restore=resume.state, resumed_from=resume.folder,
                                backup_dir=self.backups.folder, keep_backups=self.backups.keep,
-                               lease_token=self.lease_token)
+                               lease_token=self.lease_token, recovery=resume.recovery)
 
 
 @dataclass(frozen=True)
 class Resume:
-    """Where an attempt starts: a committed backup (folder and coordinator state) or scratch (both None)."""
+    """Where an attempt starts: a committed backup (folder and coordinator state) or scratch (both None),
+    or (``live``) the survivors' state of the attempt before, with the coordinator's state as of it
+    (``folder`` is then the newest committed backup, which this attempt never overwrites) and the
+    first part of the recovery's timeline (``recovery``, see :mod:`orchestrator.control.live_recovery`)."""
 
     folder: str | None = None
     state: dict[str, Any] | None = None
+    live: Any = None
+    recovery: dict[str, Any] | None = None

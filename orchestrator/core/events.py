@@ -56,11 +56,18 @@ class EventType(enum.StrEnum):
 
     # -- lifecycle (driver: controller and attempt) ------------------------------------------
     STARTED = _Spec("started", ("world_size", "nodes", "node_ids", "resumed_from", "warm"), True,
-                    "an attempt's workers are up")
+                    "an attempt's workers are up; ``resumed_from`` the backup folder it resumes from, "
+                    "``memory`` after a live recovery, or null")
     RESTORED = _Spec("restored", ("folder", "phase", "reached_step", "lost_steps"), True,
                      "an attempt resumes from a committed backup; ``step`` is the backup's global step, "
                      "``reached_step`` the highest global step the driver heard of in the attempt before "
                      "(null in a new driver), ``lost_steps`` the difference (steps to train again; a lower bound)")
+    RECOVERED = _Spec("recovered", ("source", "rank", "detection_s", "secured_s", "reformed_s", "transferred_s",
+                                    "first_step_s", "lost_steps"), True,
+                      "a live recovery: the group was rebuilt around the survivors' state (``source`` "
+                      "``memory``) at global step ``step``, after rank ``rank`` died; its timeline in seconds: "
+                      "detection, survivors' state secured, group re-formed, state transferred, first step "
+                      "after it; ``lost_steps`` the step in flight that was redone (0 or 1)")
     BACKUP_SKIPPED = _Spec("backup_skipped", ("reason", "folder"), True,
                            "a backup step was not trusted on resume (torn, corrupt, uncommitted), or a "
                            "backup was not taken or not committed (a non-finite step, a rollback)")

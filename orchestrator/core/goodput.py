@@ -191,7 +191,7 @@ class GoodputLedger:
             a.end = t  # a late event of an attempt that ended (e.g. failed after worker_failed)
         if kind is EventType.STARTED and a.started is None:
             a.started = t
-        elif kind is EventType.RESTORED and _int(event.get("step")) is not None:
+        elif kind in (EventType.RESTORED, EventType.RECOVERED) and _int(event.get("step")) is not None:
             a.resumed = True
             self._resume(a, event["step"], _int(event.get("lost_steps")))
         elif kind is EventType.TRAIN_BEGIN and a.first is None and a.train_begin is None:

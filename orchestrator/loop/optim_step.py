@@ -11,7 +11,7 @@
 - **Accumulation** (``accumulate_grad_batches=k``): an optimizer step runs ``k`` micro-batches (the
   epoch's last step runs what remains); all but the last run under DDP's ``no_sync``, so the step
   still has one gradient all-reduce, and the per-step signals (see
-  :class:`~orchestrator.loop.train_loop.SignalledModule`) accumulate over the micro-batches and
+  :class:`~orchestrator.loop.signalled.SignalledModule`) accumulate over the micro-batches and
   ride it. Each micro-batch's loss is divided by the step's number of micro-batches: with full
   micro-batches of a batch-mean loss the gradient is that of the mean over the whole step, so
   ``batch_size=8, accumulate_grad_batches=4`` trains like ``batch_size=32``.
@@ -207,7 +207,7 @@ class OptimStep:
     """Runs optimizer steps: forward and backward of each micro-batch, one all-reduce, the update.
 
     Args:
-        ddp: The DDP-wrapped :class:`~orchestrator.loop.train_loop.SignalledModule`.
+        ddp: The DDP-wrapped :class:`~orchestrator.loop.signalled.SignalledModule`.
         model: The user's model (its gradients are checked and clipped).
         signal: Its signal parameter.
         optimizer: The user's optimizer.
@@ -229,6 +229,8 @@ class OptimStep:
         self.sums, self.world_size, self.clip, self.preemption = sums, world_size, clip_grad_norm, preemption
         self.train_step, self.device = train_step, device
         self.params = [p for p in model.parameters() if p.requires_grad]
+        #: Called once the step's all-reduce is done, before anything changes (see loop/live.py's unmark).
+        self.before_update: Callable[[], None] | None = None
 
     def run(self, batches: list[Any], out_of_data: bool = False) -> StepSignals:
         """One optimizer step over ``batches`` (its micro-batches); ``out_of_data``: this rank has no
@@ -254,6 +256,8 @@ class OptimStep:
         bad_loss, loss_sum, n_sum, preempted, ended, bad = torch.cat(
             [signal.grad * self.world_size, bad_grads]).tolist()  # the step's one device sync
         signal.grad = None
+        if self.before_update is not None:
+            self.before_update()
         nonfinite = bad_loss > 0 or (bad > 0 and scaler is None)
         skipped = False
         if nonfinite:

@@ -60,7 +60,8 @@ Components = Mapping[str, Component]
 @dataclass
 class Position:
     """Where a rank is: the last completed batch of ``epoch`` (phase ``"batch"``), the end of
-    ``epoch`` (``"epoch_end"``), or nothing done yet (``"start"``).
+    ``epoch`` (``"epoch_end"``), ``epoch`` begun (its epoch-begin sync point handled) with no batch
+    done yet (``"begin"``), or nothing done yet (``"start"``).
 
     Example:
         >>> pos = Position()
@@ -80,7 +81,11 @@ class Position:
             return 0, 0
         if self.phase == "epoch_end":
             return self.epoch + 1, 0
-        return self.epoch, self.batch + 1
+        return self.epoch, self.batch + 1  # "begin": batch is -1
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Epoch ``epoch`` began: its epoch-begin sync point ran (a resume here does not run it again)."""
+        self.epoch, self.batch, self.phase = epoch, -1, "begin"
 
     def advance(self, epoch: int, batch: int) -> None:
         """Batch ``batch`` of ``epoch`` is done (run or skipped): one more global step."""

@@ -157,12 +157,21 @@ class RankSaver:
         storage = self._storage()
         shared = from_bytes(storage.read_bytes(f"{folder}/{SHARED_FILE}"))
         mine = from_bytes(storage.read_bytes(f"{folder}/{rank_file(self.rank)}"))
+        return self.load_states(shared, mine, where=folder)
+
+    def load_states(self, shared: dict[str, Any], mine: dict[str, Any], where: str,
+                    derived: tuple[str, ...] = ()) -> PendingRestore:
+        """:meth:`load` from states in memory (``shared``: the shared file's, ``mine``: this rank's);
+        components named in ``derived`` may be missing from ``mine`` (they are not loaded)."""
+        folder = where
         for name in OPTION_COMPONENTS:  # before anything is loaded
             if (name in self.components) != (name in shared):
                 raise component_mismatch(name, in_backup=name in shared, where=folder)
         pending = PendingRestore()
         for name, c in self.components.items():
             source, states = (SHARED_FILE, shared) if c.shared else (rank_file(self.rank), mine)
+            if name in derived and name not in states:
+                continue
             if name not in states:
                 raise KeyError(f"{folder}/{source} holds no state for component {name!r} "
                                f"(it holds {sorted(states)})")

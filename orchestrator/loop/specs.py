@@ -28,6 +28,7 @@ class TrainSpec:
             whose own layout differs refuses to load it (:func:`~orchestrator.storage.layout.check_layout`).
         use_gpu: One GPU per rank and NCCL; else CPU and gloo.
         threads: torch intra-op threads per rank (None: torch's default).
+        live: The survivors' state to resume from instead of a backup (a live recovery), or None.
 
     Example:
         >>> spec = TrainSpec(loop=config, epochs=3, storage=StorageSpec("/tmp/runs", "r"))  # doctest: +SKIP
@@ -41,6 +42,7 @@ class TrainSpec:
     resume_layout: dict | None = None
     use_gpu: bool = False
     threads: int | None = None
+    live: "LiveResume | None" = None
 
 
 @dataclass
@@ -55,3 +57,23 @@ class LoopResult:
     preempted: bool = False
     scaler_skips: int = 0  # optimizer steps the GradScaler skipped (inf/NaN gradients under "16-mixed")
     state_dict: dict[str, Any] | None = None  # rank 0: the final model weights, on CPU
+
+
+@dataclass(frozen=True)
+class LiveResume:
+    """The survivors' state a live recovery resumes from (see :mod:`orchestrator.loop.live`).
+
+    Args:
+        step: The global step of the state (the last step every rank completed).
+        donor: The surviving rank whose payload holds the shared components.
+        payloads: Surviving rank -> its payload in Ray's object store (an ``ObjectRef``); a rank
+            without one died and rebuilds its own state from the donor's.
+
+    Example:
+        >>> LiveResume(step=12, donor=0, payloads={0: "ref"}).step
+        12
+    """
+
+    step: int
+    donor: int
+    payloads: dict[int, Any]

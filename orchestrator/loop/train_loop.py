@@ -22,15 +22,11 @@ the epoch-end hooks, then decides the emergency backup). The validation pass is
 from __future__ import annotations
 
 import math
-import random
 import threading
 import time
-from datetime import timedelta
 from typing import Any, Callable, Protocol
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from orchestrator.decisions import (
@@ -50,11 +46,13 @@ from orchestrator.decisions import (
 from orchestrator.core.config import validation_due
 from orchestrator.loop.compiled import compile_model, plain_module
 from orchestrator.loop.data import ShardSampler, Window, epoch_window, make_loader, shutdown_workers
+from orchestrator.loop.live import DERIVED, LiveState, reseed
 from orchestrator.loop.iterable import DataInput, as_datasets, data_components, train_stream
 from orchestrator.loop.optim_step import (
     LearningRates, OptimStep, Precision, build_scheduler, micro_batch_groups, steps_per_epoch)
 from orchestrator.loop.rank_state import MetricSums, Position, Snapshots, rank_components
 from orchestrator.loop.saver import PendingRestore, RankSaver
+from orchestrator.loop.signalled import SignalledModule, seed_everything
 from orchestrator.loop.specs import LoopResult, TrainSpec
 from orchestrator.loop.steps import make_default_step, resolve_metrics
 from orchestrator.loop.validation import Validation
@@ -81,45 +79,6 @@ class _RolledBack(Exception):
     """Unwinds the loop after every rank reloaded a backup (a Rollback decision)."""
 
 
-class SignalledModule(torch.nn.Module):
-    """The user's model plus a small parameter whose gradient carries per-step signals.
-
-    The loop adds ``(signal * values).sum()`` to the loss before ``backward``; the gradient of
-    ``signal`` is then exactly ``values``, and DDP all-reduces it in the same buckets as the
-    model's gradients. The model's own gradients are unchanged (``signal`` stays zero; it is
-    not given to the optimizer and not saved).
-    """
-
-    SIZE = 5  # [non-finite loss, loss * n, n, preemption notice, out of data]
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module = module
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        self.signal = torch.nn.Parameter(torch.zeros(self.SIZE, device=device))
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-
-def init_process_group(backend: str, master_addr: str, master_port: int, rank: int, world_size: int,
-                       timeout_s: float = 1800.0) -> None:
-    """Join the torch.distributed group over TCP."""
-    dist.init_process_group(
-        backend=backend,
-        init_method=f"tcp://{master_addr}:{master_port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 class TrainLoop:
     """One rank's training loop.
 
@@ -138,6 +97,8 @@ class TrainLoop:
         storage: The opened run storage (for backups and checkpoints), or None.
         preemption: Set (from another thread) when a preemption notice arrives.
         data_input: ``data()``'s value to ``(train, val)`` (Ray layer: Ray Datasets to shards). Defaults to as is.
+        live_restore: ``(shared states, own states)`` copied from the survivors of a failed attempt
+            (a live recovery, see :mod:`~orchestrator.loop.live`), loaded instead of a backup. Defaults to None.
 
     Example:
         >>> result = TrainLoop(spec, rank=0, world_size=1, device=torch.device("cpu"),
@@ -146,7 +107,8 @@ class TrainLoop:
 
     def __init__(self, spec: TrainSpec, rank: int, world_size: int, device: torch.device,
                  link: CoordinatorLink, storage: Any = None, preemption: threading.Event | None = None,
-                 data_input: DataInput = as_datasets) -> None:
+                 data_input: DataInput = as_datasets,
+                 live_restore: tuple[dict[str, Any], dict[str, Any]] | None = None) -> None:
         self.spec = spec
         self.config = spec.loop
         self.rank = rank
@@ -158,6 +120,8 @@ class TrainLoop:
         self.storage = storage
         self.resume_from = spec.resume_from
         self.preemption, self.data_input = preemption or threading.Event(), data_input
+        self.live_restore = live_restore
+        self.live: LiveState | None = None  # built with the components; a survivor's state is copied from it
         self.skip: set[tuple[int, int]] = set()
         self.position = Position()
         self.metric_sums = MetricSums(device)
@@ -222,9 +186,11 @@ class TrainLoop:
                                     sums=self.metric_sums, world_size=self.world_size,
                                     clip_grad_norm=cfg.clip_grad_norm, preemption=self.preemption,
                                     train_step=self.train_step, device=self.device)
+        self.live = LiveState(self.components, self.rank, cfg.seed)
+        self.optim_step.before_update = self.live.unmark  # the update changes the state: no copy from here
         self.saver = RankSaver(self.components, self.rank, self.world_size, self.storage,
                                on_persisted=self.link.persisted)
-        seed_everything(cfg.seed + 1000 * (self.rank + 1))  # per-rank streams (dropout, augmentation)
+        reseed(cfg.seed, self.rank, 0)  # per-rank streams (dropout, augmentation), reseeded at every step
 
     # -- decisions -----------------------------------------------------------------------
     def learning_rate(self) -> float:
@@ -271,7 +237,10 @@ class TrainLoop:
         self.link.heartbeat()  # the hang watchdog watches this rank from now on
         if self.resume_from:  # a clear error before loading state that would mean other samples
             check_layout(self.spec.resume_layout, self.layout, self.resume_from)
-        pending = self.saver.load(self.resume_from) if self.resume_from else PendingRestore()
+        if self.live_restore is not None:
+            pending = self.saver.load_states(*self.live_restore, where="the survivors' memory", derived=DERIVED)
+        else:
+            pending = self.saver.load(self.resume_from) if self.resume_from else PendingRestore()
         try:
             stop = self._sync(ReportKind.TRAIN_BEGIN, layout=self.layout)
             pending.apply()
@@ -295,11 +264,13 @@ class TrainLoop:
     def _epoch(self, epoch: int, first_batch: int) -> tuple[bool, int, int]:
         """One epoch from ``first_batch``: (stop, next epoch, next first batch)."""
         stop = False
-        if first_batch == 0:
+        if first_batch == 0 and self.position.phase != "begin":  # "begin": a live recovery at the epoch's start
             stop = self._sync(ReportKind.EPOCH_BEGIN, epoch)
             self.result.learning_rates.append(self.learning_rate())
             self.metric_sums.reset()
+            self.position.begin_epoch(epoch)
         stopped_step = None if stop else self._train_epoch(epoch, first_batch)
+        self.live.unmark()  # the epoch's end changes the state
         if self.result.preempted:
             return True, epoch, first_batch
         if stopped_step is not None:
@@ -348,9 +319,16 @@ class TrainLoop:
             self.train_sampler.set_epoch(window.data_pass, start=(window.first + first_batch) * samples,
                                          stop=(window.first + window.steps) * samples)
             groups = ((step, group, False) for step, group in micro_batch_groups(self.train_loader, first_batch, k))
-        sums = self.metric_sums
-        for step, micro_batches, last in groups:
+        sums, groups, live = self.metric_sums, iter(groups), self.live
+        while True:
+            live.mark(self.position)  # a step boundary: reseeds, and a survivor's state can be copied from here
+            item = next(groups, None)
+            if item is None:
+                break
+            step, micro_batches, last = item
+            live.started()
             if (epoch, step) in self.skip:  # produced a non-finite loss before a rollback
+                live.unmark()
                 self.position.advance(epoch, step)
                 if self.stream is not None and self.stream.skipped(last):  # every rank ran out with it
                     break

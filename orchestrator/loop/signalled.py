@@ -1,0 +1,50 @@
+"""The loop's process-level pieces: the signalled model, joining the process group, seeding."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class SignalledModule(torch.nn.Module):
+    """The user's model plus a small parameter whose gradient carries per-step signals.
+
+    The loop adds ``(signal * values).sum()`` to the loss before ``backward``; the gradient of
+    ``signal`` is then exactly ``values``, and DDP all-reduces it in the same buckets as the
+    model's gradients. The model's own gradients are unchanged (``signal`` stays zero; it is
+    not given to the optimizer and not saved).
+    """
+
+    SIZE = 5  # [non-finite loss, loss * n, n, preemption notice, out of data]
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        self.signal = torch.nn.Parameter(torch.zeros(self.SIZE, device=device))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def init_process_group(backend: str, master_addr: str, master_port: int, rank: int, world_size: int,
+                       timeout_s: float = 1800.0) -> None:
+    """Join the torch.distributed group over TCP."""
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
