@@ -1,9 +1,11 @@
 """Scenarios that run in a subprocess of their own from the start of the test session.
 
 A scenario on a cluster of its own (several Ray nodes in a subprocess) mostly waits: for nodes to
-start, for drain deadlines, for restarts. Started when collection ends, it runs beside the rest of
-the suite instead of after it; its test then only reads what it left. A scenario that is not
-collected (``-k``, a single file) is never started.
+start, for drain deadlines, for restarts. The scenarios run one after another, in the order their
+tests come, from the end of collection: beside the rest of the suite instead of after it (never
+two at once: several Ray clusters starting together on 2 cores made a raylet time out). Each test
+then only reads what its scenario left; one whose scenario has not started yet starts it. A
+scenario that is not collected (``-k``, a single file) is never started.
 
 Example (in a test module)::
 
@@ -19,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,14 +53,17 @@ class Scenario:
     returncode: int | None = None
     _log: Path | None = field(default=None, repr=False)
 
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
     def start(self) -> None:
-        if self.proc is not None:
-            return
-        self.folder = Path(tempfile.mkdtemp(prefix=f"bg-{self.name}-"))
-        self._log = self.folder / "output.log"
-        with self._log.open("w") as out:
-            self.proc = subprocess.Popen([a.replace("{folder}", str(self.folder)) for a in self.argv],
-                                         env=clean_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+        with self._lock:  # the chain's thread or a test that needs it now: once
+            if self.proc is not None:
+                return
+            self.folder = Path(tempfile.mkdtemp(prefix=f"bg-{self.name}-"))
+            self._log = self.folder / "output.log"
+            with self._log.open("w") as out:
+                self.proc = subprocess.Popen([a.replace("{folder}", str(self.folder)) for a in self.argv],
+                                             env=clean_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
 
     def wait(self, timeout: float) -> int:
         """Its exit code, once it has ended (started now if it was not); SIGINT, then kill, past ``timeout``."""
@@ -98,3 +104,19 @@ def collected_scenarios(items) -> list[Scenario]:
         if isinstance(scenario, Scenario):
             seen[id(scenario)] = scenario
     return list(seen.values())
+
+
+def run_in_turn(scenarios: list[Scenario], stopping: threading.Event) -> threading.Thread:
+    """Start ``scenarios`` one after another (each when the one before has ended), in a daemon thread."""
+    def chain() -> None:
+        for scenario in scenarios:
+            if stopping.is_set():
+                return
+            scenario.start()
+            assert scenario.proc is not None
+            while scenario.proc.poll() is None and not stopping.wait(0.5):
+                pass
+
+    thread = threading.Thread(target=chain, name="background-scenarios", daemon=True)
+    thread.start()
+    return thread

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -12,18 +13,19 @@ import background
 
 TESTS_DIR = Path(__file__).resolve().parent
 _SCENARIOS: list[background.Scenario] = []
+_STOPPING = threading.Event()
 
 
 def pytest_collection_finish(session):
-    """Start the background scenarios of the collected modules now, so they run beside the suite."""
+    """Start the background scenarios of the collected modules, one after another, in test order."""
     if session.config.option.collectonly:
         return
     _SCENARIOS[:] = background.collected_scenarios(session.items)
-    for scenario in _SCENARIOS:
-        scenario.start()
+    background.run_in_turn(list(_SCENARIOS), _STOPPING)
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _STOPPING.set()
     for scenario in _SCENARIOS:  # shut down if not waited for (an early stop), and cleaned up
         scenario.remove()
 
