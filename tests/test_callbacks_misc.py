@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_output import cli_lines
+
 from callback_helpers import fit, make_list
 from orchestrator.callbacks import (
     Callback,
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("loss", [math.nan, math.inf, -math.inf])
 def test_terminate_on_nan_stops_on_a_non_finite_batch_loss(loss, capsys):
     assert TerminateOnNaN().on_train_batch_end(3, {"loss": loss}) == NAN_STOP
-    assert capsys.readouterr().out == "Batch 3: Invalid loss, terminating training\n"
+    assert cli_lines(capsys.readouterr().out) == ["Batch 3: Invalid loss, terminating training"]
 
 
 @pytest.mark.parametrize("loss", [math.nan, math.inf, -math.inf])

@@ -9,6 +9,8 @@ import warnings
 
 import pytest
 
+from cli_output import cli_lines
+
 from callback_helpers import fit, make_list
 from checkpoint_helpers import at, every, fit_batches, saved_paths
 from orchestrator.callbacks import ModelCheckpoint
@@ -332,7 +334,7 @@ def test_model_checkpoint_resumes_its_batch_count_across_a_restart():
 def test_model_checkpoint_prints_keras_messages_when_verbose(capsys):
     fit([ModelCheckpoint("{epoch:02d}.pt", save_best_only=True, verbose=1)], logs_of([0.5, 0.4, 0.45]))
     fit([ModelCheckpoint("{epoch:02d}.pt", verbose=1)], logs_of([0.5]))
-    assert capsys.readouterr().out.splitlines() == [
+    assert cli_lines(capsys.readouterr().out) == [
         "Epoch 1: val_loss improved from None to 0.50000, saving model to 01.pt",
         "Epoch 2: val_loss improved from 0.50000 to 0.40000, saving model to 02.pt",
         "Epoch 3: val_loss did not improve from 0.40000",
@@ -344,7 +346,7 @@ def test_model_checkpoint_is_silent_when_not_verbose(capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit([ModelCheckpoint("{epoch:02d}.pt", save_best_only=True)], logs_of([0.5, 0.4, 0.45]))
-    assert capsys.readouterr().out == ""
+    assert cli_lines(capsys.readouterr().out) == []
 
 
 def test_model_checkpoint_module_imports_no_torch_ray_or_fsspec():

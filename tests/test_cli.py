@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_output import cli_lines
 from orchestrator import cli
 from orchestrator.core.events import EventType
 from orchestrator.storage.fs import StorageSpec
@@ -97,7 +98,7 @@ def test_cli_status_reads_the_event_vocabulary_and_lists_epochs_the_newest_backu
         f.write('{"time": 1, "attempt": 2, "epoch": 1, "step": null, "type": "from_a_newer_version"}\n')
 
     assert cli.main(["status", f"{tmp_path}/r"]) == cli.EXIT_FINISHED
-    out = capsys.readouterr().out.splitlines()
+    out = cli_lines(capsys.readouterr().out)
     assert out[0].endswith("status finished, attempts 2, world size 2")
     assert out[1].split() == ["epoch", "loss", "learning_rate"]
     assert [line.split()[:2] for line in out[2:4]] == [["1", "2"], ["2", "1"]]
@@ -182,7 +183,7 @@ def test_cli_status_with_an_endpoint_the_client_rejects_prints_one_line_without_
     token = "tok-a1b2c3d4e5f6"
     endpoint = f'client_kwargs={{"endpoint_url": "http://127.0.0.1:9?token={token}"}}'
     code = cli.main(["status", "s3://bucket/runs/r", "--option", endpoint, "--option", "key=k", "--option", "secret=s"])
-    err = capsys.readouterr().err
+    err = "\n".join(cli_lines(capsys.readouterr().err))
     assert code == cli.EXIT_USAGE
     assert len(err.strip().splitlines()) == 1 and "check storage_options" in err
     assert token not in err and "s3://bucket/runs/r/run.json" in err
@@ -198,5 +199,4 @@ def test_cli_final_error_line_is_one_line_without_url_userinfo(tmp_path, capsys,
     entry = tmp_path / "broken.py"
     entry.write_text(f"def make_trainer():\n    raise {raised}\n")
     assert cli.main(["run", str(entry)]) == code
-    err = capsys.readouterr().err
-    assert err.splitlines() == [prefix]
+    assert cli_lines(capsys.readouterr().err) == [prefix]

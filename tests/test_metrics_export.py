@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from cli_output import cli_lines
 from orchestrator.control.failures import AttemptFailed, FailureRecord
 from orchestrator.control.metrics_export import METRICS, RunMetrics, metrics_of
 from orchestrator.errors import WorkerError
@@ -196,7 +197,7 @@ def test_status_prints_the_goodput_of_a_real_restarted_run(restarted_run, capsys
 
     storage, run, _ = restarted_run
     assert cli.main(["status", f"{storage}/{run}"]) == cli.EXIT_FINISHED
-    out = capsys.readouterr().out.splitlines()
+    out = cli_lines(capsys.readouterr().out)
     summary = next(line for line in out if line.startswith("goodput "))
     assert re.match(r"goodput \d+\.\d%: [\d.]+ s productive of [\d.]+ s wall \(2 attempts, 1 restart, 0 rollbacks",
                     summary), summary

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_output import cli_lines
 from orchestrator import cli
 from orchestrator.core.events import EventType
 from orchestrator.plot import plot_data
@@ -107,8 +108,8 @@ def test_plot_draws_what_it_can_read_of_a_damaged_event_log_and_exits_3(tmp_path
     out = tmp_path / "run.png"
     assert cli.main(["plot", f"{tmp_path}/r", "-o", str(out)]) == cli.EXIT_DAMAGED
     assert_png(out, 1200, 860)
-    assert capsys.readouterr().err.strip() == (f"orchestrator plot: damaged run file: {tmp_path}/r/events.jsonl "
-                                               "line 12: not a JSON object (a list); skipped")
+    assert cli_lines(capsys.readouterr().err) == [f"orchestrator plot: damaged run file: {tmp_path}/r/events.jsonl "
+                                                  "line 12: not a JSON object (a list); skipped"]
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -118,7 +119,7 @@ def test_plot_draws_what_it_can_read_of_a_damaged_event_log_and_exits_3(tmp_path
 def test_plot_argument_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra, message):
     write_restarted_run(StorageSpec(str(tmp_path), "r").open())
     assert cli.main(["plot", f"{tmp_path}/r", "-o", str(tmp_path / "x.png"), *extra]) == cli.EXIT_USAGE
-    assert capsys.readouterr().err.strip() == message
+    assert cli_lines(capsys.readouterr().err) == [message]
     assert not (tmp_path / "x.png").exists()
 
 
