@@ -181,3 +181,30 @@ def test_progress_reaches_the_driver_at_most_about_once_a_second(ray_cluster):
 def test_use_gpu_trains_with_nccl_on_the_assigned_devices(ray_cluster):
     history = make(1, use_gpu=True).fit(epochs=1, verbose=0)
     assert math.isfinite(history.history["loss"][0])
+
+
+def _pid_recorder(path):
+    """A callback that appends the pid of the process running it (the coordinator) to ``path`` at train begin."""
+    import os
+
+    def record(logs):
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    return callbacks.LambdaCallback(on_train_begin=record)
+
+
+def test_a_second_fit_of_the_same_shape_reuses_the_warm_workers_and_the_coordinator_with_none_of_its_state(
+        ray_cluster, tmp_path):
+    pids = tmp_path / "coordinator-pids"
+    # the first fit stops early at epoch 1 (patience 0 on a frozen model); the second's EarlyStopping is new
+    first = make(2, optimizer=workloads.frozen_sgd,
+                 callbacks=[_pid_recorder(str(pids)), callbacks.EarlyStopping(monitor="val_loss", patience=0)]
+                 ).fit(epochs=5, verbose=0)
+    trainer = make(2, callbacks=[_pid_recorder(str(pids))])
+    second = trainer.fit(epochs=3, verbose=0)
+    assert first.epoch == [0, 1] and second.epoch == [0, 1, 2]  # nothing of the first fit's stop carried over
+    first_pid, second_pid = pids.read_text().split()
+    assert first_pid == second_pid  # the same coordinator process, set up again
+    started = [e for e in read_events(trainer.storage.open()) if e["type"] == "started"]
+    assert [e["warm"] for e in started] == [True]  # the parked workers started the second fit

@@ -84,7 +84,9 @@ class Coordinator:
     """The coordinator actor's class (plain Python; :data:`CoordinatorActor` is the Ray actor).
 
     Started bare (so that a spare can be started ahead of a restart), then given its run with
-    :meth:`setup` before any rank talks to it.
+    :meth:`setup` before any rank talks to it. The coordinator of a fit that finished is kept with
+    the group its driver parks (:meth:`WorkerGroup.keep_coordinator`) and set up again by the next
+    fit: starting an actor's process costs more than the whole of a short fit.
 
     Example:
         >>> coordinator = CoordinatorActor.remote()  # doctest: +SKIP
@@ -92,6 +94,9 @@ class Coordinator:
     """
 
     def __init__(self) -> None:
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
         self.core: CoordinatorCore | None = None
         self.timeline: RecoveryTimeline | None = None  # a live recovery's, completed at its first step
         self.barrier: SyncBarrier | None = None
@@ -105,6 +110,10 @@ class Coordinator:
         self._seen: tuple[Any, float] = (None, 0.0)  # (call number, running hook) first seen at
 
     def setup(self, spec: CoordinatorSpec) -> None:
+        """Take the run of ``spec``; a coordinator kept from a finished fit forgets everything of that fit."""
+        if self.core is not None:
+            self._executor.shutdown(wait=True)  # idle: it was kept only after its attempt ended normally
+            self._fresh_state()
         self.core = CoordinatorCore.from_spec(spec)
         self.timeline = RecoveryTimeline(spec.recovery) if spec.recovery is not None else None
         self.barrier = SyncBarrier(spec.world_size, self._handle_later)

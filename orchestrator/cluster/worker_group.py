@@ -154,6 +154,14 @@ class WorkerGroup:
         if self.spare_coordinator is None:
             self.spare_coordinator = CoordinatorActor.remote()
 
+    def keep_coordinator(self, coordinator: Any) -> None:
+        """Keep the coordinator of an attempt that ended normally as the spare (idle: its callbacks
+        returned) for the group's next attempt or the next fit it is parked for; else kill it."""
+        if self.spare_coordinator is None and not self.closed:
+            self.spare_coordinator = coordinator
+        else:
+            _kill([coordinator])
+
     def coordinator(self, spec: CoordinatorSpec) -> tuple[Any, Any]:
         """The spare coordinator (or a new one) and the ref of its ``setup(spec)`` call; don't wait."""
         spare, self.spare_coordinator = self.spare_coordinator, None
@@ -205,10 +213,10 @@ class WorkerGroup:
         self.standbys, self.workers = self.workers, []
 
     def park(self, idle_s: float = PARK_IDLE_S) -> None:
-        """Keep the placement group and the idle warm workers for the next fit of this driver (at
-        most ``idle_s`` seconds), or shut down when there is nothing to keep; never raises."""
-        _kill(self.workers + [c for c in (self.spare_coordinator,) if c is not None])
-        self.workers, self.spare_coordinator = [], None
+        """Keep the placement group, the idle warm workers and the spare coordinator for the next fit
+        of this driver (at most ``idle_s`` seconds), or shut down when there is nothing to keep; never raises."""
+        _kill(self.workers)
+        self.workers = []
         if self.scaling.use_gpu or self.pg is None or len(self.standbys) != self.scaling.num_workers:
             self.shutdown()
             return
@@ -294,7 +302,8 @@ def parked_ids() -> tuple[set[str], set[str]]:
         if group is None:
             return set(), set()
         pgs = {group.pg.id.hex()} if group.pg is not None else set()
-        return pgs, {a._actor_id.hex() for a in group.standbys}
+        kept = group.standbys + [c for c in (group.spare_coordinator,) if c is not None]
+        return pgs, {a._actor_id.hex() for a in kept}
 
 
 def release_parked() -> None:

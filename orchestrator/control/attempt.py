@@ -92,6 +92,7 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
     relay = Relay(coordinator, driver, outcome, events, attempt=attempt.number)
     drain = DrainWatch(set(), fit.faults.drain_poll_interval_s)
     setup_timeout_s = fit.faults.placement_timeout_s  # a new coordinator starts a process, like a worker
+    finished = False
     try:
         infos = group.start()
         try:
@@ -129,6 +130,7 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
         outcome.callback_states = relay.call("callback_states")
         if not any(r.preempted for r in results):
             group.retire_workers()  # idle and warm: standbys for the next fit of this driver (WorkerGroup.park)
+            finished = True  # its coordinator is idle too: its callbacks have returned
         return results
     except NodesDrained:
         group.release()  # its placement group has bundles on the draining nodes
@@ -139,7 +141,10 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
         if not isinstance(sys.exc_info()[1], (KeyboardInterrupt, LeaseLost)):
             relay.flush()  # a backup committed as the attempt ended is in events.jsonl before what ended it
         metrics.end_attempt(sys.exc_info()[1], preempted=attempt.preempt.is_set())
-        ray.kill(relay.coordinator, no_restart=True)
+        if finished:  # the next fit of this driver sets it up again (no new process)
+            group.keep_coordinator(relay.coordinator)
+        else:
+            ray.kill(relay.coordinator, no_restart=True)
 
 
 def _check_storage_visible(group: WorkerGroup, spec: StorageSpec, storage: RunStorage,
