@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from orchestrator.core.events import EventType
+from orchestrator.storage import event_log
 from orchestrator.storage.fs import StorageSpec
 from orchestrator.storage.run_files import (
     EVENT_PARTS_DIR,
@@ -33,7 +34,12 @@ def _part_bytes(storage) -> dict[str, int]:
     return {name: storage.size(f"{EVENT_PARTS_DIR}/{name}") for name in storage.listdir(EVENT_PARTS_DIR)}
 
 
-def test_2000_events_on_s3_upload_less_than_three_times_the_log_size_and_read_back_in_order(s3_server, s3_bucket):
+def test_events_on_s3_upload_less_than_three_times_the_log_size_and_read_back_in_order(s3_server, s3_bucket,
+                                                                                        monkeypatch):
+    # a fan-in of 4 instead of 32: the same levels after 43 flushes as after thousands (sealed parts of
+    # 16 flushes, merged parts of 4, single ones), in a fiftieth of the S3 requests
+    fan_in = 4
+    monkeypatch.setattr(event_log, "MERGE_FAN_IN", fan_in)
     storage = _s3_storage(s3_server, s3_bucket)
     uploaded: dict[str, int] = {}
 
@@ -43,18 +49,19 @@ def test_2000_events_on_s3_upload_less_than_three_times_the_log_size_and_read_ba
     storage.fs.s3.meta.events.register("before-send.s3", count)
     log = EventLog(storage, attempt=1)
     held = []
-    for epoch in range(2000):  # past a sealed level-2 part (1024 flushes), every line uploaded at most 3 times
+    n = 2 * fan_in ** 2 + 2 * fan_in + 3  # two sealed level-2 parts, two level-1 parts, three single flushes
+    for epoch in range(n):  # every line uploaded at most 3 times
         log.append(EventType.EPOCH_END, epoch=epoch, step=epoch * 10, logs={"loss": 1.0 / (epoch + 1), "accuracy": 0.5})
         held.append(log.buffered_bytes())
 
     final = sum(_part_bytes(storage).values())
     put = uploaded.get("before-send.s3.PutObject", 0) + uploaded.get("before-send.s3.UploadPart", 0)
-    assert final > 2000 * 80
+    assert final > n * 80
     assert put < 3 * final, f"uploaded {put} bytes for a {final}-byte log"
-    assert max(held) <= MERGE_FAN_IN * 200  # the driver holds at most one level of small parts
-    assert len(_part_bytes(storage)) < 2 * MERGE_FAN_IN
+    assert max(held) <= fan_in * 200  # the driver holds at most one level of small parts
+    assert len(_part_bytes(storage)) == 2 + 2 + 3
     assert not storage.exists("events.jsonl")
-    assert [e["epoch"] for e in read_events(storage)] == list(range(2000))
+    assert [e["epoch"] for e in read_events(storage)] == list(range(n))
 
 
 def test_many_events_in_several_attempts_keep_their_order_and_few_parts(tmp_path):
