@@ -15,6 +15,7 @@ A backup is two-phase: :class:`~orchestrator.loop.state_io.StagingArea` copies t
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from orchestrator.loop.state_io import AsyncPersister, StagingArea, from_bytes, 
 from orchestrator.loop.tb_histograms import HistogramWriter
 from orchestrator.storage.checkpoint import COORDINATOR_FILE, SHARED_FILE, FileEntry, encode_state, rank_file, step_dir
 from orchestrator.storage.layout import OPTION_COMPONENTS, component_mismatch
+
+logger = logging.getLogger(__name__)
 
 OnPersisted = Callable[[int, str, list[FileEntry] | None, dict[str, Any]], None]
 
@@ -248,6 +251,11 @@ class RankSaver:
         """Rank 0 computes TensorBoard's weight histograms now and writes their file in the background."""
         if self.rank != 0:
             return  # one writer per file
+        if self.sharded:  # rank 0 holds only its shards; gathering the full weights for histograms is not worth it
+            if self.histograms is None:
+                logger.warning("TensorBoard weight histograms are not written with strategy='fsdp' (sharded weights)")
+                self.histograms = HistogramWriter(self._storage())
+            return
         if self.histograms is None:
             self.histograms = HistogramWriter(self._storage())
         self.histograms.write(decision, model)
