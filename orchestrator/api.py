@@ -53,6 +53,15 @@ def _describe_compile(value: Any) -> Any:
     return value
 
 
+def _describe_wrap(value: Any) -> Any:
+    """``fsdp_wrap=`` for run.json: classes and callables by name."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return [c.__qualname__ for c in value]
+    return getattr(value, "__qualname__", type(value).__name__)
+
+
 def _check_picklable(name: str, value: Any) -> None:
     try:
         ray.cloudpickle.dumps(value)
@@ -140,6 +149,15 @@ class Trainer:
         ray_data_shuffle_buffer: With ``ray.data.Dataset`` input, each rank draws its training batches
             from a local shuffle buffer of this many rows, reseeded every data pass from (seed, rank,
             pass), so a resume reshuffles exactly as before. Defaults to ``None`` (the dataset's order).
+        strategy: ``"ddp"`` (every worker holds the whole model, DistributedDataParallel) or ``"fsdp"``
+            (FSDP2 ``fully_shard``: parameters, gradients and optimizer state sharded over the workers;
+            each worker writes only its shards of a backup, through torch.distributed.checkpoint, and
+            a backup resumes on another number of workers). ``"fsdp"`` refuses ``precision="16-mixed"``
+            and ``compile``. See docs/fsdp.md. Defaults to ``"ddp"``.
+        fsdp_wrap: With ``"fsdp"``, which submodules get their own ``fully_shard`` (before the root):
+            a callable ``module -> bool`` or a tuple of module classes (e.g. your transformer block).
+            Defaults to ``None``: ``torch.nn.TransformerEncoderLayer``/``TransformerDecoderLayer`` and
+            submodules holding at least 1/8 of the parameters (and 1M or more).
 
     Example:
         >>> trainer = Trainer(model=build_model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
@@ -189,6 +207,8 @@ class Trainer:
         compile: bool | Mapping[str, Any] = False,
         ray_data_columns: tuple[str, str] | None = None,
         ray_data_shuffle_buffer: int | None = None,
+        strategy: str = "ddp",
+        fsdp_wrap: Callable[[Any], bool] | tuple[type, ...] | None = None,
     ) -> None:
         self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.loop = LoopConfig(model=model, optimizer=optimizer, data=data, loss=loss, metrics=metrics,
@@ -198,7 +218,8 @@ class Trainer:
                                lr_scheduler_interval=lr_scheduler_interval, loader_workers=loader_workers,
                                steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
                                validation_freq=validation_freq, compile=compile,
-                               ray_data_columns=ray_data_columns, ray_data_shuffle_buffer=ray_data_shuffle_buffer)
+                               ray_data_columns=ray_data_columns, ray_data_shuffle_buffer=ray_data_shuffle_buffer,
+                               strategy=strategy, fsdp_wrap=fsdp_wrap)
         self.scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources_per_worker,
                                      placement_strategy=placement_strategy,
@@ -229,7 +250,8 @@ class Trainer:
         return self.storage.run_name
 
     def _check_picklable(self) -> None:
-        for name in ("model", "optimizer", "loss", "data", "train_step", "val_step", "lr_scheduler", "compile"):
+        for name in ("model", "optimizer", "loss", "data", "train_step", "val_step", "lr_scheduler", "compile",
+                     "fsdp_wrap"):
             if getattr(self.loop, name) is not None:
                 _check_picklable(name, getattr(self.loop, name))
         for name, fn in self.loop.metrics.items():
@@ -334,6 +356,7 @@ class Trainer:
                 "compile": _describe_compile(self.loop.compile),
                 "ray_data_columns": list(self.loop.ray_data_columns) if self.loop.ray_data_columns else None,
                 "ray_data_shuffle_buffer": self.loop.ray_data_shuffle_buffer,
+                "strategy": self.loop.strategy, "fsdp_wrap": _describe_wrap(self.loop.fsdp_wrap),
                 "callbacks": [cb.name for cb in self.callbacks]}
 
     def _build_final_model(self, state_dict: Mapping[str, Any] | None) -> Any:

@@ -4,6 +4,7 @@
                             [--use-gpu] [--set KEY=VALUE ...]
     orchestrator status RUN_URL [--option KEY=VALUE ...]
     orchestrator plot RUN_URL [-o run.png] [--size WxH] [--option KEY=VALUE ...]
+    orchestrator export RUN_URL [--step N] [-o model.pt] [--backup-dir backup] [--option KEY=VALUE ...]
 
 ``TARGET`` is a Python file defining ``make_trainer(**config)`` (or a ``trainer``), or
 ``package.module:function`` returning an :class:`orchestrator.Trainer`; ``--set`` values are passed
@@ -257,6 +258,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return _print_problems("plot", found.problems)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a committed backup's model (sharded by ``strategy="fsdp"`` or not) as a plain state dict file."""
+    from orchestrator.loop.export import export_model
+
+    storage = _open_run(args)
+    try:
+        step = export_model(storage, args.output, step=args.step, backup_dir=args.backup_dir)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"wrote {args.output} (the model of backup step {step} of {storage.url()})")
+    return EXIT_FINISHED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orchestrator", description=__doc__.split("\n\n")[0],
@@ -287,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--size", metavar="WxH", help="size in pixels (default 1200 wide, 260 a panel + 80 high)")
     plot.add_argument("--option", action="append", metavar="KEY=VALUE", help="fsspec storage option")
     plot.set_defaults(func=cmd_plot)
+    export = sub.add_parser("export", help="write the model of a committed backup (sharded or not) as a plain "
+                                           "state dict file, loadable with torch.load(weights_only=True)")
+    export.add_argument("run_url", help="<storage>/<run_name>")
+    export.add_argument("--step", type=int, help="the backup's global step (default: the newest committed one)")
+    export.add_argument("-o", "--output", default="model.pt", help="the file to write (default model.pt)")
+    export.add_argument("--backup-dir", default="backup", help="BackupAndRestore's folder (default backup)")
+    export.add_argument("--option", action="append", metavar="KEY=VALUE", help="fsspec storage option")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

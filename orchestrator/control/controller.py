@@ -35,7 +35,7 @@ from orchestrator.errors import OrchestratorError, TrainingFailedError
 from orchestrator.loop.specs import LoopResult
 from orchestrator.storage.checkpoint import latest_valid, read_coordinator_state, remove_all, remove_newer
 from orchestrator.storage.fs import RunStorage
-from orchestrator.storage.layout import check_layout, option_layout
+from orchestrator.storage.layout import check_layout, option_layout, reshardable
 from orchestrator.storage.lease import LeaseLost, Owner, RunLease
 from orchestrator.storage.run_files import (EventLog, bump_attempt, read_events, run_status, update_run_json,
                                             write_run_json)
@@ -78,16 +78,15 @@ def find_resume(fit: FitSpec, storage: RunStorage, events: EventLog, reached: in
     remove_newer(storage, backup_dir, found.manifest.step if found else None)
     if found is None:
         return Resume()
-    if found.manifest.world_size != fit.scaling.num_workers:
+    state = read_coordinator_state(storage, found.folder)
+    current = {"world_size": fit.scaling.num_workers, "batch_size": fit.loop.batch_size, "seed": fit.loop.seed,
+               "steps_per_epoch": fit.loop.steps_per_epoch,
+               "accumulate_grad_batches": fit.loop.accumulate_grad_batches, **option_layout(fit.loop)}
+    check_layout(state.get("layout"), current, storage.url(found.folder))
+    if found.manifest.world_size != fit.scaling.num_workers and not reshardable(state.get("layout"), current):
         raise OrchestratorError(
             f"the backup in {storage.url(found.folder)} was written by {found.manifest.world_size} workers; "
-            f"resume with num_workers={found.manifest.world_size}")
-    state = read_coordinator_state(storage, found.folder)
-    check_layout(state.get("layout"), {"world_size": fit.scaling.num_workers, "batch_size": fit.loop.batch_size,
-                                       "seed": fit.loop.seed, "steps_per_epoch": fit.loop.steps_per_epoch,
-                                       "accumulate_grad_batches": fit.loop.accumulate_grad_batches,
-                                       **option_layout(fit.loop)},
-                 storage.url(found.folder))
+            f"resume with num_workers={found.manifest.world_size} (backups of strategy='fsdp' runs reshard)")
     events.append(EventType.RESTORED, epoch=found.manifest.epoch, step=found.manifest.step, folder=found.folder,
                   phase=found.manifest.phase, reached_step=reached,
                   lost_steps=None if reached is None else max(reached - found.manifest.step, 0))

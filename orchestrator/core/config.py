@@ -19,6 +19,8 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 VERBOSE = ("auto", 0, 1, 2)
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 LR_SCHEDULER_INTERVALS = ("step", "epoch")
+#: ``strategy=``: how the ranks hold the model (a full replica each, or shards of it).
+STRATEGIES = ("ddp", "fsdp")
 #: The ``torch.compile`` keyword arguments ``compile={...}`` may pass.
 COMPILE_OPTIONS = ("backend", "mode", "fullgraph", "dynamic", "options")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -157,6 +159,12 @@ class LoopConfig:
             :func:`validate_ray_data_columns`. Defaults to ``None``.
         ray_data_shuffle_buffer: Rows of the local shuffle buffer each rank draws its Ray Dataset batches
             from, reseeded per data pass from (seed, rank, pass). Defaults to ``None`` (the dataset's order).
+        strategy: ``"ddp"`` (a full replica per rank, DistributedDataParallel) or ``"fsdp"`` (FSDP2's
+            ``fully_shard``: parameters, gradients and optimizer state sharded over the ranks; backups
+            sharded through torch.distributed.checkpoint). See :func:`validate_strategy`. Defaults to ``"ddp"``.
+        fsdp_wrap: With ``"fsdp"``, which submodules get their own ``fully_shard`` before the root:
+            a callable ``module -> bool`` or a tuple of module classes. Defaults to ``None``
+            (transformer layers and large submodules, see :mod:`orchestrator.loop.fsdp`).
 
     Example:
         >>> config = LoopConfig(model=build_model, optimizer=make_sgd, data=load_data,
@@ -188,6 +196,8 @@ class LoopConfig:
     compile: bool | Mapping[str, Any] = False
     ray_data_columns: tuple[str, str] | None = None
     ray_data_shuffle_buffer: int | None = None
+    strategy: str = "ddp"
+    fsdp_wrap: Callable[[Any], bool] | tuple[type, ...] | None = None
 
     def __post_init__(self) -> None:
         _require(self.data is not None,
@@ -227,6 +237,50 @@ class LoopConfig:
         object.__setattr__(self, "ray_data_columns", validate_ray_data_columns(self.ray_data_columns))
         if self.ray_data_shuffle_buffer is not None:
             validate_int("ray_data_shuffle_buffer", self.ray_data_shuffle_buffer, 1, "rows per rank, or None")
+        object.__setattr__(self, "fsdp_wrap", validate_strategy(self.strategy, self.fsdp_wrap))
+        check_fsdp_options(self.strategy, self.precision, self.compile)
+
+
+def validate_strategy(strategy: Any, fsdp_wrap: Any = None) -> Any:
+    """Check ``strategy=`` and ``fsdp_wrap=``; return ``fsdp_wrap`` normalised (a list of classes
+    becomes a tuple).
+
+    Example:
+        >>> validate_strategy("fsdp", [dict]) == (dict,)
+        True
+    """
+    _require(strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if fsdp_wrap is None:
+        return None
+    _require(strategy == "fsdp", f"fsdp_wrap is only used with strategy='fsdp' (strategy is {strategy!r}); "
+             "remove fsdp_wrap or pass strategy='fsdp'")
+    if isinstance(fsdp_wrap, (list, tuple)):
+        _require(len(fsdp_wrap) > 0 and all(isinstance(c, type) for c in fsdp_wrap),
+                 f"fsdp_wrap must be a callable (module) -> bool or a non-empty tuple of module classes, got {fsdp_wrap!r}")
+        fsdp_wrap = tuple(fsdp_wrap)
+    else:
+        _require(callable(fsdp_wrap) and not isinstance(fsdp_wrap, type),
+                 f"fsdp_wrap must be a callable (module) -> bool or a tuple of module classes, got {fsdp_wrap!r}")
+    return fsdp_wrap
+
+
+def check_fsdp_options(strategy: str, precision: str, compile: Any) -> None:
+    """Raise ValueError when ``strategy="fsdp"`` is combined with what it does not support:
+    ``precision="16-mixed"`` (a GradScaler would see only this rank's gradient shards, so ranks could
+    disagree on skipping a step: ``"bf16-mixed"`` needs no scaling) and ``compile`` (sharded modules
+    are not compiled yet).
+
+    Example:
+        >>> check_fsdp_options("ddp", "16-mixed", True)
+    """
+    if strategy != "fsdp":
+        return
+    _require(precision != "16-mixed",
+             "precision='16-mixed' is not supported with strategy='fsdp': a GradScaler would see only this rank's "
+             "gradient shards; use precision='bf16-mixed' (no loss scaling needed) or '32-true'")
+    _require(compile_options(compile) is None,
+             f"compile={compile!r} is not supported with strategy='fsdp' (sharded modules are not compiled yet); "
+             "pass compile=False or strategy='ddp'")
 
 
 def compile_options(value: Any) -> dict[str, Any] | None:

@@ -93,6 +93,9 @@ def _device_copy(node: Any) -> Any:
 
 def unsupported(components: Mapping[str, Component]) -> str | None:
     """Why these components cannot be recovered from a survivor's memory (per-rank data state), or None."""
+    sharded = sorted(name for name, c in components.items() if c.sharded)
+    if sharded:
+        return f"sharded state {sharded} (strategy='fsdp'): each rank holds only its own shards"
     own = sorted(name for name, c in components.items() if not c.shared and name not in CARRIED + DERIVED)
     if own:
         return f"per-rank state {own} lives only on its rank"

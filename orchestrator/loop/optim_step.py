@@ -207,9 +207,11 @@ class OptimStep:
     """Runs optimizer steps: forward and backward of each micro-batch, one all-reduce, the update.
 
     Args:
-        ddp: The DDP-wrapped :class:`~orchestrator.loop.signalled.SignalledModule`.
+        ddp: The module the step function is called with: the DDP-wrapped
+            :class:`~orchestrator.loop.signalled.SignalledModule`, or the FSDP-sharded model.
         model: The user's model (its gradients are checked and clipped).
-        signal: Its signal parameter.
+        signals: How the step's signals reach every rank (:class:`~orchestrator.loop.signalled.DdpSignals`
+            or :class:`~orchestrator.loop.fsdp.ShardedSignals`) and how micro-batches skip the gradient sync.
         optimizer: The user's optimizer.
         precision: Autocast and scaler.
         lrs: The learning rates and schedule.
@@ -221,11 +223,11 @@ class OptimStep:
         device: The rank's device.
     """
 
-    def __init__(self, *, ddp: torch.nn.Module, model: torch.nn.Module, signal: torch.nn.Parameter, optimizer: torch.optim.Optimizer,
+    def __init__(self, *, ddp: torch.nn.Module, model: torch.nn.Module, signals: Any, optimizer: torch.optim.Optimizer,
                  precision: Precision, lrs: LearningRates, sums: MetricSums, world_size: int,
                  clip_grad_norm: float | None, preemption: threading.Event, train_step: Callable[..., Any],
                  device: torch.device) -> None:
-        self.ddp, self.signal, self.optimizer, self.precision, self.lrs = ddp, signal, optimizer, precision, lrs
+        self.ddp, self.signals, self.optimizer, self.precision, self.lrs = ddp, signals, optimizer, precision, lrs
         self.sums, self.world_size, self.clip, self.preemption = sums, world_size, clip_grad_norm, preemption
         self.train_step, self.device = train_step, device
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -235,9 +237,10 @@ class OptimStep:
     def run(self, batches: list[Any], out_of_data: bool = False) -> StepSignals:
         """One optimizer step over ``batches`` (its micro-batches); ``out_of_data``: this rank has no
         batch after them (an iterable's shard ran out), which rides the step's all-reduce."""
-        signal, scaler, count = self.signal, self.precision.scaler, len(batches)
+        signals, scaler, count = self.signals, self.precision.scaler, len(batches)
+        dtype, device = signals.dtype, signals.device
         for i, batch in enumerate(batches):
-            with nullcontext() if i == count - 1 else self.ddp.no_sync():  # one all-reduce per step
+            with nullcontext() if i == count - 1 else signals.no_sync():  # one gradient sync per step
                 batch = move_to(batch, self.device)
                 with self.precision.autocast():
                     loss, metrics, n = split_output(self.train_step(self.ddp, batch), batch)
@@ -248,14 +251,14 @@ class OptimStep:
                 weighted_loss = self.sums.train.add(detached, metrics, n)
                 notice = 1.0 if self.preemption.is_set() else 0.0
                 values = torch.cat([
-                    torch.stack([(~torch.isfinite(detached)).to(signal.dtype), weighted_loss.to(signal.dtype)]),
-                    torch.tensor([float(n), notice, float(out_of_data)], dtype=signal.dtype, device=signal.device)])
-                (self.precision.scale(loss.float() / count) + (signal * values).sum()).backward()
-        # DDP averaged the gradients: the same on every rank, and so is this verdict on them
-        bad_grads = nonfinite_flag([p.grad for p in self.params], signal.device).to(signal.dtype).reshape(1)
-        bad_loss, loss_sum, n_sum, preempted, ended, bad = torch.cat(
-            [signal.grad * self.world_size, bad_grads]).tolist()  # the step's one device sync
-        signal.grad = None
+                    torch.stack([(~torch.isfinite(detached)).to(dtype), weighted_loss.to(dtype)]),
+                    torch.tensor([float(n), notice, float(out_of_data)], dtype=dtype, device=device)])
+                scaled = self.precision.scale(loss.float() / count)
+                term = signals.term(values)
+                (scaled if term is None else scaled + term).backward()
+        # the verdict on the gradients is the same on every rank (DDP: identical gradients; FSDP: all-reduced flags)
+        bad_grads = nonfinite_flag(signals.grads(self.params), device).to(dtype).reshape(1)
+        bad_loss, loss_sum, n_sum, preempted, ended, bad = signals.collect(bad_grads)  # the step's one device sync
         if self.before_update is not None:
             self.before_update()
         nonfinite = bad_loss > 0 or (bad > 0 and scaler is None)

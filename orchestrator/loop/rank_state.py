@@ -42,6 +42,9 @@ class Component:
             part is applied (right before the next batch runs). Defaults to ``False``.
         finite: A backup whose copy of this state holds a non-finite float is refused (never
             committed). Defaults to ``False``.
+        sharded: Every rank holds only its shards (DTensors) of it (``strategy="fsdp"``): every rank
+            saves its shards through torch.distributed.checkpoint (the step folder's ``sharded/``)
+            and loads them resharded (see :mod:`~orchestrator.loop.sharded_state`). Defaults to ``False``.
 
     Example:
         >>> components = {"model": Component(torch.nn.Linear(2, 1), shared=True, finite=True),
@@ -52,6 +55,7 @@ class Component:
     shared: bool = False
     restore_last: bool = False
     finite: bool = False
+    sharded: bool = False
 
 
 Components = Mapping[str, Component]

@@ -5,7 +5,9 @@ One save path and one load path, both over the component mapping
 
 - the shared file (rank 0): ``{name: state}`` of every shared component;
 - the coordinator file (rank 0): the coordinator's and callbacks' state, JSON;
-- one rank file per rank: ``{name: state}`` of that rank's own components.
+- one rank file per rank: ``{name: state}`` of that rank's own components;
+- with sharded components (``strategy="fsdp"``), the ``sharded/`` folder: every rank's shards of
+  them and DCP's ``.metadata`` (see :mod:`~orchestrator.loop.sharded_state`).
 
 A backup is two-phase: :class:`~orchestrator.loop.state_io.StagingArea` copies the states to CPU
 (the only stall), :class:`~orchestrator.loop.state_io.AsyncPersister` writes them in the background.
@@ -13,6 +15,7 @@ A backup is two-phase: :class:`~orchestrator.loop.state_io.StagingArea` copies t
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,6 +30,8 @@ from orchestrator.loop.tb_histograms import HistogramWriter
 from orchestrator.storage.checkpoint import COORDINATOR_FILE, SHARED_FILE, FileEntry, encode_state, rank_file, step_dir
 from orchestrator.storage.layout import OPTION_COMPONENTS, component_mismatch
 
+logger = logging.getLogger(__name__)
+
 OnPersisted = Callable[[int, str, list[FileEntry] | None, dict[str, Any]], None]
 
 
@@ -35,7 +40,13 @@ def checkpoint_path(filepath: str) -> str:
     return filepath if "://" in filepath else f"checkpoints/{filepath.lstrip('/')}"
 
 
+#: The key under which :meth:`RankSaver.files` hands out the sharded components' states.
+SHARDED_STATES = "<sharded>"
+
+
 def _all_finite(node: Any) -> bool:
+    if hasattr(node, "to_local"):  # a DTensor: this rank's shard (no collective)
+        node = node.to_local()
     if isinstance(node, torch.Tensor):
         return not node.is_floating_point() or bool(torch.isfinite(node).all())
     if isinstance(node, float):
@@ -75,6 +86,11 @@ class RankSaver:
         on_persisted: ``(rank, folder, entries, meta)`` once a backup's files on this rank are
             durable (``entries``) or failed or were refused (``None``, ``meta["error"]`` says why);
             called from the persist thread.
+        group: With sharded components, the process group of their DCP saves and loads (its own,
+            so that a save in the persist thread never interleaves with training's collectives).
+            Defaults to ``None``.
+        model: The (sharded) model: ModelCheckpoint files and sharded snapshots gather or follow it.
+            Defaults to ``None``.
 
     Example:
         >>> saver = RankSaver({"model": Component(model, shared=True)}, rank=0, world_size=1,
@@ -85,8 +101,10 @@ class RankSaver:
     """
 
     def __init__(self, components: Components, rank: int, world_size: int, storage: Any,
-                 on_persisted: OnPersisted) -> None:
+                 on_persisted: OnPersisted, group: Any = None, model: torch.nn.Module | None = None) -> None:
         self.components = components
+        self.sharded = any(c.sharded for c in components.values())
+        self.group, self.model = group, model
         self.rank = rank
         self.world_size = world_size
         self.storage = storage
@@ -104,11 +122,14 @@ class RankSaver:
         """What this rank writes into a step folder: ``{file name: {component name: state}}`` (and
         the coordinator's JSON bytes on rank 0). The states are live references, not copies."""
         files: dict[str, Any] = {}
+        if self.sharded:  # every rank: its shards
+            files[SHARDED_STATES] = {name: c.stateful.state_dict() for name, c in self.components.items() if c.sharded}
         if self.rank == 0:
-            files[SHARED_FILE] = {name: c.stateful.state_dict() for name, c in self.components.items() if c.shared}
+            files[SHARED_FILE] = {name: c.stateful.state_dict() for name, c in self.components.items()
+                                  if c.shared and not c.sharded}
             files[COORDINATOR_FILE] = encode_state(coordinator_state or {})
         files[rank_file(self.rank)] = {name: c.stateful.state_dict() for name, c in self.components.items()
-                                       if not c.shared}
+                                       if not c.shared and not c.sharded}
         return files
 
     def backup(self, decision: Backup, position: Position) -> None:
@@ -122,19 +143,30 @@ class RankSaver:
                 "phase": position.phase, "world_size": self.world_size, "backup_dir": decision.backup_dir,
                 "keep": decision.keep, "rank": self.rank, "write": decision.write}
         staged = self.area.stage(self.files(decision.coordinator_state))
+        if SHARDED_STATES in staged:
+            from orchestrator.loop.sharded_state import DcpPart
+            staged[SHARDED_STATES] = DcpPart(staged[SHARDED_STATES], storage, self.group)
         meta["stall_s"] = time.perf_counter() - began
         self.persister.submit(step_dir(decision.backup_dir, position.global_step), staged, meta,
                               check=self._refusal)
 
     def _refusal(self, files: dict[str, Any]) -> str | None:
         """Why a staged backup must not be committed (checked in the persist thread), or None."""
+        reason = None
         for name, c in self.components.items():
             if not c.finite:
                 continue
-            states = files.get(SHARED_FILE if c.shared else rank_file(self.rank), {})
+            if c.sharded:
+                states = files[SHARDED_STATES].state
+            else:
+                states = files.get(SHARED_FILE if c.shared else rank_file(self.rank), {})
             if name in states and not _all_finite(states[name]):
-                return f"non-finite values in {name!r}; backup refused"
-        return None
+                reason = f"non-finite values in {name!r}; backup refused"
+                break
+        if self.sharded:  # a sharded save is collective: every rank writes it, or none does
+            from orchestrator.loop.sharded_state import agree_refusal
+            reason = agree_refusal(reason, self.group)
+        return reason
 
     def _done(self, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
         self.on_persisted(self.rank, folder, entries, meta)
@@ -146,8 +178,11 @@ class RankSaver:
         if self.persister is not None:
             self.persister.wait()
 
-    def load(self, folder: str) -> PendingRestore:
+    def load(self, folder: str, own_rank: int | None = None) -> PendingRestore:
         """Restore every component from a step folder except those that restore last; return those.
+
+        Sharded components are loaded through DCP, resharded to this world size. ``own_rank``: whose
+        rank file holds this rank's own components (another rank's, after a world size change).
 
         Raises:
             ResumeMismatch: the folder holds a ``scaler`` or ``lr_scheduler`` the run has not, or the
@@ -156,8 +191,12 @@ class RankSaver:
         """
         storage = self._storage()
         shared = from_bytes(storage.read_bytes(f"{folder}/{SHARED_FILE}"))
-        mine = from_bytes(storage.read_bytes(f"{folder}/{rank_file(self.rank)}"))
-        return self.load_states(shared, mine, where=folder)
+        mine = from_bytes(storage.read_bytes(f"{folder}/{rank_file(self.rank if own_rank is None else own_rank)}"))
+        pending = self.load_states(shared, mine, where=folder)
+        if self.sharded:
+            from orchestrator.loop.sharded_state import load_sharded
+            load_sharded(self.components, storage, folder, self.group, self.model)
+        return pending
 
     def load_states(self, shared: dict[str, Any], mine: dict[str, Any], where: str,
                     derived: tuple[str, ...] = ()) -> PendingRestore:
@@ -169,6 +208,8 @@ class RankSaver:
                 raise component_mismatch(name, in_backup=name in shared, where=folder)
         pending = PendingRestore()
         for name, c in self.components.items():
+            if c.sharded:  # loaded by load_sharded
+                continue
             source, states = (SHARED_FILE, shared) if c.shared else (rank_file(self.rank), mine)
             if name in derived and name not in states:
                 continue
@@ -183,15 +224,24 @@ class RankSaver:
 
     def save_model(self, decision: SaveModel, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    position: Position) -> None:
-        """Rank 0 writes a ModelCheckpoint file (weights, or weights, optimizer and position)."""
+        """Rank 0 writes a ModelCheckpoint file (weights, or weights, optimizer and position).
+
+        A sharded model's full state is gathered to rank 0 first (every rank takes part), one
+        parameter at a time into CPU memory: the file holds plain tensors under the plain names.
+        """
+        if self.sharded:
+            from orchestrator.loop.fsdp import full_model_state, full_optimizer_state
+            weights = full_model_state(model)
+            optim_state = None if decision.weights_only else full_optimizer_state(model, optimizer)
+        elif self.rank == 0:
+            weights, optim_state = model.state_dict(), None if decision.weights_only else optimizer.state_dict()
         if self.rank != 0:
             return  # one writer per file
         storage = self._storage()
         if decision.weights_only:
-            obj: Any = model.state_dict()
+            obj: Any = weights
         else:
-            obj = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "epoch": position.epoch, "step": position.global_step}
+            obj = {"model": weights, "optimizer": optim_state, "epoch": position.epoch, "step": position.global_step}
         storage.write_stream(checkpoint_path(decision.filepath), lambda out: save_to(obj, out))
         for old in decision.delete:
             if old != decision.filepath:
@@ -201,6 +251,11 @@ class RankSaver:
         """Rank 0 computes TensorBoard's weight histograms now and writes their file in the background."""
         if self.rank != 0:
             return  # one writer per file
+        if self.sharded:  # rank 0 holds only its shards; gathering the full weights for histograms is not worth it
+            if self.histograms is None:
+                logger.warning("TensorBoard weight histograms are not written with strategy='fsdp' (sharded weights)")
+                self.histograms = HistogramWriter(self._storage())
+            return
         if self.histograms is None:
             self.histograms = HistogramWriter(self._storage())
         self.histograms.write(decision, model)

@@ -32,6 +32,42 @@ class SignalledModule(torch.nn.Module):
         return self.module(*args, **kwargs)
 
 
+class DdpSignals:
+    """The per-step signals of ``strategy="ddp"``: they ride the gradient all-reduce as the gradient of
+    a :class:`SignalledModule`'s ``signal`` (see :class:`~orchestrator.loop.optim_step.OptimStep`).
+
+    Args:
+        ddp: The DDP-wrapped :class:`SignalledModule`.
+        signal: Its signal parameter.
+        world_size: Number of ranks (DDP averages: the sums are the average times this).
+
+    Example:
+        >>> signals = DdpSignals(ddp, signalled.signal, world_size=2)  # doctest: +SKIP
+    """
+
+    def __init__(self, ddp: torch.nn.Module, signal: torch.nn.Parameter, world_size: int) -> None:
+        self.ddp, self.signal, self.world_size = ddp, signal, world_size
+        self.dtype, self.device = signal.dtype, signal.device
+
+    def no_sync(self) -> Any:
+        """A micro-batch whose gradients are only accumulated (no all-reduce)."""
+        return self.ddp.no_sync()
+
+    def term(self, values: torch.Tensor) -> torch.Tensor:
+        """What to add to the micro-batch's loss: its gradient w.r.t. ``signal`` is ``values``."""
+        return (self.signal * values).sum()
+
+    def grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The (all-reduced, identical on every rank) gradients to check."""
+        return [p.grad for p in params]
+
+    def collect(self, bad_grads: torch.Tensor) -> list[float]:
+        """``[sums of the signals over ranks..., gradient flag]`` from the all-reduced signal gradient."""
+        values = torch.cat([self.signal.grad * self.world_size, bad_grads.to(self.dtype).reshape(1)]).tolist()
+        self.signal.grad = None
+        return values
+
+
 def init_process_group(backend: str, master_addr: str, master_port: int, rank: int, world_size: int,
                        timeout_s: float = 1800.0) -> None:
     """Join the torch.distributed group over TCP."""

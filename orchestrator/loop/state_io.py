@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from orchestrator.storage.checkpoint import ChecksumWriter, FileEntry
 
@@ -77,6 +78,10 @@ class StagingArea:
         return staged
 
     def _copy(self, node: Any, path: str) -> Any:
+        if isinstance(node, DTensor):  # this rank's shard, staged; still a DTensor (for DCP's planner)
+            buf = self._copy(node.to_local(), path)
+            return DTensor.from_local(buf, node.device_mesh, node.placements, run_check=False,
+                                      shape=node.shape, stride=node.stride())
         if isinstance(node, torch.Tensor):
             buf = self._buffers.get(path)
             src = node.detach()
@@ -166,7 +171,11 @@ class AsyncPersister:
 
     def submit(self, folder: str, files: dict[str, Any], meta: dict[str, Any],
                check: Callable[[dict[str, Any]], str | None] | None = None) -> None:
-        """Persist ``files`` into ``folder`` in the background; ``check(files)`` may refuse (a reason)."""
+        """Persist ``files`` into ``folder`` in the background; ``check(files)`` may refuse (a reason).
+
+        A value with a ``persist_into(folder) -> list[FileEntry]`` method (a
+        :class:`~orchestrator.loop.sharded_state.DcpPart`) writes itself, before the other files.
+        """
         self.wait()
         self._thread = threading.Thread(target=self._persist, args=(folder, files, meta, check),
                                         name="orchestrator-persist", daemon=True)
@@ -180,7 +189,10 @@ class AsyncPersister:
             return
         try:
             start = time.perf_counter()
-            entries = [self._write_file(f"{folder}/{name}", name, obj) for name, obj in files.items()]
+            parts = [obj for obj in files.values() if hasattr(obj, "persist_into")]
+            entries = [e for part in parts for e in part.persist_into(folder)]  # collective: first, on every rank
+            entries += [self._write_file(f"{folder}/{name}", name, obj) for name, obj in files.items()
+                        if not hasattr(obj, "persist_into")]
             self.timing = PersistTiming(time.perf_counter() - start, sum(e.size for e in entries))
             self._on_done(folder, entries, meta)
         except BaseException as exc:  # reported, never dropped: wait() raises it

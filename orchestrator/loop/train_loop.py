@@ -27,6 +27,7 @@ import time
 from typing import Any, Callable, Protocol
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from orchestrator.decisions import (
@@ -52,7 +53,10 @@ from orchestrator.loop.optim_step import (
     LearningRates, OptimStep, Precision, build_scheduler, micro_batch_groups, steps_per_epoch)
 from orchestrator.loop.rank_state import MetricSums, Position, Snapshots, rank_components
 from orchestrator.loop.saver import PendingRestore, RankSaver
-from orchestrator.loop.signalled import SignalledModule, seed_everything
+from orchestrator.loop.fsdp import ShardedSignals, full_model_state, shard_model
+from orchestrator.loop.regroup import check_regroup, regrouped
+from orchestrator.loop.sharded_state import ShardedSnapshots, sharded_components
+from orchestrator.loop.signalled import DdpSignals, SignalledModule, seed_everything
 from orchestrator.loop.specs import LoopResult, TrainSpec
 from orchestrator.loop.steps import make_default_step, resolve_metrics
 from orchestrator.loop.validation import Validation
@@ -137,6 +141,11 @@ class TrainLoop:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model factory must return a torch.nn.Module, got {type(model).__name__}")
         self.model: torch.nn.Module = model.to(self.device)
+        self.fsdp = cfg.strategy == "fsdp"
+        if self.fsdp:  # sharded in place before the optimizer sees its parameters (DTensors from here)
+            shard_model(self.model, cfg.fsdp_wrap, self.device)
+            self.snapshots = ShardedSnapshots()
+            self.backup_group = dist.new_group(backend="gloo")  # the sharded saves' collectives (see saver)
         self.optimizer: torch.optim.Optimizer = cfg.optimizer(self.model.parameters())
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
@@ -144,9 +153,13 @@ class TrainLoop:
         self.lr_scheduler = build_scheduler(cfg.lr_scheduler, self.optimizer)
         self.lrs = LearningRates(self.optimizer, self.lr_scheduler, cfg.lr_scheduler_interval)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        compile_model(self.model, cfg.compile, self.device)  # its forward, in place: plain state_dict keys
-        self.signalled = SignalledModule(self.model)
-        self.ddp = DistributedDataParallel(self.signalled, device_ids=device_ids)
+        if self.fsdp:  # the sharded model is called as it is; the step's signals get their own all-reduce
+            self.ddp, signals = self.model, ShardedSignals(self.model, self.device)
+        else:
+            compile_model(self.model, cfg.compile, self.device)  # its forward, in place: plain state_dict keys
+            self.signalled = SignalledModule(self.model)
+            self.ddp = DistributedDataParallel(self.signalled, device_ids=device_ids)
+            signals = DdpSignals(self.ddp, self.signalled.signal, self.world_size)
         train_ds, val_ds = self.data_input(cfg.data(), self.rank, self.world_size, cfg)
         self.stream = train_stream(train_ds, self.rank, self.world_size, cfg, self.device)  # iterables: see iterable.py
         if self.stream is not None:
@@ -171,7 +184,7 @@ class TrainLoop:
                                      batch_size=cfg.val_batch_size or cfg.batch_size, seed=cfg.seed,
                                      device=self.device, preemption=self.preemption, beat=self._beat,
                                      steps=cfg.validation_steps, workers=cfg.loader_workers,
-                                     pin_memory=self.device.type == "cuda")
+                                     pin_memory=self.device.type == "cuda", lockstep=self.fsdp)
         metric_fns = resolve_metrics(cfg.metrics)
         default = make_default_step(cfg.loss, metric_fns) if cfg.loss is not None else None
         self.train_step: Callable[..., Any] = cfg.train_step or default  # type: ignore[assignment]
@@ -180,8 +193,10 @@ class TrainLoop:
         self.components = rank_components(self.model, self.optimizer, snapshots=self.snapshots,
                                           position=self.position, metric_sums=self.metric_sums, result=self.result,
                                           scaler=self.precision.scaler, lr_scheduler=self.lr_scheduler)
+        if self.fsdp:  # model, optimizer and snapshots: every rank's shards, through DCP
+            self.components.update(sharded_components(self.model, self.optimizer, self.snapshots))
         self.components.update(data_components(train_ds, self.stream))  # train_stream / train_data: their state
-        self.optim_step = OptimStep(ddp=self.ddp, model=self.model, signal=self.signalled.signal,
+        self.optim_step = OptimStep(ddp=self.ddp, model=self.model, signals=signals,
                                     optimizer=self.optimizer, precision=self.precision, lrs=self.lrs,
                                     sums=self.metric_sums, world_size=self.world_size,
                                     clip_grad_norm=cfg.clip_grad_norm, preemption=self.preemption,
@@ -189,7 +204,8 @@ class TrainLoop:
         self.live = LiveState(self.components, self.rank, cfg.seed)
         self.optim_step.before_update = self.live.unmark  # the update changes the state: no copy from here
         self.saver = RankSaver(self.components, self.rank, self.world_size, self.storage,
-                               on_persisted=self.link.persisted)
+                               on_persisted=self.link.persisted, group=getattr(self, "backup_group", None),
+                               model=self.model)
         reseed(cfg.seed, self.rank, 0)  # per-rank streams (dropout, augmentation), reseeded at every step
 
     # -- decisions -----------------------------------------------------------------------
@@ -239,8 +255,10 @@ class TrainLoop:
             check_layout(self.spec.resume_layout, self.layout, self.resume_from)
         if self.live_restore is not None:
             pending = self.saver.load_states(*self.live_restore, where="the survivors' memory", derived=DERIVED)
+        elif self.resume_from:
+            pending = self._load_backup(self.resume_from)
         else:
-            pending = self.saver.load(self.resume_from) if self.resume_from else PendingRestore()
+            pending = PendingRestore()
         try:
             stop = self._sync(ReportKind.TRAIN_BEGIN, layout=self.layout)
             pending.apply()
@@ -303,8 +321,22 @@ class TrainLoop:
         self._sync(ReportKind.BATCH_END, epoch, step, train=self.metric_sums.train.phase_sums(), preempted=True)
         self.result.preempted = True
 
+    def _load_backup(self, folder: str) -> PendingRestore:
+        """Load a committed backup; one of another world size (``strategy="fsdp"``) restarts its epoch
+        (see :mod:`~orchestrator.loop.regroup`)."""
+        saved = (self.spec.resume_layout or {}).get("world_size", self.world_size)
+        if saved == self.world_size:
+            return self.saver.load(folder)
+        check_regroup(self.components, folder, saved, self.world_size)
+        pending = self.saver.load(folder, own_rank=0)  # position and counters: the same on every rank
+        regrouped(self.position, self.metric_sums, self.result)
+        return PendingRestore([item for item in pending.items if item[0] is not self.components["rng"]])
+
     def _finish(self) -> LoopResult:
-        if self.rank == 0:
+        if self.fsdp:  # every rank takes part in the gather; rank 0 gets the full weights on CPU
+            state = full_model_state(self.model)
+            self.result.state_dict = state if self.rank == 0 else None
+        elif self.rank == 0:
             self.result.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         return self.result
 

@@ -44,6 +44,9 @@ class Validation:
             ``validation_steps``). Defaults to ``None``: the whole shard.
         workers: DataLoader worker processes (see :func:`~orchestrator.loop.data.make_loader`). Defaults to ``0``.
         pin_memory: Pin the batches (GPU). Defaults to ``False``.
+        lockstep: Every rank runs the model the same number of times (``strategy="fsdp"``, whose
+            forward all-gathers the parameters): every rank runs every round, a rank whose shard is
+            done runs its last batch again and ignores the result. Defaults to ``False``.
 
     Attributes:
         loader: The shard's loader, or ``None`` without validation data.
@@ -53,8 +56,10 @@ class Validation:
 
     def __init__(self, dataset: Any, *, rank: int, world_size: int, batch_size: int, seed: int,
                  device: torch.device, preemption: threading.Event, beat: Callable[[], None],
-                 steps: int | None = None, workers: int = 0, pin_memory: bool = False) -> None:
+                 steps: int | None = None, workers: int = 0, pin_memory: bool = False,
+                 lockstep: bool = False) -> None:
         self.device = device
+        self.lockstep = lockstep
         self.preemption = preemption
         self.beat = beat
         self.loader: DataLoader | ValStream | None = None
@@ -98,7 +103,8 @@ class Validation:
         before = capture_rng() if watch else None
         try:
             with torch.no_grad():
-                for _ in range(self.rounds if watch else len(self.loader)):
+                last = None
+                for _ in range(self.rounds if watch or self.lockstep else len(self.loader)):
                     pending = None
                     if notice is not None:
                         notice.fill_(1.0 if self.preemption.is_set() else 0.0)
@@ -106,7 +112,9 @@ class Validation:
                     batch = next(batches, None) if batches is not None else None
                     if batch is None:
                         batches = None  # this rank's shard is done; it idles through the other ranks' rounds
+                        self._replay(model, step, last)
                     else:
+                        last = batch
                         batch = move_to(batch, self.device)
                         loss, metrics, n = split_output(step(model, batch), batch)
                         sums.add(loss.detach(), metrics, n)
@@ -120,18 +128,31 @@ class Validation:
             model.train()
         return sums.phase_sums(), False
 
+    def _replay(self, model: torch.nn.Module, step: Callable[..., Any], last: Any) -> None:
+        """With ``lockstep``, an idle round runs the model on this rank's last batch (result ignored)."""
+        if not self.lockstep:
+            return
+        if last is None:
+            raise RuntimeError("strategy='fsdp' validates in lockstep and this rank's validation shard is empty: "
+                               "give every worker at least one validation sample (or set validation_steps)")
+        step(model, move_to(last, self.device))
+
     def _run_stream(self, model: torch.nn.Module, step: Callable[..., Any], sums: Accumulator, batches: Any,
                     watch: bool) -> tuple[PhaseSums | None, bool]:
         """:meth:`run` over an iterable's shard, whose length no rank knows: with ``watch``, each round
         all-reduces ``[notice, has a batch]`` and the rounds go on while some rank has a batch."""
+        watch = watch or self.lockstep  # lockstep: the rounds go on while any rank has a batch
         before = capture_rng() if watch else None
         flags = torch.zeros(2, device=self.device)
+        last = None
         try:
             with torch.no_grad():
                 while True:
                     batch = next(batches, None) if batches is not None else None
                     if batch is None:
                         batches = None
+                    else:
+                        last = batch
                     if watch:
                         flags[0], flags[1] = (1.0 if self.preemption.is_set() else 0.0), float(batch is not None)
                         pending = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
@@ -144,6 +165,8 @@ class Validation:
                     self.beat()
                     if watch:
                         pending.wait()
+                        if batch is None and flags[1].item() > 0:
+                            self._replay(model, step, last)
                         if flags[0].item() > 0:
                             restore_rng(before)
                             return None, True

@@ -22,14 +22,15 @@ class ResumeMismatch(OrchestratorError):
 
 
 #: What a backup's position means, in the order they are checked; see :func:`check_layout`.
-LAYOUT_FIELDS = ("world_size", "batch_size", "seed", "steps_per_epoch", "accumulate_grad_batches", "precision",
+LAYOUT_FIELDS = ("strategy", "world_size", "batch_size", "seed", "steps_per_epoch", "accumulate_grad_batches", "precision",
                  "lr_scheduler", "samples", "parameters")
 
 #: The precision whose backups hold a GradScaler's state (the ``scaler`` component).
 SCALED_PRECISION = "16-mixed"
 
 _LAYOUT_HINTS = {
-    "world_size": "Resume with num_workers={old}",
+    "world_size": "Resume with num_workers={old} (or train with strategy='fsdp', whose backups reshard)",
+    "strategy": "Resume with strategy={old!r}",
     "batch_size": "Resume with batch_size={old}",
     "seed": "Resume with seed={old}",
     "steps_per_epoch": "Resume with steps_per_epoch={old}",
@@ -44,10 +45,11 @@ def option_layout(loop: Any) -> dict[str, Any]:
 
     Example:
         >>> from types import SimpleNamespace
-        >>> option_layout(SimpleNamespace(precision="bf16-mixed", lr_scheduler=None))
-        {'precision': 'bf16-mixed', 'lr_scheduler': False}
+        >>> option_layout(SimpleNamespace(precision="bf16-mixed", lr_scheduler=None, strategy="ddp"))
+        {'precision': 'bf16-mixed', 'lr_scheduler': False, 'strategy': 'ddp'}
     """
-    return {"precision": loop.precision, "lr_scheduler": loop.lr_scheduler is not None}
+    return {"precision": loop.precision, "lr_scheduler": loop.lr_scheduler is not None,
+            "strategy": getattr(loop, "strategy", "ddp")}
 
 
 def option_mismatch(name: str, old: Any, new: Any, where: str) -> ResumeMismatch:
@@ -93,7 +95,8 @@ def check_layout(recorded: dict[str, Any] | None, current: dict[str, Any], where
     """Raise :class:`ResumeMismatch` naming the first field of ``current`` that differs from ``recorded``.
 
     Only fields present in both are compared (a backup written before a field was recorded
-    resumes as before).
+    resumes as before). A ``world_size`` change is allowed when both layouts say ``strategy="fsdp"``
+    (:func:`reshardable`): the sharded state reshards and the data position restarts the epoch.
 
     Args:
         recorded: The layout stored with the backup (None: nothing to compare).
@@ -111,6 +114,8 @@ def check_layout(recorded: dict[str, Any] | None, current: dict[str, Any], where
         if not recorded or name not in recorded or name not in current:
             continue
         old, new = recorded[name], current[name]
+        if name == "world_size" and reshardable(recorded, current):
+            continue
         if name == "parameters":
             old, new = _shape_change(old, new)
             if old is None:
@@ -127,6 +132,18 @@ def check_layout(recorded: dict[str, Any] | None, current: dict[str, Any], where
             f"cannot resume from {where}: {name} was {old} when it was written and is {new} now; the position "
             f"it holds would mean other samples. {_LAYOUT_HINTS[name].format(old=old)}, or start a new run "
             "(another run_name)")
+
+
+def reshardable(recorded: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    """Whether a backup of layout ``recorded`` may resume on another world size under ``current``:
+    both were trained with ``strategy="fsdp"`` (their model and optimizer are saved by DCP, which
+    reshards on load; see docs/fsdp.md for the data position).
+
+    Example:
+        >>> reshardable({"strategy": "fsdp", "world_size": 2}, {"strategy": "fsdp", "world_size": 1})
+        True
+    """
+    return bool(recorded) and recorded.get("strategy") == "fsdp" and current.get("strategy") == "fsdp"
 
 
 def _shape_change(old: dict[str, Any], new: dict[str, Any]) -> tuple[Any, Any]:
