@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 
 from orchestrator.decisions import Backup, SaveModel, WriteHistograms
+from orchestrator.loop.elastic import merged_own
+from orchestrator.loop.live import DERIVED
 from orchestrator.loop.rank_state import Component, Components, Position
 from orchestrator.loop.state_io import AsyncPersister, StagingArea, from_bytes, save_to
 from orchestrator.loop.tb_histograms import HistogramWriter
@@ -146,8 +148,13 @@ class RankSaver:
         if self.persister is not None:
             self.persister.wait()
 
-    def load(self, folder: str) -> PendingRestore:
+    def load(self, folder: str, written_by: int | None = None) -> PendingRestore:
         """Restore every component from a step folder except those that restore last; return those.
+
+        ``written_by``: the number of ranks that wrote the folder, when it may differ from this
+        attempt's (an elastic run); the rank's own state is then rebuilt from the old ranks' files
+        (:func:`~orchestrator.loop.elastic.merged_own`: rank 0 reads them all, for the metric sums)
+        and its random streams are derived from the step.
 
         Raises:
             ResumeMismatch: the folder holds a ``scaler`` or ``lr_scheduler`` the run has not, or the
@@ -156,8 +163,12 @@ class RankSaver:
         """
         storage = self._storage()
         shared = from_bytes(storage.read_bytes(f"{folder}/{SHARED_FILE}"))
-        mine = from_bytes(storage.read_bytes(f"{folder}/{rank_file(self.rank)}"))
-        return self.load_states(shared, mine, where=folder)
+        if written_by is None or written_by == self.world_size:
+            mine = from_bytes(storage.read_bytes(f"{folder}/{rank_file(self.rank)}"))
+            return self.load_states(shared, mine, where=folder)
+        old = range(written_by) if self.rank == 0 else range(1)
+        owns = [from_bytes(storage.read_bytes(f"{folder}/{rank_file(r)}")) for r in old]
+        return self.load_states(shared, merged_own(owns, self.rank), where=folder, derived=DERIVED)
 
     def load_states(self, shared: dict[str, Any], mine: dict[str, Any], where: str,
                     derived: tuple[str, ...] = ()) -> PendingRestore:

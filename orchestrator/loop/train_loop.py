@@ -43,7 +43,7 @@ from orchestrator.decisions import (
     StopTraining,
     WriteHistograms,
 )
-from orchestrator.core.config import validation_due
+from orchestrator.core.config import elastic_accumulation, validation_due
 from orchestrator.loop.compiled import compile_model, plain_module
 from orchestrator.loop.data import ShardSampler, Window, epoch_window, make_loader, shutdown_workers
 from orchestrator.loop.live import DERIVED, LiveState, reseed
@@ -128,6 +128,9 @@ class TrainLoop:
         self.snapshots = Snapshots()
         self.result = LoopResult(rank=rank)
         self._last_progress = 0.0
+        #: Micro-batches per optimizer step: an elastic run on fewer ranks runs more (the same global batch).
+        self.accumulate = spec.loop.accumulate_grad_batches if spec.max_workers is None else \
+            elastic_accumulation(spec.loop.accumulate_grad_batches, spec.max_workers, world_size)
 
     # -- setup ---------------------------------------------------------------------------
     def _build(self) -> None:
@@ -160,10 +163,13 @@ class TrainLoop:
             self.train_loader = make_loader(train_ds, self.train_sampler, batch_size=cfg.batch_size, seed=cfg.seed,
                                             workers=cfg.loader_workers, pin_memory=self.device.type == "cuda")
             self.steps_per_pass = steps_per_epoch(math.ceil(self.train_sampler.shard_length() / cfg.batch_size),
-                                                  cfg.accumulate_grad_batches)  # optimizer steps
+                                                  self.accumulate)  # optimizer steps (the same on any elastic size)
             self.steps_per_epoch = cfg.steps_per_epoch or self.steps_per_pass  # Keras's params["steps"]
         #: What this rank's positions mean: a resume must not change it (checked here and by the coordinator).
-        self.layout = {"world_size": self.world_size, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        #: An elastic run records its max world size and configured accumulation: a step means the
+        #: same samples on any of its world sizes.
+        self.layout = {"world_size": self.spec.max_workers or self.world_size, "batch_size": cfg.batch_size,
+                       "seed": cfg.seed,
                        "accumulate_grad_batches": cfg.accumulate_grad_batches, "steps_per_epoch": cfg.steps_per_epoch,
                        "samples": "iterable" if self.stream is not None else len(train_ds),
                        "parameters": {name: list(p.shape) for name, p in self.model.named_parameters()}}
@@ -239,8 +245,10 @@ class TrainLoop:
             check_layout(self.spec.resume_layout, self.layout, self.resume_from)
         if self.live_restore is not None:
             pending = self.saver.load_states(*self.live_restore, where="the survivors' memory", derived=DERIVED)
+        elif self.resume_from:
+            pending = self.saver.load(self.resume_from, written_by=self.spec.resume_world_size)
         else:
-            pending = self.saver.load(self.resume_from) if self.resume_from else PendingRestore()
+            pending = PendingRestore()
         try:
             stop = self._sync(ReportKind.TRAIN_BEGIN, layout=self.layout)
             pending.apply()
@@ -311,13 +319,13 @@ class TrainLoop:
     def _train_epoch(self, epoch: int, first_batch: int = 0) -> int | None:
         """Run one epoch from ``first_batch``; return the step at which a decision stopped training."""
         self.ddp.train()
-        k = self.config.accumulate_grad_batches  # a step is an optimizer step of k micro-batches
+        k = self.accumulate  # a step is an optimizer step of k micro-batches
         if self.stream is not None:  # (step, micro-batches, this rank's last): see iterable.TrainStream
             groups = self.stream.steps(first_batch, k, self.config.steps_per_epoch)
-        else:
-            window, samples = self._window(epoch), self.config.batch_size * k  # samples per step
-            self.train_sampler.set_epoch(window.data_pass, start=(window.first + first_batch) * samples,
-                                         stop=(window.first + window.steps) * samples)
+        else:  # global offsets into the pass's permutation: the same on any (elastic) world size
+            window, samples = self._window(epoch), self.config.batch_size * k * self.world_size  # per step
+            self.train_sampler.set_offsets(window.data_pass, offset=(window.first + first_batch) * samples,
+                                           stop=(window.first + window.steps) * samples)
             groups = ((step, group, False) for step, group in micro_batch_groups(self.train_loader, first_batch, k))
         sums, groups, live = self.metric_sums, iter(groups), self.live
         while True:
