@@ -5,7 +5,9 @@ Every training forward appends ``[position, index]`` for each sample of its micr
 a model buffer (so backups and live recoveries carry it, and DDP keeps it equal on every rank) and
 advanced by ``batch * world_size`` per micro-batch: ``B`` per optimizer step on any world size. A step
 that is redone after a recovery logs the same pairs again, so the distinct pairs are what training
-consumed: ``position // SAMPLES`` is the epoch, and each epoch must hold every index exactly once.
+consumed (keyed by the step's first position, ``position`` rounded down to a multiple of the global
+batch, since a step's micro-batches differ between world sizes): ``position // SAMPLES`` is the epoch,
+and each epoch must hold every index exactly once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-SAMPLES, FEATURES = 64, 6  # batch_size 8 on 2 workers: a global batch of 16, 4 steps an epoch
+SAMPLES, FEATURES = 64, 6
+GLOBAL_BATCH = 16  # batch_size 8 on 2 workers (or 2 micro-batches on 1): 4 steps an epoch
 
 
 class IndexedMLP(torch.nn.Module):
@@ -71,7 +74,7 @@ def trainer(storage: str, run_name: str, folder: str | None = None, hold: str | 
 
     kwargs = dict(model=model_factory(folder, hold), optimizer=sgd, data=indexed_data,
                   loss=torch.nn.functional.mse_loss, batch_size=8, num_workers=(1, 2), seed=0, storage=storage,
-                  run_name=run_name, max_failures=3, placement_timeout_s=5, preemption_grace_s=60,
+                  run_name=run_name, max_failures=3, placement_timeout_s=10, preemption_grace_s=60,
                   callbacks=[callbacks.BackupAndRestore(save_freq=2, delete_checkpoint=False)])
     kwargs.update(overrides)
     return Trainer(**kwargs)
@@ -85,6 +88,7 @@ def seen_by_epoch(folder: str) -> dict[int, list[int]]:
             if line.strip():
                 pairs.add(tuple(json.loads(line)))
     by_epoch: dict[int, list[int]] = {}
-    for position, index in pairs:
+    steps = {(position // GLOBAL_BATCH * GLOBAL_BATCH, index) for position, index in pairs}
+    for position, index in steps:
         by_epoch.setdefault(position // SAMPLES, []).append(index)
     return by_epoch
