@@ -56,7 +56,7 @@ from orchestrator.loop.signalled import SignalledModule, seed_everything
 from orchestrator.loop.specs import LoopResult, TrainSpec
 from orchestrator.loop.steps import make_default_step, resolve_metrics
 from orchestrator.loop.validation import Validation
-from orchestrator.storage.layout import check_layout, option_layout
+from orchestrator.storage.layout import ResumeMismatch, check_layout, option_layout
 
 
 class CoordinatorLink(Protocol):
@@ -243,6 +243,12 @@ class TrainLoop:
         self.link.heartbeat()  # the hang watchdog watches this rank from now on
         if self.resume_from:  # a clear error before loading state that would mean other samples
             check_layout(self.spec.resume_layout, self.layout, self.resume_from)
+        resized = self.spec.resume_world_size not in (None, self.world_size)
+        if resized and self.stream is not None:
+            raise ResumeMismatch(  # not retried: every attempt on this world size would meet it
+                f"cannot resume the state of {self.spec.resume_world_size} workers on {self.world_size}: an "
+                "iterable dataset (or a Ray Dataset) keeps a stream position per rank; elastic num_workers=(min, max) "
+                "needs a map-style training dataset")
         if self.live_restore is not None:
             pending = self.saver.load_states(*self.live_restore, where="the survivors' memory", derived=DERIVED)
         elif self.resume_from:
