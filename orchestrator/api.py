@@ -86,7 +86,14 @@ class Trainer:
             :data:`orchestrator.core.metrics.BUILTIN_METRICS`), logged under the name given, or
             ``{"name": fn(outputs, targets)}`` returning the batch mean. Defaults to none.
         batch_size: Samples per worker per step. Defaults to ``32``.
-        num_workers: Data-parallel ranks. Defaults to ``1``.
+        num_workers: Data-parallel ranks, or ``(min, max)`` for an elastic run: it starts ``max`` workers;
+            when a lost worker cannot be replaced within ``placement_timeout_s`` it goes on with fewer
+            (the largest ``w >= min`` that divides ``max`` and fits), from the survivors' state or the
+            newest backup, and grows back to ``max`` at an epoch end once the resources return. The
+            global batch stays ``batch_size * accumulate_grad_batches * max``: on ``w`` workers each runs
+            ``accumulate_grad_batches * max / w`` micro-batches per step, so the schedule, the step count
+            and the callbacks' decisions mean the same; every sample is trained once per epoch (see
+            docs/elastic.md). Defaults to ``1``.
         use_gpu: One GPU per worker and NCCL. Defaults to ``False``.
         storage: fsspec URL of the run storage. Defaults to a local folder.
         storage_options: Passed to fsspec; never logged.
@@ -175,7 +182,7 @@ class Trainer:
         data: Callable[[], Any] | None = None,
         metrics: Iterable[str] | Mapping[str, Any] | None = None,
         batch_size: int = 32,
-        num_workers: int = 1,
+        num_workers: int | tuple[int, int] = 1,
         use_gpu: bool = False,
         storage: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
@@ -224,6 +231,9 @@ class Trainer:
                                      resources_per_worker=resources_per_worker,
                                      placement_strategy=placement_strategy,
                                      threads_per_worker=threads_per_worker, reuse_workers=reuse_workers)
+        if self.scaling.elastic and self.loop.strategy == "fsdp":
+            raise ValueError(f"num_workers={num_workers!r} (elastic) is not supported with strategy='fsdp' yet: pass "
+                             "a fixed num_workers (an fsdp backup still resumes on another number of workers)")
         try:  # what workers would only find out when they compile or build the schedule
             check_compile(self.loop.compile, "cuda" if use_gpu else "cpu")
         except RuntimeError as exc:
@@ -344,6 +354,7 @@ class Trainer:
     def _config_snapshot(self, epochs: int) -> dict[str, Any]:
         """What run.json records: names and numbers, never storage_options values."""
         return {"run_name": self.run_name, "epochs": epochs, "num_workers": self.scaling.num_workers,
+                "min_workers": self.scaling.min_workers,
                 "use_gpu": self.scaling.use_gpu, "placement_strategy": self.scaling.placement_strategy,
                 "batch_size": self.loop.batch_size, "seed": self.loop.seed, "metrics": list(self.loop.metrics),
                 "clip_grad_norm": self.loop.clip_grad_norm, "max_failures": self.faults.max_failures,

@@ -154,7 +154,8 @@ class TrainWorker:
             else:
                 device, backend = torch.device("cpu"), "gloo"
             init_process_group(backend, master[0], master[1], self.rank, self.world_size)
-            live_restore = _receive(spec.live, self.rank, coordinator) if spec.live is not None else None
+            live_restore = _receive(spec.live, self.rank, self.world_size, coordinator) if spec.live is not None \
+                else None
             data_input = RayDataInput()  # ray.data.Datasets from data() become rank shards (see ray_data.py)
             try:
                 storage = spec.storage.open() if spec.storage is not None else None
@@ -169,15 +170,22 @@ class TrainWorker:
             return failure_of(self.rank, exc, spec.storage.options if spec.storage is not None else None)
 
 
-def _receive(live: Any, rank: int, coordinator: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def _receive(live: Any, rank: int, world_size: int, coordinator: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(shared states, own states)`` of a live recovery (:class:`~orchestrator.loop.specs.LiveResume`),
     from the object store: the donor's shared part, this rank's own part if it survived, else rebuilt.
+    On another world size (an elastic run) every rank's own part is rebuilt from the survivors'
+    (:func:`~orchestrator.loop.elastic.merged_own`: their metric sums on rank 0).
     Rank 0 tells the coordinator when the group was re-formed and the state transferred."""
+    from orchestrator.loop.elastic import merged_own
     from orchestrator.loop.live import rebuilt_own
 
     joined = time.time()
     donor = ray.get(live.payloads[live.donor])
-    own = ray.get(live.payloads[rank])["own"] if rank in live.payloads else rebuilt_own(donor["own"])
+    if live.world_size is not None and live.world_size != world_size:
+        survivors = [live.donor] + sorted(r for r in live.payloads if r != live.donor) if rank == 0 else [live.donor]
+        own = merged_own([ray.get(live.payloads[r])["own"] for r in survivors], rank)
+    else:
+        own = ray.get(live.payloads[rank])["own"] if rank in live.payloads else rebuilt_own(donor["own"])
     if rank == 0:
         coordinator.recovery_times.remote(joined, time.time())  # fire and forget, before any progress
     return donor["shared"], own

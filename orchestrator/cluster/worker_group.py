@@ -64,6 +64,12 @@ class WorkerGroup:
     when a fit of another shape needs the cluster. The workers run user code of the earlier fit:
     a module edited between two fits in one driver needs ``reuse_workers=False`` (or a new driver).
 
+    **Elastic** (``num_workers=(min, max)``): :attr:`world_size` is the number of workers the next
+    :meth:`start` asks for (``max`` at first). When the cluster does not grant them within
+    ``placement_timeout_s`` (a lost node that is not replaced), :meth:`start` goes on with the largest
+    of :meth:`~orchestrator.core.config.ScalingConfig.world_sizes` that it can place (at least
+    ``min``); :meth:`can_grow` says, cheaply, when more would fit again.
+
     Args:
         scaling: Number of workers, GPUs, resources and placement strategy.
         placement_timeout_s: How long to wait for the cluster to grant the resources.
@@ -93,6 +99,7 @@ class WorkerGroup:
         self.promoted = False  # whether the running workers are promoted standbys
         self.closed = False
         self.storage_checked = False  # whether this fit checked its storage is visible from the workers' nodes
+        self.world_size = scaling.num_workers  # the workers the next start asks for (elastic: may be fewer)
 
     @classmethod
     def for_fit(cls, scaling: ScalingConfig, placement_timeout_s: float = 120.0,
@@ -105,6 +112,7 @@ class WorkerGroup:
                 parked.placement_timeout_s = placement_timeout_s
                 parked.warm_standbys = warm_standbys and not scaling.use_gpu
                 parked.closed, parked.storage_checked = False, False
+                parked.world_size = scaling.num_workers
                 return parked
             parked.release()  # another shape: give its resources back before placing this one
         return cls(scaling, placement_timeout_s, warm_standbys)
@@ -122,15 +130,7 @@ class WorkerGroup:
             return infos
         self.release()
         res = self.scaling.worker_resources()
-        n = self.scaling.num_workers
-        self.pg = placement_group([dict(res) for _ in range(n)], strategy=self.scaling.placement_strategy)
-        ready, _ = ray.wait([self.pg.ready()], timeout=self.placement_timeout_s)
-        if not ready:
-            raise OrchestratorError(
-                f"the cluster did not grant {n} workers x {res} with strategy "
-                f"{self.scaling.placement_strategy} within {self.placement_timeout_s:.0f}s; "
-                f"available now: {ray.available_resources()}"
-            )
+        n = self._place()
         options: dict[str, Any] = {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0)}
         custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
         if custom:
@@ -139,10 +139,55 @@ class WorkerGroup:
         return get_within([w.info.remote() for w in self.workers], self.placement_timeout_s,
                           f"the {n} new workers (starting their processes)")
 
+    def _place(self) -> int:
+        """Create the placement group of :attr:`world_size` workers (elastic: of fewer when those are not
+        granted in time) and return its number of workers.
+
+        Raises:
+            OrchestratorError: Not even the fewest allowed workers were granted in time.
+        """
+        res, strategy = self.scaling.worker_resources(), self.scaling.placement_strategy
+        sizes = [w for w in self.scaling.world_sizes() if w <= self.world_size] if self.scaling.elastic \
+            else [self.world_size]
+        tried: list[int] = []
+        for n in sizes:
+            if tried and self._free_workers() < n:  # a cheap look first: skip what cannot fit now
+                continue
+            tried.append(n)
+            self.pg = placement_group([dict(res) for _ in range(n)], strategy=strategy)
+            ready, _ = ray.wait([self.pg.ready()], timeout=self.placement_timeout_s)
+            if ready:
+                if n != self.world_size:
+                    logger.warning("elastic run: %d workers could not be placed within %gs; going on with %d",
+                                   self.world_size, self.placement_timeout_s, n)
+                self.world_size = n
+                return n
+            remove_placement_group(self.pg)
+            self.pg = None
+        wanted = f"{sizes[0]} workers" if len(sizes) == 1 else \
+            f"any of {sizes} workers (num_workers=({self.scaling.min_workers}, {self.scaling.num_workers}))"
+        raise OrchestratorError(
+            f"the cluster did not grant {wanted} x {res} with strategy {strategy} within "
+            f"{self.placement_timeout_s:.0f}s; available now: {ray.available_resources()}")
+
+    def _free_workers(self) -> int:
+        """How many more workers the cluster's free resources could host now (summed over nodes: an upper bound)."""
+        free = ray.available_resources()
+        res = {k: v for k, v in self.scaling.worker_resources().items() if v > 0}
+        return min((int(free.get(k, 0) // v) for k, v in res.items()), default=self.scaling.num_workers)
+
+    def can_grow(self) -> int | None:
+        """Elastic: the larger world size the cluster's free resources could host now beside the running
+        workers (a cheap look, no placement), or None."""
+        if not self.scaling.elastic or self.world_size >= self.scaling.num_workers:
+            return None
+        free = self._free_workers()
+        bigger = [w for w in self.scaling.world_sizes() if self.world_size < w <= self.world_size + free]
+        return bigger[0] if bigger else None
+
     def _actor(self, rank: int, options: dict[str, Any], warm: bool) -> Any:
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
-        return TrainWorker.options(scheduling_strategy=strategy, **options).remote(rank, self.scaling.num_workers,
-                                                                                   warm)
+        return TrainWorker.options(scheduling_strategy=strategy, **options).remote(rank, self.world_size, warm)
 
     def prepare_standbys(self) -> None:
         """Start warm standbys for the running workers and a spare coordinator (no-op when disabled)."""
@@ -150,7 +195,7 @@ class WorkerGroup:
             return
         if self.pg is not None and not self.standbys:
             self.standbys = [self._actor(rank, {"num_cpus": 0}, warm=True)
-                             for rank in range(self.scaling.num_workers)]
+                             for rank in range(self.world_size)]
         if self.spare_coordinator is None:
             self.spare_coordinator = CoordinatorActor.remote()
 
@@ -171,7 +216,7 @@ class WorkerGroup:
     def _promote_standbys(self) -> list[dict[str, Any]] | None:
         standbys, self.standbys = self.standbys, []
         self.promoted = False
-        if self.pg is None or self.workers or len(standbys) != self.scaling.num_workers:
+        if self.pg is None or self.workers or len(standbys) != self.world_size:
             _kill(standbys)
             return None
         try:
@@ -186,8 +231,9 @@ class WorkerGroup:
         return infos
 
     def check_capacity(self) -> None:
-        """Raise ValueError when the whole cluster could never host the group (before any worker starts)."""
-        res, n = self.scaling.worker_resources(), self.scaling.num_workers
+        """Raise ValueError when the whole cluster could never host the group (before any worker starts);
+        an elastic group needs room for its ``min`` workers."""
+        res, n = self.scaling.worker_resources(), self.scaling.world_sizes()[-1]
         total = ray.cluster_resources()
         for key, amount in res.items():
             if amount * n > total.get(key, 0):
@@ -217,7 +263,8 @@ class WorkerGroup:
         of this driver (at most ``idle_s`` seconds), or shut down when there is nothing to keep; never raises."""
         _kill(self.workers)
         self.workers = []
-        if self.scaling.use_gpu or self.pg is None or len(self.standbys) != self.scaling.num_workers:
+        if self.scaling.use_gpu or self.pg is None or len(self.standbys) != self.world_size \
+                or self.world_size != self.scaling.num_workers:
             self.shutdown()
             return
         self.closed = True  # until a fit takes it over

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import ray
 
 from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup, get_within
+from orchestrator.control.elastic import GrowWatch, Resized, resize_event
 from orchestrator.control.failures import COORDINATOR, AttemptFailed, FailureRecord, NodesDrained
 from orchestrator.control.live_recovery import secure
 from orchestrator.control.metrics_export import for_fit as run_metrics
@@ -79,6 +80,7 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
     Raises:
         AttemptFailed: A worker or the coordinator died, raised or hung (retryable under ``max_failures``).
         NodesDrained: Nodes of this attempt are being drained (restart without counting a failure).
+        Resized: An elastic attempt stopped with an emergency backup to grow (restart on more workers).
         HangError: A coordinator callback blocked for ``hang_timeout_s`` (not retried).
         Anything else: a callback's error, the preemption grace exceeded, an actor that did not answer.
     """
@@ -87,14 +89,22 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
     metrics.begin_attempt(attempt.number)
     driver = DriverCallbacks(fit.driver_callbacks, fit.params, (resume.state or {}).get("history"),
                              observe=metrics.observe)
-    coordinator_spec = fit.coordinator_spec(resume)
+    elastic = fit.scaling.elastic
+    # an elastic attempt places its workers first: the coordinator counts the ranks the cluster granted
+    try:
+        infos = group.start() if elastic else None
+    except BaseException as exc:
+        metrics.end_attempt(exc, preempted=attempt.preempt.is_set())
+        raise
+    coordinator_spec = fit.coordinator_spec(resume, group.world_size if elastic else None)
     coordinator, ready = group.coordinator(coordinator_spec)  # starts (or is a spare) while the workers start
     relay = Relay(coordinator, driver, outcome, events, attempt=attempt.number)
     drain = DrainWatch(set(), fit.faults.drain_poll_interval_s)
     setup_timeout_s = fit.faults.placement_timeout_s  # a new coordinator starts a process, like a worker
     finished = False
     try:
-        infos = group.start()
+        if infos is None:
+            infos = group.start()
         try:
             get_within(ready, setup_timeout_s, "the coordinator (setup)")
         except ray.exceptions.RayActorError as exc:  # a spare lost with its node: start a new one
@@ -108,14 +118,20 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
         if not group.promoted or not group.storage_checked:  # promoted standbys sit where checked workers were
             _check_storage_visible(group, fit.storage, attempt.storage, infos)
             group.storage_checked = True
+        before = resume.world_size or fit.scaling.num_workers
+        world_size = group.world_size if elastic else fit.scaling.num_workers
+        if elastic and world_size != before:
+            metrics.observe(events.append(EventType.RESIZED, step=resume.step, **resize_event(
+                before, group.world_size, fit.loop.accumulate_grad_batches, fit.scaling.num_workers)))
         metrics.observe(events.append(
-            EventType.STARTED, world_size=fit.scaling.num_workers, nodes=sorted({i["node"] for i in infos}),
+            EventType.STARTED, world_size=world_size, nodes=sorted({i["node"] for i in infos}),
             node_ids=[i["node_id"] for i in infos], resumed_from="memory" if resume.live is not None else resume.folder,
             warm=group.promoted))
         refs = group.run(fit.train_spec(resume), coordinator)
+        grow = GrowWatch(group, enabled=elastic and world_size < fit.scaling.num_workers)
         try:
             results = watch(fit.faults, attempt.number, group, relay, infos, refs, attempt.preempt, drain,
-                            fenced=attempt.fenced)
+                            fenced=attempt.fenced, grow=grow)
         except AttemptFailed as failed:
             rank = failed.record.rank
             node_id = relay.where.get("node_id") if failed.record.role == COORDINATOR else \
@@ -127,6 +143,8 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
             raise
         if drain.draining and not attempt.preempt.is_set() and any(r.preempted for r in results):
             raise NodesDrained(sorted(drain.draining), step=max(r.steps_run for r in results))
+        if grow.target is not None and not attempt.preempt.is_set() and any(r.preempted for r in results):
+            raise Resized(grow.target, step=max(r.steps_run for r in results))
         outcome.callback_states = relay.call("callback_states")
         if not any(r.preempted for r in results):
             group.retire_workers()  # idle and warm: standbys for the next fit of this driver (WorkerGroup.park)

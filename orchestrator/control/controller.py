@@ -25,6 +25,7 @@ import ray
 from orchestrator.cluster.worker_group import WorkerGroup
 from orchestrator.control.attempt import Attempt, AttemptRunner, run_attempt
 from orchestrator.control.driver_side import reached_step
+from orchestrator.control.elastic import Resized
 from orchestrator.control import metrics_export
 from orchestrator.control.failures import AttemptFailed, FailureDecision, FailurePolicy, FailureRecord, NodesDrained
 from orchestrator.control.specs import FitSpec, Resume
@@ -64,8 +65,11 @@ def find_resume(fit: FitSpec, storage: RunStorage, events: EventLog, reached: in
     :func:`~orchestrator.control.driver_side.reached_step`), recorded on the ``restored`` event with
     the steps lost (``reached`` minus the backup's step); None when not known.
 
+    An elastic run (``num_workers=(min, max)``) resumes a backup written by any of its world sizes
+    (:meth:`~orchestrator.core.config.ScalingConfig.world_sizes`): its layout records ``max``.
+
     Raises:
-        OrchestratorError: The backup was written by another number of workers.
+        OrchestratorError: The backup was written by another number of workers (one an elastic run cannot use).
         ResumeMismatch: The backup was written with another batch size or seed.
     """
     backup_dir = fit.backups.folder
@@ -78,19 +82,26 @@ def find_resume(fit: FitSpec, storage: RunStorage, events: EventLog, reached: in
     remove_newer(storage, backup_dir, found.manifest.step if found else None)
     if found is None:
         return Resume()
+    written_by = found.manifest.world_size
     state = read_coordinator_state(storage, found.folder)
     current = {"world_size": fit.scaling.num_workers, "batch_size": fit.loop.batch_size, "seed": fit.loop.seed,
                "steps_per_epoch": fit.loop.steps_per_epoch,
                "accumulate_grad_batches": fit.loop.accumulate_grad_batches, **option_layout(fit.loop)}
     check_layout(state.get("layout"), current, storage.url(found.folder))
-    if found.manifest.world_size != fit.scaling.num_workers and not reshardable(state.get("layout"), current):
+    if fit.scaling.elastic and written_by not in fit.scaling.world_sizes():
         raise OrchestratorError(
-            f"the backup in {storage.url(found.folder)} was written by {found.manifest.world_size} workers; "
-            f"resume with num_workers={found.manifest.world_size} (backups of strategy='fsdp' runs reshard)")
+            f"the backup in {storage.url(found.folder)} was written by {written_by} workers, which "
+            f"num_workers=({fit.scaling.min_workers}, {fit.scaling.num_workers}) cannot resume with the same "
+            f"global batch (its world sizes are {fit.scaling.world_sizes()}); resume with num_workers={written_by}")
+    if not fit.scaling.elastic and written_by != fit.scaling.num_workers \
+            and not reshardable(state.get("layout"), current):
+        raise OrchestratorError(
+            f"the backup in {storage.url(found.folder)} was written by {written_by} workers; "
+            f"resume with num_workers={written_by} (backups of strategy='fsdp' runs reshard)")
     events.append(EventType.RESTORED, epoch=found.manifest.epoch, step=found.manifest.step, folder=found.folder,
                   phase=found.manifest.phase, reached_step=reached,
                   lost_steps=None if reached is None else max(reached - found.manifest.step, 0))
-    return Resume(folder=found.folder, state=state)
+    return Resume(folder=found.folder, state=state, world_size=written_by)
 
 
 class Controller:
@@ -274,6 +285,11 @@ class Controller:
                           preempt=self.preempt, fenced=self._lease_lost)
         try:
             results = self.run_attempt(self.fit, attempt, self.group, self.outcome)
+        except Resized as resized:  # an elastic run grows back: not a failure (the next attempt records it)
+            logger.warning("elastic run: stopped at step %s with an emergency backup; resuming on %d workers",
+                           resized.step, resized.to_workers)
+            self.group.world_size = resized.to_workers
+            return Restarting()
         except NodesDrained as drained:  # a preemption with notice: not a failure
             self.events.append(EventType.PREEMPTED, step=drained.step, reason="node_drain", nodes=drained.nodes,
                                lost=drained.lost)

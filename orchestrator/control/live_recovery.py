@@ -76,7 +76,8 @@ class LiveCopy:
         recovery = {"step": self.live.step, "rank": self.rank, "detection_s": detection_s,
                     "secured_s": round(self.secured_s, 3), "secured_at": self.secured_at,
                     "lost_steps": self.lost_steps}
-        return Resume(folder=self.last_committed, state=self.coordinator_state, live=self.live, recovery=recovery)
+        return Resume(folder=self.last_committed, state=self.coordinator_state, live=self.live, recovery=recovery,
+                      world_size=self.live.world_size)
 
 
 def _at_position(state: dict[str, Any], position: dict[str, Any], step: int) -> dict[str, Any]:
@@ -128,7 +129,8 @@ def secure(group: WorkerGroup, relay: Any, failed: AttemptFailed,
                        "committed backup", exc)
         return None
     step = int(steps.pop())
-    live = LiveResume(step=step, donor=donor, payloads={r: payload for r, (_, payload) in calls.items()})
+    live = LiveResume(step=step, donor=donor, payloads={r: payload for r, (_, payload) in calls.items()},
+                      world_size=len(workers))
     secured_s = time.monotonic() - began
     logger.warning("rank %d died; continuing from the survivors' state at step %d (secured in %.2fs)",
                    dead, step, secured_s)

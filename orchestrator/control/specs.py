@@ -109,11 +109,15 @@ class FitSpec:
         return TrainSpec(loop=self.loop, epochs=self.epochs, batch_sync_every=self.batch_sync_every,
                          storage=self.storage, resume_from=None if resume.live is not None else resume.folder,
                          resume_layout=(resume.state or {}).get("layout"), use_gpu=self.scaling.use_gpu,
-                         threads=self.scaling.threads_per_worker, live=resume.live)
+                         threads=self.scaling.threads_per_worker, live=resume.live,
+                         max_workers=self.scaling.num_workers if self.scaling.elastic else None,
+                         resume_world_size=resume.world_size)
 
-    def coordinator_spec(self, resume: "Resume") -> CoordinatorSpec:
-        """What the coordinator of an attempt resuming from ``resume`` runs."""
-        return CoordinatorSpec(callbacks=self.callbacks, params=self.params, world_size=self.scaling.num_workers,
+    def coordinator_spec(self, resume: "Resume", world_size: int | None = None) -> CoordinatorSpec:
+        """What the coordinator of an attempt resuming from ``resume`` runs (on ``world_size`` ranks:
+        defaults to ``num_workers``; an elastic attempt's is what the group could place)."""
+        return CoordinatorSpec(callbacks=self.callbacks, params=self.params,
+                               world_size=world_size or self.scaling.num_workers,
                                storage=self.storage, restore=resume.state, resumed_from=resume.folder,
                                backup_dir=self.backups.folder, keep_backups=self.backups.keep,
                                lease_token=self.lease_token, recovery=resume.recovery)
@@ -124,9 +128,19 @@ class Resume:
     """Where an attempt starts: a committed backup (folder and coordinator state) or scratch (both None),
     or (``live``) the survivors' state of the attempt before, with the coordinator's state as of it
     (``folder`` is then the newest committed backup, which this attempt never overwrites) and the
-    first part of the recovery's timeline (``recovery``, see :mod:`orchestrator.control.live_recovery`)."""
+    first part of the recovery's timeline (``recovery``, see :mod:`orchestrator.control.live_recovery`).
+    ``world_size`` is the number of workers that wrote the state (None: scratch or not known); an
+    elastic run may resume it on another number."""
 
     folder: str | None = None
     state: dict[str, Any] | None = None
     live: Any = None
     recovery: dict[str, Any] | None = None
+    world_size: int | None = None
+
+    @property
+    def step(self) -> int:
+        """The global step the state is at (0 from scratch)."""
+        if self.live is not None:
+            return int(self.live.step)
+        return int(((self.state or {}).get("view") or {}).get("global_step") or 0)

@@ -68,6 +68,7 @@ class Relay:
     where: dict[str, Any] = field(default_factory=dict)
     ages: dict[int, float] = field(default_factory=dict, init=False)  # from the newest answer
     busy: CoordinatorBusy | None = field(default=None, init=False)  # from the newest answer
+    epoch_ends: int = field(default=0, init=False)  # epoch_end events relayed (an elastic run looks for room then)
     answered: float | None = field(default=None, init=False)  # time.monotonic() of the newest answer
     _pending: Any = field(default=None, init=False, repr=False)  # the poll in flight
     _sent: float = field(default=0.0, init=False, repr=False)
@@ -92,6 +93,7 @@ class Relay:
         for event in answer.events:
             event["attempt"] = self.attempt  # as in events.jsonl; reached_step() reads it
             remember(self.outcome.events, event)  # a bounded number: events.jsonl has them all
+            self.epoch_ends += event["type"] == EventType.EPOCH_END
             _persist_event(self.events, event)
             if event["type"] == EventType.WARNING:
                 category = getattr(builtins, event["category"], UserWarning)
@@ -237,11 +239,13 @@ def _persist_event(events: EventLog, event: dict[str, Any]) -> None:
 
 def watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, infos: list[dict[str, Any]],
           refs: list[Any], preempt: threading.Event, drain: DrainWatch,
-          fenced: Callable[[], BaseException | None] | None = None) -> list[LoopResult]:
+          fenced: Callable[[], BaseException | None] | None = None, grow: Any = None) -> list[LoopResult]:
     """Wait for every rank of ``attempt``, relaying events; handle hangs, SIGTERM and node drains.
 
     ``fenced()`` returns the error to end the attempt with once another driver took the run over
-    (the attempt stops at once and records nothing more), else None.
+    (the attempt stops at once and records nothing more), else None. ``grow`` (an elastic run's
+    :class:`~orchestrator.control.elastic.GrowWatch`) asks the ranks to stop with an emergency backup
+    when, at an epoch end, more workers fit.
 
     Raises:
         AttemptFailed: A rank or the coordinator died, raised or hung; its record's ``detection_s``
@@ -251,7 +255,7 @@ def watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, i
         Anything a coordinator callback raised.
     """
     try:
-        return _watch(faults, attempt, group, relay, infos, refs, preempt, drain, fenced)
+        return _watch(faults, attempt, group, relay, infos, refs, preempt, drain, fenced, grow)
     except AttemptFailed as failed:
         if failed.record.detection_s is None:
             failed.record = dataclasses.replace(failed.record, detection_s=relay.silence_s(failed.record.rank))
@@ -260,7 +264,7 @@ def watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, i
 
 def _watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, infos: list[dict[str, Any]],
            refs: list[Any], preempt: threading.Event, drain: DrainWatch,
-           fenced: Callable[[], BaseException | None] | None) -> list[LoopResult]:
+           fenced: Callable[[], BaseException | None] | None, grow: Any = None) -> list[LoopResult]:
     rank_of = {ref: rank for rank, ref in enumerate(refs)}
     results: dict[int, LoopResult] = {}
     pending = list(refs)
@@ -286,7 +290,8 @@ def _watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, 
                            "emergency backup, then continuing on the remaining nodes", sorted(newly_draining), hosts)
             relay.events.append(EventType.NODE_DRAINING, nodes=sorted(newly_draining), hosts=hosts,
                                 deadlines_ms=[newly_draining[n] for n in sorted(newly_draining)])
-        if (preempt.is_set() or drain.draining) and stop_deadline is None:
+        growing = grow is not None and stop_deadline is None and grow.check(relay.epoch_ends)
+        if (preempt.is_set() or drain.draining or growing) and stop_deadline is None:
             stop_deadline = time.monotonic() + faults.preemption_grace_s
             for w in group.workers:
                 w.notify_preemption.remote()

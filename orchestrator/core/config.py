@@ -70,12 +70,54 @@ def validate_flag(name: str, value: Any) -> bool:
     return value
 
 
+def validate_num_workers(value: Any) -> tuple[int, int]:
+    """``(min, max)`` of an elastic ``num_workers`` if some world size from ``min`` to ``max`` keeps the global batch.
+
+    On ``w`` ranks the global batch of ``max`` ranks is kept by running ``max / w`` times the
+    micro-batches per step, so ``w`` must divide ``max``; ``min < max`` needs at least one such ``w``
+    below ``max``.
+
+    Example:
+        >>> validate_num_workers((1, 2))
+        (1, 2)
+    """
+    _require(isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value),
+             f"num_workers must be an integer >= 1 or (min, max) for an elastic run, got {value!r}")
+    low, high = value
+    _require(low >= 1, f"num_workers=(min, max): min must be >= 1, got {value!r}")
+    _require(low <= high, f"num_workers=(min, max): min must be <= max, got {value!r}")
+    _require(low == high or any(high % w == 0 for w in range(low, high)),
+             f"num_workers=(min, max): no world size from {low} to {high - 1} divides max={high}, so fewer "
+             f"workers could not keep the global batch (batch_size x accumulate_grad_batches x {high}); "
+             f"choose a min at or below a divisor of {high}, got {value!r}")
+    return int(low), int(high)
+
+
+def elastic_accumulation(accumulate_grad_batches: int, max_workers: int, world_size: int) -> int:
+    """Micro-batches per optimizer step on ``world_size`` ranks that keep the global batch of ``max_workers``.
+
+    Example:
+        >>> elastic_accumulation(1, max_workers=4, world_size=2)
+        2
+    """
+    if max_workers % world_size:
+        raise ValueError(f"world size {world_size} does not divide max workers {max_workers}: "
+                         "the global batch could not be kept")
+    return accumulate_grad_batches * (max_workers // world_size)
+
+
 @dataclass(frozen=True)
 class ScalingConfig:
     """How many workers and what each one holds.
 
     Args:
-        num_workers: Number of data-parallel ranks. Defaults to ``1``.
+        num_workers: Number of data-parallel ranks, or ``(min, max)`` for an elastic run: it starts
+            ``max`` ranks and, when a lost rank cannot be replaced, goes on with fewer (at least
+            ``min``), growing back to ``max`` when the resources return. The global batch stays
+            ``batch_size * accumulate_grad_batches * max``: on ``w`` ranks (``w`` divides ``max``, see
+            :meth:`world_sizes`) each rank runs ``accumulate_grad_batches * max / w`` micro-batches of
+            ``batch_size`` per step (:func:`elastic_accumulation`). Stored normalised: ``num_workers``
+            is then ``max`` and ``min_workers`` is ``min`` (None: not elastic). Defaults to ``1``.
         use_gpu: Give each worker one GPU and use NCCL. Defaults to ``False``.
         resources_per_worker: Ray resources per worker. Defaults to ``{"CPU": 1}`` (plus
             ``{"GPU": 1}`` with ``use_gpu``).
@@ -88,17 +130,26 @@ class ScalingConfig:
     Example:
         >>> ScalingConfig(num_workers=2, resources_per_worker={"CPU": 2}).threads_per_worker
         2
+        >>> ScalingConfig(num_workers=(1, 4)).world_sizes()
+        [4, 2, 1]
     """
 
-    num_workers: int = 1
+    num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
     resources_per_worker: Mapping[str, float] | None = None
     placement_strategy: str = "PACK"
     threads_per_worker: int | None = None
     reuse_workers: bool = True
+    min_workers: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_workers, (tuple, list)):
+            low, high = validate_num_workers(self.num_workers)
+            object.__setattr__(self, "num_workers", high)
+            object.__setattr__(self, "min_workers", low)
         validate_int("num_workers", self.num_workers, 1)
+        if self.min_workers is not None:
+            validate_num_workers((self.min_workers, self.num_workers))
         validate_flag("reuse_workers", self.reuse_workers)
         validate_flag("use_gpu", self.use_gpu)
         _require(self.placement_strategy in PLACEMENT_STRATEGIES,
@@ -112,6 +163,16 @@ class ScalingConfig:
             validate_int("threads_per_worker", self.threads_per_worker, 1)
         else:  # the worker's CPUs
             object.__setattr__(self, "threads_per_worker", max(1, int(self.worker_resources().get("CPU", 1))))
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the world size may change (``num_workers=(min, max)``)."""
+        return self.min_workers is not None
+
+    def world_sizes(self) -> list[int]:
+        """The world sizes a run may use, largest first: ``max`` and every ``w >= min`` that divides it."""
+        low = self.num_workers if self.min_workers is None else self.min_workers
+        return [w for w in range(self.num_workers, low - 1, -1) if self.num_workers % w == 0]
 
     def worker_resources(self) -> dict[str, float]:
         """The Ray resources one worker asks for."""

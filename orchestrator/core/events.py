@@ -78,6 +78,11 @@ class EventType(enum.StrEnum):
                           "Ray is draining nodes of this attempt")
     PREEMPTED = _Spec("preempted", ("reason", "nodes", "lost"), True,
                       "every rank stopped at one step with an emergency backup")
+    RESIZED = _Spec("resized", ("from_workers", "to_workers", "reason", "accumulate_grad_batches"), True,
+                    "an elastic run (``num_workers=(min, max)``) goes on with another number of workers from "
+                    "global step ``step``: ``reason`` ``placement_timeout`` (a lost worker could not be replaced "
+                    "within placement_timeout_s) or ``capacity_returned`` (grown back at an epoch boundary); "
+                    "``accumulate_grad_batches`` the micro-batches per step that keep the global batch")
     FINISHED = _Spec("finished", ("epochs",), True, "training ended normally (early stopping included)")
     FAILED = _Spec("failed", ("error",), True, "training ended with an error")
     # -- decisions and their effects (coordinator) -------------------------------------------

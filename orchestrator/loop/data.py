@@ -8,9 +8,10 @@ on the process's history (batches prefetched, where an attempt started), which n
 So with ``N > 0`` the sampler yields ``(index, sample_seed)`` keys (:class:`SeededSampler`) and
 the dataset is wrapped (:class:`SeededSamples`) to seed ``random``, ``numpy`` and ``torch`` from
 that key before each ``__getitem__``. The rule: **the random draws for a sample are a function of
-(seed, rank, data pass, position in the rank's shard of that pass)**, never of the worker that
-loads it, of ``N``, of prefetching or of a restart; the position component (saved in backups)
-gives the pass and the position, so a resumed epoch draws the same augmentations. With ``N = 0``
+(seed, data pass, global position in that pass's permutation)**, never of the rank or the worker
+that loads it, of ``N``, of prefetching, of a restart or of the world size (an elastic run); the
+position component (saved in backups) gives the pass and the position, so a resumed epoch draws
+the same augmentations. With ``N = 0``
 the dataset draws from the rank's own streams, saved as the ``rng`` component.
 """
 
@@ -28,10 +29,22 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 class ShardSampler(Sampler[int]):
     """Indices of one rank's shard, reshuffled each epoch from ``seed + epoch``.
 
+    A data pass is one permutation ``perm`` of the dataset (the same on every rank). Rank ``r`` of
+    ``W`` reads ``perm[offset:stop][r::W]``: ``offset`` and ``stop`` are *global* positions in the
+    permutation (:meth:`set_offsets`), so what the ranks have consumed together is always the
+    prefix ``perm[:offset]``, whatever the world size was when it was consumed. With the stride
+    split, the first ``m`` items of every rank's shard are exactly ``perm[:m * W]``; a run that
+    changes its world size to ``W'`` at an offset ``c`` (a multiple of ``W'``) reads
+    ``perm[c:][r::W']`` and every index of the pass is read exactly once (see docs/elastic.md).
+    :meth:`set_epoch` takes per-rank positions (``start``/``stop`` items of this rank's shard) as
+    before: ``start * W`` is the global offset.
+
     With ``pad=True`` (training) every rank gets ``ceil(n / world_size)`` indices, the shortfall
     filled from the start of the permutation like ``DistributedSampler``, so all ranks run the
-    same number of steps. With ``pad=False`` (validation) the shards partition the dataset and
-    every sample is seen exactly once across ranks.
+    same number of steps. The padding is decided by the world size that reads the pass's end: at
+    most ``W - 1`` indices of the permutation's start are read a second time, in the pass's last
+    step (none when ``n`` is a multiple of ``W``). With ``pad=False`` (validation) the shards
+    partition the dataset and every sample is seen exactly once across ranks.
 
     Args:
         length: Dataset length.
@@ -40,6 +53,12 @@ class ShardSampler(Sampler[int]):
         shuffle: Permute indices each epoch. Defaults to ``True``.
         seed: Base seed shared by all ranks. Defaults to ``0``.
         pad: Pad shards to equal length. Defaults to ``True``.
+
+    Example:
+        >>> s = ShardSampler(8, rank=1, world_size=2, shuffle=False)
+        >>> s.set_offsets(0, offset=4)
+        >>> list(s), s.global_positions()
+        ([5, 7], [5, 7])
     """
 
     def __init__(self, length: int, rank: int, world_size: int, shuffle: bool = True, seed: int = 0,
@@ -53,16 +72,31 @@ class ShardSampler(Sampler[int]):
         self.seed = seed
         self.pad = pad
         self.epoch = 0
-        self.start = 0
-        self.stop: int | None = None
+        self.offset = 0  # global position in the pass's permutation where this range starts
+        self.stop_offset: int | None = None  # global position where it ends (None: the pass's end)
+
+    @property
+    def start(self) -> int:
+        """This rank's position in its shard where the range starts (``offset // world_size``)."""
+        return self.offset // self.world_size
 
     def set_epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> None:
-        """Select the epoch's permutation; yield this shard's indices ``start`` (resume) to ``stop`` (a window)."""
-        self.epoch = epoch
-        self.start = start
-        self.stop = stop
+        """Select the epoch's permutation; yield this shard's indices ``start`` (resume) to ``stop`` (a window),
+        both counted in this rank's shard (global offsets ``start * world_size`` and ``stop * world_size``)."""
+        self.set_offsets(epoch, start * self.world_size, None if stop is None else stop * self.world_size)
 
-    def _indices(self) -> list[int]:
+    def set_offsets(self, epoch: int, offset: int = 0, stop: int | None = None) -> None:
+        """Select the epoch's permutation; yield this rank's share of ``perm[offset:stop]`` (global positions).
+
+        Raises:
+            ValueError: ``offset`` is not a multiple of the world size (the ranks' shares would differ in length).
+        """
+        if offset % self.world_size:
+            raise ValueError(f"offset {offset} is not a multiple of world_size {self.world_size}")
+        self.epoch, self.offset, self.stop_offset = epoch, offset, stop
+
+    def permutation(self) -> list[int]:
+        """The pass's permutation, padded (training) to a multiple of the world size."""
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
@@ -73,7 +107,27 @@ class ShardSampler(Sampler[int]):
             total = math.ceil(self.length / self.world_size) * self.world_size
             while len(indices) < total:
                 indices += indices[: total - len(indices)]
-        return indices[self.rank :: self.world_size][self.start : self.stop]
+        return indices
+
+    def _range(self) -> range:
+        """The global positions this rank reads (within the padded permutation)."""
+        end = self.total()
+        stop = end if self.stop_offset is None else min(self.stop_offset, end)
+        return range(self.offset + self.rank, max(stop, self.offset), self.world_size)
+
+    def total(self) -> int:
+        """Length of the (padded) permutation."""
+        if self.pad and self.length > 0:
+            return math.ceil(self.length / self.world_size) * self.world_size
+        return self.length
+
+    def global_positions(self) -> list[int]:
+        """The global position in the permutation of each index this rank yields, in order."""
+        return list(self._range())
+
+    def _indices(self) -> list[int]:
+        perm = self.permutation()
+        return [perm[i] for i in self._range()]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
@@ -94,8 +148,7 @@ class ShardSampler(Sampler[int]):
         return math.ceil(self.length / self.world_size)
 
     def __len__(self) -> int:
-        end = self.shard_length() if self.stop is None else min(self.stop, self.shard_length())
-        return max(0, end - self.start)
+        return len(self._range())
 
 
 class Window(NamedTuple):
@@ -146,7 +199,14 @@ def sample_seed(*parts: int) -> int:
 class SeededSampler(Sampler[tuple[int, int]]):
     """A :class:`ShardSampler`'s indices as ``(index, seed)`` keys for :class:`SeededSamples`.
 
-    The seed of the k-th index of the shard in pass ``epoch`` is ``sample_seed(seed, salt, rank, epoch, k)``.
+    The seed of the index at global position ``p`` of pass ``epoch``'s permutation is
+    ``sample_seed(seed, salt, epoch, p)``: the same whichever rank reads it, so a sample's random draws
+    survive a change of the world size (an elastic run) as well as a resume.
+
+    Example:
+        >>> keys = list(SeededSampler(ShardSampler(4, rank=0, world_size=1, shuffle=False)))
+        >>> [i for i, _ in keys], keys[0][1] == sample_seed(0, 0, 0, 0)
+        ([0, 1, 2, 3], True)
     """
 
     def __init__(self, shard: ShardSampler, salt: int = 0) -> None:
@@ -155,8 +215,8 @@ class SeededSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         s = self.shard
-        for k, index in enumerate(s, start=s.start):
-            yield index, sample_seed(s.seed, self.salt, s.rank, s.epoch, k)
+        for index, position in zip(s, s.global_positions()):
+            yield index, sample_seed(s.seed, self.salt, s.epoch, position)
 
     def __len__(self) -> int:
         return len(self.shard)

@@ -24,6 +24,8 @@ from typing import Any, Callable
 import torch
 
 from orchestrator.decisions import Backup, SaveModel, WriteHistograms
+from orchestrator.loop.elastic import merged_own
+from orchestrator.loop.live import DERIVED
 from orchestrator.loop.rank_state import Component, Components, Position
 from orchestrator.loop.state_io import AsyncPersister, StagingArea, from_bytes, save_to
 from orchestrator.loop.tb_histograms import HistogramWriter
@@ -178,11 +180,15 @@ class RankSaver:
         if self.persister is not None:
             self.persister.wait()
 
-    def load(self, folder: str, own_rank: int | None = None) -> PendingRestore:
+    def load(self, folder: str, own_rank: int | None = None, written_by: int | None = None) -> PendingRestore:
         """Restore every component from a step folder except those that restore last; return those.
 
         Sharded components are loaded through DCP, resharded to this world size. ``own_rank``: whose
-        rank file holds this rank's own components (another rank's, after a world size change).
+        rank file holds this rank's own components (another rank's, after a world size change of a
+        ``strategy="fsdp"`` run). ``written_by``: the number of ranks that wrote the folder, when it
+        may differ from this attempt's (an elastic run); the rank's own state is then rebuilt from the
+        old ranks' files (:func:`~orchestrator.loop.elastic.merged_own`: rank 0 reads them all, for the
+        metric sums) and its random streams are derived from the step.
 
         Raises:
             ResumeMismatch: the folder holds a ``scaler`` or ``lr_scheduler`` the run has not, or the
@@ -191,8 +197,13 @@ class RankSaver:
         """
         storage = self._storage()
         shared = from_bytes(storage.read_bytes(f"{folder}/{SHARED_FILE}"))
-        mine = from_bytes(storage.read_bytes(f"{folder}/{rank_file(self.rank if own_rank is None else own_rank)}"))
-        pending = self.load_states(shared, mine, where=folder)
+        if written_by is None or written_by == self.world_size:
+            mine = from_bytes(storage.read_bytes(f"{folder}/{rank_file(self.rank if own_rank is None else own_rank)}"))
+            pending = self.load_states(shared, mine, where=folder)
+        else:
+            old = range(written_by) if self.rank == 0 else range(1)
+            owns = [from_bytes(storage.read_bytes(f"{folder}/{rank_file(r)}")) for r in old]
+            pending = self.load_states(shared, merged_own(owns, self.rank), where=folder, derived=DERIVED)
         if self.sharded:
             from orchestrator.loop.sharded_state import load_sharded
             load_sharded(self.components, storage, folder, self.group, self.model)

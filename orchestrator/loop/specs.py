@@ -29,6 +29,11 @@ class TrainSpec:
         use_gpu: One GPU per rank and NCCL; else CPU and gloo.
         threads: torch intra-op threads per rank (None: torch's default).
         live: The survivors' state to resume from instead of a backup (a live recovery), or None.
+        max_workers: An elastic run's ``max`` (``num_workers=(min, max)``): every attempt keeps the
+            global batch of ``max`` ranks (see :func:`~orchestrator.core.config.elastic_accumulation`)
+            and may resume state written by another number of ranks. None: not elastic.
+        resume_world_size: The number of ranks that wrote the state resumed (a backup or the
+            survivors' attempt), when known; None: this attempt's.
 
     Example:
         >>> spec = TrainSpec(loop=config, epochs=3, storage=StorageSpec("/tmp/runs", "r"))  # doctest: +SKIP
@@ -43,6 +48,8 @@ class TrainSpec:
     use_gpu: bool = False
     threads: int | None = None
     live: "LiveResume | None" = None
+    max_workers: int | None = None
+    resume_world_size: int | None = None
 
 
 @dataclass
@@ -68,6 +75,8 @@ class LiveResume:
         donor: The surviving rank whose payload holds the shared components.
         payloads: Surviving rank -> its payload in Ray's object store (an ``ObjectRef``); a rank
             without one died and rebuilds its own state from the donor's.
+        world_size: The number of ranks of the attempt that held the state. Defaults to None (the
+            same as the attempt that resumes it).
 
     Example:
         >>> LiveResume(step=12, donor=0, payloads={0: "ref"}).step
@@ -77,3 +86,4 @@ class LiveResume:
     step: int
     donor: int
     payloads: dict[int, Any]
+    world_size: int | None = None

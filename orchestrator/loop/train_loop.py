@@ -44,7 +44,7 @@ from orchestrator.decisions import (
     StopTraining,
     WriteHistograms,
 )
-from orchestrator.core.config import validation_due
+from orchestrator.core.config import elastic_accumulation, validation_due
 from orchestrator.loop.compiled import compile_model, plain_module
 from orchestrator.loop.data import ShardSampler, Window, epoch_window, make_loader, shutdown_workers
 from orchestrator.loop.live import DERIVED, LiveState, reseed
@@ -60,7 +60,7 @@ from orchestrator.loop.signalled import DdpSignals, SignalledModule, seed_everyt
 from orchestrator.loop.specs import LoopResult, TrainSpec
 from orchestrator.loop.steps import make_default_step, resolve_metrics
 from orchestrator.loop.validation import Validation
-from orchestrator.storage.layout import check_layout, option_layout
+from orchestrator.storage.layout import ResumeMismatch, check_layout, option_layout
 
 
 class CoordinatorLink(Protocol):
@@ -132,6 +132,9 @@ class TrainLoop:
         self.snapshots = Snapshots()
         self.result = LoopResult(rank=rank)
         self._last_progress = 0.0
+        #: Micro-batches per optimizer step: an elastic run on fewer ranks runs more (the same global batch).
+        self.accumulate = spec.loop.accumulate_grad_batches if spec.max_workers is None else \
+            elastic_accumulation(spec.loop.accumulate_grad_batches, spec.max_workers, world_size)
 
     # -- setup ---------------------------------------------------------------------------
     def _build(self) -> None:
@@ -173,10 +176,13 @@ class TrainLoop:
             self.train_loader = make_loader(train_ds, self.train_sampler, batch_size=cfg.batch_size, seed=cfg.seed,
                                             workers=cfg.loader_workers, pin_memory=self.device.type == "cuda")
             self.steps_per_pass = steps_per_epoch(math.ceil(self.train_sampler.shard_length() / cfg.batch_size),
-                                                  cfg.accumulate_grad_batches)  # optimizer steps
+                                                  self.accumulate)  # optimizer steps (the same on any elastic size)
             self.steps_per_epoch = cfg.steps_per_epoch or self.steps_per_pass  # Keras's params["steps"]
         #: What this rank's positions mean: a resume must not change it (checked here and by the coordinator).
-        self.layout = {"world_size": self.world_size, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        #: An elastic run records its max world size and configured accumulation: a step means the
+        #: same samples on any of its world sizes.
+        self.layout = {"world_size": self.spec.max_workers or self.world_size, "batch_size": cfg.batch_size,
+                       "seed": cfg.seed,
                        "accumulate_grad_batches": cfg.accumulate_grad_batches, "steps_per_epoch": cfg.steps_per_epoch,
                        "samples": "iterable" if self.stream is not None else len(train_ds),
                        "parameters": {name: list(p.shape) for name, p in self.model.named_parameters()}}
@@ -253,6 +259,12 @@ class TrainLoop:
         self.link.heartbeat()  # the hang watchdog watches this rank from now on
         if self.resume_from:  # a clear error before loading state that would mean other samples
             check_layout(self.spec.resume_layout, self.layout, self.resume_from)
+        resized = self.spec.resume_world_size not in (None, self.world_size)
+        if resized and self.stream is not None:
+            raise ResumeMismatch(  # not retried: every attempt on this world size would meet it
+                f"cannot resume the state of {self.spec.resume_world_size} workers on {self.world_size}: an "
+                "iterable dataset (or a Ray Dataset) keeps a stream position per rank; elastic num_workers=(min, max) "
+                "needs a map-style training dataset")
         if self.live_restore is not None:
             pending = self.saver.load_states(*self.live_restore, where="the survivors' memory", derived=DERIVED)
         elif self.resume_from:
@@ -323,7 +335,10 @@ class TrainLoop:
 
     def _load_backup(self, folder: str) -> PendingRestore:
         """Load a committed backup; one of another world size (``strategy="fsdp"``) restarts its epoch
-        (see :mod:`~orchestrator.loop.regroup`)."""
+        (see :mod:`~orchestrator.loop.regroup`); an elastic run's continues where it was (see
+        :mod:`~orchestrator.loop.elastic`)."""
+        if not self.fsdp:
+            return self.saver.load(folder, written_by=self.spec.resume_world_size)
         saved = (self.spec.resume_layout or {}).get("world_size", self.world_size)
         if saved == self.world_size:
             return self.saver.load(folder)
@@ -343,13 +358,13 @@ class TrainLoop:
     def _train_epoch(self, epoch: int, first_batch: int = 0) -> int | None:
         """Run one epoch from ``first_batch``; return the step at which a decision stopped training."""
         self.ddp.train()
-        k = self.config.accumulate_grad_batches  # a step is an optimizer step of k micro-batches
+        k = self.accumulate  # a step is an optimizer step of k micro-batches
         if self.stream is not None:  # (step, micro-batches, this rank's last): see iterable.TrainStream
             groups = self.stream.steps(first_batch, k, self.config.steps_per_epoch)
-        else:
-            window, samples = self._window(epoch), self.config.batch_size * k  # samples per step
-            self.train_sampler.set_epoch(window.data_pass, start=(window.first + first_batch) * samples,
-                                         stop=(window.first + window.steps) * samples)
+        else:  # global offsets into the pass's permutation: the same on any (elastic) world size
+            window, samples = self._window(epoch), self.config.batch_size * k * self.world_size  # per step
+            self.train_sampler.set_offsets(window.data_pass, offset=(window.first + first_batch) * samples,
+                                           stop=(window.first + window.steps) * samples)
             groups = ((step, group, False) for step, group in micro_batch_groups(self.train_loader, first_batch, k))
         sums, groups, live = self.metric_sums, iter(groups), self.live
         while True:
