@@ -15,8 +15,10 @@ A backup is two-phase: :class:`~orchestrator.loop.state_io.StagingArea` copies t
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -149,11 +151,20 @@ class RankSaver:
             from orchestrator.loop.sharded_state import DcpPart
             staged[SHARDED_STATES] = DcpPart(staged[SHARDED_STATES], storage, self.group)
         meta["stall_s"] = time.perf_counter() - began
+        histograms = self.histograms.in_flight() if self.histograms is not None else None
         self.persister.submit(step_dir(decision.backup_dir, position.global_step), staged, meta,
-                              check=self._refusal)
+                              check=functools.partial(self._refusal, histograms))
 
-    def _refusal(self, files: dict[str, Any]) -> str | None:
-        """Why a staged backup must not be committed (checked in the persist thread), or None."""
+    def _refusal(self, histograms: threading.Thread | None, files: dict[str, Any]) -> str | None:
+        """Why a staged backup must not be committed (checked in the persist thread), or None.
+
+        First waits for the TensorBoard histogram file rank 0 was writing when the backup was staged:
+        the coordinator state in the backup names it, so it is on storage before the backup can commit
+        (a failure right after an epoch end would otherwise leave a committed backup naming a file
+        that was never written, and the resumed run without that epoch's histograms).
+        """
+        if histograms is not None:
+            histograms.join()
         reason = None
         for name, c in self.components.items():
             if not c.finite:

@@ -90,6 +90,10 @@ class HistogramWriter:
             redact = getattr(self.storage, "_redact", str)
             log.warning("TensorBoard histograms of step %s not written to %s: %s", step, redact(filepath), exc)
 
+    def in_flight(self) -> threading.Thread | None:
+        """The thread writing the latest file (join it to know that file is written), or None."""
+        return self._thread
+
     def wait(self) -> None:
         """Block until the file in flight, if any, is written (or its failure logged)."""
         if self._thread is not None:
