@@ -77,3 +77,12 @@ def ray_cluster(ray_session):
         time.sleep(0.2)
     assert _live_placement_groups(ray_session) == []
     assert _alive_actors(ray_session) == []
+
+
+@pytest.fixture(scope="session")
+def restarted_runs(ray_session, tmp_path_factory):
+    """An uninterrupted run and the same run restarted from a backup after a worker failure, fitted
+    once for every test that reads them (tests/restarted_run.py)."""
+    import restarted_run
+
+    return restarted_run.fit_both(tmp_path_factory.mktemp("restarted-runs"))

@@ -14,11 +14,9 @@ import warnings
 
 import pytest
 
-import workloads
-from orchestrator import Trainer, callbacks
+import restarted_run
 from orchestrator.callbacks import CSVLogger
 from orchestrator.storage.fs import StorageSpec
-from orchestrator.storage.run_files import read_events
 from s3_server import s3_bucket, s3_server
 
 S3_FIXTURES = (s3_bucket, s3_server)  # imported for pytest, which finds fixtures by name
@@ -302,32 +300,18 @@ def test_on_s3_append_to_an_absolute_url_across_runs(s3_server, s3_bucket):
 # -- a real fit ----------------------------------------------------------------------------------
 
 
-def fit_with_csv(tmp_path, run_name, train_step, csv_path):
-    trainer = Trainer(model=workloads.dropout_model, optimizer=workloads.adam, data=workloads.odd_data,
-                      train_step=train_step, batch_size=16, num_workers=2, seed=0, storage=str(tmp_path / "runs"),
-                      run_name=run_name, max_failures=1, warm_standbys=False,
-                      callbacks=[callbacks.BackupAndRestore(save_freq=3),
-                                 CSVLogger(str(csv_path), append=True)])
-    return trainer.fit(epochs=3, verbose=0)
-
-
-@pytest.mark.timeout(300)
-def test_a_run_resumed_after_a_worker_failure_writes_the_csv_of_an_uninterrupted_run(ray_cluster, tmp_path):
-    prior = b"epoch,note\r\n-1,from an earlier run\r\n"
-    reference_csv, resumed_csv = tmp_path / "reference.csv", tmp_path / "resumed.csv"
-    for path in (reference_csv, resumed_csv):
-        path.write_bytes(prior)
-    reference = fit_with_csv(tmp_path, "reference", workloads.faulty_step("raise", 0, 10**6, None), reference_csv)
-    flag = tmp_path / "armed"
-    flag.write_text("x")
-    # rank 1 raises at its 11th training call (epoch 1, batch 4 of 7): the group restarts from a backup
-    resumed = fit_with_csv(tmp_path, "resumed", workloads.faulty_step("raise", 1, 11, str(flag)), resumed_csv)
-    assert not flag.exists()  # the failure did happen
-    events = read_events(StorageSpec(str(tmp_path / "runs"), "resumed").open())
+def test_a_run_resumed_after_a_worker_failure_writes_the_csv_of_an_uninterrupted_run(restarted_runs):
+    # restarted_run.py: both runs append to a file with earlier content; rank 1 raises at its 11th training
+    # call (epoch 1, batch 4 of 7) and the group restarts from a backup
+    reference, resumed = restarted_runs.reference, restarted_runs.faulty
+    assert not restarted_runs.flag_left  # the failure did happen
+    events = restarted_runs.events("faulty")
     assert [e["attempt"] for e in events if e["type"] == "restored"] == [2]  # attempt 2 resumed from a backup
     assert resumed.history == reference.history
-    assert resumed_csv.read_bytes() == reference_csv.read_bytes()
-    lines = resumed_csv.read_bytes().decode().split("\r\n")
+    resumed_csv = restarted_runs.csv("faulty").read_bytes()
+    assert resumed_csv == restarted_runs.csv("reference").read_bytes()
+    lines = resumed_csv.decode().split("\r\n")
     assert lines[:2] == ["epoch,note", "-1,from an earlier run"]
+    assert restarted_run.PRIOR_CSV == b"epoch,note\r\n-1,from an earlier run\r\n"
     assert [line.split(",")[0] for line in lines[2:-1]] == ["0", "1", "2"]
     assert float(lines[3].split(",")[2]) == reference.history["loss"][1]

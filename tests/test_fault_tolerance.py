@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import restarted_run
 import workloads
-from orchestrator import Trainer, callbacks
 from orchestrator.errors import PREEMPTED_EXIT_CODE, TrainingFailedError, WorkerError
 from orchestrator.storage.run_files import read_events
 from orchestrator.storage.fs import StorageSpec
@@ -25,21 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make(tmp_path, run_name, train_step, **overrides):
-    kwargs = dict(model=workloads.dropout_model, optimizer=workloads.adam, data=workloads.odd_data,
-                  train_step=train_step, batch_size=16, num_workers=2, seed=0, storage=str(tmp_path),
-                  run_name=run_name, max_failures=1,
-                  callbacks=[callbacks.BackupAndRestore(save_freq=3, delete_checkpoint=False),
-                             callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=0, min_delta=0.05)])
-    kwargs.update(overrides)
-    return Trainer(**kwargs)
+    return restarted_run.make(tmp_path, run_name, train_step, **overrides)
 
 
 @pytest.fixture(scope="module")
-def reference(ray_session, tmp_path_factory):
-    """The uninterrupted run the tests compare with, fitted once for the module: make()'s Trainer with a
-    fault step that never fires, 3 epochs (no standbys: nothing fails, and they change no result)."""
-    return make(tmp_path_factory.mktemp("reference"), "reference",
-                workloads.faulty_step("raise", 0, 10**6, None), warm_standbys=False).fit(epochs=3, verbose=0)
+def reference(restarted_runs):
+    """The uninterrupted run the tests compare with (restarted_run.py: make()'s Trainer with a fault step
+    that never fires, 3 epochs, no standbys: nothing fails, and they change no result)."""
+    return restarted_runs.reference
 
 
 def assert_same_run(a, b):
@@ -52,19 +45,9 @@ def events_of(tmp_path, run_name):
     return read_events(StorageSpec(str(tmp_path), run_name).open())
 
 
-@pytest.mark.parametrize("action,warm", [("raise", False), ("sigkill", True)])
-def test_a_worker_failure_mid_epoch_restarts_the_group_and_ends_bit_identical(ray_cluster, reference, tmp_path,
-                                                                              action, warm):
-    flag = tmp_path / "armed"
-    flag.write_text("x")
-    # epoch 1, batch 4 (7 steps per epoch); with standbys, once they are up (2 workers + 2 standbys)
-    step = workloads.faulty_step(action, 1, 11, str(flag), wait_for_workers=4 if warm else 0)
-    # a cold first attempt (no workers parked by an earlier fit), so that "warm" speaks of the restart only
-    # live_recovery=False: this is the storage path (tests/test_live_recovery.py: the survivors' memory)
-    resumed = make(tmp_path, "faulty", step, warm_standbys=warm, reuse_workers=False,
-                   live_recovery=False).fit(epochs=3, verbose=0)
+def assert_restarted_from_the_newest_backup(reference, resumed, events, warm):
+    """Rank 1 failed once at its 11th call; attempt 2 resumed from the newest committed backup, bit-identical."""
     assert_same_run(reference, resumed)
-    events = events_of(tmp_path, "faulty")
     started = [e for e in events if e["type"] == "started"]
     assert [e["warm"] for e in started] == [False, warm]  # the restart promoted warm standbys, or not
     failed = [e for e in events if e["type"] == "worker_failed"]
@@ -78,6 +61,27 @@ def test_a_worker_failure_mid_epoch_restarts_the_group_and_ends_bit_identical(ra
     reached = restored[0]["reached_step"]
     assert restored[0]["step"] <= reached <= 11 and restored[0]["lost_steps"] == reached - restored[0]["step"]
     assert events[-1]["type"] == "finished" and events[-1]["attempt"] == 2
+
+
+def test_a_worker_that_raises_mid_epoch_restarts_the_group_cold_and_ends_bit_identical(restarted_runs):
+    # restarted_run.py: epoch 1, batch 4 (7 steps per epoch), a cold first attempt (no workers parked by an
+    # earlier fit) and no standbys; live_recovery=False: the storage path (test_live_recovery.py: memory)
+    assert not restarted_runs.flag_left  # the failure did happen
+    assert_restarted_from_the_newest_backup(restarted_runs.reference, restarted_runs.faulty,
+                                            restarted_runs.events("faulty"), warm=False)
+
+
+def test_a_worker_sigkilled_mid_epoch_restarts_on_warm_standbys_and_ends_bit_identical(ray_cluster, reference,
+                                                                                       tmp_path):
+    flag = tmp_path / "armed"
+    flag.write_text("x")
+    # epoch 1, batch 4 (7 steps per epoch), once the standbys are up (2 workers + 2 standbys)
+    step = workloads.faulty_step("sigkill", 1, 11, str(flag), wait_for_workers=4)
+    # a cold first attempt (no workers parked by an earlier fit), so that "warm" speaks of the restart only
+    # live_recovery=False: this is the storage path (tests/test_live_recovery.py: the survivors' memory)
+    resumed = make(tmp_path, "faulty", step, warm_standbys=True, reuse_workers=False,
+                   live_recovery=False).fit(epochs=3, verbose=0)
+    assert_restarted_from_the_newest_backup(reference, resumed, events_of(tmp_path, "faulty"), warm=True)
 
 
 def newest_committed_before(events, failure):
