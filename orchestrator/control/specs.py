@@ -116,7 +116,7 @@ class FitSpec:
         return CoordinatorSpec(callbacks=self.callbacks, params=self.params, world_size=self.scaling.num_workers,
                                storage=self.storage, restore=resume.state, resumed_from=resume.folder,
                                backup_dir=self.backups.folder, keep_backups=self.backups.keep,
-                               lease_token=self.lease_token, recovery=resume.recovery)
+                               lease_token=self.lease_token, recovery=resume.recovery, failures=resume.failures)
 
 
 @dataclass(frozen=True)
@@ -124,9 +124,11 @@ class Resume:
     """Where an attempt starts: a committed backup (folder and coordinator state) or scratch (both None),
     or (``live``) the survivors' state of the attempt before, with the coordinator's state as of it
     (``folder`` is then the newest committed backup, which this attempt never overwrites) and the
-    first part of the recovery's timeline (``recovery``, see :mod:`orchestrator.control.live_recovery`)."""
+    first part of the recovery's timeline (``recovery``, see :mod:`orchestrator.control.live_recovery`).
+    ``failures``: the failed attempts the driver restarted after, before this one."""
 
     folder: str | None = None
     state: dict[str, Any] | None = None
     live: Any = None
     recovery: dict[str, Any] | None = None
+    failures: int = 0
