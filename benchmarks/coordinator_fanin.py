@@ -32,7 +32,7 @@ from typing import Any
 import ray
 
 from orchestrator.callbacks import EarlyStopping, ReduceLROnPlateau, TerminateOnNaN
-from orchestrator.cluster.coordinator import CoordinatorActor
+from orchestrator.cluster.coordinator import MAX_CONCURRENCY, CoordinatorActor
 from orchestrator.cluster.coordinator_core import CoordinatorCore
 from orchestrator.cluster.specs import CoordinatorSpec
 from orchestrator.core.metrics import PhaseSums
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"python {platform.python_version()}, ray {ray.__version__}, {os.cpu_count()} CPUs "
           f"({platform.machine()}); one CoordinatorActor, {args.clients} client actors, EarlyStopping + "
           f"ReduceLROnPlateau + TerminateOnNaN; median of {args.repeats} sync points each (after one warm-up); "
-          f"max_concurrency={args.max_concurrency or 'the actor default'}. A shared machine: figures are noisy.")
-    ray.init(include_dashboard=False, logging_level="ERROR")
+          f"max_concurrency={args.max_concurrency or MAX_CONCURRENCY}. A shared machine: figures are noisy.")
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR")  # our own, never a shared one
     clients = [Caller.remote() for _ in range(args.clients)]
     previous: dict[str, float] = {}
     print(f"{'ranks':>6}  {'sync point':<10}  {'through the actor':<36}  {'logic alone':<36}  growth")

@@ -17,11 +17,12 @@ scales with the GPU count: MTBF(N) = 10,012 s * 16,384 / N (44.5 h at 1,024 GPUs
 **Measured costs** (defaults; every one can be overridden by its flag). Per-GPU state is held
 constant across GPU counts (weak scaling), so the costs do not change with N:
 
-- ``--stall-s`` 0.19 s: training stall of one backup (copy to CPU + waiting for the previous
-  persist) for a ~60M-parameter model with Adam (720 MB of state per rank),
-  ``benchmarks/backup_io.py`` phase 1 on this machine (see docs/BENCHMARKS.md).
-- ``--persist-s`` 3.0 s: decision to commit of the same backup, written in the background
-  (``benchmarks/backup_io.py`` phase 2 on ``file://``). A backup is committed only once it is
+- ``--stall-s`` 0.26 s: training stall of one backup (copy to CPU + waiting for the previous
+  persist) for a ~60M-parameter model with Adam (705 MB of state per rank):
+  ``python benchmarks/backup_io.py --repeats 3`` phase 1 ("stage"), median of 3, on the 2-core
+  development machine (shared while measured).
+- ``--persist-s`` 1.4 s: the background write of the same backup to ``file://`` (phase 2
+  "persist", median of 5 in the same run; 0.8-3.8 s). A backup is committed only once it is
   durable: a failure before that falls back to the previous one.
 - ``--live-recovery-s`` 1.11 s: SIGKILL of a worker to the next completed step with live recovery
   (``benchmarks/recovery.py``, README); at most the step in flight is redone (a uniform fraction of
@@ -185,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=int, default=10, help="seeded runs averaged per cell (default 10)")
-    parser.add_argument("--stall-s", type=float, default=0.19, help="backup stall (default 0.19, backup_io.py)")
-    parser.add_argument("--persist-s", type=float, default=3.0, help="backup persist (default 3.0, backup_io.py)")
+    parser.add_argument("--stall-s", type=float, default=0.26, help="backup stall (default 0.26, backup_io.py)")
+    parser.add_argument("--persist-s", type=float, default=1.4, help="backup persist (default 1.4, backup_io.py)")
     parser.add_argument("--live-recovery-s", type=float, default=1.11, help="default 1.11 (recovery.py)")
     parser.add_argument("--cold-restart-s", type=float, default=6.21, help="default 6.21 (recovery.py)")
     parser.add_argument("--ray-recovery-s", type=float, default=11.22, help="default 11.22 (recovery.py)")
