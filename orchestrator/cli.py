@@ -44,7 +44,7 @@ _MAX_PROBLEM_LINES = 10  # `status` names at most this many damaged lines, then 
 STATUS_EVENTS = frozenset({
     EventType.LR_CHANGED, EventType.EARLY_STOPPING, EventType.TERMINATED_ON_NAN, EventType.STOPPED,
     EventType.ROLLED_BACK, EventType.NODE_DRAINING, EventType.PREEMPTED, EventType.WORKER_FAILED,
-    EventType.RESTORED, EventType.RECOVERED,
+    EventType.RESTORED, EventType.RECOVERED, EventType.BACKUP_INTERVAL,
 })
 
 

@@ -225,10 +225,45 @@ class WriteHistograms:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class BackupInterval(_Explained):
+    """A callback's new interval between backups (``BackupAndRestore(save_freq="auto")``): recorded as a
+    ``backup_interval`` event; the ranks do nothing with it (their sync points follow :class:`SyncEvery`).
+
+    Args:
+        steps: Global steps between backups from now on.
+        source: Name of the callback that decided.
+        details: What it was computed from (``seconds``, ``cost_s``, ``persist_s``, ``mtbf_s``,
+            ``step_s``, ``bound``, ...), written on the event. Not compared. Defaults to ``{}``.
+
+    Example:
+        >>> BackupInterval(steps=400, source="BackupAndRestore", details={"cost_s": 0.02}).steps
+        400
+    """
+
+    steps: int
+    source: str = ""
+    details: dict[str, Any] = _details_field()
+
+
+@dataclass(frozen=True)
+class SyncEvery:
+    """Every rank reports a batch sync point every ``steps`` global steps from now on (None: only on
+    non-finite losses). Made by the coordinator (never by a callback) when the callbacks'
+    ``batch_sync_every`` changed, placed first in the list so every rank applies it at the same step.
+
+    Example:
+        >>> SyncEvery(steps=100).steps
+        100
+    """
+
+    steps: int | None
+
+
 Decision = Union[StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights, SaveModel, Backup, SkipBatches,
-                 Rollback, WriteHistograms]
+                 Rollback, WriteHistograms, BackupInterval, SyncEvery]
 DECISION_TYPES = (StopTraining, SetLearningRate, SnapshotWeights, RestoreWeights, SaveModel, Backup, SkipBatches,
-                  Rollback, WriteHistograms)
+                  Rollback, WriteHistograms, BackupInterval, SyncEvery)
 
 
 def as_decisions(value: object, source: str = "") -> list[Decision]:

@@ -13,6 +13,26 @@ from typing import Any, ClassVar
 from orchestrator.decisions import Decision
 
 
+@dataclass(frozen=True)
+class BackupCost:
+    """What the latest committed backup cost, as the coordinator measured it.
+
+    Args:
+        step: The backup's global step.
+        stall_s: The longest any rank's training stood still for it (waiting for the previous
+            persist, copying to CPU).
+        persist_s: Seconds from the coordinator's decision to the commit of its manifest.
+
+    Example:
+        >>> BackupCost(step=50, stall_s=0.01, persist_s=0.2).stall_s
+        0.01
+    """
+
+    step: int
+    stall_s: float
+    persist_s: float
+
+
 @dataclass
 class TrainingView:
     """What a callback may read about the run. The coordinator keeps it current.
@@ -23,6 +43,8 @@ class TrainingView:
         step: The 0-based batch index within the epoch at the latest sync.
         global_step: Optimizer steps taken since the run began.
         world_size: Number of ranks.
+        last_backup: What the newest backup committed by this attempt cost, or None.
+        failures: Failed attempts of this run that the driver restarted after, before this attempt.
     """
 
     learning_rate: float = 0.0
@@ -30,6 +52,8 @@ class TrainingView:
     step: int = 0
     global_step: int = 0
     world_size: int = 1
+    last_backup: BackupCost | None = None
+    failures: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 

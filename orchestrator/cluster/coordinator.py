@@ -244,5 +244,10 @@ def _is_hook_call(code: Any) -> bool:
     return code.co_name == "call" and code.co_filename.endswith("callback_list.py")
 
 
+#: Calls the coordinator serves at once. Every rank waiting at a sync point holds one, so it must be
+#: above any world size: with Ray's default for async actors (1,000) the 1,001st rank never gets in
+#: and the sync point hangs (benchmarks/coordinator_fanin.py). A waiting call costs one coroutine.
+MAX_CONCURRENCY = 100_000
+
 #: The Ray actor (an async actor: one event loop, plus the one worker thread of :class:`Coordinator`).
-CoordinatorActor = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)
+CoordinatorActor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=MAX_CONCURRENCY)(Coordinator)

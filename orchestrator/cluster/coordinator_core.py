@@ -17,7 +17,7 @@ import traceback
 import warnings
 from typing import Any, Callable
 
-from orchestrator.callbacks.base import Callback, TrainingView
+from orchestrator.callbacks.base import BackupCost, Callback, TrainingView
 from orchestrator.callbacks.callback_list import CallbackList
 from orchestrator.cluster.decision_events import Position, decision_event, with_details
 from orchestrator.cluster.report_checks import same_data, same_lr
@@ -34,6 +34,7 @@ from orchestrator.decisions import (
     SetLearningRate,
     SkipBatches,
     StopTraining,
+    SyncEvery,
 )
 from orchestrator.storage.checkpoint import FileEntry, Manifest, commit, purge_older, read_coordinator_state, step_dir
 from orchestrator.storage.layout import check_layout
@@ -54,6 +55,8 @@ class CoordinatorCore:
         resumed_from: The committed folder this attempt resumes from (never overwritten).
         lease_token: The driver's run-lease token, checked on storage before every commit and
             purge (a fenced-out attempt does neither, and stops); None: no check.
+        failures: Failed attempts of the run the driver restarted after, before this one (callbacks
+            read it as ``trainer.failures``).
 
     Example:
         >>> from orchestrator.decisions import ReportKind
@@ -66,15 +69,17 @@ class CoordinatorCore:
 
     def __init__(self, callbacks: list[Callback], params: dict[str, Any], world_size: int, *,
                  storage: Any = None, restore: dict[str, Any] | None = None, backup_dir: str = "backup",
-                 keep_backups: int = 1, resumed_from: str | None = None, lease_token: int | None = None) -> None:
+                 keep_backups: int = 1, resumed_from: str | None = None, lease_token: int | None = None,
+                 failures: int = 0) -> None:
         self.world_size = world_size
         self.lease_token = lease_token
         self.last_committed = resumed_from
         self.skip: list[tuple[int, int]] = [tuple(p) for p in (restore or {}).get("skip", [])]
         self.backup_dir = backup_dir
         self.keep_backups = keep_backups
-        self.view = TrainingView(world_size=world_size)
+        self.view = TrainingView(world_size=world_size, failures=failures)
         self.callbacks = CallbackList(callbacks, self.view)
+        self.sync_every = self.callbacks.batch_sync_every()  # the ranks' batch sync interval (the plan's at first)
         self.callbacks.set_params(params)
         self.callbacks.set_storage(storage)
         self.storage = storage
@@ -89,6 +94,7 @@ class CoordinatorCore:
         self._failed: set[str] = set()
         self._stalls: dict[str, float] = {}  # folder -> the longest training stall of its save on a rank
         self._writes: dict[str, int] = {}  # folder -> the number of its save in flight (not yet committed)
+        self._decided_at: dict[str, float] = {}  # folder -> when its save was decided (monotonic)
         self._write_count = 0
         self.sealed = False
         self._epoch_lr: float | None = (restore or {}).get("view", {}).get("epoch_learning_rate")
@@ -108,7 +114,7 @@ class CoordinatorCore:
         return cls(spec.callbacks, spec.params, spec.world_size,
                    storage=spec.storage.open() if spec.storage is not None else None, restore=spec.restore,
                    backup_dir=spec.backup_dir, keep_backups=spec.keep_backups, resumed_from=spec.resumed_from,
-                   lease_token=spec.lease_token)
+                   lease_token=spec.lease_token, failures=spec.failures)
 
     # -- state (travels inside Backup decisions) -----------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -148,6 +154,10 @@ class CoordinatorCore:
                 decisions = [StopTraining(reason="callback_error", source="coordinator")]
         for w in caught:  # the driver re-issues them, so users see Keras's warnings where they run fit
             self._emit(EventType.WARNING, message=str(w.message), category=w.category.__name__)
+        every = self.callbacks.batch_sync_every()
+        if every != self.sync_every and self.error is None:  # first: applied before a Rollback raises on the ranks
+            self.sync_every = every
+            decisions.insert(0, SyncEvery(every))
         return decisions
 
     def _emit(self, kind: EventType, **fields: Any) -> None:
@@ -199,6 +209,7 @@ class CoordinatorCore:
             return None
         self._write_count += 1
         self._writes[folder] = self._write_count  # reports of an earlier save of this folder are now stale
+        self._decided_at[folder] = time.monotonic()
         self._persisted.pop(folder, None)
         self._failed.discard(folder)
         return dataclasses.replace(d, coordinator_state=self.state_dict(), write=self._write_count)
@@ -353,6 +364,7 @@ class CoordinatorCore:
             return
         del self._persisted[folder]
         del self._writes[folder]
+        persist_s = time.monotonic() - self._decided_at.pop(folder, time.monotonic())
         files = [e for r in sorted(ranks) for e in ranks[r]]
         manifest = Manifest(step=int(meta["step"]), epoch=int(meta["epoch"]), batch=int(meta["batch"]),
                             phase=str(meta["phase"]), world_size=self.world_size, files=files,
@@ -363,8 +375,11 @@ class CoordinatorCore:
         self.last_committed = folder
         removed = purge_older(self.storage, meta["backup_dir"], manifest.step, keep=int(meta.get("keep", 1))) \
             if self._still_owner(folder) else []
+        stall_s = self._stalls.pop(folder, 0.0)
+        self.view.last_backup = BackupCost(step=manifest.step, stall_s=stall_s, persist_s=persist_s)
         self._emit(EventType.BACKUP_COMMITTED, epoch=manifest.epoch, step=manifest.step, folder=folder,
-                   bytes=sum(f.size for f in files), purged=removed, stall_s=round(self._stalls.pop(folder, 0.0), 4))
+                   bytes=sum(f.size for f in files), purged=removed, stall_s=round(stall_s, 4),
+                   persist_s=round(persist_s, 4))
 
     def seal(self) -> None:
         """The attempt is ending: commit nothing more, so that every commit made has its event drained."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from orchestrator.core.events import EventType, stop_event_type
-from orchestrator.decisions import SaveModel, SetLearningRate, StopTraining
+from orchestrator.decisions import BackupInterval, SaveModel, SetLearningRate, StopTraining
 
 __all__ = ["Position", "decision_event", "with_details"]
 
@@ -50,12 +50,16 @@ def decision_event(decision: Any, *, learning_rate: float | None = None,
     """The event (type and fields, ``epoch``/``step`` aside) that records ``decision``, or None.
 
     Args:
-        decision: A :class:`~orchestrator.decisions.SaveModel`, :class:`StopTraining` or
-            :class:`SetLearningRate` (others have no event of their own here).
+        decision: A :class:`~orchestrator.decisions.SaveModel`, :class:`StopTraining`,
+            :class:`SetLearningRate` or :class:`BackupInterval` (others have no event of their own here).
         learning_rate: The rate before a ``SetLearningRate`` (its event's ``old`` unless the
             callback gave one).
         global_step: Steps since the start of training at this sync point.
     """
+    if isinstance(decision, BackupInterval):
+        return EventType.BACKUP_INTERVAL, with_details(
+            EventType.BACKUP_INTERVAL, {"steps": decision.steps, "source": decision.source,
+                                        "global_step": global_step}, decision.details)
     if isinstance(decision, SaveModel):
         return EventType.CHECKPOINT_SAVED, {"path": decision.filepath}
     if isinstance(decision, StopTraining):

@@ -28,6 +28,7 @@ class CoordinatorSpec:
             purge, so a fenced-out attempt can do neither; None: no lease (tests, no storage).
         recovery: A live recovery's timeline so far (the driver's part), completed and emitted as
             a ``recovered`` event at the first step after it; None otherwise.
+        failures: Failed attempts of the run the driver restarted after, before this one.
 
     Example:
         >>> CoordinatorSpec(callbacks=[], params={"epochs": 1}, world_size=2).backup_dir
@@ -44,3 +45,4 @@ class CoordinatorSpec:
     keep_backups: int = 1
     lease_token: int | None = None
     recovery: dict[str, Any] | None = None
+    failures: int = 0

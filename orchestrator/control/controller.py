@@ -269,6 +269,7 @@ class Controller:
             live, self.live = self.live, None
             # a live recovery: the survivors' state, never read from storage (see control/live_recovery.py)
             resume = live.resume() if live is not None else find_resume(self.fit, self.storage, self.events, reached)
+            resume = dataclasses.replace(resume, failures=len(self.failures))
         except BaseException as exc:
             return self._failed(exc)
         return Running(attempt, resume)

@@ -120,7 +120,7 @@ class FitSpec:
                                world_size=world_size or self.scaling.num_workers,
                                storage=self.storage, restore=resume.state, resumed_from=resume.folder,
                                backup_dir=self.backups.folder, keep_backups=self.backups.keep,
-                               lease_token=self.lease_token, recovery=resume.recovery)
+                               lease_token=self.lease_token, recovery=resume.recovery, failures=resume.failures)
 
 
 @dataclass(frozen=True)
@@ -130,13 +130,15 @@ class Resume:
     (``folder`` is then the newest committed backup, which this attempt never overwrites) and the
     first part of the recovery's timeline (``recovery``, see :mod:`orchestrator.control.live_recovery`).
     ``world_size`` is the number of workers that wrote the state (None: scratch or not known); an
-    elastic run may resume it on another number."""
+    elastic run may resume it on another number. ``failures``: the failed attempts the driver
+    restarted after, before this one."""
 
     folder: str | None = None
     state: dict[str, Any] | None = None
     live: Any = None
     recovery: dict[str, Any] | None = None
     world_size: int | None = None
+    failures: int = 0
 
     @property
     def step(self) -> int:

@@ -100,10 +100,17 @@ class EventType(enum.StrEnum):
                         "every rank reloaded the newest committed backup after a non-finite loss: ``bad_step`` "
                         "the global step that went non-finite, ``target_step`` the backup's global step")
     CHECKPOINT_SAVED = _Spec("checkpoint_saved", ("path",), True, "ModelCheckpoint wrote a file")
-    BACKUP_COMMITTED = _Spec("backup_committed", ("folder", "bytes", "purged", "stall_s"), True,
+    BACKUP_COMMITTED = _Spec("backup_committed", ("folder", "bytes", "purged", "stall_s", "persist_s"), True,
                              "every rank's files of a backup were durable and its manifest was written; stall_s: the "
                              "longest a rank's training stood still for it (waiting for the previous "
-                             "persist, copying to CPU)")
+                             "persist, copying to CPU); persist_s: the coordinator's decision to the commit")
+    BACKUP_INTERVAL = _Spec("backup_interval", ("steps", "seconds", "optimum_s", "cost_s", "persist_s", "mtbf_s",
+                                                "step_s", "bound", "failures", "source", "global_step", "details"),
+                            True,
+                            "BackupAndRestore(save_freq=\"auto\") set its interval: ``steps`` between backups "
+                            "(``seconds`` after the bounds), from ``optimum_s`` = sqrt(2 * cost_s * mtbf_s) (Young/"
+                            "Daly), the backup stall ``cost_s``, persist time ``persist_s``, ``mtbf_s`` (configured "
+                            "or observed over ``failures``) and ``step_s``; ``bound``: min, persist, max, no_cost")
     BACKUP_FAILED = _Spec("backup_failed", ("rank", "folder", "error"), True, "a rank could not write a backup")
     EPOCH_END = _Spec("epoch_end", ("logs", "global_step"), True, "the epoch's cluster-wide logs")
     WARNING = _Spec("warning", ("message", "category"), True, "a callback warned (re-issued on the driver)")

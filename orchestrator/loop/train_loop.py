@@ -42,6 +42,7 @@ from orchestrator.decisions import (
     SkipBatches,
     SnapshotWeights,
     StopTraining,
+    SyncEvery,
     WriteHistograms,
 )
 from orchestrator.core.config import elastic_accumulation, validation_due
@@ -240,6 +241,8 @@ class TrainLoop:
                 self.saver.write_histograms(d, self.model)
             elif isinstance(d, SkipBatches):
                 self.skip = {(int(e), int(b)) for e, b in d.batches}
+            elif isinstance(d, SyncEvery):  # the callbacks' batch sync interval changed (save_freq="auto")
+                self.batch_sync_every = d.steps
             elif isinstance(d, Rollback):
                 self.saver.flush()
                 self.saver.load(d.folder).apply()

@@ -1,0 +1,182 @@
+"""One command for every benchmark: runs the scripts of benchmarks/ and writes docs/BENCHMARKS.md.
+
+    python -m benchmarks [--quick] [--only NAME ...] [--out docs/BENCHMARKS.md]
+
+Each script runs in its own process (one after another, so they do not compete for the CPUs), with
+the arguments of the mode (``--quick``: fewer repeats and smaller sizes, under 5 minutes on a
+2-core machine; the default: the scripts' own defaults). Every script prints its own medians and
+spread; the report keeps each script's command, its wall time, its exit status and its output as
+printed, under the machine, the versions and the command that produced the report. A script that
+fails or runs out of time is reported as such and the others still run.
+
+Scripts that need what this machine may lack (``recovery.py`` needs ``ray[train]``;
+``gpu_smoke.py`` a GPU) say so in their output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One script of the suite.
+
+    Args:
+        name: Its name (``--only``) and section title.
+        script: The file in benchmarks/.
+        measures: What it measures, one line.
+        quick: Its arguments with ``--quick``.
+        full: Its arguments otherwise.
+        timeout_s: Seconds before it is stopped (full mode; quick mode allows a third of it).
+        in_quick: Whether ``--quick`` runs it (a script that cannot fit the 5 minutes runs in full mode only).
+
+    Example:
+        >>> Bench("goodput", "goodput.py", "goodput at 1k-16k GPUs", quick=["--runs", "3"]).full
+        []
+    """
+
+    name: str
+    script: str
+    measures: str
+    quick: list[str] = field(default_factory=list)
+    full: list[str] = field(default_factory=list)
+    timeout_s: float = 1800.0
+    in_quick: bool = True
+
+
+SUITE = [
+    Bench("steady steps/s", "fit_vs_ddp.py",
+          "steps/s of Trainer.fit (EarlyStopping, ReduceLROnPlateau, TerminateOnNaN) against a hand-written "
+          "torchrun DDP loop, same workload, interleaved pairs",
+          quick=["--epochs", "1", "--repeats", "2"], full=["--epochs", "3", "--repeats", "5"]),
+    Bench("recovery", "recovery.py",
+          "SIGKILL of a worker to the next completed step, and lost steps: Trainer.fit (live recovery, and "
+          "warm_standbys=False) against Ray Train v2 TorchTrainer",
+          full=["--repeats", "3"], in_quick=False),  # over 3 minutes for one repeat here
+    Bench("backup stall and persist", "backup_io.py",
+          "training stall per backup against memcpy, persist time against a raw fsspec write",
+          quick=["--params-millions", "10", "--repeats", "3", "--persist-repeats", "1", "--file-repeats", "2",
+                 "--skip-s3"]),
+    Bench("fsdp backup", "fsdp_backup.py", "per-rank backup stall, persist and bytes, fsdp against ddp",
+          quick=["--params-millions", "2", "--repeats", "1"]),
+    Bench("warm workers", "reuse_workers.py", "repeated short fits: workers reused across fits against cold starts",
+          quick=["--fits", "2", "--rounds", "1"]),
+    Bench("coordinator fan-in", "coordinator_fanin.py",
+          "time per sync point with 1,024 and 8,192 concurrent callers into one coordinator actor",
+          quick=["--ranks", "128", "1024", "--repeats", "2"], full=["--ranks", "1024", "8192", "--repeats", "3"]),
+    Bench("goodput", "goodput.py", "simulated goodput at 1k-16k GPUs from the measured costs",
+          quick=["--runs", "3"]),
+]
+
+
+def versions() -> str:
+    """Python, torch and ray versions, without importing torch or ray into this process."""
+    code = "import torch, ray; print(torch.__version__, ray.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
+    torch_v, ray_v = (out + ["?", "?"])[:2]
+    return f"python {platform.python_version()}, torch {torch_v}, ray {ray_v}"
+
+
+def machine() -> str:
+    """CPU model, cores and memory of this machine (Linux), or what platform knows."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal"))
+        memory = f", {mem_kb / 2**20:.0f} GiB memory"
+    except (OSError, StopIteration, ValueError):
+        memory = ""
+    return f"{platform.system()} {platform.release()}, {model}, {os.cpu_count()} CPUs{memory}"
+
+
+def run(bench: Bench, quick: bool) -> tuple[list[str], float, int | str, str]:
+    """Run one script: (its command, wall seconds, exit status or "timed out", its output)."""
+    args = bench.quick if quick else bench.full
+    cmd = [sys.executable, str(HERE / bench.script), *args]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    env.setdefault("RAY_ADDRESS", "local")  # each script starts its own Ray, never joins one running here
+    timeout = bench.timeout_s / 3 if quick else bench.timeout_s
+    start = time.monotonic()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        status: int | str = done.returncode
+        output = done.stdout + (f"\n[stderr, last lines]\n{_tail(done.stderr)}" if done.returncode else "")
+    except subprocess.TimeoutExpired as exc:
+        status = f"timed out after {timeout:.0f} s"
+        output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+    return ["python", f"benchmarks/{bench.script}", *args], time.monotonic() - start, status, output.rstrip()
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    kept = [line for line in text.splitlines() if "WARNING" not in line and "token" not in line.lower()]
+    return "\n".join(kept[-lines:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller sizes (under 5 minutes)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these (script names without .py)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"), help="the report to write")
+    parser.add_argument("--note", default="", help="a line added to the report (e.g. that the machine was shared)")
+    args = parser.parse_args(argv)
+    chosen = [b for b in SUITE if (Path(b.script).stem in args.only or b.name in args.only) if args.only] \
+        if args.only else [b for b in SUITE if b.in_quick or not args.quick]
+    skipped = [b for b in SUITE if b not in chosen]
+    command = "python -m benchmarks" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+    began = time.monotonic()
+    sections = []
+    for bench in chosen:
+        print(f"== {bench.name} (benchmarks/{bench.script})", flush=True)
+        cmd, seconds, status, output = run(bench, args.quick)
+        print(output, flush=True)
+        print(f"-- {seconds:.0f} s, exit {status}", flush=True)
+        sections.append((bench, cmd, seconds, status, output))
+    total = time.monotonic() - began
+    report = render(command, sections, total, args.quick, args.note, skipped)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(report)
+    print(f"wrote {args.out} ({total:.0f} s)")
+    return 0 if all(s[3] == 0 for s in sections) else 1
+
+
+def render(command: str, sections: list, total: float, quick: bool, note: str, skipped: list[Bench]) -> str:
+    """docs/BENCHMARKS.md: the header, then one section per script with its output as printed."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = ["# Benchmarks", "",
+             f"Written by `{command}` on {now} in {total:.0f} s ({'quick mode' if quick else 'full mode'}).",
+             "Each section is one script's output as it printed it, with its medians and spread; re-run the "
+             "command to refresh this page.", "",
+             f"- machine: {machine()}", f"- versions: {versions()}"]
+    if note:
+        lines.append(f"- note: {note}")
+    lines += ["", "| figure | script | wall time | status |", "| --- | --- | --- | --- |"]
+    for bench, cmd, seconds, status, _ in sections:
+        lines.append(f"| {bench.name} | `{bench.script}` | {seconds:.0f} s | {'ok' if status == 0 else status} |")
+    for bench in skipped:
+        lines.append(f"| {bench.name} | `{bench.script}` | - | not run ({'full mode only' if quick else 'not chosen'}) |")
+    for bench, cmd, seconds, status, output in sections:
+        lines += ["", f"## {bench.name}", "", bench.measures + ".", "", f"`{' '.join(cmd)}` ({seconds:.0f} s, "
+                  f"{'ok' if status == 0 else f'exit {status}'})", "", "```", output or "(no output)", "```"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
