@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-import socket
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from orchestrator.core.config import LoopConfig
 from orchestrator.decisions import Backup, Decision, Report, ReportKind
-from orchestrator.loop.specs import LoopResult, TrainSpec
+from orchestrator.loop.specs import TrainSpec
 from orchestrator.loop.train_loop import TrainLoop
 from orchestrator.storage.fs import StorageSpec
 
@@ -86,9 +86,9 @@ def _config(folder: str, accumulate: int = 1) -> LoopConfig:
                       seed=0, accumulate_grad_batches=accumulate)
 
 
-def _rank(rank: int, world: int, port: int, folder: str, script: dict, resume: tuple[str, int] | None,
+def _rank(rank: int, world: int, store: str, folder: str, script: dict, resume: tuple[str, int] | None,
           out: Any) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
@@ -105,19 +105,17 @@ def _rank(rank: int, world: int, port: int, folder: str, script: dict, resume: t
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run(world: int, folder: Path, script: dict | None = None, resume: tuple[str, int] | None = None):
     """Every rank's (state dict, epoch-end sums), each rank in its own spawned process."""
     folder.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(world, _free_port(), str(folder), script or {}, resume, out), nprocs=world,
+    # a file store of its own (not a TCP port chosen before the spawned ranks bind it: another process
+    # could take it in between)
+    store = folder / f"store-{uuid.uuid4().hex}"
+    mp.start_processes(_rank, args=(world, str(store), str(folder), script or {}, resume, out), nprocs=world,
                        start_method="spawn", join=True)
+    store.unlink(missing_ok=True)
     got = {rank: ({k: torch.tensor(v) for k, v in state.items()}, ends)
            for rank, state, ends in (out.get() for _ in range(world))}
     return got
