@@ -86,3 +86,15 @@ def restarted_runs(ray_session, tmp_path_factory):
     import restarted_run
 
     return restarted_run.fit_both(tmp_path_factory.mktemp("restarted-runs"))
+
+
+@pytest.fixture
+def group(tmp_path):
+    """A one-rank gloo process group in this process (its store a file of the test's own: no port to race for)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group-store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import Dataset, TensorDataset
 
+from loop_links import QuietLink
 from orchestrator.core.config import LoopConfig
 from orchestrator.decisions import Backup, Decision, Report, ReportKind
 from orchestrator.loop.specs import TrainSpec
@@ -54,7 +55,7 @@ def _recorded(folder: str) -> tuple[Recorded, None]:
     return Recorded(folder), None
 
 
-class Link:
+class Link(QuietLink):
     """A rank's stand-in coordinator: scripted decisions by (kind, epoch, step), each given once."""
 
     def __init__(self, script: dict[tuple[ReportKind, int, int], list[Decision]]) -> None:
@@ -68,15 +69,6 @@ class Link:
             self.epoch_ends.append({"epoch": report.epoch, "count": report.train.count,
                                     "loss": report.train.totals.get("loss")})
         return self.script.pop((report.kind, report.epoch, report.step), [])
-
-    def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
-        pass
-
-    def persisted(self, rank: int, folder: str, entries: Any, meta: dict[str, Any]) -> None:
-        pass
-
-    def heartbeat(self) -> None:
-        pass
 
 
 def _config(folder: str, accumulate: int = 1) -> LoopConfig:

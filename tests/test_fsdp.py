@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -21,21 +20,6 @@ from orchestrator.storage.checkpoint import Manifest, verify
 from orchestrator.storage.fs import StorageSpec
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_port()}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _model() -> torch.nn.Module:
@@ -131,8 +115,8 @@ def test_a_staged_dtensor_stays_a_dtensor_over_a_cpu_copy_of_this_ranks_shard(gr
     assert _all_finite({"w": staged})
 
 
-def _two_ranks(rank: int, port: int, root: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _two_ranks(rank: int, store: str, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         storage = StorageSpec(f"file://{root}", "r").open()
         model, optimizer = _sharded()
@@ -148,7 +132,7 @@ def _two_ranks(rank: int, port: int, root: str) -> None:
 
 
 def test_a_sharded_backup_of_two_ranks_loads_resharded_on_one_rank_exactly(group, tmp_path):
-    mp.start_processes(_two_ranks, args=(_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_two_ranks, args=(str(tmp_path / "two-rank-store"), str(tmp_path)), nprocs=2, start_method="spawn")
     assert torch.load(tmp_path / "entries-1.pt") == ["sharded/__1_0.distcp"]  # only its own shards
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
     storage = StorageSpec(f"file://{tmp_path}", "r").open()

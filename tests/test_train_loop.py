@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import math
-import socket
 import threading
 from datetime import timedelta
 from typing import Any
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 import workloads
+from loop_links import QuietLink
 from orchestrator import callbacks
 from orchestrator.cluster.coordinator_core import CoordinatorCore
 from orchestrator.core.config import LoopConfig
@@ -70,7 +70,7 @@ class StandInCoordinator:
         return next(r for r in self.reports if r.kind == kind and r.epoch == epoch)
 
 
-class InProcessLink:
+class InProcessLink(QuietLink):
     """The :class:`~orchestrator.loop.train_loop.CoordinatorLink` protocol, in process."""
 
     def __init__(self, coordinator: StandInCoordinator) -> None:
@@ -79,29 +79,8 @@ class InProcessLink:
     def sync(self, report: Report) -> list[Decision]:
         return self.coordinator.handle(report)
 
-    def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
-        pass
-
     def persisted(self, rank: int, folder: str, entries: Any, meta: dict[str, Any]) -> None:
         self.coordinator.persisted.append((rank, folder, entries, meta))
-
-    def heartbeat(self) -> None:
-        pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _data() -> tuple[TensorDataset, TensorDataset]:
@@ -302,7 +281,7 @@ def test_a_custom_step_on_dict_batches_reports_its_custom_metrics_weighted_by_it
 
 
 # -- a real coordinator core behind the in-process link ----------------------------------------
-class CoreLink:
+class CoreLink(QuietLink):
     """The :class:`~orchestrator.loop.train_loop.CoordinatorLink` protocol in process, to a real
     one-rank :class:`CoordinatorCore` (wired as the coordinator actor wires it)."""
 
@@ -315,14 +294,8 @@ class CoreLink:
             raise self.core.error
         return decisions
 
-    def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
-        pass
-
     def persisted(self, rank: int, folder: str, entries: Any, meta: dict[str, Any]) -> None:
         self.core.persisted(rank, folder, entries, meta)
-
-    def heartbeat(self) -> None:
-        pass
 
     def events(self, kind: EventType) -> list[dict[str, Any]]:
         return [e for e in self.core.events if e["type"] == kind]
@@ -479,7 +452,7 @@ def _two_rank_data() -> tuple[TensorDataset, TensorDataset]:
     return train, TensorDataset(xv, xv.sum(1, keepdim=True))
 
 
-class _RecordingLink:
+class _RecordingLink(QuietLink):
     """A rank's link in its own process: records reports; a preempted report is answered with a stop."""
 
     def __init__(self) -> None:
@@ -489,18 +462,9 @@ class _RecordingLink:
         self.reports.append((str(report.kind), report.epoch, report.step, report.preempted))
         return [StopTraining(reason="preempted", source="preemption")] if report.preempted else []
 
-    def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
-        pass
 
-    def persisted(self, rank: int, folder: str, entries: Any, meta: dict[str, Any]) -> None:
-        pass
-
-    def heartbeat(self) -> None:
-        pass
-
-
-def _two_rank_worker(rank: int, port: int, out: Any) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+def _two_rank_worker(rank: int, store: str, out: Any) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=30))
     try:
         torch.set_num_threads(1)
@@ -525,10 +489,10 @@ def _two_rank_worker(rank: int, port: int, out: Any) -> None:
         dist.destroy_process_group()
 
 
-def test_ranks_with_uneven_validation_shards_abandon_validation_together_at_a_notice_on_one_rank():
+def test_ranks_with_uneven_validation_shards_abandon_validation_together_at_a_notice_on_one_rank(tmp_path):
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    mp.start_processes(_two_rank_worker, args=(_free_port(), out), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_two_rank_worker, args=(str(tmp_path / "group-store"), out), nprocs=2, start_method="spawn", join=True)
     got = {rank: (reports, preempted, val_calls) for rank, reports, preempted, val_calls in
            (out.get() for _ in range(2))}
     steps = math.ceil(math.ceil(TRAIN / 2) / BATCH)
