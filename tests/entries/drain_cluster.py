@@ -34,7 +34,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
 
@@ -43,27 +42,13 @@ import torch
 from ray.cluster_utils import Cluster
 
 import workloads
+from scenario_tools import events, log, wait_for
 
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
-START = time.monotonic()
-
-
-def log(message: str) -> None:
-    """A timestamped progress line on stdout (the test shows it when a scenario fails)."""
-    print(f"[{time.monotonic() - START:6.1f}s] {message}", flush=True)
 
 
 def committed_in_attempt(events_file: Path, attempt: int) -> bool:
-    if not events_file.exists():
-        return False
-    for line in events_file.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if event.get("type") == "backup_committed" and event.get("attempt") == attempt:
-            return True
-    return False
+    return any(e.get("type") == "backup_committed" and e.get("attempt") == attempt for e in events(events_file))
 
 
 def worker_nodes() -> list[str]:
@@ -77,14 +62,6 @@ def drain(gcs_address: str, node_id: str) -> None:
     subprocess.run(["ray", "drain-node", "--address", gcs_address, "--node-id", node_id,
                     "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaimed",
                     "--deadline-remaining-seconds", "120"], check=True, capture_output=True, timeout=120)
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def disturb(cluster: Cluster, events_file: Path, record: dict) -> None:

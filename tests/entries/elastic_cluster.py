@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
 
@@ -29,34 +28,9 @@ import torch
 from ray.cluster_utils import Cluster
 
 import workloads_elastic
+from scenario_tools import events, log, wait_for
 
 NODE_ARGS = {"num_cpus": 1, "resources": {"slot": 1}, "object_store_memory": 80 * 2**20}
-START = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - START:6.1f}s] {message}", flush=True)
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def events(file: Path) -> list[dict]:
-    out = []
-    if file.exists():
-        for line in file.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
-
-
 def actor_nodes(name: str) -> set[str]:
     from ray._private import state
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from s3_server import free_port
+from scenario_tools import START, log
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BIN = Path(sys.executable).parent
@@ -44,16 +45,10 @@ BUDGET_S = 600.0
 #: The log fetches at the end (two) get this each, on top of BUDGET_S, so a timed-out run still has them.
 LOGS_TIMEOUT_S = 30.0
 TERMINAL = ("STOPPED", "FAILED", "SUCCEEDED")
-START = time.monotonic()
 
 
 class OutOfTime(Exception):
     """A stage did not end in time (its own limit or the scenario's budget)."""
-
-
-def log(message: str) -> None:
-    """A timestamped progress line on stdout (the test shows it when the scenario fails)."""
-    print(f"[{time.monotonic() - START:6.1f}s] {message}", flush=True)
 
 
 def remaining() -> float:
