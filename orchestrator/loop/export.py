@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.storage.checkpoint import MANIFEST, SHARED_FILE, Manifest, latest_valid, step_dir, verify
+from orchestrator.storage.checkpoint import NO_MANIFEST, SHARED_FILE, Manifest, checked_step, latest_valid, step_dir
 
 
 def _committed(storage: Any, backup_dir: str, step: int | None) -> tuple[str, Manifest]:
@@ -28,12 +28,10 @@ def _committed(storage: Any, backup_dir: str, step: int | None) -> tuple[str, Ma
             raise FileNotFoundError(f"no committed backup in {storage.url(backup_dir)}")
         return found.folder, found.manifest
     folder = step_dir(backup_dir, step)
-    try:
-        manifest = Manifest.from_json(storage.read_json(f"{folder}/{MANIFEST}"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"step {step} of {storage.url(backup_dir)} is not committed (no manifest)") from None
-    problem = verify(storage, folder, manifest)
-    if problem is not None:
+    manifest, problem = checked_step(storage, folder)
+    if manifest is None:
+        if problem == NO_MANIFEST:
+            raise FileNotFoundError(f"step {step} of {storage.url(backup_dir)} is not committed (no manifest)")
         raise ValueError(f"backup {storage.url(folder)} does not verify: {problem}")
     return folder, manifest
 

@@ -224,29 +224,42 @@ class Found:
     manifest: Manifest
 
 
+#: Why :func:`checked_step` does not trust a step folder that has no manifest.
+NO_MANIFEST = "no manifest (the save never committed)"
+
+
+def checked_step(storage: Storage, folder: str) -> tuple[Manifest | None, str | None]:
+    """``(manifest, None)`` when the step folder is committed and its files verify, else ``(None, why not)``.
+
+    Raises:
+        IncompatibleBackup: the step was committed in another layout version (never trusted, never
+            deleted: the user decides).
+    """
+    try:
+        manifest = Manifest.from_json(storage.read_json(f"{folder}/{MANIFEST}"))
+    except FileNotFoundError:
+        return None, NO_MANIFEST
+    except (ValueError, KeyError, TypeError) as exc:
+        return None, f"unreadable manifest ({exc})"
+    if manifest.version != FORMAT_VERSION:
+        raise IncompatibleBackup(
+            f"backup {folder} was committed in layout version {manifest.version}; this version of "
+            f"orchestrator reads version {FORMAT_VERSION}. Resume it with the version that wrote it, "
+            f"or start a new run (another run_name)")
+    problem = verify(storage, folder, manifest)
+    return (manifest, None) if problem is None else (None, problem)
+
+
 def latest_valid(storage: Storage, backup_dir: str,
                  on_skip: Callable[[int, str], None] | None = None) -> Found | None:
     """The newest committed step whose files verify; ``on_skip(step, reason)`` for each skipped one."""
     for step in list_steps(storage, backup_dir):
         folder = step_dir(backup_dir, step)
-        try:
-            manifest = Manifest.from_json(storage.read_json(f"{folder}/{MANIFEST}"))
-        except FileNotFoundError:
-            reason = "no manifest (the save never committed)"
-        except (ValueError, KeyError, TypeError) as exc:
-            reason = f"unreadable manifest ({exc})"
-        else:
-            if manifest.version != FORMAT_VERSION:  # never trusted, never deleted: the user decides
-                raise IncompatibleBackup(
-                    f"backup {folder} was committed in layout version {manifest.version}; this version of "
-                    f"orchestrator reads version {FORMAT_VERSION}. Resume it with the version that wrote it, "
-                    f"or start a new run (another run_name)")
-            problem = verify(storage, folder, manifest)
-            if problem is None:
-                return Found(folder, manifest)
-            reason = problem
+        manifest, reason = checked_step(storage, folder)
+        if manifest is not None:
+            return Found(folder, manifest)
         if on_skip is not None:
-            on_skip(step, reason)
+            on_skip(step, str(reason))
     return None
 
 
