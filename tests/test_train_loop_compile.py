@@ -21,9 +21,9 @@ from orchestrator.loop.state_io import from_bytes
 from orchestrator.loop.train_loop import TrainLoop
 from orchestrator.storage.checkpoint import SHARED_FILE
 from orchestrator.storage.layout import ResumeMismatch, check_layout
-from test_train_loop import (  # noqa: F401  (group is a fixture)
+from test_train_loop import (
     BATCH, BATCH_END, InProcessLink, StandInCoordinator, _all_finite, _assert_same_weights, _data, _fit, _run,
-    _storage, _with_dropout, group)
+    _storage, _with_dropout)
 
 EAGER = {"backend": "eager"}  # dynamo traces the model; no C++ toolchain involved (fast)
 

@@ -16,9 +16,9 @@ from orchestrator.decisions import Backup
 from orchestrator.loop.data import Window, epoch_window
 from orchestrator.storage.layout import ResumeMismatch
 from clean_process import in_clean_process
-from test_train_loop import (  # noqa: F401  (group is a fixture)
+from test_train_loop import (
     BATCH, BATCH_END, EPOCH_END, TRAIN, VAL, StandInCoordinator, _assert_same_weights, _config, _data, _fit,
-    _linear, _run, _storage, _with_dropout, group)
+    _linear, _run, _storage, _with_dropout)
 
 PER_PASS = TRAIN // BATCH  # batches in one pass over the (one-rank) shard
 

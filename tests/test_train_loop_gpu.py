@@ -23,7 +23,6 @@ from test_train_loop import (
     StandInCoordinator,
     _assert_same_weights,
     _config,
-    _free_port,
     _storage,
     _with_dropout,
 )
@@ -32,10 +31,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.fixture
-def nccl_group():
+def nccl_group(tmp_path):
     torch.cuda.set_device(0)
     torch.use_deterministic_algorithms(True)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'group-store'}", rank=0, world_size=1)
     try:
         yield torch.device("cuda", 0)
     finally:

@@ -21,9 +21,9 @@ from orchestrator.loop.iterable import RankBatches, batch_loader, rank_source
 from orchestrator.loop.specs import TrainSpec
 from orchestrator.loop.train_loop import TrainLoop
 from clean_process import in_clean_process
-from test_train_loop import (  # noqa: F401  (group is a fixture)
+from test_train_loop import (
     BATCH, BATCH_END, EPOCH_END, TRAIN, VAL, StandInCoordinator, _RecordingLink, _assert_same_weights, _config,
-    _free_port, _linear, _run, _storage, _with_dropout, group)
+    _linear, _run, _storage, _with_dropout)
 
 W = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
 
@@ -205,8 +205,8 @@ class _ValCountingLink(_RecordingLink):
         return super().sync(report)
 
 
-def _two_rank_stream_worker(rank: int, port: int, out: Any) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+def _two_rank_stream_worker(rank: int, store: str, out: Any) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=30))
     try:
         torch.set_num_threads(1)
@@ -221,10 +221,10 @@ def _two_rank_stream_worker(rank: int, port: int, out: Any) -> None:
         dist.destroy_process_group()
 
 
-def test_when_one_ranks_shard_runs_out_first_every_rank_ends_the_epoch_at_that_step():
+def test_when_one_ranks_shard_runs_out_first_every_rank_ends_the_epoch_at_that_step(tmp_path):
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    mp.start_processes(_two_rank_stream_worker, args=(_free_port(), out), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_two_rank_stream_worker, args=(str(tmp_path / "group-store"), out), nprocs=2, start_method="spawn", join=True)
     results = {rank: rest for rank, *rest in (out.get() for _ in range(2))}
     got = {rank: (reports, steps) for rank, (reports, steps, _) in results.items()}
     assert got[0] == got[1]

@@ -16,9 +16,9 @@ from orchestrator.decisions import Backup, SetLearningRate
 from orchestrator.loop.optim_step import LearningRates
 from orchestrator.loop.state_io import from_bytes
 from orchestrator.storage.checkpoint import SHARED_FILE
-from test_train_loop import (  # noqa: F401  (group is a fixture)
+from test_train_loop import (
     BATCH, BATCH_END, EPOCH_BEGIN, EPOCH_END, TRAIN, StandInCoordinator, _all_finite, _assert_same_weights, _data,
-    _fit, _linear, _poisoned_step, _run, _storage, _with_dropout, group)
+    _fit, _linear, _poisoned_step, _run, _storage, _with_dropout)
 
 MICRO = TRAIN // BATCH  # 5 micro-batches of 8 per epoch
 
