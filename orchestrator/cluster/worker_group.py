@@ -95,7 +95,8 @@ class WorkerGroup:
         self.pg: PlacementGroup | None = None
         self.workers: list[Any] = []
         self.standbys: list[Any] = []
-        self.spare_coordinator: Any = None
+        self.reserve: list[Any] = []  # warm standbys never used, kept for the next attempt's (see retire_workers)
+        self.spare_coordinators: list[Any] = []  # idle coordinators: the next attempt's first, then its spare
         self.promoted = False  # whether the running workers are promoted standbys
         self.closed = False
         self.storage_checked = False  # whether this fit checked its storage is visible from the workers' nodes
@@ -190,27 +191,32 @@ class WorkerGroup:
         return TrainWorker.options(scheduling_strategy=strategy, **options).remote(rank, self.world_size, warm)
 
     def prepare_standbys(self) -> None:
-        """Start warm standbys for the running workers and a spare coordinator (no-op when disabled)."""
+        """Start warm standbys for the running workers and a spare coordinator (no-op when disabled);
+        the standbys kept in reserve by the previous attempt are taken instead of new processes."""
         if not self.warm_standbys:
             return
         if self.pg is not None and not self.standbys:
-            self.standbys = [self._actor(rank, {"num_cpus": 0}, warm=True)
-                             for rank in range(self.world_size)]
-        if self.spare_coordinator is None:
-            self.spare_coordinator = CoordinatorActor.remote()
+            reserve, self.reserve = self.reserve, []
+            if len(reserve) == self.world_size:
+                self.standbys = reserve
+            else:
+                _kill(reserve)
+                self.standbys = [self._actor(rank, {"num_cpus": 0}, warm=True)
+                                 for rank in range(self.world_size)]
+        if not self.spare_coordinators:
+            self.spare_coordinators.append(CoordinatorActor.remote())
 
     def keep_coordinator(self, coordinator: Any) -> None:
-        """Keep the coordinator of an attempt that ended normally as the spare (idle: its callbacks
-        returned) for the group's next attempt or the next fit it is parked for; else kill it."""
-        if self.spare_coordinator is None and not self.closed:
-            self.spare_coordinator = coordinator
+        """Keep the coordinator of an attempt that ended normally (idle: its callbacks returned) for the
+        group's next attempt or the next fit it is parked for, beside the spare (at most two); else kill it."""
+        if len(self.spare_coordinators) < 2 and not self.closed:
+            self.spare_coordinators.insert(0, coordinator)  # taken first: the spare stays the spare
         else:
             _kill([coordinator])
 
     def coordinator(self, spec: CoordinatorSpec) -> tuple[Any, Any]:
-        """The spare coordinator (or a new one) and the ref of its ``setup(spec)`` call; don't wait."""
-        spare, self.spare_coordinator = self.spare_coordinator, None
-        coordinator = spare if spare is not None else CoordinatorActor.remote()
+        """A spare coordinator (or a new one) and the ref of its ``setup(spec)`` call; don't wait."""
+        coordinator = self.spare_coordinators.pop(0) if self.spare_coordinators else CoordinatorActor.remote()
         return coordinator, coordinator.setup.remote(spec)
 
     def _promote_standbys(self) -> list[dict[str, Any]] | None:
@@ -254,9 +260,11 @@ class WorkerGroup:
 
     def retire_workers(self) -> None:
         """After an attempt that ended normally: its idle, warm workers become the standbys (in
-        their own bundles), for a later :meth:`start` of this group; the previous standbys go."""
-        _kill(self.standbys)
-        self.standbys, self.workers = self.workers, []
+        their own bundles), for a later :meth:`start` of this group; the previous standbys (warm,
+        never used) stay in reserve as the next attempt's standbys, so that a run of fits with
+        ``warm_standbys`` starts no process after its first (each start costs a process and a torch import)."""
+        _kill(self.reserve)
+        self.reserve, self.standbys, self.workers = self.standbys, self.workers, []
 
     def park(self, idle_s: float = PARK_IDLE_S) -> None:
         """Keep the placement group, the idle warm workers and the spare coordinator for the next fit
@@ -280,8 +288,8 @@ class WorkerGroup:
 
         Never raises.
         """
-        _kill(self.workers + self.standbys + [c for c in (self.spare_coordinator,) if c is not None])
-        self.workers, self.standbys, self.spare_coordinator = [], [], None
+        _kill(self.workers + self.standbys + self.reserve + self.spare_coordinators)
+        self.workers, self.standbys, self.reserve, self.spare_coordinators = [], [], [], []
         if self.pg is not None:
             try:
                 remove_placement_group(self.pg)
@@ -349,7 +357,7 @@ def parked_ids() -> tuple[set[str], set[str]]:
         if group is None:
             return set(), set()
         pgs = {group.pg.id.hex()} if group.pg is not None else set()
-        kept = group.standbys + [c for c in (group.spare_coordinator,) if c is not None]
+        kept = group.standbys + group.reserve + group.spare_coordinators
         return pgs, {a._actor_id.hex() for a in kept}
 
 
