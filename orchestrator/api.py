@@ -116,7 +116,9 @@ class Trainer:
         preemption_grace_s: After SIGTERM or a drain of a node the run uses, how long the workers
             get to reach a step boundary and commit an emergency backup. Defaults to ``120``.
         placement_timeout_s: How long an attempt waits for the cluster to grant every worker's
-            resources, e.g. for a replacement node after a drain left too few. Defaults to ``600``.
+            resources, e.g. for a replacement node after a drain left too few. The granted workers
+            (and the coordinator) then get this long, but at least 120 s, to start their processes.
+            Defaults to ``600``.
         warm_standbys: With ``max_failures > 0`` on CPU workers, keep one idle standby process per
             worker (torch imported, no resources of its own, in the worker's placement bundle) so
             that a restart after a failure skips the cold start. Defaults to ``True``.

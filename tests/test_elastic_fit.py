@@ -1,6 +1,7 @@
 """Elastic world size with Ray: ``num_workers=(1, 2)`` loses a node with no replacement, goes on with one
-worker and the same global batch, grows back when a node is added; every sample once per epoch, and the
-result within float tolerance of the uninterrupted two-worker run."""
+worker and the same global batch from the survivor's memory (a live recovery), grows back when a node
+is added; every sample once per epoch, and the result within float tolerance of the uninterrupted
+two-worker run."""
 
 from __future__ import annotations
 
@@ -57,6 +58,22 @@ def test_a_lost_node_without_replacement_shrinks_to_one_worker_and_a_new_node_gr
     assert started == [(1, 2), (2, 1), (3, 2)]
     assert [e["type"] for e in events].count("worker_failed") == 1  # the grow is not a failure
     assert events[-1]["type"] == "finished"
+
+
+def test_the_shrink_resumes_from_the_survivors_memory_losing_at_most_one_step(runs):
+    events = read_events(StorageSpec(str(runs.folder), "elastic").open())
+    shrunk = [e for e in events if e["attempt"] == 2]
+    started = next(e for e in shrunk if e["type"] == "started")
+    assert started["resumed_from"] == "memory", runs.output  # never read from storage
+    assert not any(e["type"] == "restored" for e in shrunk)
+    recovered = [e for e in shrunk if e["type"] == "recovered"]  # the live recovery's timeline
+    assert len(recovered) == 1 and recovered[0]["source"] == "memory", runs.output
+    assert recovered[0]["lost_steps"] <= 1
+    failed = next(e for e in events if e["type"] == "worker_failed")
+    first = next(e for e in events if e["type"] == "started")
+    removed = json.loads((runs.folder / "outcome.json").read_text())["record"]["removed"]
+    # the rank lost with its node is blamed (not the survivor whose collective raised) and recovered
+    assert first["node_ids"][failed["rank"]] == removed and recovered[0]["rank"] == failed["rank"]
 
 
 def test_every_sample_is_trained_exactly_once_per_epoch_across_the_shrink_and_the_grow(runs):

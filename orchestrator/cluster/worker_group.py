@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 #: The driver's timeout for a call an actor answers at once (a port, its node, its state).
 CALL_TIMEOUT_S = 60.0
 
+#: The least time a new actor (a worker, the coordinator) gets to start its process once its resources
+#: are granted: :func:`startup_timeout_s`.
+START_TIMEOUT_S = 120.0
+
 #: How long a group parked after a fit waits for the next fit of the same shape before it is released.
 PARK_IDLE_S = 60.0
 
@@ -40,6 +44,24 @@ def get_within(refs: Any, timeout_s: float, what: str) -> Any:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise ActorTimeoutError(f"{what} did not answer within {timeout_s:g}s") from None
+
+
+def startup_timeout_s(placement_timeout_s: float) -> float:
+    """How long granted actors may take to start their processes: ``placement_timeout_s``, but at least
+    :data:`START_TIMEOUT_S`.
+
+    The two waits are different: placement waits for capacity, and an elastic run sets a short
+    ``placement_timeout_s`` to go on with fewer workers soon when a node is lost; a process start
+    (a Ray worker, a ``runtime_env``, importing torch) takes what it takes on a busy node, and
+    failing it fails the attempt (on a loaded machine a 10 s start-up wait failed whole runs).
+    Kept as long as ``placement_timeout_s`` when that is longer: a ``runtime_env`` that installs
+    packages may need minutes, which that timeout covered before.
+
+    Example:
+        >>> startup_timeout_s(10.0), startup_timeout_s(600.0)
+        (120.0, 600.0)
+    """
+    return max(float(placement_timeout_s), START_TIMEOUT_S)
 
 
 class WorkerGroup:
@@ -137,7 +159,7 @@ class WorkerGroup:
         if custom:
             options["resources"] = custom
         self.workers = [self._actor(rank, options, warm=False) for rank in range(n)]
-        return get_within([w.info.remote() for w in self.workers], self.placement_timeout_s,
+        return get_within([w.info.remote() for w in self.workers], startup_timeout_s(self.placement_timeout_s),
                           f"the {n} new workers (starting their processes)")
 
     def _place(self) -> int:

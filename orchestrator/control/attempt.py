@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import ray
 
-from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup, get_within
+from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup, get_within, startup_timeout_s
 from orchestrator.control.elastic import GrowWatch, Resized, resize_event
 from orchestrator.control.failures import COORDINATOR, AttemptFailed, FailureRecord, NodesDrained
 from orchestrator.control.live_recovery import secure
@@ -100,7 +100,7 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
     coordinator, ready = group.coordinator(coordinator_spec)  # starts (or is a spare) while the workers start
     relay = Relay(coordinator, driver, outcome, events, attempt=attempt.number)
     drain = DrainWatch(set(), fit.faults.drain_poll_interval_s)
-    setup_timeout_s = fit.faults.placement_timeout_s  # a new coordinator starts a process, like a worker
+    setup_timeout_s = startup_timeout_s(fit.faults.placement_timeout_s)  # a new coordinator starts a process
     finished = False
     try:
         if infos is None:

@@ -13,10 +13,15 @@ for every rank, each survivor's own part for its replacement, and a dead rank re
 from the donor's. The coordinator's state is taken at the same moment (no sync point can pass while
 a rank is dead).
 
+A survivor waiting at a sync point with the coordinator (for the dead rank, which never comes) is
+at a step boundary too (see :mod:`orchestrator.loop.live` for which ones); one whose collective
+raised because its peer died answers with its state as of the boundary before that step.
+
 Nothing is secured (and the next attempt resumes from the newest committed backup, as before) when
-no survivor answers in time with a marked state (a survivor busy outside a training step: in
-validation, at an epoch's sync point), the survivors' states are of different steps, the data has
-per-rank state of its own (iterable datasets), or the coordinator does not answer.
+no survivor answers in time with a marked state (a survivor in the optimizer update, at a
+non-finite loss's sync point, at an epoch's end under an epoch-interval LR schedule), the
+survivors' states are of different steps, the data has per-rank state of its own (iterable
+datasets), or the coordinator does not answer.
 
 Example:
     copy = secure(group, relay, failed)  # in the attempt, before its workers are stopped
@@ -84,8 +89,14 @@ def _at_position(state: dict[str, Any], position: dict[str, Any], step: int) -> 
     """The coordinator's state with its position moved to the ranks' (it moves only at sync points)."""
     state = dict(state)
     view = dict(state.get("view", {}))
-    done = 0 if position.get("phase") == "begin" else int(position["batch"]) + 1
-    view.update(next_epoch=int(position["epoch"]), epoch_steps_done=done, global_step=step)
+    phase, epoch = position.get("phase"), int(position["epoch"])
+    if phase == "start":  # before the first epoch's begin
+        epoch, done = 0, 0
+    elif phase == "epoch_end":  # waiting at the next epoch's begin
+        epoch, done = epoch + 1, 0
+    else:
+        done = 0 if phase == "begin" else int(position["batch"]) + 1
+    view.update(next_epoch=epoch, epoch_steps_done=done, global_step=step)
     state["view"] = view
     return state
 

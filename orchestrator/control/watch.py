@@ -317,7 +317,12 @@ _NOT_RETRYABLE = (ResumeMismatch, IncompatibleBackup)
 # A survivor's collective error when a peer process is gone (gloo, NCCL, the TCP store).
 _PEER_LOSS = re.compile(r"connection (reset|closed|refused)|broken pipe|by peer|remote process|"
                         r"nccl|gloo|tcpstore", re.IGNORECASE)
-PEER_LOSS_WAIT_S = 3.0
+#: How long a rank's lost-peer error waits for the peer's own failure. A peer that raised or whose
+#: process died shows up within a second; one lost with its node only once Ray declares the node
+#: dead (its health checks: about 15-30 s with Ray's defaults). Blaming the survivor instead would
+#: name the wrong rank and give up its live recovery (only a death is recovered from memory). The
+#: wait ends as soon as every other rank's result is in.
+PEER_LOSS_WAIT_S = 30.0
 
 
 def _root_cause(failed: AttemptFailed, pending: list[Any], rank_of: dict[Any, int], attempt: int,

@@ -9,7 +9,15 @@ while the loop's thread is blocked in the next step's collective with the dead p
   rank's random streams from ``(seed, rank, global step)`` (:func:`step_seed`) and keeps a copy of
   the rank's own small components (position, metric sums, result counters);
 - the loop calls :meth:`LiveState.unmark` before it changes any state again (the optimizer update
-  after the step's all-reduce, a skipped batch, the end of an epoch);
+  after the step's all-reduce, a skipped batch, the end of an epoch, a sync point's decisions);
+- a sync point with the coordinator is a step boundary too while the rank waits there (a peer that
+  dies keeps every survivor waiting for it): the epoch's begin (a recovery runs it again), a
+  periodic batch-end sync (a recovery goes on with the next step: the callbacks do not see that
+  batch's end, so a backup or a checkpoint due there is taken at the next one), and the epoch's end
+  with its validation (the mark of the epoch's last step holds through them when the epoch's end
+  changes no shared state, i.e. without an ``lr_scheduler_interval="epoch"`` schedule; a recovery
+  validates the epoch and reports its end again). A non-finite loss's sync point is not: its
+  decision (stop, roll back) is never skipped;
 - :meth:`LiveState.copy` (another thread) waits for a marked boundary, copies the shared components
   (model, optimizer, ...) to CPU and *freezes* the rank: its loop never changes the state again
   (it is being replaced).
@@ -152,6 +160,11 @@ class LiveState:
             self._wait_unfrozen()
             self._own, self._buffers, self._step, self._started = own, buffers, position.global_step, False
             self._cond.notify_all()
+
+    @property
+    def marked(self) -> bool:
+        """Whether the state is at a marked step boundary (a copy may be taken now)."""
+        return self._step is not None
 
     def started(self) -> None:
         """Loop thread: the step after the boundary began (its batch is fetched and trained)."""

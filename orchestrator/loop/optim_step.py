@@ -170,6 +170,11 @@ class LearningRates:
         if self.scheduler is not None and self.interval == "step":
             self._step()
 
+    @property
+    def steps_at_epoch_end(self) -> bool:
+        """Whether :meth:`end_epoch` changes the schedule (and the optimizer's rates)."""
+        return self.scheduler is not None and self.interval == "epoch"
+
     def end_epoch(self) -> None:
         """An epoch's training and validation ended."""
         if self.scheduler is not None and self.interval == "epoch":

@@ -251,10 +251,20 @@ class TrainLoop:
                 raise _RolledBack(d.folder)
         return stop
 
-    def _sync(self, kind: ReportKind, epoch: int = 0, step: int = -1, **kw: Any) -> bool:
+    def _sync(self, kind: ReportKind, epoch: int = 0, step: int = -1, boundary: bool = False, **kw: Any) -> bool:
+        """Report at a sync point and apply the decisions every rank gets there.
+
+        ``boundary``: the state is at a step boundary while the rank waits here (a peer that dies
+        meanwhile keeps every survivor waiting: see :mod:`~orchestrator.loop.live`); it stays one
+        until the coordinator answers, and the decisions change it only after that.
+        """
         report = Report(kind=kind, epoch=epoch, step=step, learning_rate=self.learning_rate(),
                         steps_per_epoch=self.steps_per_epoch, global_step=self.position.global_step, **kw)
-        return self.apply(self.link.sync(report))
+        if boundary and not self.live.marked:
+            self.live.mark(self.position)
+        decisions = self.link.sync(report)
+        self.live.unmark()  # the decisions may change the state
+        return self.apply(decisions)
 
     # -- loop ----------------------------------------------------------------------------
     def run(self) -> LoopResult:
@@ -298,12 +308,16 @@ class TrainLoop:
         """One epoch from ``first_batch``: (stop, next epoch, next first batch)."""
         stop = False
         if first_batch == 0 and self.position.phase != "begin":  # "begin": a live recovery at the epoch's start
-            stop = self._sync(ReportKind.EPOCH_BEGIN, epoch)
+            stop = self._sync(ReportKind.EPOCH_BEGIN, epoch, boundary=True)  # resumed here, it runs again
             self.result.learning_rates.append(self.learning_rate())
             self.metric_sums.reset()
             self.position.begin_epoch(epoch)
         stopped_step = None if stop else self._train_epoch(epoch, first_batch)
-        self.live.unmark()  # the epoch's end changes the state
+        if stop or stopped_step is not None or self.result.preempted or self.lrs.steps_at_epoch_end:
+            self.live.unmark()  # the epoch's end changes the shared state (or the epoch did not end normally)
+        # else the mark of the epoch's end (its last step done) holds through validation and the
+        # epoch-end sync point: they change only this rank's own state, copied at the mark; a
+        # recovery from it validates the epoch and reports its end again
         if self.result.preempted:
             return True, epoch, first_batch
         if stopped_step is not None:
@@ -327,7 +341,7 @@ class TrainLoop:
         if notice:
             self.saver.flush()  # a pending backup of this same step commits first (never rewritten)
         report_stop = self._sync(ReportKind.EPOCH_END, epoch, train=self.metric_sums.train.phase_sums(), val=val,
-                                 preempted=notice)
+                                 preempted=notice)  # unmarks once answered
         return stop or stopped_step is not None or report_stop, epoch + 1, 0
 
     def _preempt(self, epoch: int, step: int) -> None:
@@ -398,9 +412,9 @@ class TrainLoop:
             periodic = self.batch_sync_every is not None and self.position.global_step % self.batch_sync_every == 0
             if nonfinite > 0:
                 self.saver.flush()  # pending backups commit first, so a rollback sees the newest one
-            if nonfinite > 0 or periodic:
-                if self._sync(ReportKind.BATCH_END, epoch, step, train=sums.train.phase_sums(), nonfinite=nonfinite > 0,
-                              epoch_ends=signals.out_of_data):
+            if nonfinite > 0 or periodic:  # a periodic sync point is a step boundary; a NaN's is not (never skipped)
+                if self._sync(ReportKind.BATCH_END, epoch, step, boundary=nonfinite == 0 and not signals.out_of_data,
+                              train=sums.train.phase_sums(), nonfinite=nonfinite > 0, epoch_ends=signals.out_of_data):
                     return step
             if signals.out_of_data:  # some rank's shard ran out: every rank ends the epoch at this step
                 break
