@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(address="local", include_dashboard=False, logging_level="ERROR")  # our own, never a shared one
     clients = [Caller.remote() for _ in range(args.clients)]
     previous: dict[tuple[str, bool], float] = {}
-    print(f"{'ranks':>6}  {'sync point':<10}  {'per-rank fan-in':<24}  {'its logic':<24}  {'growth':<6}  "
-          f"{'aggregated':<24}  {'its logic':<24}  growth")
+    print(f"{'ranks':>6}  {'sync point':<10}  {'per-rank fan-in':<27}  {'its logic':<22}  {'growth':<6}  "
+          f"{'aggregated':<27}  {'its logic':<22}  growth")
     for world in args.ranks:
         rows: dict[bool, dict[str, str]] = {}
         for aggregated in (False, True):
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                 med = statistics.median(got[kind])
                 growth = f"x{med / previous[kind, aggregated]:.1f}" if (kind, aggregated) in previous else ""
                 previous[kind, aggregated] = med
-                rows[aggregated][kind] = f"{fmt(got[kind]):<24}  {fmt(alone):<24}  {growth:<6}"
+                rows[aggregated][kind] = f"{fmt(got[kind]):<27}  {fmt(alone):<22}  {growth:<6}"
         for kind in ("batch_end", "epoch_end"):
             print(f"{world:>6}  {kind:<10}  {rows[False][kind]}  {rows[True][kind]}".rstrip(), flush=True)
     print("aggregated: the ranks' all-reduce of the sums and the broadcast of the decisions over N ranks are not "
