@@ -75,7 +75,8 @@ SUITE = [
     Bench("warm workers", "reuse_workers.py", "repeated short fits: workers reused across fits against cold starts",
           quick=["--fits", "2", "--rounds", "1"]),
     Bench("coordinator fan-in", "coordinator_fanin.py",
-          "time per sync point with 1,024 and 8,192 concurrent callers into one coordinator actor",
+          "time per sync point: the per-rank fan-in of N concurrent callers into one coordinator actor "
+          "against the aggregated path (one combined report from rank 0)",
           quick=["--ranks", "128", "1024", "--repeats", "2"], full=["--ranks", "1024", "8192", "--repeats", "3"]),
     Bench("goodput", "goodput.py", "simulated goodput at 1k-16k GPUs from the measured costs",
           quick=["--runs", "3"]),

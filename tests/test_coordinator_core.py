@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import io
-import itertools
 import math
 import warnings
 from typing import Any
@@ -19,7 +17,7 @@ from orchestrator.callbacks import (
     ReduceLROnPlateau,
     RollbackOnNaN,
 )
-from orchestrator.cluster.coordinator_core import CoordinatorCore, SyncBarrier
+from orchestrator.cluster.coordinator_core import CoordinatorCore
 from orchestrator.core.events import EventType
 from orchestrator.core.metrics import PhaseSums
 from orchestrator.decisions import (
@@ -557,53 +555,6 @@ def test_every_event_the_core_emits_is_a_vocabulary_member_with_only_its_declare
         assert isinstance(event["type"], EventType)
         assert set(event) - {"time", "type", "epoch", "step"} <= set(event["type"].fields), event
     assert core.drain() == []
-
-
-# -- the barrier ---------------------------------------------------------------------------------------
-
-
-def _run_barrier(world_size: int, arrivals: list[tuple[int, Report]]) -> tuple[list, list[dict[int, Report]]]:
-    handled: list[dict[int, Report]] = []
-
-    def handler(reps):
-        handled.append(dict(reps))
-        return [StopTraining(reason=f"call {len(handled)}")]
-
-    async def main():
-        barrier = SyncBarrier(world_size, handler)
-        results = await asyncio.gather(*(barrier.arrive(rank, rep) for rank, rep in arrivals))
-        assert barrier.pending == ()
-        return results
-
-    return asyncio.run(main()), handled
-
-
-@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
-def test_the_barrier_gives_every_rank_the_same_result_whatever_the_arrival_order_and_handles_once(order):
-    arrivals = [(rank, Report(ReportKind.EPOCH_END, epoch=1, learning_rate=rank)) for rank in order]
-    results, handled = _run_barrier(3, arrivals)
-    assert results == [[StopTraining(reason="call 1")]] * 3
-    assert len(handled) == 1 and sorted(handled[0]) == [0, 1, 2]
-
-
-def test_the_barrier_keeps_sync_points_apart():
-    arrivals = [(0, Report(ReportKind.BATCH_END, step=1)), (0, Report(ReportKind.BATCH_END, step=2)),
-                (1, Report(ReportKind.BATCH_END, step=2)), (1, Report(ReportKind.BATCH_END, step=1))]
-    results, handled = _run_barrier(2, arrivals)
-    assert [{r.step for r in reps.values()} for reps in handled] == [{2}, {1}]
-    assert results[0] == results[3] and results[1] == results[2] and results[0] != results[1]
-
-
-def test_the_barrier_raises_the_handlers_error_on_every_rank():
-    def handler(reps):
-        raise RuntimeError("handler broke")
-
-    async def main():
-        barrier = SyncBarrier(2, handler)
-        return await asyncio.gather(*(barrier.arrive(r, Report(ReportKind.TRAIN_BEGIN)) for r in range(2)),
-                                    return_exceptions=True)
-
-    assert [str(e) for e in asyncio.run(main())] == ["handler broke", "handler broke"]
 
 
 def test_a_sealed_core_commits_nothing_more_so_every_commit_has_its_event(storage):

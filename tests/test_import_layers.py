@@ -29,7 +29,6 @@ RAY_MIN_LAYER = LAYERS["cluster"]
 TORCH_FREE_LAYERS = {LAYERS["core"], LAYERS["storage"], LAYERS["callbacks"], LAYERS["control"]}
 # Modules of torch-allowing layers that must stay torch-free all the same (checked by importing them).
 TORCH_FREE_MODULES = ("orchestrator.cluster.coordinator", "orchestrator.cluster.coordinator_core",
-                      "orchestrator.cluster.sync_barrier",
                       "orchestrator.control.controller", "orchestrator.control.attempt",
                       "orchestrator.control.metrics_export", "orchestrator.plot",
                       "orchestrator.storage.checkpoint", "orchestrator.core.events")

@@ -1,9 +1,10 @@
 """The coordinator: one Ray actor that turns every rank's reports into one set of decisions.
 
-Each rank calls :meth:`Coordinator.sync` at the same sync point. The last rank to arrive
-triggers the aggregation and the callbacks, exactly once (:class:`SyncBarrier`); every rank
-gets the same decision list back. The logic lives in :class:`CoordinatorCore` (no Ray, no
-torch). Progress and epoch events queue up for the driver, which polls :meth:`Coordinator.poll`.
+At each sync point the ranks combine their reports over their process group and rank 0 alone
+calls :meth:`Coordinator.sync` with the result (:class:`~orchestrator.loop.group_link.GroupLink`):
+one arrival per sync point, whatever the number of ranks. The coordinator runs the aggregation and
+the callbacks once on it and returns the decision list, which rank 0 broadcasts to every rank. The
+logic lives in :class:`CoordinatorCore` (no Ray, no torch). Progress and epoch events queue up for the driver, which polls :meth:`Coordinator.poll`.
 
 The actor is async: its event loop answers the ranks and the driver, and everything that runs
 the core (the callbacks above all) runs on one worker thread, one call at a time and in the
@@ -27,11 +28,11 @@ from typing import Any, Callable
 
 import ray
 
-from orchestrator.cluster.coordinator_core import CoordinatorCore, Reports, SyncBarrier
+from orchestrator.cluster.coordinator_core import CoordinatorCore, Reports
 from orchestrator.cluster.recovery_timeline import RecoveryTimeline
 from orchestrator.cluster.specs import CoordinatorSpec
 from orchestrator.core.events import EventType
-from orchestrator.decisions import Decision, Report
+from orchestrator.decisions import Decision
 from orchestrator.storage.checkpoint import FileEntry
 
 __all__ = ["Coordinator", "CoordinatorActor", "CoordinatorBusy", "CoordinatorPoll"]
@@ -71,7 +72,8 @@ class CoordinatorPoll:
 
     Args:
         events: The events recorded since the previous poll, oldest first.
-        ages: Each started rank's seconds since its last sign of life (0 while waiting at a sync point).
+        ages: Each started rank's seconds since its last sign of life (0 for every rank while the
+            coordinator handles a sync point: every rank has reached it and waits for the decisions).
         busy: What the coordinator's worker thread is doing, or None when idle.
     """
 
@@ -99,9 +101,8 @@ class Coordinator:
     def _fresh_state(self) -> None:
         self.core: CoordinatorCore | None = None
         self.timeline: RecoveryTimeline | None = None  # a live recovery's, completed at its first step
-        self.barrier: SyncBarrier | None = None
         self._beats: dict[int, float] = {}  # a rank is watched from its first sign of life on
-        self._waiting: set[int] = set()
+        self._syncing = 0  # sync points being handled: every rank waits for their decisions
         # one thread: the core's calls (callbacks, commits) run one at a time, in order, off the event loop
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator-core")
         self._calls = itertools.count(1)
@@ -116,7 +117,6 @@ class Coordinator:
             self._fresh_state()
         self.core = CoordinatorCore.from_spec(spec)
         self.timeline = RecoveryTimeline(spec.recovery) if spec.recovery is not None else None
-        self.barrier = SyncBarrier(spec.world_size, self._handle_later)
 
     def _core(self) -> CoordinatorCore:
         if self.core is None:
@@ -135,23 +135,34 @@ class Coordinator:
         finally:
             self._task = None
 
-    def _handle_later(self, reports: Reports) -> Future:
-        """The barrier's handler: run the core's ``handle`` on the worker thread; every rank awaits its future."""
+    # -- ranks --------------------------------------------------------------------------
+    async def sync(self, reports: Reports) -> list[Decision]:
+        """One sync point, from rank 0: the ranks' reports combined over their process group
+        (``{0: combined}``), or every rank's report when they disagree; returns the decisions for all.
+
+        Every rank has reached this sync point (the combining collective needed them all) and waits
+        for its decisions, so every rank counts as alive until they are out (:meth:`poll`).
+
+        Raises:
+            ValueError: No report.
+        """
+        core = self._core()
+        if not reports:
+            raise ValueError("Coordinator.sync needs the sync point's reports ({rank: Report}), got none")
         first = reports[min(reports)]
         what = f"the {first.kind} sync point (epoch {first.epoch}, step {first.step})"
-        return self._submit(what, self._core().handle, reports)
-
-    # -- ranks --------------------------------------------------------------------------
-    async def sync(self, rank: int, report: Report) -> list[Decision]:
-        if self.barrier is None:
-            raise RuntimeError("the coordinator was called before setup()")
-        self._waiting.add(rank)  # a rank waiting here for the others (or for the callbacks) is alive
+        self._syncing += 1
+        self._all_alive(core.world_size)
         try:
-            decided = await self.barrier.arrive(rank, report)  # the future of the one handle() call
-            return await asyncio.wrap_future(decided)
+            return await asyncio.wrap_future(self._submit(what, core.handle, reports))
         finally:
-            self._waiting.discard(rank)
-            self._beats[rank] = time.monotonic()
+            self._syncing -= 1
+            self._all_alive(core.world_size)
+
+    def _all_alive(self, world_size: int) -> None:
+        now = time.monotonic()
+        for rank in range(world_size):
+            self._beats[rank] = now
 
     def heartbeat(self, rank: int) -> None:
         self._beats[rank] = time.monotonic()
@@ -175,6 +186,8 @@ class Coordinator:
             "live_state", lambda: {"state": core.state_dict(), "last_committed": core.last_committed}))
 
     async def persisted(self, rank: int, folder: str, entries: list[FileEntry] | None, meta: dict[str, Any]) -> None:
+        """One rank's files of a backup are durable (or failed): one call per rank per backup, from each
+        rank's persist thread (once a backup, not at every sync point, so not combined over the group)."""
         what = f"rank {rank}'s backup files of {folder} (commit)"
         await asyncio.wrap_future(self._submit(what, self._core().persisted, rank, folder, entries, meta))
 
@@ -185,11 +198,11 @@ class Coordinator:
                 "pid": os.getpid()}
 
     def poll(self) -> CoordinatorPoll:
-        """New events, each started rank's seconds since its last sign of life (0 while waiting at a
-        sync point), and what the worker thread is busy with. Answers while a callback blocks."""
+        """New events, each started rank's seconds since its last sign of life (0 for all while a sync
+        point is handled), and what the worker thread is busy with. Answers while a callback blocks."""
         now = time.monotonic()
-        waiting = set(self._waiting)
-        ages = {rank: 0.0 if rank in waiting else now - beat for rank, beat in dict(self._beats).items()}
+        syncing = self._syncing > 0
+        ages = {rank: 0.0 if syncing else now - beat for rank, beat in dict(self._beats).items()}
         return CoordinatorPoll(_take_events(self._core()), ages, self._busy(now))
 
     async def seal(self) -> None:
@@ -244,9 +257,11 @@ def _is_hook_call(code: Any) -> bool:
     return code.co_name == "call" and code.co_filename.endswith("callback_list.py")
 
 
-#: Calls the coordinator serves at once. Every rank waiting at a sync point holds one, so it must be
-#: above any world size: with Ray's default for async actors (1,000) the 1,001st rank never gets in
-#: and the sync point hangs (benchmarks/coordinator_fanin.py). A waiting call costs one coroutine.
+#: Calls the coordinator serves at once. A sync point is one call (rank 0's), but every rank's commit
+#: call (``persisted``) of a backup waits in one until the backup commits, so it must be above any
+#: world size: with Ray's default for async actors (1,000) the 1,001st rank never gets in and the
+#: commit hangs (benchmarks/coordinator_fanin.py shows it for per-rank calls). A waiting call costs
+#: one coroutine.
 MAX_CONCURRENCY = 100_000
 
 #: The Ray actor (an async actor: one event loop, plus the one worker thread of :class:`Coordinator`).

@@ -3,9 +3,9 @@
 :class:`CoordinatorCore` aggregates every rank's report for one sync point exactly, runs the
 callbacks once on the cluster-wide logs, records events in the vocabulary of
 :mod:`orchestrator.core.events`, and commits a backup once every rank's files are durable.
-:class:`SyncBarrier` (in :mod:`orchestrator.cluster.sync_barrier`, importable from here) gathers the
-ranks at a sync point so that the core runs once per point.
-The Ray actor in :mod:`orchestrator.cluster.coordinator` only wires the two together.
+The ranks combine their reports of a sync point over their process group and rank 0 hands them
+over once (:mod:`orchestrator.loop.group_link`), so the core runs once per point; the Ray actor in
+:mod:`orchestrator.cluster.coordinator` only wires it to the ranks and the driver.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from orchestrator.callbacks.callback_list import CallbackList
 from orchestrator.cluster.decision_events import Position, decision_event, with_details
 from orchestrator.cluster.report_checks import same_data, same_lr
 from orchestrator.cluster.specs import CoordinatorSpec
-from orchestrator.cluster.sync_barrier import Reports, SyncBarrier, _SyncPoint  # noqa: F401 - re-exported
 from orchestrator.core.events import EventType, undeclared_fields
 from orchestrator.core.metrics import PhaseSums, aggregate
 from orchestrator.decisions import (
@@ -40,6 +39,10 @@ from orchestrator.storage.checkpoint import FileEntry, Manifest, commit, purge_o
 from orchestrator.storage.layout import check_layout
 from orchestrator.storage.lease import LeaseLost, check_token
 
+#: One sync point's reports by rank: ``{0: combined}`` (the ranks' reports combined over their
+#: process group), or every rank's report (when they disagree, so that the checks name each rank).
+Reports = dict[int, Report]
+
 
 class CoordinatorCore:
     """The coordinator's logic: run the callbacks once per sync point on cluster-wide logs.
@@ -47,7 +50,7 @@ class CoordinatorCore:
     Args:
         callbacks: Callbacks that decide (``runs_on == "coordinator"``), in the user's order.
         params: Keras-style params given to every callback.
-        world_size: Number of ranks that report at each sync point.
+        world_size: Number of ranks (each commits its files of every backup).
         storage: The run storage backups are committed to (a ``RunStorage``), or None.
         restore: The coordinator state of the backup this attempt resumes from, or None.
         backup_dir: The run's backup folder, used by ``Backup`` decisions that leave it ``None``.
@@ -135,7 +138,10 @@ class CoordinatorCore:
 
     # -- sync points -----------------------------------------------------------------------
     def handle(self, reports: Reports) -> list[Decision]:
-        """Run the hooks of one sync point once, on every rank's report; return the decisions for all ranks.
+        """Run the hooks of one sync point once, on its reports; return the decisions for all ranks.
+
+        ``reports`` is ``{0: combined}`` (the ranks' sums added up, flags OR-ed) or every rank's report;
+        both give the same logs.
 
         A callback that raises stops every rank (``StopTraining(reason="callback_error")``); the
         exception is kept in :attr:`error` for the driver. Warnings become ``warning`` events.

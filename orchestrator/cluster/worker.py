@@ -32,14 +32,16 @@ class WorkerFailure:
 
 
 class RayLink:
-    """The :class:`~orchestrator.loop.train_loop.CoordinatorLink` over a Ray actor handle."""
+    """A rank's line to the coordinator actor (:class:`~orchestrator.loop.group_link.RankZeroLink`);
+    the loop talks to it through a :class:`~orchestrator.loop.group_link.GroupLink`, which combines
+    each sync point over the process group so that only rank 0 calls :meth:`decide`."""
 
     def __init__(self, coordinator: Any, rank: int) -> None:
         self.coordinator = coordinator
         self.rank = rank
 
-    def sync(self, report: Report) -> list[Decision]:
-        return ray.get(self.coordinator.sync.remote(self.rank, report))
+    def decide(self, reports: dict[int, Report]) -> list[Decision]:
+        return ray.get(self.coordinator.sync.remote(reports))
 
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         self.coordinator.progress.remote(epoch, step, logs)  # fire and forget
@@ -141,6 +143,7 @@ class TrainWorker:
         import torch
 
         from orchestrator.cluster.ray_data import RayDataInput
+        from orchestrator.loop.group_link import GroupLink
         from orchestrator.loop.signalled import init_process_group
         from orchestrator.loop.train_loop import TrainLoop
 
@@ -157,13 +160,16 @@ class TrainWorker:
             live_restore = _receive(spec.live, self.rank, self.world_size, coordinator) if spec.live is not None \
                 else None
             data_input = RayDataInput()  # ray.data.Datasets from data() become rank shards (see ray_data.py)
+            # sync points combined over the group: rank 0 alone calls the coordinator (see group_link.py)
+            link = GroupLink(RayLink(coordinator, self.rank), self.rank, self.world_size, device,
+                             beat_every_s=spec.loop.progress_interval_s)
             try:
                 storage = spec.storage.open() if spec.storage is not None else None
-                self.loop = TrainLoop(spec, self.rank, self.world_size, device, RayLink(coordinator, self.rank),
-                                      storage=storage, preemption=self.preemption, data_input=data_input,
-                                      live_restore=live_restore)
+                self.loop = TrainLoop(spec, self.rank, self.world_size, device, link, storage=storage,
+                                      preemption=self.preemption, data_input=data_input, live_restore=live_restore)
                 return self.loop.run()
             finally:
+                link.close()
                 data_input.close()
                 torch.distributed.destroy_process_group()
         except Exception as exc:

@@ -68,7 +68,7 @@ class CoordinatorLink(Protocol):
     """How a rank talks to the coordinator (a Ray actor in production, anything in tests)."""
 
     def sync(self, report: Report) -> list[Decision]:
-        """Block until every rank reported; return the decisions for all."""
+        """Block until every rank reported (a GroupLink combines them); return the decisions for all."""
 
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         """Fire-and-forget progress update (rank 0 only, time-gated)."""
