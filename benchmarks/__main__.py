@@ -59,9 +59,15 @@ class Bench:
 
 SUITE = [
     Bench("steady steps/s", "fit_vs_ddp.py",
-          "steps/s of Trainer.fit (EarlyStopping, ReduceLROnPlateau, TerminateOnNaN) against a hand-written "
-          "torchrun DDP loop, same workload, interleaved pairs",
-          quick=["--epochs", "1", "--repeats", "2"], full=["--epochs", "3", "--repeats", "5"]),
+          "steps/s from the second epoch on of Trainer.fit (EarlyStopping, ReduceLROnPlateau, TerminateOnNaN, "
+          "BackupAndRestore) against a hand-written torchrun DDP loop and the same loop under Ray Train v2's "
+          "TorchTrainer, same workload, interleaved repeats",
+          quick=["--epochs", "2", "--repeats", "2"], full=["--epochs", "3", "--repeats", "5"]),
+    Bench("start-up", "startup.py",
+          "from the command's start to the first completed step, each tool a fresh process as a user starts it: "
+          "a script calling Trainer.fit (which starts its own local Ray), torchrun, a script calling Ray Train "
+          "v2's TorchTrainer.fit; interleaved repeats",
+          quick=["--repeats", "2", "--steps", "4"], full=["--repeats", "5"]),
     Bench("recovery", "recovery.py",
           "SIGKILL of a worker to the next completed step, and lost steps: Trainer.fit (live recovery, and "
           "warm_standbys=False) against Ray Train v2 TorchTrainer",

@@ -1,9 +1,14 @@
 """A hand-written DDP loop over the benchmark workload; run with torchrun --nproc_per_node 2.
 
-Prints one JSON line (rank 0): {"steps": ..., "seconds": ...} for the timed epochs (optimizer steps).
+Prints one JSON line (rank 0): {"steps": ..., "seconds": ..., "epoch_starts": [...], "epoch_steps": [...],
+"end": ...}: optimizer steps and seconds of all the epochs, and each epoch's start (``time.time()``),
+its optimizer steps, and the end of the last one, so a caller can time the epochs it chooses.
 ``--realistic``: the loop a user writes for a GPU job (workload.REALISTIC): DataLoader worker
 processes, bf16 autocast, gradient accumulation with ``no_sync`` on all but the last micro-batch,
 and a warm-up + cosine schedule stepped after every optimizer step.
+
+:func:`train` is the loop itself; benchmarks/fit_vs_ddp.py also runs it inside Ray Train's
+TorchTrainer (the loop a Ray Train user writes, with the model wrapped by ``prepare_model``).
 """
 
 from __future__ import annotations
@@ -12,42 +17,49 @@ import argparse
 import contextlib
 import json
 import time
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import workload
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--realistic", action="store_true")
-    args = parser.parse_args()
-    real = workload.REALISTIC if args.realistic else {}
+def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, realistic: bool,
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train ``ddp`` (``model`` wrapped in DistributedDataParallel) for ``epochs`` epochs, validating after each.
+
+    Args:
+        ddp: The wrapped model; the process group is formed.
+        model: The module it wraps (validation calls it directly, as a user does).
+        epochs: Epochs to run.
+        realistic: Run workload.REALISTIC (loader workers, bf16 autocast, accumulation, warm-up + cosine).
+        on_epoch_end: Called on every rank after each epoch with the timings so far (a Ray Train
+            loop reports them). Defaults to nothing.
+
+    Returns:
+        ``{"steps", "seconds", "epoch_starts", "epoch_steps", "end"}`` as printed by this script.
+    """
+    real = workload.REALISTIC if realistic else {}
     accumulate = real.get("accumulate_grad_batches", 1)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    model = workload.build_model()
-    ddp = DistributedDataParallel(model)
     optimizer = workload.make_optimizer(model.parameters())
-    train, val = workload.load_data()
-    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0)
+    train_ds, val_ds = workload.load_data()
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=0)
     workers = real.get("loader_workers", 0)
-    loader = DataLoader(train, batch_size=workload.BATCH, sampler=sampler, num_workers=workers,
+    loader = DataLoader(train_ds, batch_size=workload.BATCH, sampler=sampler, num_workers=workers,
                         persistent_workers=workers > 0)
-    schedule = workload.warmup_cosine(optimizer, workload.optimizer_steps(args.epochs, world)) if real else None
-    val_loader = DataLoader(val, batch_size=workload.BATCH,
-                            sampler=DistributedSampler(val, num_replicas=world, rank=rank, shuffle=False))
+    schedule = workload.warmup_cosine(optimizer, workload.optimizer_steps(epochs, world)) if real else None
+    val_loader = DataLoader(val_ds, batch_size=workload.BATCH,
+                            sampler=DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False))
     loss_fn = torch.nn.functional.cross_entropy
-    steps = 0
+    timings: dict[str, Any] = {"epoch_starts": [], "epoch_steps": []}
     dist.barrier()
     start = time.perf_counter()
-    for epoch in range(args.epochs):
+    for epoch in range(epochs):
+        timings["epoch_starts"].append(time.time())
+        steps = 0
         sampler.set_epoch(epoch)
         ddp.train()
         total = torch.zeros(3, dtype=torch.float64)
@@ -79,12 +91,30 @@ def main() -> None:
                                        torch.tensor(len(y), dtype=torch.float64)])
         dist.all_reduce(total)
         dist.all_reduce(vtotal)
+        timings["epoch_steps"].append(steps)
+        timings["end"] = time.time()
         if rank == 0:
             print(f"epoch {epoch + 1}: loss {total[0] / total[2]:.4f} val_loss {vtotal[0] / vtotal[2]:.4f}",
                   flush=True)
-    seconds = time.perf_counter() - start
-    if rank == 0:
-        print(json.dumps({"steps": steps, "seconds": seconds}), flush=True)
+        if on_epoch_end is not None:
+            on_epoch_end(dict(timings, loss=float(total[0] / total[2]), val_loss=float(vtotal[0] / vtotal[2])))
+    timings.update(steps=sum(timings["epoch_steps"]), seconds=time.perf_counter() - start)
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--realistic", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = workload.build_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    timings = train(ddp, model, args.epochs, args.realistic)
+    if dist.get_rank() == 0:
+        print(json.dumps(timings), flush=True)
     dist.destroy_process_group()
 
 

@@ -1,15 +1,27 @@
-"""Steps/s of Trainer.fit (2 workers, EarlyStopping + ReduceLROnPlateau + TerminateOnNaN) against a
-hand-written DDP loop under torchrun, same model, data, batch size and threads, in one run.
+"""Steps/s of Trainer.fit (2 workers, EarlyStopping + ReduceLROnPlateau + TerminateOnNaN +
+BackupAndRestore) against a hand-written DDP loop under torchrun and the same loop under Ray Train v2's
+TorchTrainer, same model, data, batch size and threads, in one run.
 
-    python benchmarks/fit_vs_ddp.py [--epochs 3] [--repeats 5] [--realistic]
+    python benchmarks/fit_vs_ddp.py [--epochs 3] [--repeats 5] [--realistic] [--no-ray-train]
 
-``--realistic`` runs both sides as a GPU job is configured (workload.REALISTIC): ``loader_workers=2``,
+``--realistic`` runs every side as a GPU job is configured (workload.REALISTIC): ``loader_workers=2``,
 ``"bf16-mixed"``, ``accumulate_grad_batches=2`` and a warm-up + cosine schedule stepped per optimizer
 step; the hand-written loop does the same with DataLoader workers, autocast, ``no_sync`` and
-``LambdaLR``. Steps are optimizer steps on both sides.
+``LambdaLR``. Steps are optimizer steps on every side.
 
-Both sides are timed from the start of the first epoch to the end of the last one (validation
-included); process start-up and group formation are excluded on both sides.
+What is timed, the same on every side: the steady state, from the start of the second epoch to the
+end of the last one (validation and the epoch boundaries included; with ``--epochs 1``, the one
+epoch), from the epoch times each side reports: Trainer.fit's ``epoch_begin``/``epoch_end`` events
+(the coordinator's clock), the hand-written loop's epoch starts and end (rank 0). Process start-up,
+group formation and the first epoch's warm-up are excluded on every side (benchmarks/startup.py
+times start-up).
+
+Ray Train v2 (``RAY_TRAIN_V2_ENABLED=1``, Ray 2.60's default) runs benchmarks/ddp_baseline.py's loop
+inside ``TorchTrainer``, as its user guide writes one: the model wrapped by
+``ray.train.torch.prepare_model`` (DDP over gloo), the DataLoaders with DistributedSamplers (what
+``prepare_data_loader`` adds), and ``ray.train.report`` of the epoch's metrics after every epoch. It
+saves no checkpoints, nor does torchrun's loop; Trainer.fit backs up every epoch (BackupAndRestore).
+The sides run in an order that rotates from repeat to repeat; ratios are medians of the per-repeat ratios.
 """
 
 from __future__ import annotations
@@ -17,9 +29,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import shutil
-import tempfile
 import os
+import shutil
+import statistics
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -45,18 +58,32 @@ def run_fit(epochs: int, realistic: bool) -> tuple[int, float]:
         model=workload.build_model, optimizer=workload.make_optimizer,
         loss=__import__("torch").nn.functional.cross_entropy, data=workload.load_data,
         metrics=["accuracy"], batch_size=workload.BATCH, num_workers=2, threads_per_worker=1,
+        reuse_workers=False,  # gives its CPUs back at the end, for the next side
         callbacks=[callbacks.EarlyStopping(monitor="val_loss", patience=100),
                    callbacks.ReduceLROnPlateau(monitor="val_loss", patience=100),
-                   callbacks.TerminateOnNaN()],
+                   callbacks.TerminateOnNaN(), callbacks.BackupAndRestore()],
         **extra,
     )
     try:
         history = trainer.fit(epochs=epochs, verbose=0)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    begin = next(e["time"] for e in history.events if e["type"] == "epoch_begin")
+    begins = [e["time"] for e in history.events if e["type"] == "epoch_begin"]
     end = [e["time"] for e in history.events if e["type"] == "epoch_end"][-1]
-    return history.results[0].steps_run, end - begin
+    first = timed_from(epochs)
+    steps_per_epoch = history.results[0].steps_run // epochs
+    return steps_per_epoch * (epochs - first), end - begins[first]
+
+
+def timed_from(epochs: int) -> int:
+    """The first timed epoch (0-based): the second one, or the only one."""
+    return 1 if epochs > 1 else 0
+
+
+def steady(timings: dict) -> tuple[int, float]:
+    """(steps, seconds) of the timed epochs from a hand-written loop's timings (ddp_baseline.train)."""
+    first = timed_from(len(timings["epoch_starts"]))
+    return sum(timings["epoch_steps"][first:]), timings["end"] - timings["epoch_starts"][first]
 
 
 def run_ddp(epochs: int, realistic: bool) -> tuple[int, float]:
@@ -67,8 +94,48 @@ def run_ddp(epochs: int, realistic: bool) -> tuple[int, float]:
         env=env, capture_output=True, text=True, check=True, timeout=600,
     )
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
-    result = json.loads(line)
-    return result["steps"], result["seconds"]
+    return steady(json.loads(line))
+
+
+def ray_train_loop(config: dict) -> None:
+    """The hand-written loop as a Ray Train train function (runs on each of its workers)."""
+    import torch
+    import ray.train
+    import ray.train.torch
+
+    import ddp_baseline
+
+    def epoch_end(timings: dict) -> None:
+        ray.train.report({"loss": timings["loss"], "val_loss": timings["val_loss"]})
+        if ray.train.get_context().get_world_rank() == 0:  # Ray Train v2 keeps metrics only with checkpoints
+            Path(config["timings"]).write_text(json.dumps(timings))
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = workload.build_model()
+    ddp = ray.train.torch.prepare_model(model)
+    ddp_baseline.train(ddp, model, config["epochs"], config["realistic"], on_epoch_end=epoch_end)
+
+
+def run_ray_train(epochs: int, realistic: bool) -> tuple[int, float]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    folder = tempfile.mkdtemp(prefix="fit-vs-ray-train-")
+    timings = os.path.join(folder, "timings.json")
+    try:
+        TorchTrainer(
+            ray_train_loop, train_loop_config={"epochs": epochs, "realistic": realistic, "timings": timings},
+            scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name="bench", storage_path=folder),
+        ).fit()
+        return steady(json.loads(Path(timings).read_text()))  # rank 0's, after the last epoch
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
 
 
 def main() -> None:
@@ -76,31 +143,54 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--realistic", action="store_true", help="loader workers, bf16, accumulation, cosine")
+    parser.add_argument("--no-ray-train", action="store_true", help="leave Ray Train out (fit and torchrun only)")
     args = parser.parse_args()
     import torch
+    with_ray_train = not args.no_ray_train
+    timed = f"epochs 2-{args.epochs}" if args.epochs > 1 else "epoch 1 (one epoch: no steady state apart)"
     print(f"torch {torch.__version__}, ray {ray.__version__}, epochs {args.epochs}, repeats {args.repeats}, "
           f"batch {workload.BATCH}/worker, 2 workers x 1 thread, "
-          f"config {workload.REALISTIC if args.realistic else 'plain fp32, 1 micro-batch, constant lr'}", flush=True)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+          f"config {workload.REALISTIC if args.realistic else 'plain fp32, 1 micro-batch, constant lr'}; "
+          f"timed: {timed}, from each side's epoch times; sides in rotating order"
+          + ("; Ray Train v2 (RAY_TRAIN_V2_ENABLED=1) runs the hand-written loop" if with_ray_train else ""),
+          flush=True)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}})
-    rows = []
+    sides = {"fit": run_fit, "torchrun DDP": run_ddp}
+    if with_ray_train:
+        sides["Ray Train v2"] = run_ray_train
+    rates: dict[str, list[float]] = {name: [] for name in sides}
     try:
-        for i in range(args.repeats):  # interleaved, so drift hits both sides alike
-            fs, ft = run_fit(args.epochs, args.realistic)
-            ds, dt = run_ddp(args.epochs, args.realistic)
-            rows.append((fs / ft, ds / dt))
-            print(f"repeat {i + 1}: fit {fs} steps in {ft:.2f}s = {fs / ft:.1f} steps/s | "
-                  f"torchrun DDP {ds} steps in {dt:.2f}s = {ds / dt:.1f} steps/s | ratio {fs / ft / (ds / dt):.3f}",
-                  flush=True)
+        for i in range(args.repeats):  # interleaved, so drift hits every side alike
+            names = list(sides)
+            measured = {}
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                measured[name] = sides[name](args.epochs, args.realistic)
+                rates[name].append(measured[name][0] / measured[name][1])
+            fs, ft = measured["fit"]
+            ds, dt = measured["torchrun DDP"]
+            line = (f"repeat {i + 1}: fit {fs} steps in {ft:.2f}s = {fs / ft:.1f} steps/s | "
+                    f"torchrun DDP {ds} steps in {dt:.2f}s = {ds / dt:.1f} steps/s | ratio {fs / ft / (ds / dt):.3f}")
+            if with_ray_train:
+                rs, rt = measured["Ray Train v2"]
+                line += (f" | Ray Train v2 {rs} steps in {rt:.2f}s = {rs / rt:.1f} steps/s | "
+                         f"fit / Ray Train {fs / ft / (rs / rt):.3f}")
+            print(line, flush=True)
     finally:
         ray.shutdown()
-    fit_best = max(r[0] for r in rows)
-    ddp_best = max(r[1] for r in rows)
-    paired = sorted(f / d for f, d in rows)
-    median = paired[len(paired) // 2] if len(paired) % 2 else (paired[len(paired) // 2 - 1] + paired[len(paired) // 2]) / 2
+    fit_best = max(rates["fit"])
+    ddp_best = max(rates["torchrun DDP"])
+    paired = [f / d for f, d in zip(rates["fit"], rates["torchrun DDP"])]
     print(f"best of {args.repeats}: fit {fit_best:.1f} steps/s, DDP {ddp_best:.1f} steps/s, "
           f"ratio {fit_best / ddp_best:.3f}")
-    print(f"median of the {args.repeats} interleaved pair ratios: {median:.3f} (target >= 0.97)")
+    for name, values in rates.items():
+        print(f"{name}: median {median(values):.1f} steps/s (min {min(values):.1f}, max {max(values):.1f})")
+    print(f"median of the {args.repeats} interleaved pair ratios: {median(paired):.3f} "
+          f"(pairs {min(paired):.3f}-{max(paired):.3f}; target >= 0.97)")
+    if with_ray_train:
+        against = [f / r for f, r in zip(rates["fit"], rates["Ray Train v2"])]
+        print(f"fit / Ray Train v2, median of the {args.repeats} per-repeat ratios: {median(against):.3f} "
+              f"(repeats {min(against):.3f}-{max(against):.3f})")
 
 
 if __name__ == "__main__":

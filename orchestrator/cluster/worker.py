@@ -77,17 +77,27 @@ def failure_of(rank: int, exc: BaseException, options: Mapping[str, Any] | None)
                          _picklable(redact_exception(exc, options)))
 
 
-def _warm_up() -> None:
+def _warm_up(low_priority: bool) -> None:
     """Import torch and the loop, and what the first optimizer imports (torch._dynamo and more:
-    about a second), the costly part of a cold start, at the lowest CPU priority.
+    about a second), the costly part of a cold start; never raises (``run`` imports them again
+    and meets the error there).
 
-    A standby warms up while the workers it may replace train on the same CPUs; on Linux the
-    priority is per thread, so the thread that later runs the loop keeps the normal priority.
+    A standby warms up at the lowest CPU priority, while the workers it may replace train on the
+    same CPUs; on Linux the priority is per thread, so the thread that later runs the loop keeps
+    the normal priority.
     """
+    if low_priority:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
+        _import_loop()
+    except BaseException:  # noqa: BLE001 - run() raises it in the loop's thread, as a WorkerFailure
         pass
+
+
+def _import_loop() -> None:
     import torch
 
     import orchestrator.loop.train_loop  # noqa: F401
@@ -99,9 +109,12 @@ def _warm_up() -> None:
 class TrainWorker:
     """Rank ``rank`` of ``world_size``: joins the process group and runs the loop.
 
-    Two threads: ``run`` occupies one; ``notify_preemption`` can arrive on the other. A *warm
-    standby* (``warm=True``) imports torch and the training loop at once and then waits, so that
-    it can take over rank ``rank`` after a failure without a cold start.
+    Two threads: ``run`` occupies one; ``notify_preemption`` can arrive on the other. Every
+    worker starts importing torch and the training loop as its process starts, in a thread of
+    its own: the imports (seconds) overlap with the driver starting the other workers and the
+    coordinator, and ``run`` waits for them. A *warm standby* (``warm=True``) does so at the
+    lowest CPU priority and then waits, so that it can take over rank ``rank`` after a failure
+    without a cold start.
     """
 
     def __init__(self, rank: int, world_size: int, warm: bool = False) -> None:
@@ -109,8 +122,9 @@ class TrainWorker:
         self.world_size = world_size
         self.preemption = threading.Event()
         self.loop: Any = None  # the running (or ended) TrainLoop: a survivor's state is copied from it
-        if warm:
-            threading.Thread(target=_warm_up, name="orchestrator-warm-up", daemon=True).start()
+        self.warm = warm
+        self.warming = threading.Thread(target=_warm_up, args=(warm,), name="orchestrator-warm-up", daemon=True)
+        self.warming.start()
 
     def notify_preemption(self) -> None:
         """Ask the loop to stop at the next step boundary (every rank agrees on which, via the step signal)."""
@@ -138,8 +152,19 @@ class TrainWorker:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def run(self, spec: TrainSpec, master: tuple[str, int], coordinator: Any) -> Any:
-        """Join the process group at ``master`` and run this rank's loop; a failure is returned as a value."""
+    def run(self, boxed_spec: list[Any], master: tuple[str, int], coordinator: Any) -> Any:
+        """Join the process group at ``master`` and run this rank's loop; a failure is returned as a value.
+
+        Args:
+            boxed_spec: ``[ray.put(spec)]``, the :class:`TrainSpec` in the object store: a reference
+                inside a list is not resolved by Ray before the call, so the spec (the user's model,
+                loss and data functions: torch) is loaded here, after the warm-up thread has
+                imported torch (two threads importing torch at once break its import).
+            master: The host and port of rank 0's process-group store.
+            coordinator: The coordinator actor.
+        """
+        self.warming.join()
+        spec: TrainSpec = ray.get(boxed_spec[0])
         import torch
 
         from orchestrator.cluster.ray_data import RayDataInput

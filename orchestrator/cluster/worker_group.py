@@ -273,7 +273,8 @@ class WorkerGroup:
     def run(self, spec: TrainSpec, coordinator: Any) -> list[ray.ObjectRef]:
         """Start every rank's loop on ``spec`` (rank 0's node hosts the process group's store)."""
         master = get_within(self.workers[0].free_port.remote(), CALL_TIMEOUT_S, "rank 0 (asked for a free port)")
-        return [w.run.remote(spec, master, coordinator) for w in self.workers]
+        boxed = [ray.put(spec)]  # loaded by each worker once its imports are done (TrainWorker.run)
+        return [w.run.remote(boxed, master, coordinator) for w in self.workers]
 
     def stop_workers(self) -> None:
         """Kill the workers (ranks stuck in a collective included); keep the placement group and standbys."""

@@ -50,11 +50,16 @@ __all__ = ["Controller", "ControllerState", "FailureDecision", "FailurePolicy", 
 def ensure_ray() -> bool:
     """Use the Ray cluster already initialised (or named by RAY_ADDRESS); else start a local one.
 
+    The local instance lives as long as this fit and serves only it, so it starts without Ray's
+    dashboard (the web UI and its job, state and metrics views: about 10 processes, and
+    ``ray.init`` waits for them); workers' logs still reach the driver. Start Ray yourself
+    (``ray.init()`` or ``ray start --head``) to have the dashboard.
+
     Returns True when this call started Ray (so the caller shuts it down).
     """
     if ray.is_initialized():
         return False
-    ray.init(logging_level=logging.WARNING, log_to_driver=True)
+    ray.init(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
     return True
 
 

@@ -1,0 +1,34 @@
+"""A user's script: Trainer.fit with no Ray running, so fit starts (and stops) its own local Ray.
+
+    python tests/entries/own_ray_fit.py STORAGE
+
+Each worker prints a line from the model factory; the script prints what it checked after fit.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from orchestrator import Trainer
+
+
+def build_model() -> torch.nn.Module:
+    print("model built on a worker", flush=True)
+    return torch.nn.Linear(4, 2)
+
+
+def load_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    return torch.utils.data.TensorDataset(x, (x.sum(1) > 0).long()), None
+
+
+if __name__ == "__main__":
+    import ray
+
+    history = Trainer(model=build_model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                      loss=torch.nn.functional.cross_entropy, data=load_data, batch_size=16, num_workers=2,
+                      threads_per_worker=1, storage=sys.argv[1], run_name="own-ray").fit(epochs=2, verbose=0)
+    print(f"epochs run: {len(history.epoch)}; ray still initialised: {ray.is_initialized()}", flush=True)
