@@ -2,25 +2,32 @@
 
 The local instance starts without Ray's dashboard and every worker imports torch and the loop as
 its process starts; what users rely on stays: workers' output reaches the driver, training runs
-to the end, Ray is stopped after.
+to the end, Ray is stopped after. The script runs as a background scenario (tests/background.py):
+it mostly waits for its own Ray to start, beside the rest of the suite.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import background
+
+pytestmark = pytest.mark.timeout(400)
 ROOT = Path(__file__).resolve().parent.parent
 
+# RAY_ADDRESS=local: a Ray of its own even while another scenario's `ray start` cluster runs here
+SCENARIO = background.Scenario("own-ray", ["env", "RAY_ADDRESS=local", sys.executable,
+                                           str(ROOT / "tests" / "entries" / "own_ray_fit.py"), "{folder}"])
 
-def test_a_fit_that_starts_its_own_ray_trains_brings_worker_output_to_the_driver_and_stops_ray(tmp_path):
-    env = dict(os.environ, RAY_ADDRESS="local", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "entries" / "own_ray_fit.py"), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
+
+def test_a_fit_that_starts_its_own_ray_trains_brings_worker_output_to_the_driver_and_stops_ray():
+    returncode = SCENARIO.wait(timeout=300)
+    assert SCENARIO.folder is not None
+    output = (SCENARIO.folder / "output.log").read_text()
+    assert returncode == 0, output[-4000:]
     assert output.count("model built on a worker") >= 2, output[-4000:]  # one line per rank, through Ray's log monitor
-    assert "epochs run: 2; ray still initialised: False" in done.stdout, output[-4000:]
-    assert (tmp_path / "own-ray" / "model.pt").exists()
+    assert "epochs run: 2; ray still initialised: False" in output, output[-4000:]
+    assert (SCENARIO.folder / "own-ray" / "model.pt").exists()
