@@ -26,7 +26,8 @@ import workloads
 
 def main(storage: str) -> int:
     Path(storage).mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20,
+                                                             "include_dashboard": False})
     blind = None
     try:
         cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)

@@ -114,7 +114,8 @@ def sigterm_spot_node(cluster: Cluster, events_file: Path, record: dict, spot: s
 
 
 def start_cluster() -> Cluster:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20,
+                                                             "include_dashboard": False})
     ray.init(address=cluster.address, logging_level="WARNING")
     return cluster
 

@@ -45,7 +45,7 @@ def main(folder: Path, epochs: int) -> int:
     hold.touch()
     record: dict = {"removed": None, "added": None}
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 80 * 2**20,
+        "num_cpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False,  # nothing here reads it
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
     try:
         nodes = {cluster.add_node(**NODE_ARGS) for _ in range(2)}
