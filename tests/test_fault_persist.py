@@ -25,14 +25,14 @@ def make(tmp_path, run_name, train_step, **overrides):
 
 def test_sigkill_during_a_background_persist_falls_back_to_the_previous_committed_backup(ray_cluster, tmp_path):
     # The uninterrupted reference needs no backups (nor restarts, nor standbys): they never change the
-    # training, and BackupAndRestore logs nothing to History; writing ~200 MB a step would only cost time.
+    # training, and BackupAndRestore logs nothing to History; writing ~50 MB a step would only cost time.
     reference = make(tmp_path, "reference", workloads_big.step_killing_rank0_at(0, None), callbacks=[],
                      max_failures=0).fit(epochs=EPOCHS, verbose=0)
 
     flag = tmp_path / "armed"
     flag.write_text("x")
     # rank 0 kills itself at the start of its 4th step: the backup of step 3 was submitted a moment
-    # earlier and its ~200 MB are still being serialised and written in the background
+    # earlier and its ~50 MB are still being serialised and written in the background
     kill = workloads_big.step_killing_rank0_at(3, str(flag))
     resumed = make(tmp_path, "killed", kill, live_recovery=False).fit(epochs=EPOCHS, verbose=0)  # the storage path
 
