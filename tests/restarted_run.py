@@ -63,8 +63,9 @@ def make(root: Path, run_name: str, train_step: Any, **overrides: Any) -> Traine
 def fit_both(root: Path) -> RestartedRuns:
     """Fit the two runs, each with a CSVLogger (appending to a file with earlier content) and a TensorBoard.
 
-    The faulty run starts cold (no parked workers), restarts without warm standbys, from storage
-    (``live_recovery=False``: tests/test_live_recovery.py covers the survivors' memory).
+    The faulty run starts on the idle workers the reference run parked (no process started), restarts
+    cold (no warm standbys: new processes), from storage (``live_recovery=False``:
+    tests/test_live_recovery.py covers the survivors' memory).
     """
     def fit(run_name: str, step: Any, **overrides: Any) -> Any:
         csv = root / f"{run_name}.csv"
@@ -76,6 +77,5 @@ def fit_both(root: Path) -> RestartedRuns:
     reference = fit("reference", workloads.faulty_step("raise", 0, 10**6, None))
     flag = root / "armed"
     flag.write_text("x")
-    faulty = fit("faulty", workloads.faulty_step("raise", 1, FAILING_CALL, str(flag)), reuse_workers=False,
-                 live_recovery=False)
+    faulty = fit("faulty", workloads.faulty_step("raise", 1, FAILING_CALL, str(flag)), live_recovery=False)
     return RestartedRuns(root, reference, faulty, flag.exists())

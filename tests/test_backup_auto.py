@@ -18,7 +18,8 @@ def make(url: str, run_name: str, train_step, max_failures: int = 0) -> Trainer:
     auto = callbacks.BackupAndRestore(save_freq="auto", mtbf_s=1e-3, min_interval_s=0.0, delete_checkpoint=False)
     return Trainer(model=workloads.dropout_model, optimizer=workloads.adam, loss=None, data=workloads.odd_data,
                    metrics=None, train_step=train_step, batch_size=16, num_workers=2, seed=0, storage=url,
-                   run_name=run_name, callbacks=[auto], max_failures=max_failures)
+                   run_name=run_name, callbacks=[auto], max_failures=max_failures,
+                   warm_standbys=False)  # the restart starts new processes: standbys would only cost the suite
 
 
 def test_an_auto_interval_run_commits_backups_records_its_intervals_and_resumes_bit_identical(ray_cluster, tmp_path):

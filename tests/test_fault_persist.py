@@ -34,7 +34,8 @@ def test_sigkill_during_a_background_persist_falls_back_to_the_previous_committe
     # rank 0 kills itself at the start of its 4th step: the backup of step 3 was submitted a moment
     # earlier and its ~50 MB are still being serialised and written in the background
     kill = workloads_big.step_killing_rank0_at(3, str(flag))
-    resumed = make(tmp_path, "killed", kill, live_recovery=False).fit(epochs=EPOCHS, verbose=0)  # the storage path
+    resumed = make(tmp_path, "killed", kill, live_recovery=False,  # the storage path
+                   warm_standbys=False).fit(epochs=EPOCHS, verbose=0)  # (standbys: three more process starts)
 
     events = read_events(StorageSpec(str(tmp_path), "killed").open())
     committed = [e["step"] for e in events if e["type"] == "backup_committed" and e["attempt"] == 1]

@@ -46,10 +46,13 @@ def events_of(tmp_path, run_name):
 
 
 def assert_restarted_from_the_newest_backup(reference, resumed, events, warm):
-    """Rank 1 failed once at its 11th call; attempt 2 resumed from the newest committed backup, bit-identical."""
+    """Rank 1 failed once at its 11th call; attempt 2 resumed from the newest committed backup, bit-identical.
+
+    ``warm``: whether each attempt's workers were warm processes (parked by an earlier fit, or promoted standbys).
+    """
     assert_same_run(reference, resumed)
     started = [e for e in events if e["type"] == "started"]
-    assert [e["warm"] for e in started] == [False, warm]  # the restart promoted warm standbys, or not
+    assert [e["warm"] for e in started] == list(warm)
     failed = [e for e in events if e["type"] == "worker_failed"]
     assert len(failed) == 1 and failed[0]["rank"] == 1 and failed[0]["attempt"] == 1
     assert failed[0]["role"] == "worker" and failed[0]["node"] and failed[0]["detection_s"] >= 0
@@ -64,11 +67,12 @@ def assert_restarted_from_the_newest_backup(reference, resumed, events, warm):
 
 
 def test_a_worker_that_raises_mid_epoch_restarts_the_group_cold_and_ends_bit_identical(restarted_runs):
-    # restarted_run.py: epoch 1, batch 4 (7 steps per epoch), a cold first attempt (no workers parked by an
-    # earlier fit) and no standbys; live_recovery=False: the storage path (test_live_recovery.py: memory)
+    # restarted_run.py: epoch 1, batch 4 (7 steps per epoch), a first attempt on the workers the reference
+    # run parked, and no standbys: the restart starts new processes; live_recovery=False: the storage path
+    # (test_live_recovery.py: memory)
     assert not restarted_runs.flag_left  # the failure did happen
     assert_restarted_from_the_newest_backup(restarted_runs.reference, restarted_runs.faulty,
-                                            restarted_runs.events("faulty"), warm=False)
+                                            restarted_runs.events("faulty"), warm=(True, False))
 
 
 def test_a_worker_sigkilled_mid_epoch_restarts_on_warm_standbys_and_ends_bit_identical(ray_cluster, reference,
@@ -81,7 +85,7 @@ def test_a_worker_sigkilled_mid_epoch_restarts_on_warm_standbys_and_ends_bit_ide
     # live_recovery=False: this is the storage path (tests/test_live_recovery.py: the survivors' memory)
     resumed = make(tmp_path, "faulty", step, warm_standbys=True, reuse_workers=False,
                    live_recovery=False).fit(epochs=3, verbose=0)
-    assert_restarted_from_the_newest_backup(reference, resumed, events_of(tmp_path, "faulty"), warm=True)
+    assert_restarted_from_the_newest_backup(reference, resumed, events_of(tmp_path, "faulty"), warm=(False, True))
 
 
 def newest_committed_before(events, failure):
@@ -95,7 +99,7 @@ def newest_committed_before(events, failure):
 def test_more_failures_than_max_failures_raise_an_error_listing_every_failure(ray_cluster, tmp_path):
     step = workloads.faulty_step("raise", 1, 4, None)  # fails on every attempt
     with pytest.raises(TrainingFailedError) as info:
-        make(tmp_path, "doomed", step, max_failures=1).fit(epochs=2, verbose=0)
+        make(tmp_path, "doomed", step, max_failures=1, warm_standbys=False).fit(epochs=2, verbose=0)
     assert len(info.value.failures) == 2
     assert "attempt 1: rank 1" in str(info.value) and "attempt 2: rank 1" in str(info.value)
     assert "injected failure on rank 1 at call 4" in str(info.value)
@@ -109,7 +113,7 @@ def test_a_rank_that_hangs_inside_a_step_is_restarted_by_the_watchdog(ray_cluste
     flag.write_text("x")
     step = workloads.faulty_step("hang", 0, 8, str(flag))
     start = time.monotonic()
-    resumed = make(tmp_path, "hung", step, hang_timeout_s=4).fit(epochs=3, verbose=0)
+    resumed = make(tmp_path, "hung", step, hang_timeout_s=4, warm_standbys=False).fit(epochs=3, verbose=0)
     assert time.monotonic() - start < 120
     assert_same_run(reference, resumed)
     failed = [e for e in events_of(tmp_path, "hung") if e["type"] == "worker_failed"]
