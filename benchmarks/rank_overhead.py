@@ -229,7 +229,8 @@ def run(steps: int, blocks: int, warmup: int, breakdown: bool = False) -> BenchL
                         data=lambda: (workload.load_data()[0], None), loss=torch.nn.functional.cross_entropy,
                         metrics={"accuracy": "accuracy"}, batch_size=workload.BATCH, seed=0, steps_per_epoch=steps)
     spec = TrainSpec(loop=config, epochs=warmup + blocks)
-    TimedLoop(spec, rank=0, world_size=1, device=torch.device("cpu"), link=link).run()
+    loop = TimedLoop if breakdown else TrainLoop
+    loop(spec, rank=0, world_size=1, device=torch.device("cpu"), link=link).run()
     return link
 
 
