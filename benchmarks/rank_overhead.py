@@ -147,6 +147,7 @@ class TimedLoop(TrainLoop):
 def patch_classes() -> None:
     """Timers around the parts of fit's step that live on classes and modules (breakdown run only)."""
     PARTS.patch(torch.Tensor, "backward")
+    PARTS.patch(torch.autograd, "backward")
     PARTS.patch(optim_module.OptimStep, "run", "OptimStep.run (rest)")
     PARTS.patch(optim_module, "nonfinite_flag", "nonfinite_flag")
     PARTS.patch(optim_module, "move_to")

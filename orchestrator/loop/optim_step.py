@@ -258,9 +258,10 @@ class OptimStep:
                 values = torch.cat([
                     torch.stack([(~torch.isfinite(detached)).to(dtype), weighted_loss.to(dtype)]),
                     torch.tensor([float(n), notice, float(out_of_data)], dtype=dtype, device=device)])
-                scaled = self.precision.scale(loss.float() / count)
+                scaled = self.precision.scale(loss.float() if count == 1 else loss.float() / count)
                 term = signals.term(values)
-                (scaled if term is None else scaled + term).backward()
+                # one backward pass from both roots (the term's gradient reaches only the signal)
+                torch.autograd.backward([scaled] if term is None else [scaled, term])
         # the verdict on the gradients is the same on every rank (DDP: identical gradients; FSDP: all-reduced flags)
         bad_grads = nonfinite_flag(signals.grads(self.params), device).to(dtype).reshape(1)
         bad_loss, loss_sum, n_sum, preempted, ended, bad = signals.collect(bad_grads)  # the step's one device sync
