@@ -4,7 +4,7 @@
 
 A one-rank gloo group (file:// store in a temporary folder) and the benchmark workload
 (benchmarks/workload.py: MLP 256-512-512-10, batch 64, SGD with momentum, cross-entropy and
-accuracy). Two loops take turns, block by block (A B A B ...), each block ``--steps`` optimizer steps:
+accuracy). Two loops take turns, block by block (hand fit fit hand hand fit ...), each block ``--steps`` optimizer steps:
 
 - **hand**: the loop benchmarks/ddp_baseline.py writes: DDP forward, loss, backward, optimizer step,
   ``zero_grad``, the step's loss / accuracy / count summed on the device;
@@ -13,9 +13,9 @@ accuracy). Two loops take turns, block by block (A B A B ...), each block ``--st
   block (``steps_per_epoch=--steps``, no validation data), timed from the epoch-begin sync point's
   answer to the epoch-end report.
 
-The hand block runs inside the fit loop's epoch-begin sync call, so the two alternate in the same
-process under the same load. Per block the main thread's CPU time (``time.thread_time``, which
-the machine's other load does not change) is divided by the block's steps; the medians over the
+A hand block runs inside the fit loop's epoch-begin or epoch-end sync call, so the two alternate in
+the same process under the same load. Per block the main thread's CPU time (``time.thread_time``:
+this thread's CPU, not the time other processes hold the cores) is divided by the block's steps; the medians over the
 blocks (after ``--warmup`` blocks of each) and their ratio are printed, then a breakdown: a second
 run with timers (thread CPU time, exclusive of nested timed parts) around the parts of each loop's
 step, per step, side by side.
@@ -24,7 +24,6 @@ step, per step, side by side.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import statistics
 import sys
@@ -54,7 +53,8 @@ from orchestrator.loop.train_loop import TrainLoop  # noqa: E402
 
 class Parts:
     """Thread-CPU timers by label, exclusive of the timed parts nested inside, into the ``hand`` or the
-    ``fit`` sums (whichever ``sink`` is; nothing while it is None)."""
+    ``fit`` sums (whichever ``sink`` is; nothing while it is None). A timer's own cost (see
+    :meth:`overhead`) lands in the part around it, or in "other"."""
 
     def __init__(self) -> None:
         self.sink: dict[str, float] | None = None  # where the parts timed now go (None: not timing)
@@ -62,33 +62,65 @@ class Parts:
         self.fit: dict[str, float] = {}
         self._stack: list[list[float]] = []  # per open part: [start, time of its timed children]
 
-    @contextlib.contextmanager
-    def part(self, label: str) -> Iterator[None]:
-        sink = self.sink
-        if sink is None:
-            yield
-            return
+    def begin(self) -> list[float] | None:
+        if self.sink is None:
+            return None
         frame = [time.thread_time(), 0.0]
         self._stack.append(frame)
-        try:
-            yield
-        finally:
-            self._stack.pop()
-            spent = time.thread_time() - frame[0]
-            sink[label] = sink.get(label, 0.0) + spent - frame[1]
-            if self._stack:
-                self._stack[-1][1] += spent
+        return frame
+
+    def end(self, frame: list[float] | None, label: str) -> None:
+        if frame is None:
+            return
+        spent = time.thread_time() - frame[0]
+        self._stack.pop()
+        self.sink[label] = self.sink.get(label, 0.0) + spent - frame[1]
+        if self._stack:
+            self._stack[-1][1] += spent
+
+    def part(self, label: str) -> "_Part":
+        """``with parts.part(label):`` times the block."""
+        return _Part(self, label)
 
     def wrap(self, fn: Callable[..., Any], label: str) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            with self.part(label):
+            frame = self.begin()
+            try:
                 return fn(*args, **kwargs)
+            finally:
+                self.end(frame, label)
         return timed
 
     def patch(self, owner: Any, name: str, label: str | None = None) -> None:
         """Time ``owner.name`` (a class's method, a module's function, an instance's attribute) if it exists."""
         if hasattr(owner, name):
             setattr(owner, name, self.wrap(getattr(owner, name), label or name))
+
+    def overhead(self, calls: int = 20000) -> float:
+        """Seconds of thread CPU one timed call of a no-op costs beyond the no-op itself."""
+        noop = lambda: None  # noqa: E731
+        timed, sink = self.wrap(noop, "calibration"), self.sink
+        self.sink = {}
+        start = time.thread_time()
+        for _ in range(calls):
+            timed()
+        wrapped = time.thread_time() - start
+        start = time.thread_time()
+        for _ in range(calls):
+            noop()
+        self.sink = sink
+        return (wrapped - (time.thread_time() - start)) / calls
+
+
+class _Part:
+    def __init__(self, parts: Parts, label: str) -> None:
+        self.parts, self.label = parts, label
+
+    def __enter__(self) -> None:
+        self.frame = self.parts.begin()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.parts.end(self.frame, self.label)
 
 
 PARTS = Parts()
@@ -156,6 +188,7 @@ def patch_classes() -> None:
     PARTS.patch(signalled.DdpSignals, "term", "signals.term")
     PARTS.patch(signalled.DdpSignals, "collect", "signals.collect")
     PARTS.patch(rank_state.Accumulator, "add", "metric sums")
+    PARTS.patch(rank_state.Accumulator, "add_values", "metric sums")
     PARTS.patch(rank_state.MetricSums, "see", "metric sums (see)")
     PARTS.patch(rank_state.Position, "advance", "position.advance")
     PARTS.patch(live_module.LiveState, "mark", "live.mark")
@@ -177,7 +210,11 @@ def patch_classes() -> None:
 
 
 class BenchLink:
-    """The in-process coordinator link: no decisions; runs a hand block at every epoch begin and times both."""
+    """The in-process coordinator link: no decisions; runs the hand blocks between the fit epochs and times both.
+
+    The hand blocks run in the order hand, fit, fit, hand, hand, fit, ... (each loop goes first as often
+    as second): before a fit epoch at its epoch-begin sync point, or after it at its epoch-end one.
+    """
 
     def __init__(self, hand: HandLoop, warmup: int, breakdown: bool) -> None:
         self.hand, self.warmup, self.breakdown = hand, warmup, breakdown
@@ -185,7 +222,7 @@ class BenchLink:
         self.fit_times: list[float] = []
         self._fit_start: float | None = None
         self._fit_first_step = 0
-        self.blocks = 0
+        self.blocks = 0  # fit blocks done
         self.fit_steps = 0  # timed fit steps (an epoch at the data pass's end may be shorter)
         self.fit_seconds = 0.0
 
@@ -199,17 +236,24 @@ class BenchLink:
                 self.fit_steps += steps
                 self.fit_seconds += now - self._fit_start
             self.blocks += 1
+            if self.blocks % 2 == 0:
+                self._hand_block()
         if report.kind == ReportKind.EPOCH_BEGIN:
-            timing = self.breakdown and self.blocks >= self.warmup
-            PARTS.sink = PARTS.hand if timing else None
-            start = time.thread_time()
-            self.hand.run_block()
-            if self.blocks >= self.warmup:
-                self.hand_times.append((time.thread_time() - start) / self.hand.steps)
-            PARTS.sink = PARTS.fit if timing else None
+            if self.blocks % 2 == 0:
+                self._hand_block()
+            PARTS.sink = PARTS.fit if self.breakdown and self.blocks >= self.warmup else None
             self._fit_first_step = report.global_step
             self._fit_start = time.thread_time()
         return []
+
+    def _hand_block(self) -> None:
+        timing = self.blocks >= self.warmup
+        PARTS.sink = PARTS.hand if self.breakdown and timing else None
+        start = time.thread_time()
+        self.hand.run_block()
+        if timing:
+            self.hand_times.append((time.thread_time() - start) / self.hand.steps)
+        PARTS.sink = None
 
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
         pass
@@ -267,14 +311,15 @@ def main() -> None:
             if not args.no_breakdown:
                 patch_classes()
                 link = run(args.steps, args.blocks, args.warmup, breakdown=True)
-                _print_breakdown(link, hand_steps=args.blocks * args.steps)
+                _print_breakdown(link)
         finally:
             dist.destroy_process_group()
 
 
-def _print_breakdown(link: BenchLink, hand_steps: int) -> None:
+def _print_breakdown(link: BenchLink) -> None:
     """The timed parts per step; "other" is the block's time outside every timed part (loop code)."""
     hand_total, fit_total = sum(link.hand_times) / len(link.hand_times), link.fit_seconds / link.fit_steps
+    hand_steps = len(link.hand_times) * link.hand.steps
     print("\nbreakdown (second run, with timers; ms per step, thread CPU, exclusive of nested parts):")
     print(f"  {'part':<26}{'hand':>9}{'fit':>9}{'fit-hand':>10}")
     hand_rows = {k: v / hand_steps for k, v in PARTS.hand.items()}
@@ -285,6 +330,7 @@ def _print_breakdown(link: BenchLink, hand_steps: int) -> None:
     for label in labels:
         h, f = hand_rows.get(label, 0.0), fit_rows.get(label, 0.0)
         print(f"  {label:<26}{_ms(h):>9}{_ms(f):>9}{_ms(f - h):>10}")
+    print(f"  (each timed part costs about {PARTS.overhead() * 1e6:.1f} us of timer, counted in the part around it)")
     print(f"  {'total (all blocks)':<26}{_ms(hand_total):>9}{_ms(fit_total):>9}{_ms(fit_total - hand_total):>10}")
 
 
