@@ -6,8 +6,12 @@ while the loop's thread is blocked in the next step's collective with the dead p
 
 - the loop calls :meth:`LiveState.mark` right before it fetches a step's batch: the state is then at
   a step boundary (every sync point before it handled, its decisions applied); ``mark`` reseeds the
-  rank's random streams from ``(seed, rank, global step)`` (:func:`step_seed`) and keeps a copy of
-  the rank's own small components (position, metric sums, result counters);
+  rank's random streams from ``(seed, rank, global step)`` (:func:`step_seed`) and keeps the
+  ``state_dict()`` of the rank's own small components (position, metric sums, result counters),
+  copying nothing: each returns a snapshot (fresh containers of plain values, and tensors that the
+  component replaces rather than changes in place), so it still holds the boundary's state when the
+  next step, the epoch's end or a sync point change the component; only :meth:`LiveState.copy`
+  copies it;
 - the loop calls :meth:`LiveState.unmark` before it changes any state again (the optimizer update
   after the step's all-reduce, a skipped batch, the end of an epoch, a sync point's decisions);
 - a sync point with the coordinator is a step boundary too while the rank waits there (a peer that
@@ -88,17 +92,6 @@ def cpu_copy(node: Any) -> Any:
     return copy.deepcopy(node)
 
 
-def _device_copy(node: Any) -> Any:
-    """A deep copy that keeps tensors where they are (no device sync)."""
-    if isinstance(node, torch.Tensor):
-        return node.detach().clone()
-    if isinstance(node, dict):
-        return {k: _device_copy(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_device_copy(v) for v in node]
-    return copy.deepcopy(node)
-
-
 def unsupported(components: Mapping[str, Component]) -> str | None:
     """Why these components cannot be recovered from a survivor's memory (per-rank data state), or None."""
     sharded = sorted(name for name, c in components.items() if c.sharded)
@@ -151,7 +144,7 @@ class LiveState:
         reseed(self.seed, self.rank, position.global_step)
         if self.reason is not None:
             return
-        own = {name: _device_copy(self.components[name].stateful.state_dict())
+        own = {name: self.components[name].stateful.state_dict()  # snapshots: nothing to copy (see the module)
                for name in CARRIED if name in self.components}
         model = self.components.get("model")  # its buffers (batch norm statistics) change in the forward pass
         buffers = {k: b.detach().clone() for k, b in model.stateful.named_buffers()} \

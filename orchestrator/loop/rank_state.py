@@ -9,7 +9,7 @@ the small holders below) and says where it is saved and when it is restored. The
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
@@ -100,7 +100,7 @@ class Position:
         self.epoch, self.batch, self.phase = epoch, last_batch, "epoch_end"
 
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step, "phase": self.phase}
 
     def load_state_dict(self, state: Mapping[str, Any], /) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
@@ -129,12 +129,22 @@ class Accumulator:
     def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         """Add one batch; return the batch's ``loss * n`` (float64, on the device)."""
         weighted = torch.stack([loss, *(v.detach().to(loss.device) for v in metrics.values())]).double() * n
-        if self.totals is None:
-            self.names, self.totals = ["loss", *metrics], weighted.clone()
-        else:
-            self.totals.add_(weighted)
-        self.count += n
+        self._accumulate(["loss", *metrics], weighted, n)
         return weighted[0]
+
+    def add_values(self, values: list[float], metric_names: list[str], n: int) -> list[float]:
+        """Add one batch given as Python floats ``[loss, *metrics]`` (a CPU loop reads them without a
+        device sync); return ``value * n`` for each, the same float64 numbers :meth:`add` computes."""
+        weighted = [v * n for v in values]
+        self._accumulate(["loss", *metric_names], torch.tensor(weighted, dtype=torch.float64), n)
+        return weighted
+
+    def _accumulate(self, names: list[str], weighted: torch.Tensor, n: int) -> None:
+        if self.totals is None:
+            self.names, self.totals = names, weighted
+        else:  # a new tensor, never an in-place add: a state_dict() handed out stays a snapshot (see live.py)
+            self.totals = self.totals + weighted
+        self.count += n
 
     def clear(self) -> None:
         self.names, self.totals, self.count = [], None, 0

@@ -14,8 +14,8 @@ import torch.distributed as dist
 class SignalledModule(torch.nn.Module):
     """The user's model plus a small parameter whose gradient carries per-step signals.
 
-    The loop adds ``(signal * values).sum()`` to the loss before ``backward``; the gradient of
-    ``signal`` is then exactly ``values``, and DDP all-reduces it in the same buckets as the
+    The loop's ``backward`` starts from the loss and from the dot product of ``signal`` and ``values``; the
+    gradient of ``signal`` is then exactly ``values``, and DDP all-reduces it in the same buckets as the
     model's gradients. The model's own gradients are unchanged (``signal`` stays zero; it is
     not given to the optimizer and not saved).
     """
@@ -54,8 +54,8 @@ class DdpSignals:
         return self.ddp.no_sync()
 
     def term(self, values: torch.Tensor) -> torch.Tensor:
-        """What to add to the micro-batch's loss: its gradient w.r.t. ``signal`` is ``values``."""
-        return (self.signal * values).sum()
+        """The micro-batch's second backward root: its gradient w.r.t. ``signal`` is ``values``."""
+        return torch.dot(self.signal, values)
 
     def grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """The (all-reduced, identical on every rank) gradients to check."""
