@@ -16,6 +16,13 @@ _SCENARIOS: list[background.Scenario] = []
 _STOPPING = threading.Event()
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The modules that read a background scenario run last (in their order): by then their scenarios,
+    started at the end of collection, have had the whole suite's time to finish, so no test waits for one."""
+    items.sort(key=lambda item: isinstance(getattr(getattr(item, "module", None), "SCENARIO", None),
+                                           background.Scenario))
+
+
 def pytest_collection_finish(session):
     """Start the background scenarios of the collected modules, one after another, in test order."""
     if session.config.option.collectonly:
