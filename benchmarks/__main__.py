@@ -63,6 +63,11 @@ SUITE = [
           "BackupAndRestore) against a hand-written torchrun DDP loop and the same loop under Ray Train v2's "
           "TorchTrainer, same workload, interleaved repeats",
           quick=["--epochs", "2", "--repeats", "2"], full=["--epochs", "3", "--repeats", "5"]),
+    Bench("CPU beside the ranks", "overhead.py",
+          "CPU seconds per second (and per 1,000 steps) of every process of a steady Trainer.fit that starts its "
+          "own Ray, by role: training ranks, coordinator, driver, gcs_server, raylet, agents, log monitor, "
+          "other Ray workers",
+          quick=["--epochs", "4", "--repeats", "1"], full=["--epochs", "20", "--repeats", "3"]),
     Bench("start-up", "startup.py",
           "from the command's start to the first completed step, each tool a fresh process as a user starts it: "
           "a script calling Trainer.fit (which starts its own local Ray), torchrun, a script calling Ray Train "

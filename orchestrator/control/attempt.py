@@ -98,7 +98,7 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
         raise
     coordinator_spec = fit.coordinator_spec(resume, group.world_size if elastic else None)
     coordinator, ready = group.coordinator(coordinator_spec)  # starts (or is a spare) while the workers start
-    relay = Relay(coordinator, driver, outcome, events, attempt=attempt.number)
+    relay = Relay(coordinator, driver, outcome, events, attempt=attempt.number, every_s=fit.faults.news_every_s)
     drain = DrainWatch(set(), fit.faults.drain_poll_interval_s)
     setup_timeout_s = startup_timeout_s(fit.faults.placement_timeout_s)  # a new coordinator starts a process
     finished = False

@@ -28,6 +28,7 @@ from orchestrator.control.driver_side import reached_step
 from orchestrator.control.elastic import Resized
 from orchestrator.control import metrics_export
 from orchestrator.control.failures import AttemptFailed, FailureDecision, FailurePolicy, FailureRecord, NodesDrained
+from orchestrator.control.local_ray import ensure_ray
 from orchestrator.control.specs import FitSpec, Resume
 from orchestrator.control.states import (TERMINAL, ControllerState, Failed, Finished, FitOutcome, Preempted,
                                          Restarting, Running, Starting)
@@ -45,22 +46,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Controller", "ControllerState", "FailureDecision", "FailurePolicy", "FitOutcome", "FitSpec",
            "ensure_ray", "find_resume", "run_fit"]
-
-
-def ensure_ray() -> bool:
-    """Use the Ray cluster already initialised (or named by RAY_ADDRESS); else start a local one.
-
-    The local instance lives as long as this fit and serves only it, so it starts without Ray's
-    dashboard (the web UI and its job, state and metrics views: about 10 processes, and
-    ``ray.init`` waits for them); workers' logs still reach the driver. Start Ray yourself
-    (``ray.init()`` or ``ray start --head``) to have the dashboard.
-
-    Returns True when this call started Ray (so the caller shuts it down).
-    """
-    if ray.is_initialized():
-        return False
-    ray.init(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
-    return True
 
 
 def find_resume(fit: FitSpec, storage: RunStorage, events: EventLog, reached: int | None = None) -> Resume:

@@ -44,7 +44,11 @@ class FaultPolicy:
         warm_standbys: Keep idle pre-warmed workers for restarts (CPU groups). Defaults to ``True``.
         live_recovery: After a worker's death, restart from the survivors' state in memory when they
             hold a consistent one (see :mod:`orchestrator.control.live_recovery`). Defaults to ``True``.
-        poll_interval_s: How often the driver polls the coordinator and the ranks. Defaults to ``0.2``.
+        poll_interval_s: How often the driver looks for finished ranks, its preemption flag and the
+            coordinator's answer (local checks, no call to another process). Defaults to ``0.2``.
+        news_interval_s: How often the driver asks the coordinator for its events and the ranks'
+            heartbeat ages (an actor call; the driver asks at least every ``hang_timeout_s / 20``,
+            so that a hang is seen within 5% of its timeout). Defaults to ``1``.
         drain_poll_interval_s: How often the driver asks Ray for draining nodes. Defaults to ``1``.
         lease_ttl_s: The run lease expires this long after its driver stopped renewing it (a
             killed driver). Defaults to ``60``.
@@ -60,9 +64,15 @@ class FaultPolicy:
     warm_standbys: bool = True
     live_recovery: bool = True
     poll_interval_s: float = 0.2
+    news_interval_s: float = 1.0
     drain_poll_interval_s: float = 1.0
     lease_ttl_s: float = 60.0
     lease_wait_s: float | None = None
+
+    @property
+    def news_every_s(self) -> float:
+        """Seconds between two questions of the driver to the coordinator."""
+        return min(self.news_interval_s, self.hang_timeout_s / 20)
 
     @property
     def lease_wait(self) -> float:

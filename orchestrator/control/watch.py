@@ -49,7 +49,10 @@ class Relay:
 
     One poll is in flight at a time and no call waits longer than a timeout: a coordinator that
     does not answer is a hang (:func:`coordinator_hang`), one that died an :class:`AttemptFailed`
-    naming the coordinator.
+    naming the coordinator. A new question goes out at most every ``every_s`` seconds: each one
+    costs an actor call on both sides (about a millisecond of CPU each, plus Ray's own work), and
+    what it brings changes about once a second during steady training (the ranks' progress);
+    :meth:`collect` asks at once.
 
     Args:
         coordinator: The attempt's coordinator actor.
@@ -58,6 +61,13 @@ class Relay:
         events: The attempt's ``events.jsonl`` writer.
         attempt: The attempt number, for failure records. Defaults to ``0``.
         where: The coordinator's ``info()`` (``node``, ``node_id``, ``pid``) once known.
+        every_s: Least seconds between two questions sent by :meth:`poll`. Defaults to ``0`` (no
+            least: a new question as soon as the previous one is answered).
+
+    Example:
+        >>> relay = Relay(coordinator=None, driver=None, outcome=FitOutcome(), events=None, every_s=1.0)
+        >>> relay.silence_s(0) is None  # no answer yet
+        True
     """
 
     coordinator: Any
@@ -66,6 +76,7 @@ class Relay:
     events: EventLog
     attempt: int = 0
     where: dict[str, Any] = field(default_factory=dict)
+    every_s: float = 0.0
     ages: dict[int, float] = field(default_factory=dict, init=False)  # from the newest answer
     busy: CoordinatorBusy | None = field(default=None, init=False)  # from the newest answer
     epoch_ends: int = field(default=0, init=False)  # epoch_end events relayed (an elastic run looks for room then)
@@ -73,15 +84,19 @@ class Relay:
     _pending: Any = field(default=None, init=False, repr=False)  # the poll in flight
     _sent: float = field(default=0.0, init=False, repr=False)
 
-    def poll(self, wait_s: float) -> bool:
-        """Ask for news (unless a question is in flight); forward it if the answer comes within ``wait_s``.
+    def poll(self, wait_s: float, *, now: bool = False) -> bool:
+        """Ask for news (unless a question is in flight, or the previous one went out less than
+        :attr:`every_s` ago and ``now`` is False); forward it if the answer comes within ``wait_s``.
 
-        Returns whether an answer came (:attr:`ages` and :attr:`busy` are then fresh).
+        Returns whether an answer came (:attr:`ages` and :attr:`busy` are then fresh); False at once
+        when no question is in flight.
 
         Raises:
             AttemptFailed: The coordinator died.
         """
         if self._pending is None:
+            if not now and time.monotonic() - self._sent < self.every_s:
+                return False
             self._pending = self.coordinator.poll.remote()
             self._sent = time.monotonic()
         ready, _ = ray.wait([self._pending], num_returns=1, timeout=wait_s)
@@ -131,7 +146,7 @@ class Relay:
         """
         deadline = time.monotonic() + timeout_s
         for _ in range(2 if self._pending is not None else 1):  # an answer in flight may predate now
-            if not self.poll(max(0.0, deadline - time.monotonic())):
+            if not self.poll(max(0.0, deadline - time.monotonic()), now=True):
                 raise self.unresponsive(timeout_s, "poll")
 
     def flush(self, timeout_s: float = 10.0) -> None:

@@ -1,0 +1,102 @@
+"""The local Ray instance a fit starts for itself, and the settings that cut its background CPU.
+
+``fit`` starts a local instance only when no Ray is running for it (no ``ray.init`` before, no
+``RAY_ADDRESS``, no ``ray start`` cluster on this machine): that instance serves this one fit
+and stops with it. On a small machine its processes take CPU that the training ranks need, so
+it starts with the settings below, each of which switches off or slows down work that nothing
+of that instance uses. ``python benchmarks/overhead.py`` measures the CPU seconds of every process
+of a steady fit by role; the figures for each setting are in the comment above it. A Ray cluster
+you start yourself (``ray.init()``, ``ray start``) keeps Ray's defaults: these apply only to the
+instance ``fit`` starts.
+
+Example:
+    >>> sorted(SYSTEM_CONFIG)
+    ['task_events_report_interval_ms']
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+__all__ = ["ENVIRONMENT", "SYSTEM_CONFIG", "ensure_ray", "start_local_ray", "starts_local"]
+
+#: Ray's ``_system_config`` for the instance ``fit`` starts (read by its gcs_server, raylet and workers).
+SYSTEM_CONFIG: dict[str, Any] = {
+    # Task events (each actor call's state changes, buffered in the caller and the callee, sent
+    # to gcs_server every second and stored there) feed only Ray's state API and dashboard
+    # (`ray list tasks`, the timeline), which this instance does not start. A fit makes a few
+    # actor calls a second (progress, heartbeats, the driver's questions, sync points).
+    "task_events_report_interval_ms": 0,
+}
+
+#: Environment variables read by Ray's Python processes of the instance (its log monitor) as they
+#: start; a value already set in the environment is kept.
+ENVIRONMENT: dict[str, str] = {
+    # The log monitor (it sends the workers' output to the driver) looks for new log files on
+    # every pass, ten times a second, while there are fewer than 1,000 files: five globs of the
+    # logs folder each time. With 0, it looks every LOG_NAME_UPDATE_INTERVAL_S (0.5 s): a new
+    # worker's first lines reach the driver up to 0.4 s later, none is lost (a file is read from
+    # its start when found), and what it reads from known files is unchanged.
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+}
+
+
+def starts_local() -> bool:
+    """Whether ``ray.init()`` would start a new local instance (rather than join a running cluster).
+
+    Ray joins the cluster named by ``RAY_ADDRESS``, else the latest one ``ray start`` started on
+    this machine; ``RAY_ADDRESS=local`` always starts a new one. Asks Ray's own lookup (quietly:
+    ``ray.init`` warns again if it finds several clusters); False when that lookup fails, so that
+    ``ray.init`` runs as it would without this module and reports the problem itself.
+    """
+    services = logging.getLogger("ray._private.services")
+    level = services.level
+    services.setLevel(logging.ERROR)
+    try:
+        return ray._private.services.canonicalize_bootstrap_address(None) is None
+    except Exception:  # noqa: BLE001 - a bad RAY_ADDRESS, or another Ray: ray.init says what is wrong
+        return False
+    finally:
+        services.setLevel(level)
+
+
+def start_local_ray() -> None:
+    """Start the local instance of one fit, with :data:`SYSTEM_CONFIG` and :data:`ENVIRONMENT`.
+
+    It starts without Ray's dashboard (the web UI and its job, state and metrics views: about 10
+    processes, and ``ray.init`` waits for them); workers' logs still reach the driver.
+    """
+    added = {k: v for k, v in ENVIRONMENT.items() if k not in os.environ}
+    os.environ.update(added)  # Ray's processes started by ray.init inherit this environment
+    try:
+        ray.init(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False,
+                 _system_config=dict(SYSTEM_CONFIG))
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def ensure_ray() -> bool:
+    """Use the Ray cluster already initialised (or named by RAY_ADDRESS); else start a local one.
+
+    The local instance lives as long as this fit and serves only it, so it starts without Ray's
+    dashboard (the web UI and its job, state and metrics views: about 10 processes, and
+    ``ray.init`` waits for them) and with :data:`SYSTEM_CONFIG` and :data:`ENVIRONMENT`,
+    which switch off work of Ray's background processes that nothing of that instance uses (each
+    one documented above, with its measured effect); workers' logs still reach the driver. Start
+    Ray yourself (``ray.init()`` or ``ray start --head``) to have the dashboard and Ray's defaults;
+    joining a running cluster changes nothing of it.
+
+    Returns True when this call started Ray or connected to it (so the caller shuts it down).
+    """
+    if ray.is_initialized():
+        return False
+    if starts_local():
+        start_local_ray()
+    else:
+        ray.init(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
+    return True
