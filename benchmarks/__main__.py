@@ -68,6 +68,10 @@ SUITE = [
           "own Ray, by role: training ranks, coordinator, driver, gcs_server, raylet, agents, log monitor, "
           "other Ray workers",
           quick=["--epochs", "4", "--repeats", "1"], full=["--epochs", "20", "--repeats", "3"]),
+    Bench("rank step overhead", "rank_overhead.py",
+          "per-step CPU time of one rank's TrainLoop beside a hand-written DDP loop in one process (no Ray), "
+          "blocks interleaved, with a timed breakdown of where the extra time goes",
+          quick=["--blocks", "6", "--steps", "32"], timeout_s=900),
     Bench("start-up", "startup.py",
           "from the command's start to the first completed step, each tool a fresh process as a user starts it: "
           "a script calling Trainer.fit (which starts its own local Ray), torchrun, a script calling Ray Train "
