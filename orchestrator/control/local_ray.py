@@ -5,7 +5,7 @@
 and stops with it. On a small machine its processes take CPU that the training ranks need, so
 it starts with the settings below, each of which switches off or slows down work that nothing
 of that instance uses. ``python benchmarks/overhead.py`` measures the CPU seconds of every process
-of a steady fit by role; the figures for each setting are in the comment above it. A Ray cluster
+of a steady fit by role (``--source`` compares two checkouts side by side). A Ray cluster
 you start yourself (``ray.init()``, ``ray start``) keeps Ray's defaults: these apply only to the
 instance ``fit`` starts.
 
@@ -87,7 +87,7 @@ def ensure_ray() -> bool:
     dashboard (the web UI and its job, state and metrics views: about 10 processes, and
     ``ray.init`` waits for them) and with :data:`SYSTEM_CONFIG` and :data:`ENVIRONMENT`,
     which switch off work of Ray's background processes that nothing of that instance uses (each
-    one documented above, with its measured effect); workers' logs still reach the driver. Start
+    one documented above); workers' logs still reach the driver. Start
     Ray yourself (``ray.init()`` or ``ray start --head``) to have the dashboard and Ray's defaults;
     joining a running cluster changes nothing of it.
 
