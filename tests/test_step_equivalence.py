@@ -1,4 +1,4 @@
-"""TrainLoop's optimizer step (signal parameter, gradient check, bucket views) trains bit for bit like a hand-written DDP loop."""
+"""TrainLoop's optimizer step (signal parameter, gradient check) trains bit for bit like a hand-written DDP loop."""
 
 from __future__ import annotations
 

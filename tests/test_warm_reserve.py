@@ -12,9 +12,10 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _fit(tmp_path, run_name: str) -> None:
-    # a step slow enough that the attempt sees every rank under way and prepares its standbys
+    # the first step waits until the attempt, seeing every rank under way, has started its two standbys
+    # (a standby is a TrainWorker): the fit cannot end before it, however long the driver takes to see it
     Trainer(model=workloads.tiny_model, optimizer=workloads.sgd, loss=workloads.cross_entropy,
-            data=workloads.odd_data, train_step=workloads.slow_step(0.05), batch_size=32, num_workers=2, seed=0,
+            data=workloads.odd_data, train_step=workloads.step_waiting_for_workers(4), batch_size=32, num_workers=2, seed=0,
             storage=str(tmp_path), run_name=run_name, max_failures=1).fit(epochs=2, verbose=0)
 
 

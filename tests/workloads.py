@@ -234,6 +234,22 @@ def _wait_for_workers(n: int, timeout_s: float = 120.0) -> None:
         time.sleep(0.1)
 
 
+def step_waiting_for_workers(n: int):
+    """The default step; every rank's first training call waits (up to 120 s) until ``n`` TrainWorker
+    actors are alive (workers plus warm standbys), so that a fit ends only after its standbys started,
+    however the machine's load delays them."""
+    waited = {"done": False}
+
+    def train_step(model, batch):
+        inputs, targets = batch
+        if model.training and not waited["done"]:
+            _wait_for_workers(n)
+            waited["done"] = True
+        return {"loss": torch.nn.functional.cross_entropy(model(inputs), targets), "batch_size": len(targets)}
+
+    return train_step
+
+
 def slow_step(seconds: float):
     """The default step plus a sleep, so a run lasts long enough for outside events."""
     import time

@@ -162,9 +162,7 @@ class TrainLoop:
         else:
             compile_model(self.model, cfg.compile, self.device)  # its forward, in place: plain state_dict keys
             self.signalled = SignalledModule(self.model)
-            # gradients as views of DDP's all-reduce buckets: no copy of every gradient out of its bucket
-            # after each all-reduce (a tenth of a small model's CPU step), and the same values
-            self.ddp = DistributedDataParallel(self.signalled, device_ids=device_ids, gradient_as_bucket_view=True)
+            self.ddp = DistributedDataParallel(self.signalled, device_ids=device_ids)
             signals = DdpSignals(self.ddp, self.signalled.signal, self.world_size)
         train_ds, val_ds = self.data_input(cfg.data(), self.rank, self.world_size, cfg)
         self.stream = train_stream(train_ds, self.rank, self.world_size, cfg, self.device)  # iterables: see iterable.py
