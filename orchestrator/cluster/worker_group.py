@@ -285,9 +285,12 @@ class WorkerGroup:
         """After an attempt that ended normally: its idle, warm workers become the standbys (in
         their own bundles), for a later :meth:`start` of this group; the previous standbys (warm,
         never used) stay in reserve as the next attempt's standbys, so that a run of fits with
-        ``warm_standbys`` starts no process after its first (each start costs a process and a torch import)."""
-        _kill(self.reserve)
-        self.reserve, self.standbys, self.workers = self.standbys, self.workers, []
+        ``warm_standbys`` starts no process after its first (each start costs a process and a torch import).
+        An attempt that ended before it started standbys (a short one) leaves the reserve as it was."""
+        if self.standbys:
+            _kill(self.reserve)
+            self.reserve = self.standbys
+        self.standbys, self.workers = self.workers, []
 
     def park(self, idle_s: float = PARK_IDLE_S) -> None:
         """Keep the placement group, the idle warm workers and the spare coordinator for the next fit
