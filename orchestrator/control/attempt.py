@@ -25,7 +25,7 @@ from orchestrator.control.specs import FitSpec, Resume
 from orchestrator.control.states import FitOutcome
 from orchestrator.control.watch import DrainWatch, DriverCallbacks, Relay, watch
 from orchestrator.core.events import EventType
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import HangError, OrchestratorError
 from orchestrator.loop.specs import LoopResult
 from orchestrator.storage.fs import RunStorage, StorageSpec
 from orchestrator.storage.lease import LeaseLost
@@ -156,8 +156,11 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
     finally:
         group.stop_workers()
         # Ctrl-C: clean up, collect nothing; fenced out: the run is another driver's, write nothing into it
-        if not isinstance(sys.exc_info()[1], (KeyboardInterrupt, LeaseLost)):
-            relay.flush()  # a backup committed as the attempt ended is in events.jsonl before what ended it
+        ended = sys.exc_info()[1]
+        if not isinstance(ended, (KeyboardInterrupt, LeaseLost)):
+            # a backup committed as the attempt ended is in events.jsonl before what ended it; a bare
+            # HangError names a callback that blocks the coordinator's thread (watch.coordinator_hang)
+            relay.flush(blocked=isinstance(ended, HangError))
         metrics.end_attempt(sys.exc_info()[1], preempted=attempt.preempt.is_set())
         if finished:  # the next fit of this driver sets it up again (no new process)
             group.keep_coordinator(relay.coordinator)

@@ -149,14 +149,20 @@ class Relay:
             if not self.poll(max(0.0, deadline - time.monotonic()), now=True):
                 raise self.unresponsive(timeout_s, "poll")
 
-    def flush(self, timeout_s: float = 10.0) -> None:
+    def flush(self, timeout_s: float = 10.0, blocked: bool = False) -> None:
         """Forward what the coordinator still holds (at the end of an attempt, however it ended); never raises.
 
         The coordinator is sealed first: a rank's last files reported after that are never committed,
-        so no commit happens without its ``backup_committed`` event in events.jsonl.
+        so no commit happens without its ``backup_committed`` event in events.jsonl. The seal runs
+        on the coordinator's thread, where commits and callbacks run, in turn; ``blocked``: a callback
+        is known to block that thread (the attempt ends with its :class:`HangError`), so the seal
+        is queued behind it without waiting (nothing queued after it can commit), and what there
+        is is collected at once.
         """
         try:
-            get_within(self.coordinator.seal.remote(), timeout_s, "the coordinator (seal)")
+            sealing = self.coordinator.seal.remote()
+            if not blocked:
+                get_within(sealing, timeout_s, "the coordinator (seal)")
         except Exception as exc:  # noqa: BLE001 - busy or lost: collect what there is
             logger.debug("could not seal the coordinator: %s", exc)
         try:
