@@ -300,6 +300,9 @@ class Controller:
         decision = self.policy.decide(self.failures)
         if decision.restart:
             self.live = failed.live
+            if decision.restarts_left == 0 and self.group is not None:
+                # the next failure ends the fit: standbys started from now on could never take over
+                self.group.warm_standbys = False
             logger.warning("attempt %d failed (%s); %s", failed.record.attempt, failed.record.cause, decision.reason)
             return Restarting(failure=failed.record)
         if len(self.failures) == 1:

@@ -8,7 +8,7 @@ notice, never counted). :class:`FailurePolicy` turns the failures so far into a
 Example:
     >>> record = FailureRecord(attempt=1, rank=0, node="10.0.0.1", cause="rank 0 raised ValueError: bad")
     >>> FailurePolicy(max_failures=1).decide([record])
-    FailureDecision(restart=True, reason='failure 1 of at most 1: restarting')
+    FailureDecision(restart=True, reason='failure 1 of at most 1: restarting', restarts_left=0)
 """
 
 from __future__ import annotations
@@ -131,10 +131,13 @@ class FailureDecision:
     Args:
         restart: Start another attempt (else ``fit`` fails).
         reason: Why, for the log.
+        restarts_left: How many more failures a restart would still follow after this one (0: the
+            next failure ends the fit, so nothing needs warm standbys). Defaults to ``0``.
     """
 
     restart: bool
     reason: str
+    restarts_left: int = 0
 
 
 class FailurePolicy:
@@ -146,6 +149,8 @@ class FailurePolicy:
     Example:
         >>> FailurePolicy(1).decide([object()]).restart, FailurePolicy(1).decide([object(), object()]).restart
         (True, False)
+        >>> FailurePolicy(3).decide([object()]).restarts_left
+        2
     """
 
     def __init__(self, max_failures: int) -> None:
@@ -154,5 +159,6 @@ class FailurePolicy:
     def decide(self, failures: Sequence[object]) -> FailureDecision:
         """The decision after ``failures`` (every failure of this ``fit`` so far, the newest last)."""
         if len(failures) <= self.max_failures:
-            return FailureDecision(True, f"failure {len(failures)} of at most {self.max_failures}: restarting")
+            return FailureDecision(True, f"failure {len(failures)} of at most {self.max_failures}: restarting",
+                                   restarts_left=self.max_failures - len(failures))
         return FailureDecision(False, f"{len(failures)} failures exceed max_failures={self.max_failures}")
