@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from rank_processes import CONTEXT, start_ranks
 from torch.utils.data import Dataset, TensorDataset
 
 from loop_links import QuietLink
@@ -98,15 +98,13 @@ def _rank(rank: int, world: int, store: str, folder: str, script: dict, resume: 
 
 
 def run(world: int, folder: Path, script: dict | None = None, resume: tuple[str, int] | None = None):
-    """Every rank's (state dict, epoch-end sums), each rank in its own spawned process."""
+    """Every rank's (state dict, epoch-end sums), each rank in its own process (forked from the fork server: tests/rank_processes.py)."""
     folder.mkdir(parents=True, exist_ok=True)
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
+    out = CONTEXT.SimpleQueue()
     # a file store of its own (not a TCP port chosen before the spawned ranks bind it: another process
     # could take it in between)
     store = folder / f"store-{uuid.uuid4().hex}"
-    mp.start_processes(_rank, args=(world, str(store), str(folder), script or {}, resume, out), nprocs=world,
-                       start_method="spawn", join=True)
+    start_ranks(_rank, (world, str(store), str(folder), script or {}, resume, out), nprocs=world)
     store.unlink(missing_ok=True)
     got = {rank: ({k: torch.tensor(v) for k, v in state.items()}, ends)
            for rank, state, ends in (out.get() for _ in range(world))}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from rank_processes import start_ranks
 from torch.distributed.fsdp import FSDPModule
 
 from orchestrator import Trainer
@@ -132,7 +132,7 @@ def _two_ranks(rank: int, store: str, root: str) -> None:
 
 
 def test_a_sharded_backup_of_two_ranks_loads_resharded_on_one_rank_exactly(group, tmp_path):
-    mp.start_processes(_two_ranks, args=(str(tmp_path / "two-rank-store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    start_ranks(_two_ranks, (str(tmp_path / "two-rank-store"), str(tmp_path)), nprocs=2)
     assert torch.load(tmp_path / "entries-1.pt") == ["sharded/__1_0.distcp"]  # only its own shards
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
     storage = StorageSpec(f"file://{tmp_path}", "r").open()

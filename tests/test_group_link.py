@@ -2,8 +2,8 @@
 
 Fast tests combine recorded reports as the collectives would (elementwise MAX and SUM) and check
 that the coordinator's core makes of the combined report what it makes of every rank's; a real
-two-rank gloo group (spawned processes meeting through a file store) runs :class:`GroupLink` against
-a real core on rank 0; the coordinator actor's class, in process, counts every rank alive while it
+two-rank gloo group (processes forked from the fork server of tests/rank_processes.py, meeting
+through a file store) runs :class:`GroupLink` against a real core on rank 0; the coordinator actor's class, in process, counts every rank alive while it
 handles a sync point, and no longer once it is done.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from rank_processes import CONTEXT, start_ranks
 
 from loop_links import QuietLink
 from orchestrator import callbacks
@@ -195,10 +195,9 @@ def _rank(rank: int, store: str, scenario: str, out: Any) -> None:
 
 
 def two_ranks(tmp_path, scenario: str) -> dict[int, dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
+    out = CONTEXT.SimpleQueue()
     store = tmp_path / f"store-{uuid.uuid4().hex}"
-    mp.start_processes(_rank, args=(str(store), scenario, out), nprocs=2, start_method="spawn", join=True)
+    start_ranks(_rank, (str(store), scenario, out), nprocs=2)
     return dict(out.get() for _ in range(2))
 
 

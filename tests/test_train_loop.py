@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from rank_processes import CONTEXT, start_ranks
 from torch.utils.data import TensorDataset
 
 import workloads
@@ -490,9 +490,8 @@ def _two_rank_worker(rank: int, store: str, out: Any) -> None:
 
 
 def test_ranks_with_uneven_validation_shards_abandon_validation_together_at_a_notice_on_one_rank(tmp_path):
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_two_rank_worker, args=(str(tmp_path / "group-store"), out), nprocs=2, start_method="spawn", join=True)
+    out = CONTEXT.SimpleQueue()
+    start_ranks(_two_rank_worker, (str(tmp_path / "group-store"), out), nprocs=2)
     got = {rank: (reports, preempted, val_calls) for rank, reports, preempted, val_calls in
            (out.get() for _ in range(2))}
     steps = math.ceil(math.ceil(TRAIN / 2) / BATCH)

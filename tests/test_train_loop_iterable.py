@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from rank_processes import CONTEXT, start_ranks
 from torch.utils.data import IterableDataset
 
 from orchestrator.core.config import LoopConfig
@@ -222,9 +222,8 @@ def _two_rank_stream_worker(rank: int, store: str, out: Any) -> None:
 
 
 def test_when_one_ranks_shard_runs_out_first_every_rank_ends_the_epoch_at_that_step(tmp_path):
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_two_rank_stream_worker, args=(str(tmp_path / "group-store"), out), nprocs=2, start_method="spawn", join=True)
+    out = CONTEXT.SimpleQueue()
+    start_ranks(_two_rank_stream_worker, (str(tmp_path / "group-store"), out), nprocs=2)
     results = {rank: rest for rank, *rest in (out.get() for _ in range(2))}
     got = {rank: (reports, steps) for rank, (reports, steps, _) in results.items()}
     assert got[0] == got[1]
