@@ -105,13 +105,6 @@ def test_a_nan_loss_on_rank_one_only_stops_every_rank_at_that_step(ray_cluster):
     assert all(torch.isfinite(p).all() for p in history.model.parameters())
 
 
-def test_terminate_on_nan_with_raise_error_makes_fit_raise_the_keras_error(ray_cluster):
-    trainer = make(2, train_step=workloads.nan_on_rank1_at_step(1), data=workloads.train_only_data,
-                   metrics=None, callbacks=[callbacks.TerminateOnNaN(raise_error=True)])
-    with pytest.raises(RuntimeError, match="NaN or Inf loss encountered at batch 1"):
-        trainer.fit(epochs=2, verbose=0)
-
-
 def test_a_scheduled_rate_is_set_before_its_epoch_and_plateau_reductions_compound_on_it_on_every_rank(ray_cluster):
     # the schedule sets 0.04 before epoch 1 and otherwise keeps the current rate, which it is given
     sched = callbacks.LearningRateScheduler(lambda epoch, lr: 0.04 if epoch == 1 else lr)
@@ -148,23 +141,6 @@ def test_early_stopping_stops_the_cluster_restores_the_best_weights_and_a_missin
     x, y = val.tensors
     restored_loss = torch.nn.functional.cross_entropy(history.model(x), y).item()
     assert restored_loss == pytest.approx(history.history["val_loss"][0], abs=1e-5)
-
-
-def test_user_code_raising_on_one_rank_surfaces_with_its_rank_and_traceback_within_seconds(ray_cluster):
-    trainer = make(2, train_step=workloads.raise_on_rank1)
-    start = time.monotonic()
-    with pytest.raises(WorkerError) as info:
-        trainer.fit(epochs=2, verbose=0)
-    assert time.monotonic() - start < 60
-    assert info.value.rank == 1
-    assert "boom from rank 1's train step" in str(info.value)
-    assert "raise_on_rank1" in info.value.remote_traceback
-    assert isinstance(info.value.__cause__, ArithmeticError)
-
-
-def test_spread_placement_trains_like_pack(ray_cluster, pack_history):
-    spread = make(2, placement_strategy="SPREAD").fit(epochs=3, verbose=0)
-    assert spread.history == pack_history.history  # every metric of every epoch, bit for bit
 
 
 def test_progress_reaches_the_driver_at_most_about_once_a_second(ray_cluster):
@@ -208,3 +184,33 @@ def test_a_second_fit_of_the_same_shape_reuses_the_warm_workers_and_the_coordina
     assert first_pid == second_pid  # the same coordinator process, set up again
     started = [e for e in read_events(trainer.storage.open()) if e["type"] == "started"]
     assert [e["warm"] for e in started] == [True]  # the parked workers started the second fit
+
+
+# Order: a finished fit parks its group for the next fit of the same shape, a failed one ends its group.
+# So the fits above start no process after the first; the failing fits come last, the first on the
+# group parked above, the second on the group the spread fit (another shape: a new group) parks.
+
+
+def test_terminate_on_nan_with_raise_error_makes_fit_raise_the_keras_error(ray_cluster):
+    trainer = make(2, train_step=workloads.nan_on_rank1_at_step(1), data=workloads.train_only_data,
+                   metrics=None, callbacks=[callbacks.TerminateOnNaN(raise_error=True)])
+    with pytest.raises(RuntimeError, match="NaN or Inf loss encountered at batch 1"):
+        trainer.fit(epochs=2, verbose=0)
+
+
+def test_spread_placement_trains_like_pack(ray_cluster, pack_history):
+    spread = make(2, placement_strategy="SPREAD").fit(epochs=3, verbose=0)
+    assert spread.history == pack_history.history  # every metric of every epoch, bit for bit
+
+
+def test_user_code_raising_on_one_rank_surfaces_with_its_rank_and_traceback_within_seconds(ray_cluster):
+    # SPREAD: it takes over the group the spread test parked, just before (no process started)
+    trainer = make(2, train_step=workloads.raise_on_rank1, placement_strategy="SPREAD")
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        trainer.fit(epochs=2, verbose=0)
+    assert time.monotonic() - start < 60
+    assert info.value.rank == 1
+    assert "boom from rank 1's train step" in str(info.value)
+    assert "raise_on_rank1" in info.value.remote_traceback
+    assert isinstance(info.value.__cause__, ArithmeticError)
