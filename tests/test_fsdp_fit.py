@@ -114,22 +114,7 @@ def test_a_truncated_shard_in_the_newest_backup_makes_the_resume_use_the_previou
     assert next(e for e in read_events(storage) if e["type"] == "restored")["step"] == 6
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_a_backup_of_two_fsdp_workers_resumes_on_another_number_at_the_start_of_its_epoch(
-        ray_cluster, reference, interrupted, tmp_path, workers):
-    url, storage = copy_of(interrupted, tmp_path)
-    resumed = make(url, "interrupted", never_failing(tmp_path), num_workers=workers).fit(epochs=3, verbose=0)
-    events = read_events(storage)
-    assert next(e for e in events if e["type"] == "restored")["step"] == 9
-    assert resumed.epoch == [0, 1, 2]
-    # epoch 0 ended before the backup: its logs are the reference's; epoch 1 restarted on `workers` ranks
-    assert resumed.history["loss"][0] == reference.history["loss"][0]
-    assert all(torch.isfinite(torch.tensor(v)) for v in resumed.history["loss"])
-    # training goes on from the resharded state: better than after epoch 0 (more steps on 1 worker: batches of 16)
-    assert resumed.history["val_loss"][-1] < resumed.history["val_loss"][0]
-    assert resumed.history["val_loss"][1] < reference.history["val_loss"][0]
-
-
+# before the fits on 1 and 3 workers: it takes over the 2-worker group the fit above parked
 def test_model_checkpoint_and_export_files_of_an_fsdp_run_load_into_a_plain_module(ray_cluster, tmp_path):
     url = f"file://{tmp_path}/runs"
     cbs = [callbacks.BackupAndRestore(save_freq="epoch", delete_checkpoint=False),
@@ -146,3 +131,19 @@ def test_model_checkpoint_and_export_files_of_an_fsdp_run_load_into_a_plain_modu
         plain.load_state_dict(torch.load(path, weights_only=True))
         plain.eval()
         torch.testing.assert_close(plain(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_backup_of_two_fsdp_workers_resumes_on_another_number_at_the_start_of_its_epoch(
+        ray_cluster, reference, interrupted, tmp_path, workers):
+    url, storage = copy_of(interrupted, tmp_path)
+    resumed = make(url, "interrupted", never_failing(tmp_path), num_workers=workers).fit(epochs=3, verbose=0)
+    events = read_events(storage)
+    assert next(e for e in events if e["type"] == "restored")["step"] == 9
+    assert resumed.epoch == [0, 1, 2]
+    # epoch 0 ended before the backup: its logs are the reference's; epoch 1 restarted on `workers` ranks
+    assert resumed.history["loss"][0] == reference.history["loss"][0]
+    assert all(torch.isfinite(torch.tensor(v)) for v in resumed.history["loss"])
+    # training goes on from the resharded state: better than after epoch 0 (more steps on 1 worker: batches of 16)
+    assert resumed.history["val_loss"][-1] < resumed.history["val_loss"][0]
+    assert resumed.history["val_loss"][1] < reference.history["val_loss"][0]
