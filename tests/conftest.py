@@ -58,7 +58,7 @@ def _alive_actors(ray) -> list:
     """Alive actors but the idle workers a finished fit parked for the next one (WorkerGroup.park)."""
     from ray._private import state  # the GCS actor table; the state API would need the dashboard
 
-    from orchestrator.cluster.worker_group import parked_ids
+    from orchestrator.cluster.parking import parked_ids
 
     kept = parked_ids()[1]
     return [a["ActorClassName"] for actor_id, a in state.actors().items()
@@ -67,7 +67,7 @@ def _alive_actors(ray) -> list:
 
 def _live_placement_groups(ray) -> list:
     """Live placement groups but the one a finished fit parked for the next one."""
-    from orchestrator.cluster.worker_group import parked_ids
+    from orchestrator.cluster.parking import parked_ids
 
     kept = parked_ids()[0]
     table = ray.util.placement_group_table()

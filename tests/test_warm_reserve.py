@@ -6,7 +6,7 @@ import pytest
 
 import workloads
 from orchestrator import Trainer
-from orchestrator.cluster.worker_group import parked_ids
+from orchestrator.cluster.parking import parked_ids
 
 pytestmark = pytest.mark.timeout(300)
 

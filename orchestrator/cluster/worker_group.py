@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import ray
@@ -12,6 +11,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.core.config import ScalingConfig
 from orchestrator.cluster.coordinator import CoordinatorActor
+from orchestrator.cluster.parking import park_group, take_parked
 from orchestrator.cluster.specs import CoordinatorSpec
 from orchestrator.errors import ActorTimeoutError, OrchestratorError
 from orchestrator.cluster.worker import TrainWorker
@@ -128,8 +128,9 @@ class WorkerGroup:
     def for_fit(cls, scaling: ScalingConfig, placement_timeout_s: float = 120.0,
                 warm_standbys: bool = False) -> "WorkerGroup":
         """The group the previous fit of this driver parked, when it has this shape (and
-        ``scaling.reuse_workers``); else a new group, after the parked one gave its resources back."""
-        parked = _take_parked()
+        ``scaling.reuse_workers``); else a new group, after the parked one gave its resources back
+        (its idle coordinators, which hold no resources and fit any shape, go to the new group)."""
+        parked = take_parked()
         if parked is not None:
             if parked.scaling == scaling and scaling.reuse_workers:
                 parked.placement_timeout_s = placement_timeout_s
@@ -137,7 +138,13 @@ class WorkerGroup:
                 parked.closed, parked.storage_checked = False, False
                 parked.world_size = scaling.num_workers
                 return parked
+            coordinators: list[Any] = []
+            if scaling.reuse_workers:
+                coordinators, parked.spare_coordinators = parked.spare_coordinators, []
             parked.release()  # another shape: give its resources back before placing this one
+            group = cls(scaling, placement_timeout_s, warm_standbys)
+            group.spare_coordinators = coordinators
+            return group
         return cls(scaling, placement_timeout_s, warm_standbys)
 
     def start(self) -> list[dict[str, Any]]:
@@ -302,7 +309,7 @@ class WorkerGroup:
             self.shutdown()
             return
         self.closed = True  # until a fit takes it over
-        _park(self, idle_s)
+        park_group(self, idle_s)
 
     def shutdown(self) -> None:
         """End the group: release everything, and refuse any later :meth:`start`; never raises."""
@@ -322,76 +329,6 @@ class WorkerGroup:
             except Exception as exc:
                 logger.warning("could not remove placement group: %s", exc)
             self.pg = None
-
-
-class _ParkingSlot:
-    """The one group a driver keeps between fits, with the Ray job it belongs to and its release timer."""
-
-    lock = threading.Lock()
-    group: WorkerGroup | None = None
-    job: str | None = None
-    timer: threading.Timer | None = None
-
-
-def _job_id() -> str | None:
-    try:
-        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
-    except Exception:  # noqa: BLE001 - no Ray: nothing to reuse
-        return None
-
-
-def _park(group: WorkerGroup, idle_s: float) -> None:
-    with _ParkingSlot.lock:
-        previous, _ParkingSlot.group, _ParkingSlot.job = _ParkingSlot.group, group, _job_id()
-        if _ParkingSlot.timer is not None:
-            _ParkingSlot.timer.cancel()
-        timer = threading.Timer(idle_s, _release_parked, args=(group,))
-        timer.daemon = True
-        _ParkingSlot.timer = timer
-        timer.start()
-    if previous is not None and previous is not group:
-        previous.release()
-
-
-def _take_parked() -> WorkerGroup | None:
-    """The parked group of this Ray job (a group of an earlier Ray session is dropped), or None."""
-    with _ParkingSlot.lock:
-        group, job = _ParkingSlot.group, _ParkingSlot.job
-        _ParkingSlot.group, _ParkingSlot.job = None, None
-        if _ParkingSlot.timer is not None:
-            _ParkingSlot.timer.cancel()
-            _ParkingSlot.timer = None
-    if group is None or job is None or job != _job_id():
-        return None
-    return group
-
-
-def _release_parked(group: WorkerGroup) -> None:
-    """The timer's end: release the group if it is still the one parked."""
-    with _ParkingSlot.lock:
-        if _ParkingSlot.group is not group:
-            return
-        _ParkingSlot.group, _ParkingSlot.job, _ParkingSlot.timer = None, None, None
-    group.release()
-
-
-def parked_ids() -> tuple[set[str], set[str]]:
-    """(placement group ids, actor ids), hex, of the group parked for the next fit: what a leak check
-    may find alive on purpose."""
-    with _ParkingSlot.lock:
-        group = _ParkingSlot.group
-        if group is None:
-            return set(), set()
-        pgs = {group.pg.id.hex()} if group.pg is not None else set()
-        kept = group.standbys + group.reserve + group.spare_coordinators
-        return pgs, {a._actor_id.hex() for a in kept}
-
-
-def release_parked() -> None:
-    """Release the group parked by the last fit now (e.g. before other work needs the cluster); never raises."""
-    group = _take_parked()
-    if group is not None:
-        group.release()
 
 
 def _kill(actors: list[Any]) -> None:

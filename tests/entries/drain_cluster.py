@@ -132,7 +132,7 @@ def usable_nodes() -> list[str]:
 def prepare(cluster: Cluster, nodes: int) -> None:
     """Wait until no worker of an earlier scenario is left (the group its fit parked for a next fit is
     released now: it would hold its workers for ``PARK_IDLE_S``), then add 1-CPU nodes up to ``nodes`` usable ones."""
-    from orchestrator.cluster.worker_group import release_parked
+    from orchestrator.cluster.parking import release_parked
 
     release_parked()
     wait_for(lambda: not worker_nodes(), 60, "the workers of the previous scenario to exit")
