@@ -1,7 +1,7 @@
 """Start-up: from the command's start to the first completed training step, for Trainer.fit, torchrun
 and Ray Train v2's TorchTrainer, each started as a fresh process the way a user starts it.
 
-    python benchmarks/startup.py [--repeats 5] [--steps 8]
+    python benchmarks/startup.py [--repeats 5] [--steps 8] [--source DIR ...] [--skip torchrun]
 
 Each repeat runs the three sides one after another, in an order that rotates from repeat to repeat
 (so drift and a warm page cache hit every side alike), each as a new process (benchmarks/startup_child.py):
@@ -15,7 +15,10 @@ Each repeat runs the three sides one after another, in an order that rotates fro
 
 Start-up is timed with one clock (one machine): from just before the process is created to the time
 rank 0 wrote when its first optimizer step completed. The process's whole run (to its exit, Ray's
-shutdown included) is printed beside it. Same model, data and batch on every side: benchmarks/workload.py,
+shutdown included) is printed beside it. ``--source`` names checkouts whose ``orchestrator`` package
+the fit side imports (default: this one): each is a side of its own, so that two versions are
+compared interleaved under the same conditions; ``--skip`` leaves sides out (``torchrun``, ``ray-train``).
+Same model, data and batch on every side: benchmarks/workload.py,
 batch 64 per worker, 2 workers with 1 thread each, ``--steps`` steps. ``RAY_ADDRESS=local`` is set
 for the children, so neither Ray side joins a Ray cluster that something else started on this machine.
 """
@@ -37,8 +40,9 @@ HERE = Path(__file__).resolve().parent
 CHILD = HERE / "startup_child.py"
 TARGET = 0.5  # this project's start-up at most half of Ray Train's
 
+FIT = "orchestrator fit"
 SIDES = {
-    "orchestrator fit": lambda stamp, steps: [sys.executable, str(CHILD), "fit", stamp, "--steps", str(steps)],
+    FIT: lambda stamp, steps: [sys.executable, str(CHILD), "fit", stamp, "--steps", str(steps)],
     "torchrun DDP": lambda stamp, steps: [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                           "--nproc_per_node", "2", str(CHILD), "torchrun", stamp,
                                           "--steps", str(steps)],
@@ -46,13 +50,15 @@ SIDES = {
 }
 
 
-def start_once(side: str, folder: str, steps: int, timeout_s: float) -> tuple[float, float]:
-    """Run one side as a fresh process: (seconds to its first completed step, seconds to its exit)."""
+def start_once(side: str, folder: str, steps: int, timeout_s: float, source: Path = HERE.parent) -> tuple[float, float]:
+    """Run one side as a fresh process (the fit side importing ``source``'s package): (seconds to its
+    first completed step, seconds to its exit)."""
     stamp = os.path.join(folder, f"{side.split()[0]}-{time.monotonic_ns()}")
     env = dict(os.environ, OMP_NUM_THREADS="1", RAY_ADDRESS="local", RAY_TRAIN_V2_ENABLED="1",
-               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
+               PYTHONPATH=os.pathsep.join([str(HERE), str(source)]))
     began = time.time()
-    done = subprocess.run(SIDES[side](stamp, steps), env=env, capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run(SIDES[side.split(" (")[0]](stamp, steps), env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
     ended = time.time()
     if done.returncode != 0 or not os.path.exists(stamp):
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
@@ -70,19 +76,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="start-ups of each side (default 5)")
     parser.add_argument("--steps", type=int, default=8, help="training steps each side runs (default 8)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one start may take (default 300)")
+    parser.add_argument("--source", nargs="+", type=Path, default=[HERE.parent],
+                        help="checkouts whose orchestrator package the fit side imports, each a side "
+                             "(default: this one)")
+    parser.add_argument("--skip", nargs="+", choices=("torchrun", "ray-train"), default=[],
+                        help="sides to leave out")
     args = parser.parse_args()
+    sources = {FIT if len(args.source) == 1 else f"{FIT} ({s})": s.resolve() for s in args.source}
+    for s in sources.values():
+        if not (s / "orchestrator" / "__init__.py").exists():
+            parser.error(f"--source {s}: no orchestrator package there")
     print(f"python {platform.python_version()}, torch {version('torch')}, ray {version('ray')} (Ray Train v2: "
           f"RAY_TRAIN_V2_ENABLED=1), {os.cpu_count()} CPUs; {args.repeats} repeats, sides in rotating order; "
           "workload MLP 256-512-512-10, batch 64 per worker, 2 workers x 1 thread (OMP_NUM_THREADS=1), "
           f"{args.steps} steps; timed from process creation to rank 0's first completed optimizer step", flush=True)
-    names = list(SIDES)
+    skipped = {"torchrun": "torchrun DDP", "ray-train": "Ray Train v2"}
+    names = list(sources) + [n for n in SIDES if n != FIT and n not in {skipped[k] for k in args.skip}]
     first: dict[str, list[float]] = {n: [] for n in names}
     total: dict[str, list[float]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="startup-bench-") as folder:
         for i in range(args.repeats):
             order = names[i % len(names):] + names[:i % len(names)]
             for side in order:
-                to_step, to_exit = start_once(side, folder, args.steps, args.timeout)
+                to_step, to_exit = start_once(side, folder, args.steps, args.timeout,
+                                              sources.get(side, HERE.parent))
                 first[side].append(to_step)
                 total[side].append(to_exit)
             print(f"repeat {i + 1} ({' -> '.join(order)}): " + " | ".join(
@@ -91,12 +108,17 @@ def main() -> None:
     print(f"{'side':<18}{'to the first step':>36}{'to the exit':>36}")
     for n in names:
         print(f"{n:<18}{spread(first[n]):>36}{spread(total[n]):>36}")
-    ours, ddp, ray_train = first["orchestrator fit"], first["torchrun DDP"], first["Ray Train v2"]
-    ratio = statistics.median(ours) / statistics.median(ray_train)
-    pairs = [o / r for o, r in zip(ours, ray_train)]
-    print(f"start-up ratio orchestrator / Ray Train v2: {ratio:.2f} (repeats {min(pairs):.2f}-{max(pairs):.2f}); "
-          f"target <= {TARGET}: {'OK' if ratio <= TARGET else 'MISS'}")
-    print(f"start-up ratio orchestrator / torchrun: {statistics.median(ours) / statistics.median(ddp):.2f}")
+    for fit in sources:
+        ours = first[fit]
+        if "Ray Train v2" in first:
+            ray_train = first["Ray Train v2"]
+            ratio = statistics.median(ours) / statistics.median(ray_train)
+            pairs = [o / r for o, r in zip(ours, ray_train)]
+            print(f"start-up ratio {fit} / Ray Train v2: {ratio:.2f} (repeats {min(pairs):.2f}-{max(pairs):.2f}); "
+                  f"target <= {TARGET}: {'OK' if ratio <= TARGET else 'MISS'}")
+        if "torchrun DDP" in first:
+            ddp = statistics.median(first["torchrun DDP"])
+            print(f"start-up ratio {fit} / torchrun: {statistics.median(ours) / ddp:.2f}")
 
 
 if __name__ == "__main__":
