@@ -64,8 +64,8 @@ def fit_both(root: Path) -> RestartedRuns:
     """Fit the two runs, each with a CSVLogger (appending to a file with earlier content) and a TensorBoard.
 
     The faulty run starts on the idle workers the reference run parked (no process started), restarts
-    cold (no warm standbys: new processes), from storage (``live_recovery=False``:
-    tests/test_live_recovery.py covers the survivors' memory).
+    without warm standbys (rank 0 keeps its process, rank 1's is new), from storage
+    (``live_recovery=False``: tests/test_live_recovery.py covers the survivors' memory).
     """
     def fit(run_name: str, step: Any, **overrides: Any) -> Any:
         csv = root / f"{run_name}.csv"

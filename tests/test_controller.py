@@ -378,6 +378,7 @@ class RayFreeGroup:
         self.log = log
         self.promoted = True  # with storage_checked: skips the shared-storage check
         self.storage_checked = True
+        self.warm_ranks = list(range(WORLD))
         self.workers: list[Any] = []
 
     def coordinator(self, spec: Any) -> tuple[str, str]:
@@ -409,7 +410,7 @@ def test_ctrl_c_while_watching_kills_the_workers_and_the_coordinator_at_once_and
     monkeypatch.setattr(attempt_module, "get_within", lambda *args: None)
     monkeypatch.setattr(attempt_module, "watch", interrupted)
     monkeypatch.setattr(Relay, "call", lambda self, method, *args: {"node": "10.0.0.9", "node_id": "c", "pid": 7})
-    monkeypatch.setattr(Relay, "flush", lambda self, *args: log.append("flush"))
+    monkeypatch.setattr(Relay, "flush", lambda self, *args, **kwargs: log.append("flush"))
     monkeypatch.setattr(attempt_module.ray, "kill", lambda actor, no_restart: log.append(f"kill {actor}"))
     fit = fit_spec(tmp_path)
     storage = fit.storage.open()

@@ -66,13 +66,16 @@ def assert_restarted_from_the_newest_backup(reference, resumed, events, warm):
     assert events[-1]["type"] == "finished" and events[-1]["attempt"] == 2
 
 
-def test_a_worker_that_raises_mid_epoch_restarts_the_group_cold_and_ends_bit_identical(restarted_runs):
+def test_a_worker_that_raises_mid_epoch_restarts_on_the_survivor_and_a_new_process_and_ends_bit_identical(
+        restarted_runs):
     # restarted_run.py: epoch 1, batch 4 (7 steps per epoch), a first attempt on the workers the reference
-    # run parked, and no standbys: the restart starts new processes; live_recovery=False: the storage path
-    # (test_live_recovery.py: memory)
+    # run parked, and no standbys: rank 1's process is replaced, rank 0's (which returned once rank 1's
+    # process was gone) is kept; live_recovery=False: the storage path (test_live_recovery.py: memory)
     assert not restarted_runs.flag_left  # the failure did happen
-    assert_restarted_from_the_newest_backup(restarted_runs.reference, restarted_runs.faulty,
-                                            restarted_runs.events("faulty"), warm=(True, False))
+    events = restarted_runs.events("faulty")
+    assert_restarted_from_the_newest_backup(restarted_runs.reference, restarted_runs.faulty, events,
+                                            warm=(True, False))
+    assert [e["warm_ranks"] for e in events if e["type"] == "started"] == [[0, 1], [0]]
 
 
 def test_a_worker_sigkilled_mid_epoch_restarts_on_warm_standbys_and_ends_bit_identical(ray_cluster, reference,

@@ -79,7 +79,7 @@ def parked_ids() -> tuple[set[str], set[str]]:
         if group is None:
             return set(), set()
         pgs = {group.pg.id.hex()} if group.pg is not None else set()
-        kept = group.standbys + group.reserve + group.spare_coordinators
+        kept = [a for a in group.standbys + group.reserve + group.spare_coordinators if a is not None]
         return pgs, {a._actor_id.hex() for a in kept}
 
 

@@ -119,7 +119,8 @@ class WorkerGroup:
         self.standbys: list[Any] = []
         self.reserve: list[Any] = []  # warm standbys never used, kept for the next attempt's (see retire_workers)
         self.spare_coordinators: list[Any] = []  # idle coordinators: the next attempt's first, then its spare
-        self.promoted = False  # whether the running workers are promoted standbys
+        self.promoted = False  # whether the running workers are promoted standbys (every rank)
+        self.warm_ranks: list[int] = []  # the ranks running on a process of an earlier attempt or fit
         self.closed = False
         self.storage_checked = False  # whether this fit checked its storage is visible from the workers' nodes
         self.world_size = scaling.num_workers  # the workers the next start asks for (elastic: may be fewer)
@@ -159,15 +160,20 @@ class WorkerGroup:
         if infos is not None:
             return infos
         self.release()
-        res = self.scaling.worker_resources()
         n = self._place()
+        self.warm_ranks = []
+        self.workers = [self._actor(rank, self._worker_options(), warm=False) for rank in range(n)]
+        return get_within([w.info.remote() for w in self.workers], startup_timeout_s(self.placement_timeout_s),
+                          f"the {n} new workers (starting their processes)")
+
+    def _worker_options(self) -> dict[str, Any]:
+        """A worker's actor options: its share of its bundle's resources."""
+        res = self.scaling.worker_resources()
         options: dict[str, Any] = {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0)}
         custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
         if custom:
             options["resources"] = custom
-        self.workers = [self._actor(rank, options, warm=False) for rank in range(n)]
-        return get_within([w.info.remote() for w in self.workers], startup_timeout_s(self.placement_timeout_s),
-                          f"the {n} new workers (starting their processes)")
+        return options
 
     def _place(self) -> int:
         """Create the placement group of :attr:`world_size` workers (elastic: of fewer when those are not
@@ -249,20 +255,30 @@ class WorkerGroup:
         return coordinator, coordinator.setup.remote(spec)
 
     def _promote_standbys(self) -> list[dict[str, Any]] | None:
+        """The standbys as the workers, with their node infos, or None (then :meth:`start` starts fresh).
+
+        A rank without a standby (None: the failed rank, when the others were kept after a failure:
+        orchestrator/cluster/survivors.py) gets a new process in its bundle."""
         standbys, self.standbys = self.standbys, []
         self.promoted = False
-        if self.pg is None or self.workers or len(standbys) != self.world_size:
-            _kill(standbys)
+        warm = [s for s in standbys if s is not None]
+        if self.pg is None or self.workers or len(standbys) != self.world_size or not warm:
+            _kill(warm)
             return None
+        fresh = {rank: self._actor(rank, self._worker_options(), warm=False)
+                 for rank, s in enumerate(standbys) if s is None}
+        workers = [fresh.get(rank, s) for rank, s in enumerate(standbys)]
         try:
             if ray.util.placement_group_table(self.pg).get("state") != "CREATED":
                 raise OrchestratorError("the placement group is being rescheduled")
-            infos = get_within([s.info.remote() for s in standbys], 30, "the warm standbys")
+            infos = get_within([w.info.remote() for w in workers],
+                               startup_timeout_s(self.placement_timeout_s) if fresh else 30, "the warm standbys")
         except Exception as exc:  # noqa: BLE001 - a lost standby or node: start fresh instead
             logger.info("warm standbys unusable (%s); starting fresh workers", exc)
-            _kill(standbys)
+            _kill(workers)
             return None
-        self.workers, self.promoted = standbys, True
+        self.workers, self.promoted = workers, not fresh
+        self.warm_ranks = [rank for rank in range(len(workers)) if rank not in fresh]
         return infos
 
     def check_capacity(self) -> None:
@@ -333,6 +349,8 @@ class WorkerGroup:
 
 def _kill(actors: list[Any]) -> None:
     for actor in actors:
+        if actor is None:  # a rank without a standby (see WorkerGroup._promote_standbys)
+            continue
         try:
             ray.kill(actor, no_restart=True)
         except Exception as exc:  # already dead

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import ray
 
+from orchestrator.cluster.survivors import keep_survivors
 from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup, get_within, startup_timeout_s
 from orchestrator.control.elastic import GrowWatch, Resized, resize_event
 from orchestrator.control.failures import COORDINATOR, AttemptFailed, FailureRecord, NodesDrained
@@ -126,7 +127,7 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
         metrics.observe(events.append(
             EventType.STARTED, world_size=world_size, nodes=sorted({i["node"] for i in infos}),
             node_ids=[i["node_id"] for i in infos], resumed_from="memory" if resume.live is not None else resume.folder,
-            warm=group.promoted))
+            warm=group.promoted, warm_ranks=list(group.warm_ranks)))
         refs = group.run(fit.train_spec(resume), coordinator)
         grow = GrowWatch(group, enabled=elastic and world_size < fit.scaling.num_workers)
         try:
@@ -140,6 +141,11 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
                 raise NodesDrained(sorted(drain.draining), lost=failed.record.cause) from failed.error
             if fit.faults.live_recovery and fit.faults.max_failures > 0:  # a restart may follow: secure the survivors' state
                 failed.live = secure(group, relay, failed)
+            # a restart follows (within the budget): the ranks that survived the failed one keep their
+            # processes; not after ranks forked DataLoader workers (see Controller._reusable)
+            if failed.live is None and attempt.resume.failures < fit.faults.max_failures \
+                    and fit.loop.loader_workers == 0 and failed.record.role != COORDINATOR:
+                keep_survivors(group, refs, failed.record.rank)
             raise
         if drain.draining and not attempt.preempt.is_set() and any(r.preempted for r in results):
             raise NodesDrained(sorted(drain.draining), step=max(r.steps_run for r in results))

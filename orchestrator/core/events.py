@@ -55,9 +55,11 @@ class EventType(enum.StrEnum):
         return member
 
     # -- lifecycle (driver: controller and attempt) ------------------------------------------
-    STARTED = _Spec("started", ("world_size", "nodes", "node_ids", "resumed_from", "warm"), True,
+    STARTED = _Spec("started", ("world_size", "nodes", "node_ids", "resumed_from", "warm", "warm_ranks"), True,
                     "an attempt's workers are up; ``resumed_from`` the backup folder it resumes from, "
-                    "``memory`` after a live recovery, or null")
+                    "``memory`` after a live recovery, or null; ``warm``: every rank on a process that was "
+                    "already up (parked by an earlier fit, a standby, or a survivor of a failed rank), "
+                    "``warm_ranks``: the ranks that were")
     RESTORED = _Spec("restored", ("folder", "phase", "reached_step", "lost_steps"), True,
                      "an attempt resumes from a committed backup; ``step`` is the backup's global step, "
                      "``reached_step`` the highest global step the driver heard of in the attempt before "
