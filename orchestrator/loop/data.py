@@ -180,6 +180,17 @@ def epoch_window(epoch: int, batches_per_pass: int, steps_per_epoch: int | None 
     return Window(data_pass, first, min(steps_per_epoch, batches_per_pass - first))
 
 
+_MASK = (1 << 64) - 1
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _mix(x: int, part: int) -> int:
+    """One splitmix64 step of :func:`sample_seed` (Python ints, modulo 2**64)."""
+    x = (x ^ (int(part) & _MASK)) * _MIX1 & _MASK
+    x = (x ^ (x >> 31)) * _MIX2 & _MASK
+    return x ^ (x >> 29)
+
+
 def sample_seed(*parts: int) -> int:
     """A 63-bit seed mixed from integers (splitmix64 steps): neighbouring inputs give unrelated seeds.
 
@@ -187,13 +198,31 @@ def sample_seed(*parts: int) -> int:
         >>> sample_seed(0, 0, 1, 7) == sample_seed(0, 0, 1, 7) != sample_seed(0, 0, 1, 8)
         True
     """
-    mask = (1 << 64) - 1
-    x = 0x9E3779B97F4A7C15
+    x = _GOLDEN
     for part in parts:
-        x = (x ^ (int(part) & mask)) * 0xBF58476D1CE4E5B9 & mask
-        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & mask
-        x ^= x >> 29
+        x = _mix(x, part)
     return x >> 1
+
+
+def sample_seeds(prefix: tuple[int, ...], lasts: Any) -> list[int]:
+    """``[sample_seed(*prefix, last) for last in lasts]`` (non-negative ``lasts``), computed for all of
+    them at once in uint64 arithmetic (which wraps modulo 2**64 like the scalar's masks): a data
+    pass's keys cost about 0.05 us each instead of 3.5 us in Python, in the rank's main process.
+
+    Example:
+        >>> sample_seeds((0, 0, 1), [7, 8]) == [sample_seed(0, 0, 1, 7), sample_seed(0, 0, 1, 8)]
+        True
+    """
+    x = _GOLDEN
+    for part in prefix:
+        x = _mix(x, part)
+    lasts = np.asarray(lasts, dtype=np.uint64)
+    if lasts.size == 0:
+        return []
+    v = (lasts ^ np.uint64(x)) * np.uint64(_MIX1)
+    v = (v ^ (v >> np.uint64(31))) * np.uint64(_MIX2)
+    v ^= v >> np.uint64(29)
+    return (v >> np.uint64(1)).tolist()
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
@@ -215,8 +244,9 @@ class SeededSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         s = self.shard
-        for index, position in zip(s, s.global_positions()):
-            yield index, sample_seed(s.seed, self.salt, s.epoch, position)
+        positions = s.global_positions()
+        perm = s.permutation()
+        return zip([perm[p] for p in positions], sample_seeds((s.seed, self.salt, s.epoch), positions))
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -237,6 +267,19 @@ class SeededSamples(Dataset):
         # call, once a sample); a loader worker draws on the CPU
         torch.default_generator.manual_seed(seed)
         return self.dataset[index]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """A batch's samples (the DataLoader's fetcher calls this): what :meth:`__getitem__` returns for
+        each key, in order, with the same seeding, in one loop (no call per sample through the fetcher)."""
+        dataset, seed_random, seed_numpy, torch_generator = self.dataset, random.seed, np.random.seed, \
+            torch.default_generator
+        samples = []
+        for index, seed in keys:
+            seed_random(seed)
+            seed_numpy(seed & 0xFFFFFFFF)
+            torch_generator.manual_seed(seed)
+            samples.append(dataset[index])
+        return samples
 
     def __len__(self) -> int:
         return len(self.dataset)
