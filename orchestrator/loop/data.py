@@ -23,7 +23,7 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 
 class ShardSampler(Sampler[int]):
@@ -285,16 +285,31 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
 
+def draws_nothing(dataset: Any) -> bool:
+    """Whether reading ``dataset``'s samples provably draws from no random stream: its type is exactly
+    ``torch.utils.data.TensorDataset`` (indexing stored tensors; a subclass may override that).
+
+    Example:
+        >>> draws_nothing(TensorDataset(torch.zeros(2))), draws_nothing(SeededSamples(TensorDataset(torch.zeros(2))))
+        (True, False)
+    """
+    return type(dataset) is TensorDataset
+
+
 def make_loader(dataset: Any, shard: ShardSampler, *, batch_size: int, seed: int, workers: int = 0,
                 pin_memory: bool = False, salt: int = 0) -> DataLoader:
     """The loader of one rank's shard: in process (``workers=0``), or in ``workers`` persistent worker
-    processes (prefetching 2 batches each) reading :class:`SeededSamples` (see the module's rule).
+    processes (prefetching 2 batches each) reading :class:`SeededSamples` (see the module's rule), or
+    the shard's plain indices when the dataset :func:`draws_nothing` (the same batches, no seeding).
 
     The loader's generator is private: creating an iterator never draws from the global RNG.
     """
     generator = torch.Generator().manual_seed(seed)
     if workers == 0:
         return DataLoader(dataset, batch_size=batch_size, sampler=shard, pin_memory=pin_memory, generator=generator)
+    if draws_nothing(dataset):
+        return DataLoader(dataset, batch_size=batch_size, sampler=shard, num_workers=workers, persistent_workers=True,
+                          prefetch_factor=2, pin_memory=pin_memory, generator=generator)
     return DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=SeededSampler(shard, salt),
                       num_workers=workers, persistent_workers=True, prefetch_factor=2, pin_memory=pin_memory,
                       generator=generator)
