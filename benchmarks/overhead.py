@@ -1,6 +1,7 @@
 """Where the CPU goes during a steady Trainer.fit: CPU seconds of every process of the session, by role.
 
-    python benchmarks/overhead.py [--epochs 6] [--repeats 2] [--max-failures 0] [--threads 8] [--source DIR ...]
+    python benchmarks/overhead.py [--epochs 6] [--repeats 2] [--max-failures 0] [--threads 8] [--realistic]
+                                  [--source DIR ...]
 
 Each repeat runs ``Trainer.fit`` as a fresh process that starts its own local Ray (no Ray running,
 ``RAY_ADDRESS=local``, as a user's script does; README), with benchmarks/workload.py's model and
@@ -13,7 +14,8 @@ gcs_server, raylet, agents, workers and the coordinator are all started below th
 difference over the window is each process's CPU during steady training; each is grouped by its
 role, from its command line:
 
-- training ranks: ``ray::TrainWorker.run`` (and their child processes, e.g. DataLoader workers);
+- training ranks: ``ray::TrainWorker.run``;
+- loader workers: the ranks' child processes (DataLoader workers, with ``--realistic``);
 - coordinator: ``ray::Coordinator``;
 - driver: the process that called ``fit`` (its poll loop, and Ray's core worker threads in it);
 - gcs_server, raylet, log monitor;
@@ -28,6 +30,9 @@ A process that exits inside the window is not counted (the count of those is pri
 
 ``--source`` names checkouts whose ``orchestrator`` package the fit imports (default: this one);
 with several, the repeats interleave them (A B A B), to compare before and after a change.
+``--realistic``: the fit runs workload.REALISTIC (``loader_workers=2``, ``"bf16-mixed"``,
+``accumulate_grad_batches=2``, the warm-up + cosine schedule per optimizer step), as
+benchmarks/fit_vs_ddp.py --realistic does; steps are then optimizer steps.
 ``--threads N`` also lists every process and the N threads that used the most CPU outside the ranks' training threads.
 """
 
@@ -49,15 +54,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MARK = "@@overhead"
-GROUPS = ("training ranks", "coordinator", "driver", "gcs_server", "raylet", "dashboard / agents", "log monitor",
-          "other Ray workers", "everything else")
+GROUPS = ("training ranks", "loader workers", "coordinator", "driver", "gcs_server", "raylet", "dashboard / agents",
+          "log monitor", "other Ray workers", "everything else")
 COLLECTIVE_THREADS = ("gloo", "pt_gloo", "pt_nccl", "nccl")
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 # -- the child: one fit -----------------------------------------------------------------------
-def child(epochs: int, max_failures: int) -> None:
+def child(epochs: int, max_failures: int, realistic: bool = False) -> None:
     """Run one fit, printing a mark (with the steps per epoch) at the window's start and end."""
+    import functools
+
     import torch
 
     import workload
@@ -74,8 +81,14 @@ def child(epochs: int, max_failures: int) -> None:
             if epoch == epochs - 1:
                 print(f"{MARK} end {self.params.get('steps')}", flush=True)
 
+    extra = {}
+    if realistic:
+        real = workload.REALISTIC
+        extra = dict(loader_workers=real["loader_workers"], precision=real["precision"],
+                     accumulate_grad_batches=real["accumulate_grad_batches"], lr_scheduler_interval="step",
+                     lr_scheduler=functools.partial(workload.warmup_cosine, total_steps=workload.optimizer_steps(epochs)))
     with tempfile.TemporaryDirectory(prefix="overhead-") as folder:
-        Trainer(model=workload.build_model, optimizer=workload.make_optimizer, loss=torch.nn.functional.cross_entropy,
+        Trainer(**extra, model=workload.build_model, optimizer=workload.make_optimizer, loss=torch.nn.functional.cross_entropy,
                 data=workload.load_data, metrics=["accuracy"], batch_size=workload.BATCH, num_workers=2,
                 threads_per_worker=1, storage=folder, run_name="overhead", max_failures=max_failures,
                 callbacks=[callbacks.EarlyStopping(monitor="val_loss", patience=100),
@@ -184,8 +197,8 @@ def groups_of(start: dict[int, Proc], end: dict[int, Proc], driver: int) -> dict
         if own.get(pid):
             return own[pid]  # type: ignore[return-value]
         parent = both[pid].ppid if pid in both else None
-        if parent in both and depth < 32 and group(parent, depth + 1) == "training ranks":
-            return "training ranks"
+        if parent in both and depth < 32 and group(parent, depth + 1) in ("training ranks", "loader workers"):
+            return "loader workers"
         return "everything else"
 
     return {pid: group(pid) for pid in both}
@@ -205,12 +218,13 @@ class Window:
     members: list[tuple[float, str, int, str]]  # (cpu s, group, pid, command line)
 
 
-def measure(source: Path, epochs: int, max_failures: int, threads: bool, timeout_s: float) -> Window:
+def measure(source: Path, epochs: int, max_failures: int, threads: bool, timeout_s: float,
+            realistic: bool = False) -> Window:
     """Run one fit as a fresh process and measure its steady window."""
     env = dict(os.environ, OMP_NUM_THREADS="1", RAY_ADDRESS="local",
                PYTHONPATH=os.pathsep.join([str(source), str(HERE)]))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--epochs", str(epochs),
-           "--max-failures", str(max_failures)]
+           "--max-failures", str(max_failures)] + (["--realistic"] if realistic else [])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=source)
     marks: dict[str, tuple[float, dict[int, Proc], dict[tuple[int, int], Proc], int]] = {}
     deadline = time.monotonic() + timeout_s
@@ -305,10 +319,12 @@ def main() -> None:
     parser.add_argument("--source", nargs="+", type=Path, default=[ROOT],
                         help="checkouts whose orchestrator package the fit imports (default: this one)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one fit may take (default 600)")
+    parser.add_argument("--realistic", action="store_true", help="workload.REALISTIC: loader workers, bf16, "
+                        "accumulation, warm-up + cosine")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.epochs, args.max_failures)
+        child(args.epochs, args.max_failures, args.realistic)
         return
     for name, value, least in (("--epochs", args.epochs, 2), ("--repeats", args.repeats, 1), ("--threads", args.threads, 0),
                                ("--max-failures", args.max_failures, 0)):
@@ -330,7 +346,7 @@ def main() -> None:
     windows: dict[str, list[Window]] = {str(s): [] for s in sources}
     for i in range(args.repeats):
         for s in sources:
-            w = measure(s, args.epochs, args.max_failures, args.threads > 0, args.timeout)
+            w = measure(s, args.epochs, args.max_failures, args.threads > 0, args.timeout, args.realistic)
             windows[str(s)].append(w)
             others = sum(v for k, v in w.cpu.items() if k != "training ranks")
             print(f"repeat {i + 1} {s}: {w.steps} steps in {w.wall_s:.1f} s; ranks {w.cpu.get('training ranks', 0) / w.wall_s:.3f} "

@@ -1,6 +1,6 @@
 """What one training rank does per step beyond a hand-written DDP loop, in one process (no Ray).
 
-    python benchmarks/rank_overhead.py [--steps 64] [--blocks 20] [--warmup 2] [--threads 1]
+    python benchmarks/rank_overhead.py [--steps 64] [--blocks 20] [--warmup 2] [--threads 1] [--realistic]
 
 A one-rank gloo group (file:// store in a temporary folder) and the benchmark workload
 (benchmarks/workload.py: MLP 256-512-512-10, batch 64, SGD with momentum, cross-entropy and
@@ -13,6 +13,12 @@ accuracy). Two loops take turns, block by block (hand fit fit hand hand fit ...)
   block (``steps_per_epoch=--steps``, no validation data), timed from the epoch-begin sync point's
   answer to the epoch-end report.
 
+``--realistic``: both loops run workload.REALISTIC (as benchmarks/ddp_baseline.py --realistic does):
+two persistent DataLoader worker processes, bf16 autocast, two micro-batches per optimizer step (DDP
+``no_sync`` on the first) and the warm-up + cosine LambdaLR stepped every optimizer step. The loader
+workers' CPU time (from /proc, user + system) is then printed per optimizer step for each loop too:
+it is spent in other processes, which compete with the ranks for the cores.
+
 A hand block runs inside the fit loop's epoch-begin or epoch-end sync call, so the two alternate in
 the same process under the same load. Per block the main thread's CPU time (``time.thread_time``:
 this thread's CPU, not the time other processes hold the cores) is divided by the block's steps; the medians over the
@@ -24,6 +30,9 @@ step, per step, side by side.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import os
 import platform
 import statistics
 import sys
@@ -127,25 +136,46 @@ PARTS = Parts()
 
 
 class HandLoop:
-    """benchmarks/ddp_baseline.py's loop (not the realistic variant), run ``steps`` optimizer steps at a time."""
+    """benchmarks/ddp_baseline.py's loop, run ``steps`` optimizer steps at a time (``realistic``: its
+    ``--realistic`` variant; one data pass then spans blocks, as the fit loop's epochs do)."""
 
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
+    def __init__(self, steps: int, realistic: bool = False, total_steps: int = 1) -> None:
+        self.steps, self.realistic = steps, realistic
+        real = workload.REALISTIC if realistic else {}
+        self.accumulate = real.get("accumulate_grad_batches", 1)
         torch.manual_seed(0)
         self.model = workload.build_model()
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
         self.optimizer = workload.make_optimizer(self.model.parameters())
+        self.schedule = workload.warmup_cosine(self.optimizer, total_steps) if realistic else None
         train_ds, _ = workload.load_data()
         self.sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=0)
-        self.loader = DataLoader(train_ds, batch_size=workload.BATCH, sampler=self.sampler)
+        workers = real.get("loader_workers", 0)
+        self.loader = DataLoader(train_ds, batch_size=workload.BATCH, sampler=self.sampler, num_workers=workers,
+                                 persistent_workers=workers > 0)
         self.block = 0
+        self.data_pass = 0
+        self._batches: Any = None
+
+    def _next(self) -> Any:
+        if self._batches is None or not self.realistic:  # plain: a fresh pass per block (as before)
+            self.sampler.set_epoch(self.data_pass if self.realistic else self.block)
+            self._batches = iter(self.loader)
+        batch = next(self._batches, None)
+        if batch is None:  # the pass ended: the next one
+            self.data_pass += 1
+            self._batches = None
+            return self._next()
+        return batch
 
     def run_block(self) -> None:
+        if self.realistic:
+            return self._run_realistic()
         part, loss_fn = PARTS.part, torch.nn.functional.cross_entropy
-        self.sampler.set_epoch(self.block)
         self.block += 1
         self.ddp.train()
         total = torch.zeros(3, dtype=torch.float64)
+        self.sampler.set_epoch(self.block - 1)
         batches = iter(self.loader)
         for _ in range(self.steps):
             with part("data"):
@@ -163,6 +193,47 @@ class HandLoop:
                 total += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).double().sum(),
                                       torch.tensor(len(y), dtype=torch.float64)])
         float(total[0] / total[2])
+
+    def _run_realistic(self) -> None:
+        part, loss_fn, k = PARTS.part, torch.nn.functional.cross_entropy, self.accumulate
+        self.block += 1
+        self.ddp.train()
+        total = torch.zeros(3, dtype=torch.float64)
+        for _ in range(self.steps):
+            for i in range(k):
+                with part("data"):
+                    x, y = self._next()
+                with (contextlib.nullcontext() if i == k - 1 else self.ddp.no_sync()), \
+                        torch.autocast("cpu", dtype=torch.bfloat16):
+                    with part("train_step"):
+                        out = self.ddp(x)
+                        loss = loss_fn(out, y)
+                    with part("backward"):
+                        (loss / k).backward()
+                with part("metric sums"):
+                    total += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).double().sum(),
+                                          torch.tensor(len(y), dtype=torch.float64)])
+            with part("optimizer.step"):
+                self.optimizer.step()
+            with part("zero_grad"):
+                self.optimizer.zero_grad()
+            with part("lrs.end_step"):
+                self.schedule.step()
+        float(total[0] / total[2])
+
+
+def worker_cpu(loader: DataLoader | None) -> float:
+    """CPU seconds (user + system, from /proc) of ``loader``'s live worker processes so far."""
+    iterator = getattr(loader, "_iterator", None)
+    total = 0.0
+    for process in getattr(iterator, "_workers", None) or []:
+        try:
+            with open(f"/proc/{process.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 class TimedLoop(TrainLoop):
@@ -218,6 +289,8 @@ class BenchLink:
 
     def __init__(self, hand: HandLoop, warmup: int, breakdown: bool) -> None:
         self.hand, self.warmup, self.breakdown = hand, warmup, breakdown
+        self.loop: TrainLoop | None = None  # the fit loop (its loader's workers are measured)
+        self.fit_worker_cpu = 0.0  # loader workers' CPU seconds at the end of the fit run
         self.hand_times: list[float] = []
         self.fit_times: list[float] = []
         self._fit_start: float | None = None
@@ -229,6 +302,8 @@ class BenchLink:
     def sync(self, report: Any) -> list[Any]:
         now = time.thread_time()
         PARTS.sink = None
+        if report.kind == ReportKind.TRAIN_END and self.loop is not None:
+            self.fit_worker_cpu = worker_cpu(getattr(self.loop, "train_loader", None))
         if report.kind == ReportKind.EPOCH_END and self._fit_start is not None:
             steps = report.global_step - self._fit_first_step
             if self.blocks >= self.warmup:
@@ -265,17 +340,27 @@ class BenchLink:
         pass
 
 
-def run(steps: int, blocks: int, warmup: int, breakdown: bool = False) -> BenchLink:
+def run(steps: int, blocks: int, warmup: int, breakdown: bool = False, realistic: bool = False) -> BenchLink:
     """Alternate ``warmup + blocks`` hand and fit blocks of ``steps`` steps; the link holds the times
     (and ``PARTS`` the timed parts, with ``breakdown``)."""
-    hand = HandLoop(steps)
+    total_steps = (warmup + blocks) * steps
+    hand = HandLoop(steps, realistic, total_steps)
     link = BenchLink(hand, warmup, breakdown)
+    real: dict[str, Any] = {}
+    if realistic:
+        r = workload.REALISTIC
+        real = dict(loader_workers=r["loader_workers"], precision=r["precision"],
+                    accumulate_grad_batches=r["accumulate_grad_batches"], lr_scheduler_interval="step",
+                    lr_scheduler=functools.partial(workload.warmup_cosine, total_steps=total_steps))
     config = LoopConfig(model=workload.build_model, optimizer=workload.make_optimizer,
                         data=lambda: (workload.load_data()[0], None), loss=torch.nn.functional.cross_entropy,
-                        metrics={"accuracy": "accuracy"}, batch_size=workload.BATCH, seed=0, steps_per_epoch=steps)
+                        metrics={"accuracy": "accuracy"}, batch_size=workload.BATCH, seed=0, steps_per_epoch=steps,
+                        **real)
     spec = TrainSpec(loop=config, epochs=warmup + blocks)
-    loop = TimedLoop if breakdown else TrainLoop
-    loop(spec, rank=0, world_size=1, device=torch.device("cpu"), link=link).run()
+    loop = (TimedLoop if breakdown else TrainLoop)(spec, rank=0, world_size=1, device=torch.device("cpu"), link=link)
+    link.loop = loop
+    loop.run()
+    link.hand_worker_cpu = worker_cpu(hand.loader)
     return link
 
 
@@ -289,6 +374,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=20, help="timed blocks of each loop")
     parser.add_argument("--warmup", type=int, default=2, help="untimed blocks of each loop first")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--realistic", action="store_true",
+                        help="workload.REALISTIC: loader workers, bf16 autocast, accumulation, warm-up + cosine")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the second, timed-parts run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -296,11 +383,12 @@ def main() -> None:
           f"{torch.get_num_threads()} torch thread(s)")
     print(f"settings: steps per block {args.steps}, timed blocks {args.blocks} of each loop (after "
           f"{args.warmup} warm-up), world size 1 (gloo, file:// store), model MLP {workload.FEATURES}-512-512-"
-          f"{workload.CLASSES}, batch {workload.BATCH}, SGD lr {workload.LR} momentum 0.9, metrics: accuracy")
+          f"{workload.CLASSES}, batch {workload.BATCH}, SGD lr {workload.LR} momentum 0.9, metrics: accuracy; "
+          f"{workload.REALISTIC if args.realistic else 'plain fp32, 1 micro-batch, constant lr'}")
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
         try:
-            link = run(args.steps, args.blocks, args.warmup)
+            link = run(args.steps, args.blocks, args.warmup, realistic=args.realistic)
             hand, fit = statistics.median(link.hand_times), statistics.median(link.fit_times)
             print("\nper-step main-thread CPU time, median over blocks (ms):")
             print(f"  hand-written DDP loop  {_ms(hand)}  (blocks: min {_ms(min(link.hand_times))}, "
@@ -308,9 +396,13 @@ def main() -> None:
             print(f"  TrainLoop (fit)        {_ms(fit)}  (blocks: min {_ms(min(link.fit_times))}, "
                   f"max {_ms(max(link.fit_times))})")
             print(f"  fit / hand CPU per step {fit / hand:.3f}  (steps/s ratio fit/hand {hand / fit:.3f})")
+            if args.realistic:
+                steps = (args.warmup + args.blocks) * args.steps
+                print("  loader worker processes' CPU per optimizer step, whole run (ms): "
+                      f"hand {_ms(link.hand_worker_cpu / steps)}, fit {_ms(link.fit_worker_cpu / steps)}")
             if not args.no_breakdown:
                 patch_classes()
-                link = run(args.steps, args.blocks, args.warmup, breakdown=True)
+                link = run(args.steps, args.blocks, args.warmup, breakdown=True, realistic=args.realistic)
                 _print_breakdown(link)
         finally:
             dist.destroy_process_group()
