@@ -244,9 +244,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         s = self.shard
-        positions = s.global_positions()
-        perm = s.permutation()
-        return zip([perm[p] for p in positions], sample_seeds((s.seed, self.salt, s.epoch), positions))
+        return zip(iter(s), sample_seeds((s.seed, self.salt, s.epoch), s.global_positions()))
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -260,17 +258,13 @@ class SeededSamples(Dataset):
         self.dataset = dataset
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        random.seed(seed)
-        np.random.seed(seed & 0xFFFFFFFF)
-        # the CPU generator only: torch.manual_seed also seeds every accelerator's (about 0.26 ms a
-        # call, once a sample); a loader worker draws on the CPU
-        torch.default_generator.manual_seed(seed)
-        return self.dataset[index]
+        return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
-        """A batch's samples (the DataLoader's fetcher calls this): what :meth:`__getitem__` returns for
-        each key, in order, with the same seeding, in one loop (no call per sample through the fetcher)."""
+        """A batch's samples (the DataLoader's fetcher calls this): for each key, in order, the streams
+        seeded from its seed, then its sample; one loop (no call per sample through the fetcher).
+        Only the CPU torch generator is seeded: torch.manual_seed also seeds every accelerator's
+        (about 0.26 ms a call, once a sample), and a loader worker draws on the CPU."""
         dataset, seed_random, seed_numpy, torch_generator = self.dataset, random.seed, np.random.seed, \
             torch.default_generator
         samples = []
