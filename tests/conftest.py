@@ -46,21 +46,15 @@ def ray_session():
         # would leave the idle workers Ray starts with the node unused (they run the default environment)
         # and start others, a few seconds of CPU each.
         pythonpath = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
-        saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "OMP_NUM_THREADS")}
-        os.environ.update(PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")
-        try:
+        with pytest.MonkeyPatch.context() as env:  # restored once ray.init has started the raylet
+            env.setenv("PYTHONPATH", pythonpath)
+            env.setenv("OMP_NUM_THREADS", "1")
             ray.init(
                 address="local",  # always a fresh instance of our own, even if another cluster runs here
                 num_cpus=4,
                 include_dashboard=False,
                 logging_level="WARNING",
             )
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
     yield ray
     ray.shutdown()
 
