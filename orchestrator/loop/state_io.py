@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
 
 from orchestrator.storage.checkpoint import ChecksumWriter, FileEntry
 
@@ -53,6 +53,13 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # -- staging ---------------------------------------------------------------------------------
+def loaded_dtensor() -> type | None:
+    """``DTensor`` if ``torch.distributed.tensor`` is imported, else None: no DTensor can exist before
+    it is (FSDP imports it). Importing it costs a worker that never shards about half a second of CPU."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
 class StagingArea:
     """CPU copies of a state tree, into buffers reused from one save to the next.
 
@@ -66,21 +73,23 @@ class StagingArea:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
         self._from_cuda = False
+        self._dtensor: type | None = None
         self.staged_bytes = 0
 
     def stage(self, tree: Any) -> Any:
         """CPU copies of every tensor in ``tree`` (other values as they are); complete on return."""
         self.staged_bytes = 0
         self._from_cuda = False
+        self._dtensor = loaded_dtensor()
         staged = self._copy(tree, "")
         if self._from_cuda:
             torch.cuda.synchronize()  # the device-to-host copies were asynchronous
         return staged
 
     def _copy(self, node: Any, path: str) -> Any:
-        if isinstance(node, DTensor):  # this rank's shard, staged; still a DTensor (for DCP's planner)
+        if self._dtensor is not None and isinstance(node, self._dtensor):  # still a DTensor (for DCP's planner)
             buf = self._copy(node.to_local(), path)
-            return DTensor.from_local(buf, node.device_mesh, node.placements, run_check=False,
+            return self._dtensor.from_local(buf, node.device_mesh, node.placements, run_check=False,
                                       shape=node.shape, stride=node.stride())
         if isinstance(node, torch.Tensor):
             buf = self._buffers.get(path)

@@ -54,9 +54,7 @@ from orchestrator.loop.optim_step import (
     LearningRates, OptimStep, Precision, build_scheduler, micro_batch_groups, steps_per_epoch)
 from orchestrator.loop.rank_state import MetricSums, Position, Snapshots, rank_components
 from orchestrator.loop.saver import PendingRestore, RankSaver
-from orchestrator.loop.fsdp import ShardedSignals, full_model_state, shard_model
 from orchestrator.loop.regroup import check_regroup, regrouped
-from orchestrator.loop.sharded_state import ShardedSnapshots, sharded_components
 from orchestrator.loop.signalled import DdpSignals, SignalledModule, seed_everything
 from orchestrator.loop.specs import LoopResult, TrainSpec
 from orchestrator.loop.steps import make_default_step, resolve_metrics
@@ -147,6 +145,9 @@ class TrainLoop:
         self.model: torch.nn.Module = model.to(self.device)
         self.fsdp = cfg.strategy == "fsdp"
         if self.fsdp:  # sharded in place before the optimizer sees its parameters (DTensors from here)
+            from orchestrator.loop.fsdp import shard_model  # FSDP, DTensor: imported by sharded runs only
+            from orchestrator.loop.sharded_state import ShardedSnapshots
+
             shard_model(self.model, cfg.fsdp_wrap, self.device)
             self.snapshots = ShardedSnapshots()
             self.backup_group = dist.new_group(backend="gloo")  # the sharded saves' collectives (see saver)
@@ -158,6 +159,8 @@ class TrainLoop:
         self.lrs = LearningRates(self.optimizer, self.lr_scheduler, cfg.lr_scheduler_interval)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         if self.fsdp:  # the sharded model is called as it is; the step's signals get their own all-reduce
+            from orchestrator.loop.fsdp import ShardedSignals
+
             self.ddp, signals = self.model, ShardedSignals(self.model, self.device)
         else:
             compile_model(self.model, cfg.compile, self.device)  # its forward, in place: plain state_dict keys
@@ -201,6 +204,8 @@ class TrainLoop:
                                           position=self.position, metric_sums=self.metric_sums, result=self.result,
                                           scaler=self.precision.scaler, lr_scheduler=self.lr_scheduler)
         if self.fsdp:  # model, optimizer and snapshots: every rank's shards, through DCP
+            from orchestrator.loop.sharded_state import sharded_components
+
             self.components.update(sharded_components(self.model, self.optimizer, self.snapshots))
         self.components.update(data_components(train_ds, self.stream))  # train_stream / train_data: their state
         self.optim_step = OptimStep(ddp=self.ddp, model=self.model, signals=signals,
@@ -366,6 +371,8 @@ class TrainLoop:
 
     def _finish(self) -> LoopResult:
         if self.fsdp:  # every rank takes part in the gather; rank 0 gets the full weights on CPU
+            from orchestrator.loop.fsdp import full_model_state
+
             state = full_model_state(self.model)
             self.result.state_dict = state if self.rank == 0 else None
         elif self.rank == 0:
