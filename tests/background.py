@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def clean_env() -> dict[str, str]:
     """The environment of a subprocess that starts a Ray cluster of its own (not the session's)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    from orchestrator.control.local_ray import ENVIRONMENT  # the background-CPU settings of fit's own Ray
+
+    env = {**ENVIRONMENT, **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}}
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
                OMP_NUM_THREADS="1")

@@ -42,18 +42,24 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        from orchestrator.control import local_ray
+
         # The workers' environment comes from the raylet's, set here for its start only: a job runtime_env
         # would leave the idle workers Ray starts with the node unused (they run the default environment)
-        # and start others, a few seconds of CPU each.
+        # and start others, a few seconds of CPU each. The instance runs with the settings of the one
+        # ``fit`` starts for itself (local_ray.py: less background CPU, nothing a test reads switched off).
         pythonpath = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
         with pytest.MonkeyPatch.context() as env:  # restored once ray.init has started the raylet
             env.setenv("PYTHONPATH", pythonpath)
             env.setenv("OMP_NUM_THREADS", "1")
+            for key, value in local_ray.ENVIRONMENT.items():
+                env.setenv(key, os.environ.get(key, value))
             ray.init(
                 address="local",  # always a fresh instance of our own, even if another cluster runs here
                 num_cpus=4,
                 include_dashboard=False,
                 logging_level="WARNING",
+                _system_config=dict(local_ray.SYSTEM_CONFIG),
             )
     yield ray
     ray.shutdown()

@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+#: A test cluster's head: it hosts no work, and nothing reads its dashboard.
+HEAD_ARGS: dict = {"num_cpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False}
+
 #: When the scenario's process imported this module: progress lines count seconds from here.
 START = time.monotonic()
 
@@ -36,3 +39,15 @@ def events(file: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def start_cluster(**system_config: object):
+    """A ``ray.cluster_utils.Cluster``, its head only (:data:`HEAD_ARGS`), with the ``_system_config`` of the
+    instance ``fit`` starts for itself (orchestrator/control/local_ray.py: less background CPU) and
+    ``system_config``."""
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.control.local_ray import SYSTEM_CONFIG
+
+    return Cluster(initialize_head=True,
+                   head_node_args={**HEAD_ARGS, "_system_config": {**SYSTEM_CONFIG, **system_config}})

@@ -18,16 +18,15 @@ import time
 from pathlib import Path
 
 import ray
-from ray.cluster_utils import Cluster
 
 from orchestrator import Trainer
 import workloads
+from scenario_tools import start_cluster
 
 
 def main(storage: str) -> int:
     Path(storage).mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20,
-                                                             "include_dashboard": False})
+    cluster = start_cluster()
     blind = None
     try:
         cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)

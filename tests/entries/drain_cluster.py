@@ -43,6 +43,7 @@ from ray.cluster_utils import Cluster
 
 import workloads
 from scenario_tools import events, log, wait_for
+from scenario_tools import start_cluster as head_only
 
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
 
@@ -114,8 +115,7 @@ def sigterm_spot_node(cluster: Cluster, events_file: Path, record: dict, spot: s
 
 
 def start_cluster() -> Cluster:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20,
-                                                             "include_dashboard": False})
+    cluster = head_only()
     ray.init(address=cluster.address, logging_level="WARNING")
     return cluster
 

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.cluster_utils import Cluster
 
 import workloads_elastic
-from scenario_tools import events, log, wait_for
+from scenario_tools import events, log, start_cluster, wait_for
 
 NODE_ARGS = {"num_cpus": 1, "resources": {"slot": 1}, "object_store_memory": 80 * 2**20}
 def actor_nodes(name: str) -> set[str]:
@@ -44,9 +43,7 @@ def main(folder: Path, epochs: int) -> int:
     hold = folder / "hold"
     hold.touch()
     record: dict = {"removed": None, "added": None}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False,  # nothing here reads it
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    cluster = start_cluster(health_check_period_ms=1000, health_check_failure_threshold=3)
     try:
         nodes = {cluster.add_node(**NODE_ARGS) for _ in range(2)}
         cluster.wait_for_nodes()

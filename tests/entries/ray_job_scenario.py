@@ -25,10 +25,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from s3_server import free_port
 from scenario_tools import START, log
@@ -163,24 +164,50 @@ def describe(pid: int) -> str:
         return "(gone)"
 
 
-def job(head: Head, *args: str, timeout: float = 300, budget: bool = True) -> subprocess.CompletedProcess:
+def job(head: Head, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """A ``ray job`` command against the head (``RAY_AUTH_MODE=token``: the client then sends ~/.ray/auth_token)."""
-    if budget:
-        if remaining() <= 0:
-            raise OutOfTime(f"the scenario's budget of {BUDGET_S:.0f} s is spent (before `ray job {args[0]}`)")
-        timeout = min(timeout, remaining())
+    if remaining() <= 0:
+        raise OutOfTime(f"the scenario's budget of {BUDGET_S:.0f} s is spent (before `ray job {args[0]}`)")
+    timeout = min(timeout, remaining())
     env = base_env()
     env["RAY_AUTH_MODE"] = "token"
     return subprocess.run([str(BIN / "ray"), "job", *args[:1], "--address", head.address, *args[1:]], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def client(head: Head) -> Any:
+    """Ray's job client (the Python SDK the ``ray job`` commands use) for the head, in this process: the
+    scenario's polls and log fetches cost no command start each (a ``ray job`` command imports Ray, about
+    a second of CPU). Submissions and the stop stay commands, as a user types them."""
+    os.environ["RAY_AUTH_MODE"] = "token"  # this process's: the client then sends ~/.ray/auth_token
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head.address)
+
+
+def within(timeout: float, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, or OutOfTime after ``timeout`` seconds (the client's requests have no timeout of their own:
+    the call goes on in a daemon thread, which the scenario's exit ends)."""
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise OutOfTime(f"{what} took more than {timeout:.0f} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def status(head: Head, submission_id: str) -> str:
-    out = job(head, "status", submission_id, timeout=60).stdout.lower()
-    for state in ("succeeded", "failed", "stopped", "running", "pending"):
-        if state in out:
-            return state.upper()
-    return out
+    return str(within(60, "a job status request", lambda: client(head).get_job_status(submission_id).value))
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
@@ -219,10 +246,12 @@ def run(folder: Path, head: Head, outcome: dict[str, Any]) -> None:
     head.start()
     deadline = time.monotonic() + 120
     while True:  # the dashboard answers before the head's job agent can take submissions
-        ready = job(head, "submit", "--", "true", timeout=120)
-        outcome["head_ready_output"] = (ready.stdout + ready.stderr)[-3000:]
-        if ready.returncode == 0:
+        try:
+            probe = within(120, "a submission", lambda: client(head).submit_job(entrypoint="true"))
+            outcome["head_ready_output"] = probe
             break
+        except Exception as exc:  # noqa: BLE001 - not ready yet (recorded: the test shows it if it never is)
+            outcome["head_ready_output"] = f"{type(exc).__name__}: {exc}"[-3000:]
         if head.proc.poll() is not None:
             raise RuntimeError(f"the head exited with {head.proc.returncode}; see {head.log_path}")
         if time.monotonic() > deadline:
@@ -283,10 +312,11 @@ def fetch_logs(head: Head, outcome: dict[str, Any]) -> None:
     for key in ("first", "second"):
         if outcome[key]["id"] is not None:
             try:
-                logs = job(head, "logs", outcome[key]["id"], timeout=LOGS_TIMEOUT_S, budget=False)
-                outcome[key]["logs_tail"] = (logs.stdout + logs.stderr)[-3000:]
-            except subprocess.TimeoutExpired:
-                outcome[key]["logs_tail"] = f"(`ray job logs` took more than {LOGS_TIMEOUT_S:.0f} s)"
+                submission_id = outcome[key]["id"]
+                logs = within(LOGS_TIMEOUT_S, "fetching a job's logs", lambda: client(head).get_job_logs(submission_id))
+                outcome[key]["logs_tail"] = logs[-3000:]
+            except Exception as exc:  # noqa: BLE001 - only for failure messages
+                outcome[key]["logs_tail"] = f"(could not fetch the job's logs: {type(exc).__name__}: {exc})"
 
 
 def raise_interrupt(signum, frame) -> None:
