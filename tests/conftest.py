@@ -49,11 +49,10 @@ def ray_session():
         # and start others, a few seconds of CPU each. The instance runs with the settings of the one
         # ``fit`` starts for itself (local_ray.py: less background CPU, nothing a test reads switched off).
         pythonpath = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
-        with pytest.MonkeyPatch.context() as env:  # restored once ray.init has started the raylet
+        # both restored once ray.init has started the raylet
+        with pytest.MonkeyPatch.context() as env, local_ray.lean_environment():
             env.setenv("PYTHONPATH", pythonpath)
             env.setenv("OMP_NUM_THREADS", "1")
-            for key, value in local_ray.ENVIRONMENT.items():
-                env.setenv(key, os.environ.get(key, value))
             ray.init(
                 address="local",  # always a fresh instance of our own, even if another cluster runs here
                 num_cpus=4,

@@ -16,13 +16,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 
-__all__ = ["ENVIRONMENT", "SYSTEM_CONFIG", "ensure_ray", "start_local_ray", "starts_local"]
+__all__ = ["ENVIRONMENT", "SYSTEM_CONFIG", "ensure_ray", "lean_environment", "start_local_ray", "starts_local"]
 
 #: Ray's ``_system_config`` for the instance ``fit`` starts (read by its gcs_server, raylet and workers).
 SYSTEM_CONFIG: dict[str, Any] = {
@@ -64,20 +65,28 @@ def starts_local() -> bool:
         services.setLevel(level)
 
 
+@contextlib.contextmanager
+def lean_environment() -> Iterator[None]:
+    """:data:`ENVIRONMENT` in ``os.environ`` inside the block (a value already set is kept), for the Ray
+    processes started there to inherit; the variables it added are removed on the way out."""
+    added = {k: v for k, v in ENVIRONMENT.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def start_local_ray() -> None:
     """Start the local instance of one fit, with :data:`SYSTEM_CONFIG` and :data:`ENVIRONMENT`.
 
     It starts without Ray's dashboard (the web UI and its job, state and metrics views: about 10
     processes, and ``ray.init`` waits for them); workers' logs still reach the driver.
     """
-    added = {k: v for k, v in ENVIRONMENT.items() if k not in os.environ}
-    os.environ.update(added)  # Ray's processes started by ray.init inherit this environment
-    try:
+    with lean_environment():
         ray.init(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False,
                  _system_config=dict(SYSTEM_CONFIG))
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
 
 
 def ensure_ray() -> bool:

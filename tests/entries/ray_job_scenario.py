@@ -80,6 +80,7 @@ class Head:
         self.log_path = folder / "head.log"
         self.proc: subprocess.Popen | None = None
         self.address = ""
+        self.client: Any = None  # Ray's job client for it (see client())
 
     def start(self) -> None:
         port, dashboard = free_port(), free_port()
@@ -179,10 +180,12 @@ def client(head: Head) -> Any:
     """Ray's job client (the Python SDK the ``ray job`` commands use) for the head, in this process: the
     scenario's polls and log fetches cost no command start each (a ``ray job`` command imports Ray, about
     a second of CPU). Submissions and the stop stay commands, as a user types them."""
-    os.environ["RAY_AUTH_MODE"] = "token"  # this process's: the client then sends ~/.ray/auth_token
-    from ray.job_submission import JobSubmissionClient
+    if head.client is None:  # made once (it asks the head for its version); not while the head is not up
+        os.environ["RAY_AUTH_MODE"] = "token"  # this process's: the client then sends ~/.ray/auth_token
+        from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(head.address)
+        head.client = JobSubmissionClient(head.address)
+    return head.client
 
 
 def within(timeout: float, what: str, fn: Callable[[], Any]) -> Any:
