@@ -116,6 +116,8 @@ def test_an_interrupted_run_resumes_at_the_next_batch_and_ends_bit_identical(ray
     events = read_events(storage_)
     types = [e["type"] for e in events]
     assert "restored" in types and types.count("started") == 2 and types[-1] == "finished"
+    # the failed fit parked rank 1, which survived rank 0's failure: the rerun started a process for rank 0 only
+    assert [e["warm_ranks"] for e in events if e["type"] == "started"][-1] == [1]
     restored = next(e for e in events if e["type"] == "restored")
     assert restored["phase"] == "batch" and restored["epoch"] == 1  # mid-epoch: 7 steps per epoch
     assert json.loads(storage_.read_bytes("run.json"))["attempts"] == 2

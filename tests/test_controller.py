@@ -430,3 +430,31 @@ def test_a_finished_groups_workers_are_kept_for_the_next_fit_unless_they_forked_
     step_to_end(controller)
     controller._owns_group = True  # as if it had built the group on a Ray it did not start
     assert isinstance(controller.state, Finished) and controller._reusable() is reusable
+
+
+def coordinator_failure(attempt: int) -> AttemptFailed:
+    return AttemptFailed(FailureRecord(attempt, None, "10.0.0.1", "the coordinator died", role=COORDINATOR),
+                         errors.OrchestratorError("the coordinator died"))
+
+
+@pytest.mark.parametrize("ending, reusable", [
+    ("worker failure", True),  # its survivors, idle and warm, start the rerun (a new process for the failed rank)
+    ("coordinator failure", False),
+    ("worker failure, then lease lost", False),  # the run is another driver's now
+    ("worker failure, loader workers", False),  # forked loaders: fresh processes for every fit
+])
+def test_a_fit_that_failed_on_a_worker_keeps_its_group_for_the_next_fit_unless_the_coordinator_or_loaders_say_no(
+        tmp_path, ending, reusable):
+    from orchestrator.storage.lease import LeaseLost
+
+    script = {"worker failure": [worker_failure(1)], "worker failure, loader workers": [worker_failure(1)],
+              "coordinator failure": [coordinator_failure(1)],
+              "worker failure, then lease lost": [worker_failure(1), LeaseLost(str(tmp_path / "r"), 2, None)]}
+    controller, _, _ = make(tmp_path, *script[ending], max_failures=len(script[ending]) - 1)
+    if "loader" in ending:
+        controller.fit = dataclasses.replace(
+            controller.fit, loop=dataclasses.replace(controller.fit.loop, loader_workers=2))
+    step_to_end(controller)
+    controller._owns_group = True  # as if it had built the group on a Ray it did not start
+    assert isinstance(controller.state, Failed) and bool(controller.state.failures)
+    assert controller._reusable() is reusable

@@ -6,7 +6,9 @@ their collective fails, their loop returns that failure, and each process is idl
 torch and the loop imported and out of the process group. :func:`keep_survivors` waits up to
 ``grace_s`` for that, and the ranks that returned become the group's standbys for their own
 ranks (:meth:`~orchestrator.cluster.worker_group.WorkerGroup.start` promotes them and starts one
-new process per missing rank). A rank that does not return in time is killed with the rest.
+new process per missing rank), in the restart that follows or, when the failure ends the fit, in
+the next fit of the driver (the group is parked). A rank that does not return in time is killed
+with the rest.
 
 Not for GPU groups (a CUDA context may not survive what a rank raised), elastic groups (the
 next attempt may have another world size), nor groups without ``reuse_workers``; nor when warm

@@ -81,7 +81,9 @@ class WorkerGroup:
     **Across fits** (CPU groups, ``reuse_workers``): a fit that finished :meth:`park` s its group —
     the placement group and the idle workers, torch and the loop already imported — and the next
     fit of the same shape in this driver takes it over (:meth:`for_fit`) instead of starting
-    processes and importing torch again (about 4 s a fit on 2 cores). A parked group holds its
+    processes and importing torch again (about 4 s a fit on 2 cores). A fit that failed on a worker
+    parks the ranks that survived it (:attr:`parks`: orchestrator/cluster/survivors.py); the next fit
+    starts a new process for the failed rank only. A parked group holds its
     placement group's resources for at most :data:`PARK_IDLE_S` seconds, and is released at once
     when a fit of another shape needs the cluster. The workers run user code of the earlier fit:
     a module edited between two fits in one driver needs ``reuse_workers=False`` (or a new driver).
@@ -124,6 +126,7 @@ class WorkerGroup:
         self.closed = False
         self.storage_checked = False  # whether this fit checked its storage is visible from the workers' nodes
         self.world_size = scaling.num_workers  # the workers the next start asks for (elastic: may be fewer)
+        self.parks = False  # whether the fit's end parks this group for the next fit (set by its controller)
 
     @classmethod
     def for_fit(cls, scaling: ScalingConfig, placement_timeout_s: float = 120.0,

@@ -141,9 +141,11 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
                 raise NodesDrained(sorted(drain.draining), lost=failed.record.cause) from failed.error
             if fit.faults.live_recovery and fit.faults.max_failures > 0:  # a restart may follow: secure the survivors' state
                 failed.live = secure(group, relay, failed)
-            # a restart follows (within the budget): the ranks that survived the failed one keep their
-            # processes; not after ranks forked DataLoader workers (see Controller._reusable)
-            if failed.live is None and attempt.resume.failures < fit.faults.max_failures \
+            # the ranks that survived the failed one keep their processes, for the restart that follows
+            # (within the budget) or, when the failure ends the fit, for the next fit of this driver
+            # (WorkerGroup.park); not after ranks forked DataLoader workers (see Controller._parks)
+            restart_may_follow = attempt.resume.failures < fit.faults.max_failures
+            if failed.live is None and (restart_may_follow or group.parks) \
                     and fit.loop.loader_workers == 0 and failed.record.role != COORDINATOR:
                 keep_survivors(group, refs, failed.record.rank)
             raise

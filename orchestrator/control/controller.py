@@ -27,7 +27,8 @@ from orchestrator.control.attempt import Attempt, AttemptRunner, run_attempt
 from orchestrator.control.driver_side import reached_step
 from orchestrator.control.elastic import Resized
 from orchestrator.control import metrics_export
-from orchestrator.control.failures import AttemptFailed, FailureDecision, FailurePolicy, FailureRecord, NodesDrained
+from orchestrator.control.failures import (COORDINATOR, AttemptFailed, FailureDecision, FailurePolicy, FailureRecord,
+                                           NodesDrained)
 from orchestrator.control.local_ray import ensure_ray
 from orchestrator.control.specs import FitSpec, Resume
 from orchestrator.control.states import (TERMINAL, ControllerState, Failed, Finished, FitOutcome, Preempted,
@@ -181,16 +182,29 @@ class Controller:
             except Exception as exc:  # it expires on its own
                 logger.warning("could not release the run lease: %s", exc)
 
-    def _reusable(self) -> bool:
-        """Whether the group can serve the next fit: ours, on a Ray that outlives this fit, after a finish.
+    def _parks(self) -> bool:
+        """Whether this fit's group may serve the next fit of this driver: ours, on a Ray that outlives
+        this fit, with ``reuse_workers``.
 
         Not a group whose ranks forked DataLoader workers (``loader_workers > 0``): in a worker that
         had forked loader workers for two fits, the third fit's forked children crashed (SIGSEGV)
         in about one fit in three, so each such fit gets fresh worker processes.
         """
         return (self._owns_group and not self._started_ray and self.fit.scaling.reuse_workers
-                and self.fit.loop.loader_workers == 0
-                and isinstance(self.state, Finished) and not self.state.outcome.already_finished)
+                and self.fit.loop.loader_workers == 0)
+
+    def _reusable(self) -> bool:
+        """Whether the group serves the next fit now that this one has ended (:meth:`_parks`): after a
+        finish, or after a failure of a worker (the ranks that survived it, idle and warm, and a new
+        process for the failed rank: a rerun after a failed fit starts like a restart). Not after the
+        coordinator failed, nor when another driver took the run over."""
+        if not self._parks():
+            return False
+        state = self.state
+        if isinstance(state, Finished):
+            return not state.outcome.already_finished
+        return (isinstance(state, Failed) and bool(state.failures) and state.failures[-1].role != COORDINATOR
+                and not isinstance(state.error, LeaseLost))
 
     def __enter__(self) -> "Controller":
         return self
@@ -213,6 +227,7 @@ class Controller:
                     self.fit.scaling, placement_timeout_s=self.fit.faults.placement_timeout_s,
                     warm_standbys=self.fit.faults.warm_standbys and self.fit.faults.max_failures > 0)
                 self._owns_group = True
+                self.group.parks = self._parks()  # attempt.py: a failure that ends the fit keeps the survivors
             self.group.check_capacity()  # a clear error before any worker starts
             write_run_json(self.storage, dict(self.fit.config_snapshot, world_size=self.fit.scaling.num_workers))
             update_run_json(self.storage, status="running")
