@@ -145,7 +145,7 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
             # (within the budget) or, when the failure ends the fit, for the next fit of this driver
             # (WorkerGroup.park); not after ranks forked DataLoader workers (see Controller._parks)
             restart_may_follow = attempt.resume.failures < fit.faults.max_failures
-            if failed.live is None and (restart_may_follow or group.parks) \
+            if (restart_may_follow or group.parks) \
                     and fit.loop.loader_workers == 0 and failed.record.role != COORDINATOR:
                 keep_survivors(group, refs, failed.record.rank)
             raise
