@@ -20,18 +20,11 @@ from orchestrator.core.config import LoopConfig
 from orchestrator.loop.iterable import RankBatches, batch_loader
 from orchestrator.storage.fs import StorageSpec
 from orchestrator.storage.run_files import read_events
+from ray_data_rows import FEATURES, features
 
 pytestmark = pytest.mark.timeout(600)
 
-N_TRAIN, N_VAL, BATCH, FEATURES, EPOCHS = 80, 31, 8, 4, 2  # 40 rows, 5 steps per rank and epoch
-W = np.array([[1.0, -1.0, 0.5], [-0.5, 2.0, 0.0], [0.3, 0.1, -1.0], [1.5, -0.2, 0.7]], dtype=np.float32)
-
-
-def features(batch: dict, offset: int = 0) -> dict:
-    """Each row's features, made on the fly from its id (column 0 of ``x`` keeps the id, for the records)."""
-    ids = (batch["id"] + offset).astype(np.float32)
-    x = np.stack([ids] + [np.sin(ids * 0.37 * (k + 1)) for k in range(FEATURES)], axis=1).astype(np.float32)
-    return {"x": x, "y": (x[:, 1:] @ W).argmax(axis=1).astype(np.int64), "pad": np.zeros((len(ids), 1024), np.float32)}
+N_TRAIN, N_VAL, BATCH, EPOCHS = 80, 31, 8, 2  # 40 rows, 5 steps per rank and epoch
 
 
 def ray_datasets():
