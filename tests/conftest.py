@@ -17,10 +17,21 @@ _STOPPING = threading.Event()
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The modules that read a background scenario run last (in their order): by then their scenarios,
-    started at the end of collection, have had the whole suite's time to finish, so no test waits for one."""
-    items.sort(key=lambda item: isinstance(getattr(getattr(item, "module", None), "SCENARIO", None),
-                                           background.Scenario))
+    """The tests that start no Ray worker run first, the tests on the session's Ray next, and the modules
+    that read a background scenario last (each group in collection order).
+
+    The background scenarios (started at the end of collection, one after another) use about one
+    core for their first five minutes; the tests without Ray use about one core too, while a fault
+    test's workers, coordinator and driver keep both busy. So the scenarios run beside the tests that
+    leave them a core, the fault tests mostly after them, and by the time the scenario modules' tests
+    read what their scenarios left, those have had the whole suite's time to finish.
+    """
+    def group(item) -> int:
+        if isinstance(getattr(getattr(item, "module", None), "SCENARIO", None), background.Scenario):
+            return 2
+        return 1 if "ray_session" in getattr(item, "fixturenames", ()) else 0
+
+    items.sort(key=group)
 
 
 def pytest_collection_finish(session):
