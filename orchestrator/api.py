@@ -128,8 +128,8 @@ class Trainer:
         reuse_workers: After a fit that finished, keep its idle CPU workers (torch imported) for up to
             a minute, so that the next fit of the same shape in this driver starts without new
             processes (about 4 s less on 2 cores); after a fit that failed on a worker, the workers
-            that survived it (the rerun starts a new process for the failed rank only). Only on a Ray cluster the driver did not start
-            (``fit`` shuts down a Ray it started itself), and not after a fit with
+            that survived it (the rerun starts a new process for the failed rank only). Only on a
+            Ray cluster the driver did not start (``fit`` shuts down a Ray it started itself), and not after a fit with
             ``loader_workers > 0`` (each such fit forks its loaders from fresh processes). Pass
             ``False`` when you edit a module of your code between two fits in one driver. Defaults to ``True``.
         precision: ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"`` (autocast on the model's device;
