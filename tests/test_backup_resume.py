@@ -116,10 +116,15 @@ def test_an_interrupted_run_resumes_at_the_next_batch_and_ends_bit_identical(ray
     events = read_events(storage_)
     types = [e["type"] for e in events]
     assert "restored" in types and types.count("started") == 2 and types[-1] == "finished"
-    # the failed fit parked rank 1, which survived rank 0's failure: the rerun started a process for rank 0 only
-    assert [e["warm_ranks"] for e in events if e["type"] == "started"][-1] == [1]
+    # the failed fit parked rank 1 if it returned within the survivors' grace after rank 0's failure (the
+    # rule itself: test_controller.py); rank 0's process, which raised, is never reused
+    assert [e["warm_ranks"] for e in events if e["type"] == "started"][-1] in ([1], [])
     restored = next(e for e in events if e["type"] == "restored")
-    assert restored["phase"] == "batch" and restored["epoch"] == 1  # mid-epoch: 7 steps per epoch
+    # which backups (every 3 steps) had committed when rank 0 failed in step 11 is a matter of timing; the
+    # newest of them is used, and each is inside an epoch (7 steps per epoch)
+    committed = [e["step"] for e in events if e["type"] == "backup_committed" and e["attempt"] == 1]
+    assert restored["step"] == max(committed) and restored["phase"] == "batch"
+    assert restored["epoch"] == restored["step"] // 7
     assert json.loads(storage_.read_bytes("run.json"))["attempts"] == 2
 
 

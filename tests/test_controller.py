@@ -421,6 +421,42 @@ def test_ctrl_c_while_watching_kills_the_workers_and_the_coordinator_at_once_and
     assert log == ["watch", "stop_workers", "kill coordinator"]  # no wait for the coordinator's last events
 
 
+@pytest.mark.parametrize("max_failures, parks, failure, kept", [
+    (1, False, "worker", True),  # a restart follows: the survivors are its warm ranks
+    (0, True, "worker", True),  # the failure ends the fit, whose group is parked: the survivors start the rerun
+    (0, False, "worker", False),  # nothing follows that could use them
+    (1, True, "coordinator", False),  # every rank waited on the dead coordinator: nothing is kept
+])
+def test_an_attempt_that_failed_keeps_the_survivors_when_a_restart_or_a_parked_group_can_use_them(
+        tmp_path, monkeypatch, max_failures, parks, failure, kept):
+    from orchestrator.control import attempt as attempt_module
+    from orchestrator.control.watch import Relay
+
+    log: list[str] = []
+    failed = worker_failure(1) if failure == "worker" else coordinator_failure(1)
+
+    def fails(*args: Any, **kwargs: Any) -> None:
+        raise failed
+
+    monkeypatch.setattr(attempt_module, "get_within", lambda *args: None)
+    monkeypatch.setattr(attempt_module, "watch", fails)
+    monkeypatch.setattr(attempt_module, "keep_survivors",
+                        lambda group, refs, rank: log.append(f"keep_survivors of rank {rank}"))
+    monkeypatch.setattr(Relay, "call", lambda self, method, *args: {"node": "10.0.0.9", "node_id": "c", "pid": 7})
+    monkeypatch.setattr(Relay, "flush", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(attempt_module.ray, "kill", lambda actor, no_restart: None)
+    fit = fit_spec(tmp_path, max_failures=max_failures)
+    storage = fit.storage.open()
+    attempt = Attempt(number=1, resume=Resume(), storage=storage, events=EventLog(storage, 1),
+                      preempt=threading.Event())
+    group = RayFreeGroup(log)
+    group.parks = parks
+    with pytest.raises(AttemptFailed):
+        attempt_module.run_attempt(fit, attempt, group, FitOutcome())
+    assert ("keep_survivors of rank 1" in log) is kept
+    assert log[-1] == "stop_workers"  # whatever is kept, the attempt's end kills the rest
+
+
 @pytest.mark.parametrize("loader_workers, reusable", [(0, True), (2, False)])
 def test_a_finished_groups_workers_are_kept_for_the_next_fit_unless_they_forked_loader_workers(
         tmp_path, loader_workers, reusable):

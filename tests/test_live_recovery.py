@@ -70,8 +70,9 @@ def test_a_sigkilled_rank_without_any_backup_is_recovered_from_the_survivors_bit
     same_parameters(reference, run)
     events = events_of(tmp_path, "killed")
     assert_recovered_from_memory(events, rank, step=call)
-    # the survivor runs on a process already up: its own (kept), or a standby when they were ready for every rank
-    assert 1 - rank in [e["warm_ranks"] for e in events if e["type"] == "started"][-1]
+    # the dead rank's slot is warm only on a standby (then every rank is); the survivor keeps its process when it
+    # returned within the grace (the rule: test_controller.py), else it is replaced too
+    assert [e["warm_ranks"] for e in events if e["type"] == "started"][-1] in ([0, 1], [1 - rank], [])
     # validation and the callbacks' decisions are those of the uninterrupted run; the training logs
     # differ only in the epoch of the kill (the dead rank's sums of it died with it)
     epoch = call // STEPS_PER_EPOCH
