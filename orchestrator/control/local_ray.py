@@ -32,6 +32,10 @@ SYSTEM_CONFIG: dict[str, Any] = {
     # (`ray list tasks`, the timeline), which this instance does not start. A fit makes a few
     # actor calls a second (progress, heartbeats, the driver's questions, sync points).
     "task_events_report_interval_ms": 0,
+    # Ray starts its worker processes at niceness 15, below its own daemons, the driver and
+    # everything else on the machine; here the workers are the training ranks (and the coordinator):
+    # they run at the normal priority, as the processes of a torchrun job do.
+    "worker_niceness": 0,
 }
 
 #: Environment variables read by Ray's Python processes of the instance (its log monitor) as they

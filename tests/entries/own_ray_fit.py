@@ -2,11 +2,12 @@
 
     python tests/entries/own_ray_fit.py STORAGE
 
-Each worker prints a line from the model factory; the script prints what it checked after fit.
+Each worker prints a line from the model factory (with its process's niceness); the script prints what it checked after fit.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -15,7 +16,7 @@ from orchestrator import Trainer
 
 
 def build_model() -> torch.nn.Module:
-    print("model built on a worker", flush=True)
+    print(f"model built on a worker at niceness {os.nice(0)}", flush=True)
     return torch.nn.Linear(4, 2)
 
 
