@@ -2,8 +2,9 @@
 
 The local instance starts without Ray's dashboard and every worker imports torch and the loop as
 its process starts; what users rely on stays: workers' output reaches the driver, training runs
-to the end, Ray is stopped after. Its workers run at the normal CPU priority, as a torchrun job's do. The script runs as a background scenario (tests/background.py):
-it mostly waits for its own Ray to start, beside the rest of the suite.
+to the end, Ray is stopped after, and its workers run at the normal CPU priority, as a torchrun
+job's do. The script runs as a background scenario (tests/background.py): it mostly waits for its
+own Ray to start, beside the rest of the suite.
 """
 
 from __future__ import annotations

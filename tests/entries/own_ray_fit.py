@@ -2,7 +2,8 @@
 
     python tests/entries/own_ray_fit.py STORAGE
 
-Each worker prints a line from the model factory (with its process's niceness); the script prints what it checked after fit.
+Each worker prints a line from the model factory (with its process's niceness); the script prints
+what it checked after fit.
 """
 
 from __future__ import annotations
