@@ -46,8 +46,10 @@ class RestartedRuns:
 
 
 def backup_callbacks() -> list[Any]:
+    """Backups every 3 steps, and the rate halved at the end of epochs 1 and 2 (no epoch improves by 1.0), so
+    that a restart from a backup must also restore the learning rate."""
     return [callbacks.BackupAndRestore(save_freq=3, delete_checkpoint=False),
-            callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=0, min_delta=0.05)]
+            callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=0, min_delta=1.0)]
 
 
 def make(root: Path, run_name: str, train_step: Any, **overrides: Any) -> Trainer:

@@ -85,8 +85,8 @@ def test_a_worker_sigkilled_mid_epoch_restarts_on_warm_standbys_and_ends_bit_ide
     # epoch 1, batch 4 (7 steps per epoch), once the standbys are up (2 workers + 2 standbys)
     step = workloads.faulty_step("sigkill", 1, 11, str(flag), wait_for_workers=4)
     # live_recovery=False: this is the storage path (tests/test_live_recovery.py: the survivors' memory)
-    resumed = make(tmp_path, "faulty", step, warm_standbys=True, live_recovery=False).fit(epochs=3, verbose=0)
-    events = events_of(tmp_path, "faulty")
+    resumed = make(tmp_path, "killed", step, warm_standbys=True, live_recovery=False).fit(epochs=3, verbose=0)
+    events = events_of(tmp_path, "killed")
     # the first attempt may start on workers an earlier fit of this session parked, or on new processes;
     # the restart runs every rank on a standby (promoted: no process started for it)
     first_warm = next(e["warm"] for e in events if e["type"] == "started")

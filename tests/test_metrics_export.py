@@ -1,6 +1,6 @@
-"""Prometheus metrics through Ray: the exporter's counting on recorded events (no Ray), then a real fit with a
-restart and an LR change whose metrics are read back from Ray's metrics export (and whose run folder
-`orchestrator status` and `orchestrator plot` read)."""
+"""Prometheus metrics through Ray: the exporter's counting on recorded events (no Ray), then the session's real
+fit with a restart and an LR change (tests/restarted_run.py), whose metrics are read back from Ray's metrics
+export (and whose run folder `orchestrator status` and `orchestrator plot` read)."""
 
 from __future__ import annotations
 
@@ -130,21 +130,11 @@ def scrape(ray) -> dict[str, dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def restarted_run(ray_session, tmp_path_factory):
-    """A 3-epoch fit whose rank 1 fails once in epoch 1 (restarted from a backup) and whose learning rate is
-    halved by ReduceLROnPlateau: (storage, run name, History)."""
-    import workloads
-    from orchestrator import Trainer, callbacks
-
-    tmp = tmp_path_factory.mktemp("metrics")
-    flag = tmp / "armed"
-    flag.write_text("x")
-    trainer = Trainer(model=workloads.tiny_model, optimizer=workloads.sgd, data=workloads.odd_data,
-                      train_step=workloads.faulty_step("raise", 1, 11, str(flag)), batch_size=16, num_workers=2,
-                      seed=0, storage=str(tmp), run_name="metrics-run", max_failures=1, warm_standbys=False,
-                      callbacks=[callbacks.BackupAndRestore(save_freq=3, delete_checkpoint=False),
-                                 callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=0, min_delta=1.0)])
-    return tmp, "metrics-run", trainer.fit(epochs=3, verbose=0)
+def restarted_run(restarted_runs):
+    """The session's 3-epoch run whose rank 1 failed once in epoch 1 (restarted from a backup) and whose learning
+    rate ReduceLROnPlateau halved (tests/restarted_run.py), fitted by this process: (storage, run name, History).
+    No other run of the session is named like it, so its tag in Ray's export is its own."""
+    return restarted_runs.root, "faulty", restarted_runs.faulty
 
 
 @pytest.mark.timeout(400)

@@ -234,9 +234,9 @@ def test_a_lazily_generated_ray_dataset_trains_every_row_once_per_epoch_and_a_mi
     flag.write_text("x")
     # Validation re-reads its whole set at every epoch end, resumed or not: the resumed run trains without it
     # and is compared on what training made (its losses and parameters).
-    resumed = make(tmp_path, "faulty", max_failures=1, data=ray_train_dataset,
-                   model=ModelFactory(str(tmp_path / "faulty"), 8, str(flag))).fit(epochs=EPOCHS, verbose=0)
-    events = read_events(StorageSpec(str(tmp_path), "faulty").open())
+    resumed = make(tmp_path, "resumed", max_failures=1, data=ray_train_dataset,
+                   model=ModelFactory(str(tmp_path / "resumed"), 8, str(flag))).fit(epochs=EPOCHS, verbose=0)
+    events = read_events(StorageSpec(str(tmp_path), "resumed").open())
     restored = [e for e in events if e["type"] == "restored"]
     assert restored and restored[0]["step"] % 5 != 0  # backups at steps 3 and 6: inside an epoch
     assert resumed.history == {k: v for k, v in reference.history.items() if not k.startswith("val_")}
