@@ -25,11 +25,13 @@ def pytest_collection_modifyitems(session, config, items):
     test's workers, coordinator and driver keep both busy. So the scenarios run beside the tests that
     leave them a core, the fault tests mostly after them, and by the time the scenario modules' tests
     read what their scenarios left, those have had the whole suite's time to finish.
+    A test marked ``early`` runs first in its group (it reads what a session fixture left while that is fresh).
     """
-    def group(item) -> int:
+    def group(item) -> tuple[int, bool]:
+        late = item.get_closest_marker("early") is None
         if isinstance(getattr(getattr(item, "module", None), "SCENARIO", None), background.Scenario):
-            return 2
-        return 1 if "ray_session" in getattr(item, "fixturenames", ()) else 0
+            return 2, late
+        return (1 if "ray_session" in getattr(item, "fixturenames", ()) else 0), late
 
     items.sort(key=group)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from clean_process import in_clean_process
 from orchestrator.loop.data import SeededSamples, ShardSampler, draws_nothing, make_loader
+from rank_processes import start_ranks
 
 
 class _Subclass(TensorDataset):
@@ -30,15 +30,26 @@ def test_only_an_exact_tensor_dataset_counts_as_drawing_nothing():
     assert not draws_nothing(torch.utils.data.Subset(TensorDataset(x), [0]))
 
 
-@in_clean_process  # the loaders fork their worker processes from this one
+def _same_batches_both_ways(rank: int) -> None:
+    import multiprocessing
+
+    # the loaders fork their workers from this process (as from a rank's actor), not through the fork
+    # server this rank process came from: a process of its own that starts with about a second of imports
+    multiprocessing.set_start_method("fork", force=True)
+    x, y = torch.arange(60.0).reshape(30, 2), torch.arange(30)
+    for epoch, offset in ((0, 0), (1, 8)):  # a fresh pass, and a resumed one
+        got, seeded = _batches(TensorDataset(x, y), epoch, offset), _batches(_Subclass(x, y), epoch, offset)
+        assert len(got) == len(seeded) > 1
+        for a, b in zip(got, seeded):
+            assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
 def test_a_tensor_datasets_workers_read_plain_indices_and_give_the_seeded_paths_batches():
     x, y = torch.arange(60.0).reshape(30, 2), torch.arange(30)
     plain = make_loader(TensorDataset(x, y), ShardSampler(30, 0, 2), batch_size=4, seed=0, workers=2)
     assert not isinstance(plain.dataset, SeededSamples)
     assert isinstance(make_loader(_Subclass(x, y), ShardSampler(30, 0, 2), batch_size=4, seed=0,
                                   workers=2).dataset, SeededSamples)
-    for epoch, offset in ((0, 0), (1, 8)):  # a fresh pass, and a resumed one
-        got, seeded = _batches(TensorDataset(x, y), epoch, offset), _batches(_Subclass(x, y), epoch, offset)
-        assert len(got) == len(seeded) > 1
-        for a, b in zip(got, seeded):
-            assert all(torch.equal(p, q) for p, q in zip(a, b))
+    # the loaders' worker processes fork from a process of the fork server, not from this one: a fork of the
+    # test session's process, with its threads (Ray's, the S3 server's), hung once and crashed once in them
+    start_ranks(_same_batches_both_ways, (), nprocs=1)
