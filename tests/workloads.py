@@ -289,13 +289,14 @@ def held_step(seconds: float, hold_file: str, held_seconds: float):
 def drainable_trainer(storage: str, run_name: str, hold_file: str | None = None):
     """The run that tests/entries/drain_cluster.py drains twice, and its undisturbed reference.
 
-    While ``hold_file`` exists, steps take 0.15 s instead of 0.05 s, so that a drain the test sends
-    always lands before training ends, however loaded the machine is. Without it (the reference,
-    which nothing disturbs) steps are not paced: the same math, without 130 sleeps.
+    While ``hold_file`` exists, steps take 0.15 s, so that a drain the test sends always lands before
+    training ends, however loaded the machine is; the scenario removes it once it has sent every
+    disturbance, and from then on (and in the reference, which nothing disturbs) steps are not paced:
+    the same math, without the sleeps.
     """
     from orchestrator import Trainer, callbacks
 
-    step = slow_step(0.0) if hold_file is None else held_step(0.05, hold_file, 0.15)
+    step = slow_step(0.0) if hold_file is None else held_step(0.0, hold_file, 0.15)
     return Trainer(model=dropout_model, optimizer=adam, data=odd_data, train_step=step, batch_size=8,
                    num_workers=2, seed=0, storage=storage, run_name=run_name, max_failures=0,
                    callbacks=[callbacks.BackupAndRestore(save_freq=5, delete_checkpoint=False),

@@ -74,7 +74,7 @@ def trainer(storage: str, run_name: str, folder: str | None = None, hold: str | 
 
     kwargs = dict(model=model_factory(folder, hold), optimizer=sgd, data=indexed_data,
                   loss=torch.nn.functional.mse_loss, batch_size=8, num_workers=(1, 2), seed=0, storage=storage,
-                  run_name=run_name, max_failures=3, placement_timeout_s=10, preemption_grace_s=60,
+                  run_name=run_name, max_failures=3, placement_timeout_s=5, preemption_grace_s=60,
                   callbacks=[callbacks.BackupAndRestore(save_freq=2, delete_checkpoint=False)])
     kwargs.update(overrides)
     return Trainer(**kwargs)

@@ -107,11 +107,11 @@ class Head:
         """SIGTERM, then SIGKILL, to the head's process group, then SIGKILL to anything left using its
         temp dir (``ray stop`` would also stop the test session's own Ray instance).
 
-        Nothing of the head outlives the scenario, so a graceful shutdown has nothing to save: a short
-        wait. Returns the processes still using the temp dir afterwards (``"pid cmdline"``; none, normally).
+        Nothing of the head outlives the scenario, so a graceful shutdown has nothing to save: a second's
+        wait (it took over five). Returns the processes still using the temp dir afterwards (``"pid cmdline"``; none, normally).
         """
         if self.proc is not None:
-            for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+            for sig, wait in ((signal.SIGTERM, 1), (signal.SIGKILL, 10)):
                 try:
                     os.killpg(self.proc.pid, sig)
                 except ProcessLookupError:
