@@ -6,7 +6,6 @@ import io
 import itertools
 import json
 import math
-import tempfile
 import time
 
 import pytest
@@ -19,10 +18,15 @@ from orchestrator.storage.run_files import read_events
 
 pytestmark = pytest.mark.timeout(180)
 
-STORAGE = tempfile.mkdtemp(prefix="orchestrator-test-runs-")
-
-
+STORAGE = ""  # the module's run storage, set by _storage
 _RUNS = itertools.count()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _storage(tmp_path_factory):
+    """The runs of this module under one folder of pytest's, which removes it as it removes the others."""
+    global STORAGE
+    STORAGE = str(tmp_path_factory.mktemp("runs"))
 
 
 def make(num_workers=2, **overrides):

@@ -20,6 +20,8 @@ gets SIGTERM, as when a spot VM or a pod is reclaimed. Ray then drains the node 
    left, so the next attempt waits for resources; once its placement group is pending, the thread
    adds a node.
 
+``reference`` (two usable nodes, added if fewer are left): the same run, undisturbed, to compare with.
+
 Each scenario stores its run under ``STORAGE_DIR/<SCENARIO>/`` (directly under ``STORAGE_DIR`` when
 only one is given) and writes there ``<RUN_NAME>-outcome.json`` (``{"ok": true}``, or ``false`` with
 the error), and on success ``<RUN_NAME>-result.pt`` (parameters, History) and
@@ -185,7 +187,20 @@ def run_sigterm(cluster: Cluster, storage: str, run_name: str, epochs: int, reco
             wait_for(lambda: spot_id not in alive_nodes(), 60, "the spot node to leave the cluster")
 
 
-SCENARIOS = {"sigterm": run_sigterm, "drain": run_drain}
+def run_reference(cluster: Cluster, storage: str, run_name: str, epochs: int, record: dict) -> dict:
+    """The same run on the same cluster, which nothing disturbs (no hold file: steps are not paced)."""
+    from orchestrator.cluster.parking import release_parked
+
+    release_parked()
+    wait_for(lambda: not worker_nodes(), 60, "the workers of the previous scenario to exit")
+    for _ in range(2 - len(usable_nodes())):  # the run's two workers, on nodes the scenarios before left
+        cluster.add_node(**NODE_ARGS)
+    # (not cluster.wait_for_nodes(): it also waits for the drained nodes, which never come back)
+    wait_for(lambda: len(usable_nodes()) >= 2, 60, "2 usable nodes")
+    return {"history": workloads.drainable_trainer(storage, run_name).fit(epochs=epochs, verbose=0)}
+
+
+SCENARIOS = {"sigterm": run_sigterm, "drain": run_drain, "reference": run_reference}
 
 
 def run_scenario(cluster: Cluster, mode: str, storage: str, run_name: str, epochs: int, record: dict) -> None:
