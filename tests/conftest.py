@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,23 +26,26 @@ def pytest_collection_modifyitems(session, config, items):
     test's workers, coordinator and driver keep both busy. So the scenarios run beside the tests that
     leave them a core, the fault tests mostly after them, and by the time the scenario modules' tests
     read what their scenarios left, those have had the whole suite's time to finish.
-    A test marked ``early`` runs first in its group (it reads what a session fixture left while that is fresh).
     """
-    def group(item) -> tuple[int, bool]:
-        late = item.get_closest_marker("early") is None
+    def group(item) -> int:
         if isinstance(getattr(getattr(item, "module", None), "SCENARIO", None), background.Scenario):
-            return 2, late
-        return (1 if "ray_session" in getattr(item, "fixturenames", ()) else 0), late
+            return 2
+        return 1 if "ray_session" in getattr(item, "fixturenames", ()) else 0
 
     items.sort(key=group)
 
 
 def pytest_collection_finish(session):
-    """Start the background scenarios of the collected modules, one after another, in test order."""
+    """Start the background scenarios of the collected modules, one after another, in test order, and the
+    fork server of the rank processes if a collected module uses it (tests/rank_processes.py)."""
     if session.config.option.collectonly:
         return
     _SCENARIOS[:] = background.collected_scenarios(session.items)
     background.run_in_turn(list(_SCENARIOS), _STOPPING)
+    # a collected module starts rank processes: their server starts now (not in a child pytest that
+    # runs one test in a clean process: tests/clean_process.py)
+    if "rank_processes" in sys.modules and not os.environ.get("ORCHESTRATOR_TEST_CLEAN_PROCESS"):
+        sys.modules["rank_processes"].prestart()
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -113,9 +117,12 @@ def ray_cluster(ray_session):
 def restarted_runs(ray_session, tmp_path_factory):
     """An uninterrupted run and the same run restarted from a backup after a worker failure, fitted
     once for every test that reads them (tests/restarted_run.py)."""
+    import ray_metrics
     import restarted_run
 
-    return restarted_run.fit_both(tmp_path_factory.mktemp("restarted-runs"))
+    runs = restarted_run.fit_both(tmp_path_factory.mktemp("restarted-runs"))
+    runs.export = ray_metrics.ExportWatch.start(ray_session, "faulty")  # read by test_metrics_export.py
+    return runs
 
 
 @pytest.fixture

@@ -28,6 +28,14 @@ PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.fsd
 CONTEXT = multiprocessing.get_context("forkserver")
 
 
+def prestart() -> None:
+    """Start the fork server now, so that its imports (seconds of CPU) run beside whatever comes first."""
+    CONTEXT.set_forkserver_preload(PRELOAD)
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+
+
 def start_ranks(fn: Callable[..., Any], args: tuple[Any, ...], nprocs: int = 2) -> None:
     """Run ``fn(rank, *args)`` in ``nprocs`` processes forked from the fork server; wait for all (a
     rank that raises or dies raises here, as with ``torch.multiprocessing.start_processes``)."""

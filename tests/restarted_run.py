@@ -28,12 +28,14 @@ class RestartedRuns:
         reference: The uninterrupted run's History.
         faulty: The restarted run's History.
         flag_left: Whether the failure's flag file was still there after the fit (the failure never happened).
+        export: The faulty run's values in Ray's metrics export, watched from its end (tests/ray_metrics.py).
     """
 
     root: Path
     reference: Any
     faulty: Any
     flag_left: bool
+    export: Any = None
 
     def events(self, run_name: str) -> list[dict[str, Any]]:
         return read_events(StorageSpec(str(self.root), run_name).open())

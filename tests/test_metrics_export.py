@@ -5,14 +5,12 @@ export (and whose run folder `orchestrator status` and `orchestrator plot` read)
 from __future__ import annotations
 
 import re
-import time
-import urllib.request
 
 import pytest
 
 from cli_output import cli_lines
 from orchestrator.control.failures import AttemptFailed, FailureRecord
-from orchestrator.control.metrics_export import METRICS, RunMetrics, metrics_of
+from orchestrator.control.metrics_export import METRICS, RunMetrics
 from orchestrator.errors import WorkerError
 
 # -- the exporter's values, in process (no Ray) ------------------------------------------------------
@@ -117,30 +115,16 @@ def test_every_metric_is_named_with_the_orchestrator_prefix_and_a_kind_ray_knows
 # -- a real fit: the metrics in Ray's export, and `status` / `plot` on its run folder -------------------
 
 
-def scrape(ray) -> dict[str, dict[str, float]]:
-    """``ray_orchestrator_*`` samples of the node's Prometheus export: name -> {run tag (+ other tags): value}."""
-    port = ray._private.worker.global_worker.node.metrics_export_port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, dict[str, float]] = {}
-    for match in re.finditer(r"^(ray_orchestrator_\w+)\{([^}]*)\} (\S+)$", text, re.MULTILINE):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-        key = ",".join(f"{k}={labels[k]}" for k in ("run", "phase", "cause", "state", "le") if k in labels)
-        out.setdefault(match.group(1), {})[key] = float(match.group(3))
-    return out
-
-
 @pytest.fixture(scope="module")
 def restarted_run(restarted_runs):
     """The session's 3-epoch run whose rank 1 failed once in epoch 1 (restarted from a backup) and whose learning
     rate ReduceLROnPlateau halved (tests/restarted_run.py), fitted by this process: (storage, run name, History).
-    No other run of the session is named like it, so its tag in Ray's export is its own; the export test runs
-    first among the tests on Ray (marked ``early``), so this fixture fits the runs right before it reads them."""
+    No other run of the session is named like it, so its tag in Ray's export is its own."""
     return restarted_runs.root, "faulty", restarted_runs.faulty
 
 
-@pytest.mark.early  # Ray drops a gauge that nothing set for a few export intervals: read it while it is fresh
 @pytest.mark.timeout(400)
-def test_a_fit_exports_its_metrics_through_rays_metrics_export(ray_cluster, restarted_run):
+def test_a_fit_exports_its_metrics_through_rays_metrics_export(ray_cluster, restarted_runs, restarted_run):
     from orchestrator.storage.fs import StorageSpec
     from orchestrator.storage.run_files import read_events
 
@@ -148,14 +132,10 @@ def test_a_fit_exports_its_metrics_through_rays_metrics_export(ray_cluster, rest
     events = read_events(StorageSpec(str(storage), run).open())
     steps_per_epoch, epochs = 7, 3  # 203 samples on 2 ranks at batch size 16
     tag = f"run={run}"
-    final = metrics_of(run).snapshot()  # what this driver counted, handed to Ray at the attempt's end
-    deadline, seen = time.monotonic() + 180, {}
-    while time.monotonic() < deadline:  # Ray's agent exports what the driver recorded every few seconds
-        seen = scrape(ray_cluster)
-        wall = seen.get("ray_orchestrator_goodput_seconds", {}).get(f"{tag},cause=wall")
-        if wall is not None and wall == pytest.approx(final["orchestrator_goodput_seconds:wall"]):
-            break  # the final hand-over (the live wall time grows until then)
-        time.sleep(2)
+    # Ray's agent exports what the driver recorded every few seconds, and drops a gauge nothing set for a
+    # few intervals: a watch started as the run ended scraped until the final values were there (conftest.py)
+    final = restarted_runs.export.final  # what this driver counted, handed to Ray at the attempt's end
+    seen = restarted_runs.export.result(timeout=200)
     steps = seen["ray_orchestrator_steps_total"][tag]
     lost = seen.get("ray_orchestrator_lost_steps_total", {}).get(tag, 0)  # a counter appears once counted
     assert steps - lost == steps_per_epoch * epochs, seen  # every step once, plus those replayed after the restart
