@@ -22,6 +22,11 @@ _CHILD = "ORCHESTRATOR_TEST_CLEAN_PROCESS"
 _ROOT = Path(__file__).resolve().parent.parent
 
 
+def is_child() -> bool:
+    """Whether this pytest is the child that runs one test in a clean process."""
+    return bool(os.environ.get(_CHILD))
+
+
 def ray_started_here() -> bool:
     """Whether this process has started (or joined) a Ray instance as a driver."""
     ray = sys.modules.get("ray")
@@ -34,7 +39,7 @@ def in_clean_process(test: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(test)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if os.environ.get(_CHILD) or not ray_started_here():
+        if is_child() or not ray_started_here():
             return test(*args, **kwargs)
         nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
         env = dict(os.environ, **{_CHILD: "1"})

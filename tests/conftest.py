@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import background
+import clean_process
 
 TESTS_DIR = Path(__file__).resolve().parent
 _SCENARIOS: list[background.Scenario] = []
@@ -44,7 +45,7 @@ def pytest_collection_finish(session):
     background.run_in_turn(list(_SCENARIOS), _STOPPING)
     # a collected module starts rank processes: their server starts now (not in a child pytest that
     # runs one test in a clean process: tests/clean_process.py)
-    if "rank_processes" in sys.modules and not os.environ.get("ORCHESTRATOR_TEST_CLEAN_PROCESS"):
+    if "rank_processes" in sys.modules and not clean_process.is_child():
         sys.modules["rank_processes"].prestart()
 
 
