@@ -60,7 +60,11 @@ class ExportWatch:
         deadline, tag = time.monotonic() + timeout, f"run={self.run_name}"
         wall = self.final["orchestrator_goodput_seconds:wall"]
         while time.monotonic() < deadline:
-            self.seen = scrape(ray)
+            try:
+                self.seen = scrape(ray)
+            except OSError:  # the agent's HTTP server busy or starting: the next pass asks again
+                time.sleep(2)
+                continue
             exported = self.seen.get("ray_orchestrator_goodput_seconds", {}).get(f"{tag},cause=wall")
             if exported is not None and abs(exported - wall) <= 1e-6 * max(1.0, abs(wall)):
                 return
