@@ -51,3 +51,11 @@ def start_cluster(**system_config: object):
 
     return Cluster(initialize_head=True,
                    head_node_args={**HEAD_ARGS, "_system_config": {**SYSTEM_CONFIG, **system_config}})
+
+
+def save_result(history, path: Path, **extra: object) -> None:
+    """A fit's History and final parameters in ``path`` (``torch.load(path, weights_only=True)`` reads them)."""
+    import torch
+
+    torch.save({"params": {k: v.detach() for k, v in history.model.state_dict().items()},
+                "history": history.history, **extra}, path)

@@ -40,11 +40,10 @@ import traceback
 from pathlib import Path
 
 import ray
-import torch
 from ray.cluster_utils import Cluster
 
 import workloads
-from scenario_tools import events, log, wait_for
+from scenario_tools import events, log, save_result, wait_for
 from scenario_tools import start_cluster as head_only
 
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
@@ -131,17 +130,19 @@ def usable_nodes() -> list[str]:
             and n["NodeID"] not in draining]
 
 
-def prepare(cluster: Cluster, nodes: int) -> None:
+def prepare(cluster: Cluster, nodes: int, at_least: bool = False) -> None:
     """Wait until no worker of an earlier scenario is left (the group its fit parked for a next fit is
-    released now: it would hold its workers for ``PARK_IDLE_S``), then add 1-CPU nodes up to ``nodes`` usable ones."""
+    released now: it would hold its workers for ``PARK_IDLE_S``), then add 1-CPU nodes up to ``nodes``
+    usable ones (``at_least``: more may be left from the scenarios before)."""
     from orchestrator.cluster.parking import release_parked
 
     release_parked()
     wait_for(lambda: not worker_nodes(), 60, "the workers of the previous scenario to exit")
     for _ in range(nodes - len(usable_nodes())):
         cluster.add_node(**NODE_ARGS)
-    cluster.wait_for_nodes()
-    wait_for(lambda: len(usable_nodes()) == nodes, 60, f"{nodes} usable nodes")
+    # (not cluster.wait_for_nodes(): it would also wait for drained nodes, which never come back)
+    wait_for(lambda: (len(usable_nodes()) >= nodes) if at_least else (len(usable_nodes()) == nodes), 60,
+             f"{nodes} usable nodes")
 
 
 def run_drain(cluster: Cluster, storage: str, run_name: str, epochs: int, record: dict) -> dict:
@@ -189,14 +190,7 @@ def run_sigterm(cluster: Cluster, storage: str, run_name: str, epochs: int, reco
 
 def run_reference(cluster: Cluster, storage: str, run_name: str, epochs: int, record: dict) -> dict:
     """The same run on the same cluster, which nothing disturbs (no hold file: steps are not paced)."""
-    from orchestrator.cluster.parking import release_parked
-
-    release_parked()
-    wait_for(lambda: not worker_nodes(), 60, "the workers of the previous scenario to exit")
-    for _ in range(2 - len(usable_nodes())):  # the run's two workers, on nodes the scenarios before left
-        cluster.add_node(**NODE_ARGS)
-    # (not cluster.wait_for_nodes(): it also waits for the drained nodes, which never come back)
-    wait_for(lambda: len(usable_nodes()) >= 2, 60, "2 usable nodes")
+    prepare(cluster, 2, at_least=True)  # the run's two workers, on nodes the scenarios before left
     return {"history": workloads.drainable_trainer(storage, run_name).fit(epochs=epochs, verbose=0)}
 
 
@@ -209,9 +203,7 @@ def run_scenario(cluster: Cluster, mode: str, storage: str, run_name: str, epoch
         raise outcome["error"]
     if "history" not in outcome:
         raise TimeoutError("the fit did not end within 300 s")
-    history = outcome["history"]
-    torch.save({"params": {k: v.detach() for k, v in history.model.state_dict().items()},
-                "history": history.history}, Path(storage) / f"{run_name}-result.pt")
+    save_result(outcome["history"], Path(storage) / f"{run_name}-result.pt")
     (Path(storage) / f"{run_name}-cluster.json").write_text(json.dumps(record))
 
 

@@ -13,8 +13,8 @@ worker needs both, so no node can host two) and fits ``workloads_elastic.trainer
 Then, on the same cluster, it fits the uninterrupted two-worker run and an elastic run that loses
 nothing (two epochs). Writes ``FOLDER/outcome.json`` (``{"ok": true}``, or false with the error and the
 scenario's log), and on success ``FOLDER/result.pt``, ``reference.pt`` and ``whole.pt`` (each a History
-and the final parameters). Every trained sample
-is logged under ``FOLDER/seen/`` (see tests/workloads_elastic.py). Exits 0 on success, 1 otherwise.
+and the final parameters). Every trained sample is logged under ``FOLDER/seen/`` (see
+tests/workloads_elastic.py). Exits 0 on success, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -26,16 +26,11 @@ import traceback
 from pathlib import Path
 
 import ray
-import torch
 
 import workloads_elastic
-from scenario_tools import events, log, start_cluster, wait_for
+from scenario_tools import events, log, save_result, start_cluster, wait_for
 
 NODE_ARGS = {"num_cpus": 1, "resources": {"slot": 1}, "object_store_memory": 80 * 2**20}
-def save(history, path: Path, **extra) -> None:
-    """A fit's History and final parameters (``torch.load`` with ``weights_only=True`` reads them)."""
-    torch.save({"params": {k: v.detach() for k, v in history.model.state_dict().items()},
-                "history": history.history, **extra}, path)
 
 
 def actor_nodes(name: str) -> set[str]:
@@ -92,13 +87,13 @@ def main(folder: Path, epochs: int) -> int:
             raise outcome["error"]
         if "history" not in outcome:
             raise TimeoutError("the fit did not end within 300 s")
-        save(outcome["history"], folder / "result.pt", record=record)
+        save_result(outcome["history"], folder / "result.pt", record=record)
         # on the same cluster (two nodes again), what the tests compare the elastic run with: the
         # uninterrupted two-worker run, and an elastic run that loses nothing (two epochs)
-        save(workloads_elastic.trainer(str(folder), "reference", num_workers=2, placement_timeout_s=120).fit(
+        save_result(workloads_elastic.trainer(str(folder), "reference", num_workers=2, placement_timeout_s=120).fit(
             epochs=epochs, verbose=0), folder / "reference.pt")
-        save(workloads_elastic.trainer(str(folder), "whole", placement_timeout_s=120).fit(epochs=2, verbose=0),
-             folder / "whole.pt")
+        save_result(workloads_elastic.trainer(str(folder), "whole", placement_timeout_s=120).fit(
+            epochs=2, verbose=0), folder / "whole.pt")
         log("references trained")
         (folder / "outcome.json").write_text(json.dumps({"ok": True, "record": record}))
         log("done")

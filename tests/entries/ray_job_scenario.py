@@ -108,7 +108,8 @@ class Head:
         temp dir (``ray stop`` would also stop the test session's own Ray instance).
 
         Nothing of the head outlives the scenario, so a graceful shutdown has nothing to save: a second's
-        wait (it took over five). Returns the processes still using the temp dir afterwards (``"pid cmdline"``; none, normally).
+        wait (it took over five). Returns the processes still using the temp dir afterwards
+        (``"pid cmdline"``; none, normally).
         """
         if self.proc is not None:
             for sig, wait in ((signal.SIGTERM, 1), (signal.SIGKILL, 10)):
