@@ -1,12 +1,13 @@
-"""Run a test in a fresh interpreter when this one hosts a Ray driver: for tests that fork DataLoader
+"""Run a test in a fresh interpreter when this one runs other threads: for tests that fork DataLoader
 worker processes in process.
 
-Once the pytest process has started the session's Ray, it hosts Ray's driver threads (gRPC, the
-release timer of a parked worker group). Forking a process with such threads can leave the child
-waiting forever on a lock a thread held at the fork. In training the loop runs in a Ray actor, never
-in the driver; a test that forks loader workers from the loop in process runs itself in a child
-interpreter that has never started Ray, unless this process has not started it either (the tests
-without Ray run first: tests/conftest.py), where the child would only add a pytest start (seconds).
+A fork copies only the thread that forks: a lock another thread held at that moment stays held in
+the child forever. The pytest process runs such threads: Ray's driver threads once it has started
+the session's Ray (gRPC, the release timer of a parked worker group), and before that the S3
+server's, fsspec's event loop and the background scenarios' thread; a loader worker forked beside
+them hung once and crashed (SIGSEGV) twice. In training the loop runs in a Ray actor, never in the
+driver; a test that forks loader workers from the loop in process runs itself in a child
+interpreter that runs no other thread, unless this one runs none either (a single file, say).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,19 +29,20 @@ def is_child() -> bool:
     return bool(os.environ.get(_CHILD))
 
 
-def ray_started_here() -> bool:
-    """Whether this process has started (or joined) a Ray instance as a driver."""
+def only_thread_here() -> bool:
+    """Whether this process runs no thread but the calling one (and so no Ray driver, whose threads
+    Python does not count)."""
     ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
+    return threading.active_count() == 1 and not (ray is not None and ray.is_initialized())
 
 
 def in_clean_process(test: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a test so that, in a process that has started Ray, pytest runs it again, alone, in a fresh
-    interpreter, and passes or fails with it; elsewhere it runs as it is."""
+    """Decorate a test so that, in a process that runs other threads, pytest runs it again, alone, in a
+    fresh interpreter, and passes or fails with it; elsewhere it runs as it is."""
 
     @functools.wraps(test)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if is_child() or not ray_started_here():
+        if is_child() or only_thread_here():
             return test(*args, **kwargs)
         nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
         env = dict(os.environ, **{_CHILD: "1"})
