@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 import background
-import clean_process
 
 TESTS_DIR = Path(__file__).resolve().parent
 _SCENARIOS: list[background.Scenario] = []
@@ -43,9 +42,8 @@ def pytest_collection_finish(session):
         return
     _SCENARIOS[:] = background.collected_scenarios(session.items)
     background.run_in_turn(list(_SCENARIOS), _STOPPING)
-    # a collected module starts rank processes: their server starts now (not in a child pytest that
-    # runs one test in a clean process: tests/clean_process.py)
-    if "rank_processes" in sys.modules and not clean_process.is_child():
+    # a collected module starts rank processes: their server starts now
+    if "rank_processes" in sys.modules:
         sys.modules["rank_processes"].prestart()
 
 
