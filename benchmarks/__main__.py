@@ -63,6 +63,11 @@ SUITE = [
           "BackupAndRestore) against a hand-written torchrun DDP loop and the same loop under Ray Train v2's "
           "TorchTrainer, same workload, interleaved repeats",
           quick=["--epochs", "2", "--repeats", "2"], full=["--epochs", "3", "--repeats", "5"]),
+    Bench("feature overhead", "features.py",
+          "samples/s of Trainer.fit with each feature on (bf16-mixed, accumulation, loader workers, a per-step "
+          "schedule, fsdp, all of the realistic configuration) against plain fit, beside the hand-written DDP "
+          "loop with and without the same feature, interleaved repeats",
+          full=["--epochs", "3", "--repeats", "3"], in_quick=False),  # about 3 minutes a repeat here
     Bench("CPU beside the ranks", "overhead.py",
           "CPU seconds per second (and per 1,000 steps) of every process of a steady Trainer.fit that starts its "
           "own Ray, by role: training ranks, coordinator, driver, gcs_server, raylet, agents, log monitor, "

@@ -5,7 +5,8 @@ Prints one JSON line (rank 0): {"steps": ..., "seconds": ..., "epoch_starts": [.
 its optimizer steps, and the end of the last one, so a caller can time the epochs it chooses.
 ``--realistic``: the loop a user writes for a GPU job (workload.REALISTIC): DataLoader worker
 processes, bf16 autocast, gradient accumulation with ``no_sync`` on all but the last micro-batch,
-and a warm-up + cosine schedule stepped after every optimizer step.
+and a warm-up + cosine schedule stepped after every optimizer step; ``--config JSON``: any
+configuration of workload.py (each feature alone: benchmarks/features.py; not ``strategy``).
 
 :func:`train` is the loop itself; benchmarks/fit_vs_ddp.py also runs it inside Ray Train's
 TorchTrainer (the loop a Ray Train user writes, with the model wrapped by ``prepare_model``).
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import workload
 
 
-def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, realistic: bool,
+def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, config: dict[str, Any],
           on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train ``ddp`` (``model`` wrapped in DistributedDataParallel) for ``epochs`` epochs, validating after each.
 
@@ -34,23 +35,27 @@ def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, realistic: 
         ddp: The wrapped model; the process group is formed.
         model: The module it wraps (validation calls it directly, as a user does).
         epochs: Epochs to run.
-        realistic: Run workload.REALISTIC (loader workers, bf16 autocast, accumulation, warm-up + cosine).
+        config: A configuration of workload.py (``{}``: plain fp32; workload.REALISTIC: loader workers,
+            bf16 autocast, accumulation, warm-up + cosine).
         on_epoch_end: Called on every rank after each epoch with the timings so far (a Ray Train
             loop reports them). Defaults to nothing.
 
     Returns:
         ``{"steps", "seconds", "epoch_starts", "epoch_steps", "end"}`` as printed by this script.
     """
-    real = workload.REALISTIC if realistic else {}
-    accumulate = real.get("accumulate_grad_batches", 1)
+    if config.get("strategy", "ddp") != "ddp":
+        raise ValueError(f"the hand-written loop is DDP only, not strategy={config['strategy']!r}")
+    accumulate = config.get("accumulate_grad_batches", 1)
+    bf16 = config.get("precision", "32-true") == "bf16-mixed"
     rank, world = dist.get_rank(), dist.get_world_size()
     optimizer = workload.make_optimizer(model.parameters())
     train_ds, val_ds = workload.load_data()
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=0)
-    workers = real.get("loader_workers", 0)
+    workers = config.get("loader_workers", 0)
     loader = DataLoader(train_ds, batch_size=workload.BATCH, sampler=sampler, num_workers=workers,
                         persistent_workers=workers > 0)
-    schedule = workload.warmup_cosine(optimizer, workload.optimizer_steps(epochs, world)) if real else None
+    schedule = workload.warmup_cosine(optimizer, workload.optimizer_steps(epochs, world, config),
+                                      config["warmup_steps"]) if "warmup_steps" in config else None
     val_loader = DataLoader(val_ds, batch_size=workload.BATCH,
                             sampler=DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False))
     loss_fn = torch.nn.functional.cross_entropy
@@ -69,7 +74,7 @@ def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, realistic: 
                 break
             last = (i + 1) % accumulate == 0
             with (contextlib.nullcontext() if last else ddp.no_sync()), \
-                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(real)):
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = ddp(x)
                 loss = loss_fn(out, y)
                 (loss / accumulate).backward()
@@ -85,7 +90,7 @@ def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, realistic: 
         vtotal = torch.zeros(3, dtype=torch.float64)
         with torch.no_grad():
             for x, y in val_loader:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(real)):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     out = model(x)
                 vtotal += torch.stack([loss_fn(out, y).double() * len(y), (out.argmax(1) == y).double().sum(),
                                        torch.tensor(len(y), dtype=torch.float64)])
@@ -106,13 +111,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--realistic", action="store_true")
+    parser.add_argument("--config", type=json.loads, default=None, help="a configuration of workload.py, as JSON")
     args = parser.parse_args()
+    config = args.config if args.config is not None else workload.REALISTIC if args.realistic else {}
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     model = workload.build_model()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    timings = train(ddp, model, args.epochs, args.realistic)
+    timings = train(ddp, model, args.epochs, config)
     if dist.get_rank() == 0:
         print(json.dumps(timings), flush=True)
     dist.destroy_process_group()

@@ -27,7 +27,6 @@ The sides run in an order that rotates from repeat to repeat; ratios are medians
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -46,12 +45,9 @@ import workload  # noqa: E402
 from orchestrator import Trainer, callbacks  # noqa: E402
 
 
-def run_fit(epochs: int, realistic: bool) -> tuple[int, float]:
-    real = workload.REALISTIC if realistic else {}
-    extra = {} if not real else dict(
-        loader_workers=real["loader_workers"], precision=real["precision"],
-        accumulate_grad_batches=real["accumulate_grad_batches"], lr_scheduler_interval="step",
-        lr_scheduler=functools.partial(workload.warmup_cosine, total_steps=workload.optimizer_steps(epochs)))
+def run_fit(epochs: int, config: dict) -> tuple[int, float]:
+    """(optimizer steps, seconds) of the timed epochs of one Trainer.fit of ``config`` (workload.py)."""
+    extra = workload.fit_options(config, epochs)
     folder = tempfile.mkdtemp(prefix="fit-vs-ddp-")
     trainer = Trainer(
         storage=folder, run_name="bench",  # a new run each time
@@ -86,11 +82,12 @@ def steady(timings: dict) -> tuple[int, float]:
     return sum(timings["epoch_steps"][first:]), timings["end"] - timings["epoch_starts"][first]
 
 
-def run_ddp(epochs: int, realistic: bool) -> tuple[int, float]:
+def run_ddp(epochs: int, config: dict) -> tuple[int, float]:
+    """The same for the hand-written loop under torchrun."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(HERE / "ddp_baseline.py"), "--epochs", str(epochs)] + (["--realistic"] if realistic else []),
+         str(HERE / "ddp_baseline.py"), "--epochs", str(epochs), "--config", json.dumps(config)],
         env=env, capture_output=True, text=True, check=True, timeout=600,
     )
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
@@ -114,10 +111,10 @@ def ray_train_loop(config: dict) -> None:
     torch.manual_seed(0)
     model = workload.build_model()
     ddp = ray.train.torch.prepare_model(model)
-    ddp_baseline.train(ddp, model, config["epochs"], config["realistic"], on_epoch_end=epoch_end)
+    ddp_baseline.train(ddp, model, config["epochs"], config["features"], on_epoch_end=epoch_end)
 
 
-def run_ray_train(epochs: int, realistic: bool) -> tuple[int, float]:
+def run_ray_train(epochs: int, config: dict) -> tuple[int, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -125,7 +122,7 @@ def run_ray_train(epochs: int, realistic: bool) -> tuple[int, float]:
     timings = os.path.join(folder, "timings.json")
     try:
         TorchTrainer(
-            ray_train_loop, train_loop_config={"epochs": epochs, "realistic": realistic, "timings": timings},
+            ray_train_loop, train_loop_config={"epochs": epochs, "features": config, "timings": timings},
             scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(name="bench", storage_path=folder),
         ).fit()
@@ -165,7 +162,7 @@ def main() -> None:
             names = list(sides)
             measured = {}
             for name in names[i % len(names):] + names[:i % len(names)]:
-                measured[name] = sides[name](args.epochs, args.realistic)
+                measured[name] = sides[name](args.epochs, workload.REALISTIC if args.realistic else {})
                 rates[name].append(measured[name][0] / measured[name][1])
             fs, ft = measured["fit"]
             ds, dt = measured["torchrun DDP"]

@@ -63,8 +63,6 @@ TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # -- the child: one fit -----------------------------------------------------------------------
 def child(epochs: int, max_failures: int, realistic: bool = False) -> None:
     """Run one fit, printing a mark (with the steps per epoch) at the window's start and end."""
-    import functools
-
     import torch
 
     import workload
@@ -81,12 +79,7 @@ def child(epochs: int, max_failures: int, realistic: bool = False) -> None:
             if epoch == epochs - 1:
                 print(f"{MARK} end {self.params.get('steps')}", flush=True)
 
-    extra = {}
-    if realistic:
-        real = workload.REALISTIC
-        extra = dict(loader_workers=real["loader_workers"], precision=real["precision"],
-                     accumulate_grad_batches=real["accumulate_grad_batches"], lr_scheduler_interval="step",
-                     lr_scheduler=functools.partial(workload.warmup_cosine, total_steps=workload.optimizer_steps(epochs)))
+    extra = workload.fit_options(workload.REALISTIC if realistic else {}, epochs)
     with tempfile.TemporaryDirectory(prefix="overhead-") as folder:
         Trainer(**extra, model=workload.build_model, optimizer=workload.make_optimizer, loss=torch.nn.functional.cross_entropy,
                 data=workload.load_data, metrics=["accuracy"], batch_size=workload.BATCH, num_workers=2,

@@ -1,13 +1,18 @@
-"""The model, data and settings both sides of the fit-vs-DDP benchmark use.
+"""The model, data and settings both sides of the fit-vs-DDP benchmarks use.
 
-``REALISTIC`` is the configuration of a real GPU job, on CPU: two DataLoader worker processes per
-rank, bf16 autocast, two micro-batches per optimizer step, and a warm-up then cosine schedule
-stepped at every optimizer step.
+A configuration is a dict of features, each key optional: ``loader_workers`` (DataLoader worker
+processes per rank), ``precision`` (``"bf16-mixed"``: bf16 autocast), ``accumulate_grad_batches``
+(micro-batches per optimizer step), ``warmup_steps`` (a warm-up then cosine schedule stepped at every
+optimizer step) and ``strategy`` (``"fsdp"``: Trainer.fit only). ``{}`` is plain fp32 training.
+``REALISTIC`` is the configuration of a real GPU job, on CPU; ``FEATURE_CONFIGS`` names each feature alone
+(benchmarks/features.py).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 import torch
 
@@ -43,6 +48,16 @@ def make_optimizer(params):
 
 REALISTIC = {"loader_workers": 2, "precision": "bf16-mixed", "accumulate_grad_batches": 2, "warmup_steps": 20}
 
+#: Each feature alone, then all of REALISTIC together, by the name a report prints.
+FEATURE_CONFIGS = {
+    "bf16-mixed": {"precision": "bf16-mixed"},
+    "accumulate 2": {"accumulate_grad_batches": 2},
+    "loader workers 2": {"loader_workers": 2},
+    "warm-up + cosine per step": {"warmup_steps": REALISTIC["warmup_steps"]},
+    "fsdp": {"strategy": "fsdp"},
+    "realistic (all but fsdp)": REALISTIC,
+}
+
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
                   warmup_steps: int = REALISTIC["warmup_steps"]) -> torch.optim.lr_scheduler.LambdaLR:
@@ -55,6 +70,16 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def optimizer_steps(epochs: int, world: int = 2) -> int:
-    """Optimizer steps of the realistic configuration over ``epochs`` (the schedule's length)."""
-    return epochs * (TRAIN // world // BATCH) // REALISTIC["accumulate_grad_batches"]
+def optimizer_steps(epochs: int, world: int = 2, config: dict[str, Any] = REALISTIC) -> int:
+    """Optimizer steps of ``config`` over ``epochs`` (the schedule's length)."""
+    return epochs * (TRAIN // world // BATCH) // config.get("accumulate_grad_batches", 1)
+
+
+def fit_options(config: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """``config`` as Trainer keywords (the schedule built for ``epochs`` epochs on 2 workers)."""
+    options = {key: config[key] for key in ("loader_workers", "precision", "accumulate_grad_batches", "strategy")
+               if key in config}
+    if "warmup_steps" in config:
+        options.update(lr_scheduler_interval="step", lr_scheduler=functools.partial(
+            warmup_cosine, total_steps=optimizer_steps(epochs, config=config), warmup_steps=config["warmup_steps"]))
+    return options
