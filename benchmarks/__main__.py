@@ -1,13 +1,15 @@
 """One command for every benchmark: runs the scripts of benchmarks/ and writes docs/BENCHMARKS.md.
 
-    python -m benchmarks [--quick] [--only NAME ...] [--out docs/BENCHMARKS.md]
+    python -m benchmarks [--quick] [--only NAME ...] [--update] [--out docs/BENCHMARKS.md]
 
 Each script runs in its own process (one after another, so they do not compete for the CPUs), with
 the arguments of the mode (``--quick``: fewer repeats and smaller sizes, under 5 minutes on a
 2-core machine; the default: the scripts' own defaults). Every script prints its own medians and
 spread; the report keeps each script's command, its wall time, its exit status and its output as
 printed, under the machine, the versions and the command that produced the report. A script that
-fails or runs out of time is reported as such and the others still run.
+fails or runs out of time is reported as such and the others still run. ``--only NAME ... --update``
+re-runs those scripts and replaces their sections in the existing report, keeping the others (the
+header then names the sections re-run, with the command and the date).
 
 Scripts that need what this machine may lack (``recovery.py`` needs ``ray[train]``;
 ``gpu_smoke.py`` a GPU) say so in their output.
@@ -19,6 +21,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -103,6 +106,35 @@ SUITE = [
 ]
 
 
+@dataclass
+class Section:
+    """One script's part of the report: its command as run, wall seconds, exit status, output."""
+
+    bench: Bench
+    command: str
+    seconds: float
+    status: int | str
+    output: str
+
+
+_SECTION = re.compile(r"^## (?P<name>[^\n]+)\n\n[^\n]*\n\n`(?P<command>[^`]+)` \((?P<seconds>\d+) s, (?P<status>[^)]*)\)"
+                      r"\n\n```\n(?P<output>.*?)\n```$", re.S | re.M)
+
+
+def parse(report: str) -> tuple[list[str], dict[str, Section]]:
+    """The header lines above the table (without the ``re-run`` notes' order lost) and the sections, by
+    name, of a report this module wrote (sections of scripts no longer in the suite are dropped)."""
+    header = report.split("\n| figure |", 1)[0].rstrip("\n").splitlines()
+    by_name = {bench.name: bench for bench in SUITE}
+    sections = {}
+    for match in _SECTION.finditer(report):
+        if match["name"] in by_name:
+            status = match["status"]
+            sections[match["name"]] = Section(by_name[match["name"]], match["command"], float(match["seconds"]),
+                                              0 if status == "ok" else status.removeprefix("exit "), match["output"])
+    return header, sections
+
+
 def versions() -> str:
     """Python, torch and ray versions, without importing torch or ray into this process."""
     code = "import torch, ray; print(torch.__version__, ray.__version__)"
@@ -157,7 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these (script names without .py)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"), help="the report to write")
     parser.add_argument("--note", default="", help="a line added to the report (e.g. that the machine was shared)")
+    parser.add_argument("--update", action="store_true",
+                        help="with --only: replace those scripts' sections in the report at --out, keep the others")
     args = parser.parse_args(argv)
+    if args.update and not args.only:
+        parser.error("--update re-runs the scripts named by --only: give --only NAME ...")
+    if args.update and not Path(args.out).exists():
+        parser.error(f"--update needs an existing report at --out ({args.out}); run without --update first")
     chosen = [b for b in SUITE if (Path(b.script).stem in args.only or b.name in args.only) if args.only] \
         if args.only else [b for b in SUITE if b.in_quick or not args.quick]
     skipped = [b for b in SUITE if b not in chosen]
@@ -169,34 +207,62 @@ def main(argv: list[str] | None = None) -> int:
         cmd, seconds, status, output = run(bench, args.quick)
         print(output, flush=True)
         print(f"-- {seconds:.0f} s, exit {status}", flush=True)
-        sections.append((bench, cmd, seconds, status, output))
+        sections.append(Section(bench, " ".join(cmd), seconds, status, output))
     total = time.monotonic() - began
-    report = render(command, sections, total, args.quick, args.note, skipped)
+    if args.update:
+        report = update(Path(args.out).read_text(), command, sections, total)
+    else:
+        report = render(command, sections, total, args.quick, args.note, skipped)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report)
     print(f"wrote {args.out} ({total:.0f} s)")
-    return 0 if all(s[3] == 0 for s in sections) else 1
+    return 0 if all(s.status == 0 for s in sections) else 1
 
 
-def render(command: str, sections: list, total: float, quick: bool, note: str, skipped: list[Bench]) -> str:
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def render(command: str, sections: list[Section], total: float, quick: bool, note: str, skipped: list[Bench]) -> str:
     """docs/BENCHMARKS.md: the header, then one section per script with its output as printed."""
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = ["# Benchmarks", "",
-             f"Written by `{command}` on {now} in {total:.0f} s ({'quick mode' if quick else 'full mode'}).",
-             "Each section is one script's output as it printed it, with its medians and spread; re-run the "
-             "command to refresh this page.", "",
-             f"- machine: {machine()}", f"- versions: {versions()}"]
+    header = ["# Benchmarks", "",
+              f"Written by `{command}` on {_now()} in {total:.0f} s ({'quick mode' if quick else 'full mode'}).",
+              "Each section is one script's output as it printed it, with its medians and spread; re-run the "
+              "command to refresh this page.", "",
+              f"- machine: {machine()}", f"- versions: {versions()}"]
     if note:
-        lines.append(f"- note: {note}")
-    lines += ["", "| figure | script | wall time | status |", "| --- | --- | --- | --- |"]
-    for bench, cmd, seconds, status, _ in sections:
-        lines.append(f"| {bench.name} | `{bench.script}` | {seconds:.0f} s | {'ok' if status == 0 else status} |")
-    for bench in skipped:
-        lines.append(f"| {bench.name} | `{bench.script}` | - | not run ({'full mode only' if quick else 'not chosen'}) |")
-    for bench, cmd, seconds, status, output in sections:
-        lines += ["", f"## {bench.name}", "", bench.measures + ".", "", f"`{' '.join(cmd)}` ({seconds:.0f} s, "
-                  f"{'ok' if status == 0 else f'exit {status}'})", "", "```", output or "(no output)", "```"]
+        header.append(f"- note: {note}")
+    rows = [f"| {bench.name} | `{bench.script}` | - | not run ({'full mode only' if quick else 'not chosen'}) |"
+            for bench in skipped]
+    return _page(header, sections, rows)
+
+
+def update(report: str, command: str, sections: list[Section], total: float) -> str:
+    """``report`` with the sections of ``sections`` replaced (or added, in the suite's order), and a header
+    line that says which were re-run, by what command, when."""
+    header, kept = parse(report)
+    kept.update({section.bench.name: section for section in sections})
+    names = ", ".join(section.bench.name for section in sections)
+    header.append(f"- re-run: {names}, by `{command}` on {_now()} in {total:.0f} s (the other sections as above)")
+    rows = [f"| {bench.name} | `{bench.script}` | - | not run |" for bench in SUITE if bench.name not in kept]
+    return _page(header, [kept[bench.name] for bench in SUITE if bench.name in kept], rows)
+
+
+def _page(header: list[str], sections: list[Section], not_run: list[str]) -> str:
+    lines = header + ["", "| figure | script | wall time | status |", "| --- | --- | --- | --- |"]
+    for section in sections:
+        lines.append(f"| {section.bench.name} | `{section.bench.script}` | {section.seconds:.0f} s | "
+                     f"{_status(section.status)} |")
+    lines += not_run
+    for section in sections:
+        lines += ["", f"## {section.bench.name}", "", section.bench.measures + ".", "",
+                  f"`{section.command}` ({section.seconds:.0f} s, {'ok' if section.status == 0 else f'exit {section.status}'})",
+                  "", "```", section.output or "(no output)", "```"]
     return "\n".join(lines) + "\n"
+
+
+def _status(status: int | str) -> str:
+    return "ok" if status == 0 else str(status)
 
 
 if __name__ == "__main__":
