@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 import ray  # noqa: E402
 
 import workload  # noqa: E402
-from fit_vs_ddp import run_ddp, run_fit  # noqa: E402
+from fit_vs_ddp import as_a_user_runs_fit, run_ddp, run_fit  # noqa: E402
 
 PLAIN = "plain fp32"
 SIDES = {"fit": run_fit, "DDP": run_ddp}
@@ -62,23 +62,20 @@ def main() -> None:
           f"repeats {args.repeats}, batch {workload.BATCH}/worker, 2 workers x 1 thread, sides: Trainer.fit "
           f"(EarlyStopping, ReduceLROnPlateau, TerminateOnNaN, BackupAndRestore)"
           + ("" if args.fit_only else " and the hand-written DDP loop under torchrun")
-          + "; configurations: " + "; ".join(f"{name} {config}" for name, config in configs.items()), flush=True)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}})
+          + "; each fit starts its own local Ray (RAY_ADDRESS=local); configurations: "
+          + "; ".join(f"{name} {config}" for name, config in configs.items()), flush=True)
+    as_a_user_runs_fit()
     rates: dict[tuple[str, str], list[float]] = {}
-    try:
-        for i in range(args.repeats):  # interleaved, so drift hits every configuration alike
-            names = list(configs)
-            for name in names[i % len(names):] + names[:i % len(names)]:
-                sides = runs(configs[name], args.fit_only)
-                for side in sides[i % len(sides):] + sides[:i % len(sides)]:
-                    steps, seconds = SIDES[side](args.epochs, configs[name])
-                    rate = samples_per_s(configs[name], steps, seconds)
-                    rates.setdefault((name, side), []).append(rate)
-                    print(f"repeat {i + 1}: {name}, {side}: {steps} optimizer steps in {seconds:.2f}s = "
-                          f"{rate:.0f} samples/s", flush=True)
-    finally:
-        ray.shutdown()
+    for i in range(args.repeats):  # interleaved, so drift hits every configuration alike
+        names = list(configs)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            sides = runs(configs[name], args.fit_only)
+            for side in sides[i % len(sides):] + sides[:i % len(sides)]:
+                steps, seconds = SIDES[side](args.epochs, configs[name])
+                rate = samples_per_s(configs[name], steps, seconds)
+                rates.setdefault((name, side), []).append(rate)
+                print(f"repeat {i + 1}: {name}, {side}: {steps} optimizer steps in {seconds:.2f}s = "
+                      f"{rate:.0f} samples/s", flush=True)
     print(report(configs, rates))
 
 

@@ -22,6 +22,11 @@ inside ``TorchTrainer``, as its user guide writes one: the model wrapped by
 ``prepare_data_loader`` adds), and ``ray.train.report`` of the epoch's metrics after every epoch. It
 saves no checkpoints, nor does torchrun's loop; Trainer.fit backs up every epoch (BackupAndRestore).
 The sides run in an order that rotates from repeat to repeat; ratios are medians of the per-repeat ratios.
+
+Each side runs as its users run it: every ``Trainer.fit`` starts its own local Ray and stops it after
+(``RAY_ADDRESS=local``, as a user's script with no Ray running: README), so its ranks run with the
+settings of that instance; Ray Train's side runs on a Ray this script starts for it
+(``ray.init(num_cpus=2, include_dashboard=False)``), torchrun's on none.
 """
 
 from __future__ import annotations
@@ -82,6 +87,14 @@ def steady(timings: dict) -> tuple[int, float]:
     return sum(timings["epoch_steps"][first:]), timings["end"] - timings["epoch_starts"][first]
 
 
+def as_a_user_runs_fit() -> None:
+    """The environment of a user's script that calls ``Trainer.fit`` with no Ray running: ``fit`` starts
+    its own local Ray (never one already running here), whose workers import this folder's modules."""
+    os.environ["RAY_ADDRESS"] = "local"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
+
+
 def run_ddp(epochs: int, config: dict) -> tuple[int, float]:
     """The same for the hand-written loop under torchrun."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
@@ -120,6 +133,8 @@ def run_ray_train(epochs: int, config: dict) -> tuple[int, float]:
 
     folder = tempfile.mkdtemp(prefix="fit-vs-ray-train-")
     timings = os.path.join(folder, "timings.json")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}})
     try:
         TorchTrainer(
             ray_train_loop, train_loop_config={"epochs": epochs, "features": config, "timings": timings},
@@ -128,6 +143,7 @@ def run_ray_train(epochs: int, config: dict) -> tuple[int, float]:
         ).fit()
         return steady(json.loads(Path(timings).read_text()))  # rank 0's, after the last epoch
     finally:
+        ray.shutdown()
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -148,33 +164,30 @@ def main() -> None:
     print(f"torch {torch.__version__}, ray {ray.__version__}, epochs {args.epochs}, repeats {args.repeats}, "
           f"batch {workload.BATCH}/worker, 2 workers x 1 thread, "
           f"config {workload.REALISTIC if args.realistic else 'plain fp32, 1 micro-batch, constant lr'}; "
-          f"timed: {timed}, from each side's epoch times; sides in rotating order"
+          f"timed: {timed}, from each side's epoch times; sides in rotating order; each fit starts its own local "
+          f"Ray (RAY_ADDRESS=local)"
           + ("; Ray Train v2 (RAY_TRAIN_V2_ENABLED=1) runs the hand-written loop" if with_ray_train else ""),
           flush=True)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}})
+    as_a_user_runs_fit()
     sides = {"fit": run_fit, "torchrun DDP": run_ddp}
     if with_ray_train:
         sides["Ray Train v2"] = run_ray_train
     rates: dict[str, list[float]] = {name: [] for name in sides}
-    try:
-        for i in range(args.repeats):  # interleaved, so drift hits every side alike
-            names = list(sides)
-            measured = {}
-            for name in names[i % len(names):] + names[:i % len(names)]:
-                measured[name] = sides[name](args.epochs, workload.REALISTIC if args.realistic else {})
-                rates[name].append(measured[name][0] / measured[name][1])
-            fs, ft = measured["fit"]
-            ds, dt = measured["torchrun DDP"]
-            line = (f"repeat {i + 1}: fit {fs} steps in {ft:.2f}s = {fs / ft:.1f} steps/s | "
-                    f"torchrun DDP {ds} steps in {dt:.2f}s = {ds / dt:.1f} steps/s | ratio {fs / ft / (ds / dt):.3f}")
-            if with_ray_train:
-                rs, rt = measured["Ray Train v2"]
-                line += (f" | Ray Train v2 {rs} steps in {rt:.2f}s = {rs / rt:.1f} steps/s | "
-                         f"fit / Ray Train {fs / ft / (rs / rt):.3f}")
-            print(line, flush=True)
-    finally:
-        ray.shutdown()
+    for i in range(args.repeats):  # interleaved, so drift hits every side alike
+        names = list(sides)
+        measured = {}
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            measured[name] = sides[name](args.epochs, workload.REALISTIC if args.realistic else {})
+            rates[name].append(measured[name][0] / measured[name][1])
+        fs, ft = measured["fit"]
+        ds, dt = measured["torchrun DDP"]
+        line = (f"repeat {i + 1}: fit {fs} steps in {ft:.2f}s = {fs / ft:.1f} steps/s | "
+                f"torchrun DDP {ds} steps in {dt:.2f}s = {ds / dt:.1f} steps/s | ratio {fs / ft / (ds / dt):.3f}")
+        if with_ray_train:
+            rs, rt = measured["Ray Train v2"]
+            line += (f" | Ray Train v2 {rs} steps in {rt:.2f}s = {rs / rt:.1f} steps/s | "
+                     f"fit / Ray Train {fs / ft / (rs / rt):.3f}")
+        print(line, flush=True)
     fit_best = max(rates["fit"])
     ddp_best = max(rates["torchrun DDP"])
     paired = [f / d for f, d in zip(rates["fit"], rates["torchrun DDP"])]
