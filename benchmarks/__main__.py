@@ -65,7 +65,8 @@ SUITE = [
           "steps/s from the second epoch on of Trainer.fit (EarlyStopping, ReduceLROnPlateau, TerminateOnNaN, "
           "BackupAndRestore) against a hand-written torchrun DDP loop and the same loop under Ray Train v2's "
           "TorchTrainer, same workload, interleaved repeats",
-          quick=["--epochs", "2", "--repeats", "2"], full=["--epochs", "3", "--repeats", "5"]),
+          # pairs of one run spread over +-20% on a 2-core VM: 9 of them for a median that means something
+          quick=["--epochs", "2", "--repeats", "2"], full=["--epochs", "3", "--repeats", "9"]),
     Bench("feature overhead", "features.py",
           "samples/s of Trainer.fit with each feature on (bf16-mixed, accumulation, loader workers, a per-step "
           "schedule, fsdp, all of the realistic configuration) against plain fit, beside the hand-written DDP "
