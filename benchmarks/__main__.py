@@ -243,10 +243,21 @@ def update(report: str, command: str, sections: list[Section], total: float) -> 
     line that says which were re-run, by what command, when."""
     header, kept = parse(report)
     kept.update({section.bench.name: section for section in sections})
+    rerun = {section.bench.name for section in sections}
+    header = [line for line in (_without(line, rerun) for line in header) if line is not None]
     names = ", ".join(section.bench.name for section in sections)
     header.append(f"- re-run: {names}, by `{command}` on {_now()} in {total:.0f} s (the other sections as above)")
     rows = [f"| {bench.name} | `{bench.script}` | - | not run |" for bench in SUITE if bench.name not in kept]
     return _page(header, [kept[bench.name] for bench in SUITE if bench.name in kept], rows)
+
+
+def _without(line: str, names: set[str]) -> str | None:
+    """A header line, less the names of sections re-run since (a ``re-run`` line left with none: None)."""
+    match = re.match(r"- re-run: (?P<names>.*?), by (?P<rest>`.*)$", line)
+    if match is None:
+        return line
+    left = [name for name in match["names"].split(", ") if name not in names]
+    return f"- re-run: {', '.join(left)}, by {match['rest']}" if left else None
 
 
 def _page(header: list[str], sections: list[Section], not_run: list[str]) -> str:

@@ -57,6 +57,15 @@ def test_an_update_replaces_the_sections_it_reran_and_keeps_the_others_as_they_w
     assert names == [b.name for b in suite.SUITE if b.name in ("steady steps/s", "recovery")]
     assert "| goodput | `goodput.py` | - | not run |" in updated
 
+    # a section re-run again is named only by its latest run; a line left naming nothing goes
+    again = suite.update(updated, "python -m benchmarks --only recovery fit_vs_ddp --update",
+                         [_section(suite, "steady steps/s", "newer steady"), _section(suite, "recovery", "newest")], 5.0)
+    header, parsed = suite.parse(again)
+    reruns = [line for line in header if line.startswith("- re-run:")]
+    assert len(reruns) == 1 and reruns[0].startswith("- re-run: steady steps/s, recovery, by `python -m benchmarks "
+                                                     "--only recovery fit_vs_ddp --update` on ")
+    assert parsed["recovery"].output == "newest" and parsed["steady steps/s"].output == "newer steady"
+
 
 def test_update_without_only_or_without_a_report_is_refused_naming_what_to_give(suite, tmp_path, capsys):
     with pytest.raises(SystemExit):
