@@ -123,8 +123,8 @@ _SECTION = re.compile(r"^## (?P<name>[^\n]+)\n\n[^\n]*\n\n`(?P<command>[^`]+)` \
 
 
 def parse(report: str) -> tuple[list[str], dict[str, Section]]:
-    """The header lines above the table (without the ``re-run`` notes' order lost) and the sections, by
-    name, of a report this module wrote (sections of scripts no longer in the suite are dropped)."""
+    """The header lines above the table, in order, and the sections, by name, of a report this module
+    wrote (sections of scripts no longer in the suite are dropped)."""
     header = report.split("\n| figure |", 1)[0].rstrip("\n").splitlines()
     by_name = {bench.name: bench for bench in SUITE}
     sections = {}
