@@ -3,6 +3,8 @@ which scrapes in a thread from the moment a run ends until the run's final value
 
 Ray drops a gauge series that nothing set for about two export intervals, and exports every few
 seconds: a test that reads a finished run's gauges must read them within seconds of the run's end.
+A counter's last increments can reach the export a few intervals after the gauges set with them (seen
+once: the final wall time exported while the steps counter still showed the first attempt's 9 steps).
 An ``ExportWatch`` started right after the fit keeps what it saw for a test that runs later.
 
 Example::
@@ -19,7 +21,7 @@ import time
 import urllib.request
 from typing import Any
 
-from orchestrator.control.metrics_export import metrics_of
+from orchestrator.control.metrics_export import METRICS, metrics_of
 
 
 def scrape(ray: Any) -> dict[str, dict[str, float]]:
@@ -34,9 +36,14 @@ def scrape(ray: Any) -> dict[str, dict[str, float]]:
     return out
 
 
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
 class ExportWatch:
     """Scrapes every 2 s, for up to ``timeout`` seconds, until the exported wall time of ``run_name`` is
-    the driver's final one (the live wall time grows until the run's end is handed over).
+    the driver's final one (the live wall time grows until the run's end is handed over), then on until
+    every counter of the run is its final total too, keeping the gauges of the first of those scrapes.
 
     Args:
         ray: The ``ray`` module of this driver.
@@ -59,16 +66,35 @@ class ExportWatch:
     def _watch(self, ray: Any, timeout: float) -> None:
         deadline, tag = time.monotonic() + timeout, f"run={self.run_name}"
         wall = self.final["orchestrator_goodput_seconds:wall"]
+        gauges_final = False
         while time.monotonic() < deadline:
             try:
-                self.seen = scrape(ray)
+                seen = scrape(ray)
             except OSError:  # the agent's HTTP server busy or starting: the next pass asks again
                 time.sleep(2)
                 continue
-            exported = self.seen.get("ray_orchestrator_goodput_seconds", {}).get(f"{tag},cause=wall")
-            if exported is not None and abs(exported - wall) <= 1e-6 * max(1.0, abs(wall)):
+            if not gauges_final:
+                self.seen = seen
+                exported = seen.get("ray_orchestrator_goodput_seconds", {}).get(f"{tag},cause=wall")
+                gauges_final = exported is not None and _close(exported, wall)
+            else:  # the gauges stay as they were then (Ray may have dropped them since); counters only grow
+                self.seen.update({name: series for name, series in seen.items() if name.endswith("_total")})
+            if gauges_final and self._counters_final():
                 return
             time.sleep(2)
+
+    def _counters_final(self) -> bool:
+        """Whether every counter this driver counted for the run is exported with its final total."""
+        for key, total in self.final.items():
+            name, _, tag = key.partition(":")
+            spec = METRICS.get(name)
+            if spec is None or spec.kind != "counter":
+                continue
+            label = f"run={self.run_name}" + (f",{spec.tags[0]}={tag}" if tag else "")
+            exported = self.seen.get(f"ray_{name}_total", {}).get(label)
+            if exported is None or not _close(exported, total):
+                return False
+        return True
 
     def result(self, timeout: float) -> dict[str, dict[str, float]]:
         """What the export held once the run's values were final (or last, if they never were)."""
