@@ -81,6 +81,10 @@ SUITE = [
           "per-step CPU time of one rank's TrainLoop beside a hand-written DDP loop in one process (no Ray), "
           "blocks interleaved, with a timed breakdown of where the extra time goes",
           quick=["--blocks", "6", "--steps", "32"], timeout_s=900),
+    Bench("validation notices", "validation_notices.py",
+          "time of a validation pass that watches for preemption notices (2 gloo ranks, no Ray): the notices "
+          "checked every round against the default pace (rounds 0 and 1, then about every 0.5 s), alternating",
+          quick=["--repeats", "10"]),
     Bench("start-up", "startup.py",
           "from the command's start to the first completed step, each tool a fresh process as a user starts it: "
           "a script calling Trainer.fit (which starts its own local Ray), torchrun, a script calling Ray Train "

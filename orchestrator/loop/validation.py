@@ -4,15 +4,25 @@ This module owns validation inside the per-rank loop: :class:`Validation` builds
 unpadded shard of the validation set (every sample counted once across ranks) and its loader, and
 :meth:`Validation.run` evaluates the model on it, summing loss and metrics exactly. While watching
 for preemption, every rank runs the same number of rounds (those of the rank with the most
-batches; the others idle through the last ones), each round all-reducing the ranks' notices
-overlapped with its batch, so that all ranks abandon validation together, with their RNG streams
-as they were before it. :class:`~orchestrator.loop.train_loop.TrainLoop` calls it once per epoch.
+batches; the others idle through the last ones), and at its check rounds all-reduces the ranks'
+notices overlapped with the round's batch, so that all ranks abandon validation together, with
+their RNG streams as they were before it. :class:`~orchestrator.loop.train_loop.TrainLoop` calls it
+once per epoch.
+
+**Check rounds.** Rounds 0 and 1 are checked; after that, a check about every
+:data:`NOTICE_EVERY_S` seconds: each check's all-reduce also carries rank 0's count of rounds until
+the next one (from the pace of the rounds since the previous check), so every rank checks at the
+same rounds. A check is a collective whose result is read on the host (on a GPU, a wait for the
+round's kernels): checking every round made a pass of the benchmark model on 2 CPU ranks take about
+1.6 times as long (``python benchmarks/validation_notices.py``). A notice that arrives after the
+last check of a pass is seen at the epoch-end sync point, as one during its last round always was.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -25,6 +35,9 @@ from orchestrator.loop.iterable import ValStream, is_iterable
 from orchestrator.loop.rank_state import Accumulator
 from orchestrator.loop.state_io import capture_rng, restore_rng
 from orchestrator.loop.steps import move_to, split_output
+
+#: About how often (seconds) a validation pass that watches for preemption checks the ranks' notices.
+NOTICE_EVERY_S = 0.5
 
 
 class Validation:
@@ -47,9 +60,12 @@ class Validation:
         lockstep: Every rank runs the model the same number of times (``strategy="fsdp"``, whose
             forward all-gathers the parameters): every rank runs every round, a rank whose shard is
             done runs its last batch again and ignores the result. Defaults to ``False``.
+        notice_every_s: About how often a watching pass checks for notices after its first two
+            rounds (``0``: every round). Defaults to :data:`NOTICE_EVERY_S`.
 
     Attributes:
         loader: The shard's loader, or ``None`` without validation data.
+        checks: Notice checks (all-reduces) made by the passes so far.
         rounds: Validation batches of the rank with the most (every rank runs as many rounds
             while watching for preemption); ``0`` without validation data.
     """
@@ -57,9 +73,14 @@ class Validation:
     def __init__(self, dataset: Any, *, rank: int, world_size: int, batch_size: int, seed: int,
                  device: torch.device, preemption: threading.Event, beat: Callable[[], None],
                  steps: int | None = None, workers: int = 0, pin_memory: bool = False,
-                 lockstep: bool = False) -> None:
+                 lockstep: bool = False, notice_every_s: float = NOTICE_EVERY_S) -> None:
+        if notice_every_s < 0:
+            raise ValueError(f"notice_every_s must be at least 0, got {notice_every_s}")
         self.device = device
         self.lockstep = lockstep
+        self.rank = rank
+        self.notice_every_s = notice_every_s
+        self.checks = 0  # notice checks (all-reduces) of the passes so far
         self.preemption = preemption
         self.beat = beat
         self.loader: DataLoader | ValStream | None = None
@@ -99,16 +120,18 @@ class Validation:
         batches: Any = iter(self.loader)
         if self.rounds is None:  # a stream: each round also says whether this rank still has a batch
             return self._run_stream(model, step, sums, batches, watch)
-        notice = torch.zeros(1, device=self.device) if watch else None
+        notice = torch.zeros(2, device=self.device) if watch else None  # [any notice, rounds to the next check]
         before = capture_rng() if watch else None
+        next_check, previous = 0, None  # the next check round; (round, time) of the last check
         try:
             with torch.no_grad():
                 last = None
-                for _ in range(self.rounds if watch or self.lockstep else len(self.loader)):
+                for r in range(self.rounds if watch or self.lockstep else len(self.loader)):
                     pending = None
-                    if notice is not None:
-                        notice.fill_(1.0 if self.preemption.is_set() else 0.0)
-                        pending = dist.all_reduce(notice, async_op=True)
+                    if notice is not None and r == next_check:
+                        notice[0] = 1.0 if self.preemption.is_set() else 0.0
+                        notice[1] = self._rounds_to_next_check(r, previous) if self.rank == 0 else 0.0
+                        pending = dist.all_reduce(notice, op=dist.ReduceOp.MAX, async_op=True)
                     batch = next(batches, None) if batches is not None else None
                     if batch is None:
                         batches = None  # this rank's shard is done; it idles through the other ranks' rounds
@@ -121,12 +144,23 @@ class Validation:
                     self.beat()
                     if pending is not None:
                         pending.wait()
-                        if notice.item() > 0:
+                        self.checks += 1
+                        any_notice, rounds = notice.tolist()
+                        if any_notice > 0:
                             restore_rng(before)
                             return None, True
+                        next_check, previous = r + max(1, int(rounds)), (r, time.perf_counter())
         finally:
             model.train()
         return sums.phase_sums(), False
+
+    def _rounds_to_next_check(self, r: int, previous: tuple[int, float] | None) -> float:
+        """Rank 0, at check round ``r``: rounds until the next check (about :attr:`notice_every_s`
+        seconds at the pace since the previous check ``(round, time)``; 1 until there is one)."""
+        if previous is None or self.notice_every_s == 0:
+            return 1.0
+        elapsed = max(time.perf_counter() - previous[1], 1e-9)
+        return float(min(2**20, max(1, int(self.notice_every_s * (r - previous[0]) / elapsed))))
 
     def _replay(self, model: torch.nn.Module, step: Callable[..., Any], last: Any) -> None:
         """With ``lockstep``, an idle round runs the model on this rank's last batch (result ignored)."""
