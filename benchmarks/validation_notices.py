@@ -3,7 +3,7 @@
     python benchmarks/validation_notices.py [--repeats 30] [--batch 64]
 
 Two ranks in a real gloo group (processes spawned here, no Ray), one thread each, validate the
-benchmark workload's model (benchmarks/workload.py: MLP 256-1024-1024-10) on its validation set
+benchmark workload's model (benchmarks/workload.py: MLP 256-512-512-10) on its validation set
 (2,048 samples: 16 rounds of 64 per rank) with :class:`~orchestrator.loop.validation.Validation`, as
 every rank of ``fit`` does after each epoch while training goes on (``watch=True``). The passes
 alternate between ``notice_every_s=0`` (every round all-reduces the notices and reads the result:
