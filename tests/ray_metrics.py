@@ -84,11 +84,12 @@ class ExportWatch:
             time.sleep(2)
 
     def _counters_final(self) -> bool:
-        """Whether every counter this driver counted for the run is exported with its final total."""
+        """Whether every counter this driver counted for the run is exported with its final total (but
+        the controller's state seconds, which the driver counts until its very end)."""
         for key, total in self.final.items():
             name, _, tag = key.partition(":")
             spec = METRICS.get(name)
-            if spec is None or spec.kind != "counter":
+            if spec is None or spec.kind != "counter" or name == "orchestrator_controller_state_seconds":
                 continue
             label = f"run={self.run_name}" + (f",{spec.tags[0]}={tag}" if tag else "")
             exported = self.seen.get(f"ray_{name}_total", {}).get(label)
