@@ -47,7 +47,8 @@ def test_sigkill_during_a_background_persist_falls_back_to_the_previous_committe
     reached = restored[0]["reached_step"]
     assert max(committed) <= reached <= 3 and restored[0]["lost_steps"] == reached - max(committed)
     (failed,) = [e for e in events if e["type"] == "worker_failed"]
-    assert failed["role"] == "worker" and failed["detection_s"] >= 0
+    # detection_s is None when no poll answer of the driver had heard from rank 0 before it died (FailureRecord)
+    assert failed["role"] == "worker" and (failed["detection_s"] is None or failed["detection_s"] >= 0)
     leftovers = [e["step"] for e in events if e["type"] == "backup_skipped"]
     assert all(step > max(committed) for step in leftovers)
     assert reference.history == resumed.history

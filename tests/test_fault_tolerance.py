@@ -55,7 +55,9 @@ def assert_restarted_from_the_newest_backup(reference, resumed, events, warm):
     assert [e["warm"] for e in started] == list(warm)
     failed = [e for e in events if e["type"] == "worker_failed"]
     assert len(failed) == 1 and failed[0]["rank"] == 1 and failed[0]["attempt"] == 1
-    assert failed[0]["role"] == "worker" and failed[0]["node"] and failed[0]["detection_s"] >= 0
+    assert failed[0]["role"] == "worker" and failed[0]["node"]
+    # None when no poll answer of the driver had heard from rank 1 before it died (FailureRecord)
+    assert failed[0]["detection_s"] is None or failed[0]["detection_s"] >= 0
     restored = [e for e in events if e["type"] == "restored"]
     # which backup had committed when rank 1 failed is a matter of timing; the newest of them is used
     assert restored and restored[0]["attempt"] == 2
