@@ -14,11 +14,10 @@ how every pass ran before the default pace) and the default (rounds 0 and 1, the
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,16 +30,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, port: int, repeats: int, batch: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank(rank: int, store: str, repeats: int, batch: int, out) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)  # no port to race for
     try:
         import workload
         from orchestrator.loop.validation import NOTICE_EVERY_S, Validation
@@ -81,13 +73,14 @@ def main() -> None:
           f"batch {args.batch}/rank, {args.repeats} passes of each, alternating", flush=True)
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, args.repeats, args.batch, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = out.get()
-    for p in procs:
-        p.join(120)
+    with tempfile.TemporaryDirectory(prefix="validation-notices-") as folder:
+        procs = [ctx.Process(target=_rank, args=(r, f"{folder}/store", args.repeats, args.batch, out))
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        got = out.get()
+        for p in procs:
+            p.join(120)
     every, rounds = got["every"], got["rounds"]
     for key, label in ((0.0, "every round"), (every, f"default pace ({every:g} s)")):
         low, high = got["spread"][key]
