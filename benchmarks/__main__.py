@@ -81,6 +81,10 @@ SUITE = [
           "per-step CPU time of one rank's TrainLoop beside a hand-written DDP loop in one process (no Ray), "
           "blocks interleaved, with a timed breakdown of where the extra time goes",
           quick=["--blocks", "6", "--steps", "32"], timeout_s=900),
+    Bench("two ranks without Ray", "two_ranks.py",
+          "wall time per optimizer step of TrainLoop beside the hand-written DDP loop on two gloo ranks (two "
+          "processes, no Ray), blocks interleaved, plain and realistic: the loop's own share of fit's gap",
+          quick=["--blocks", "3", "--configs", "plain"], timeout_s=900),
     Bench("validation notices", "validation_notices.py",
           "time of a validation pass that watches for preemption notices (2 gloo ranks, no Ray): the notices "
           "checked every round against the default pace (rounds 0 and 1, then about every 0.5 s), alternating",

@@ -139,7 +139,8 @@ class HandLoop:
     """benchmarks/ddp_baseline.py's loop, run ``steps`` optimizer steps at a time (``realistic``: its
     ``--realistic`` variant; one data pass then spans blocks, as the fit loop's epochs do)."""
 
-    def __init__(self, steps: int, realistic: bool = False, total_steps: int = 1) -> None:
+    def __init__(self, steps: int, realistic: bool = False, total_steps: int = 1, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.steps, self.realistic = steps, realistic
         real = workload.REALISTIC if realistic else {}
         self.accumulate = real.get("accumulate_grad_batches", 1)
@@ -149,7 +150,7 @@ class HandLoop:
         self.optimizer = workload.make_optimizer(self.model.parameters())
         self.schedule = workload.warmup_cosine(self.optimizer, total_steps) if realistic else None
         train_ds, _ = workload.load_data()
-        self.sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+        self.sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
         workers = real.get("loader_workers", 0)
         self.loader = DataLoader(train_ds, batch_size=workload.BATCH, sampler=self.sampler, num_workers=workers,
                                  persistent_workers=workers > 0)
@@ -285,10 +286,13 @@ class BenchLink:
 
     The hand blocks run in the order hand, fit, fit, hand, hand, fit, ... (each loop goes first as often
     as second): before a fit epoch at its epoch-begin sync point, or after it at its epoch-end one.
+    ``clock`` times the blocks: this thread's CPU time, or the wall clock (benchmarks/two_ranks.py,
+    where a rank's waits for its peer are part of the cost).
     """
 
-    def __init__(self, hand: HandLoop, warmup: int, breakdown: bool) -> None:
-        self.hand, self.warmup, self.breakdown = hand, warmup, breakdown
+    def __init__(self, hand: HandLoop, warmup: int, breakdown: bool,
+                 clock: Callable[[], float] = time.thread_time) -> None:
+        self.hand, self.warmup, self.breakdown, self.clock = hand, warmup, breakdown, clock
         self.loop: TrainLoop | None = None  # the fit loop (its loader's workers are measured)
         self.fit_worker_cpu = 0.0  # loader workers' CPU seconds at the end of the fit run
         self.hand_times: list[float] = []
@@ -300,7 +304,7 @@ class BenchLink:
         self.fit_seconds = 0.0
 
     def sync(self, report: Any) -> list[Any]:
-        now = time.thread_time()
+        now = self.clock()
         PARTS.sink = None
         if report.kind == ReportKind.TRAIN_END and self.loop is not None:
             self.fit_worker_cpu = worker_cpu(getattr(self.loop, "train_loader", None))
@@ -318,16 +322,16 @@ class BenchLink:
                 self._hand_block()
             PARTS.sink = PARTS.fit if self.breakdown and self.blocks >= self.warmup else None
             self._fit_first_step = report.global_step
-            self._fit_start = time.thread_time()
+            self._fit_start = self.clock()
         return []
 
     def _hand_block(self) -> None:
         timing = self.blocks >= self.warmup
         PARTS.sink = PARTS.hand if self.breakdown and timing else None
-        start = time.thread_time()
+        start = self.clock()
         self.hand.run_block()
         if timing:
-            self.hand_times.append((time.thread_time() - start) / self.hand.steps)
+            self.hand_times.append((self.clock() - start) / self.hand.steps)
         PARTS.sink = None
 
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
@@ -340,12 +344,13 @@ class BenchLink:
         pass
 
 
-def run(steps: int, blocks: int, warmup: int, breakdown: bool = False, realistic: bool = False) -> BenchLink:
-    """Alternate ``warmup + blocks`` hand and fit blocks of ``steps`` steps; the link holds the times
-    (and ``PARTS`` the timed parts, with ``breakdown``)."""
+def run(steps: int, blocks: int, warmup: int, breakdown: bool = False, realistic: bool = False, rank: int = 0,
+        world_size: int = 1, clock: Callable[[], float] = time.thread_time) -> BenchLink:
+    """Alternate ``warmup + blocks`` hand and fit blocks of ``steps`` steps on this ``rank`` of the formed
+    group; the link holds the times by ``clock`` (and ``PARTS`` the timed parts, with ``breakdown``)."""
     total_steps = (warmup + blocks) * steps
-    hand = HandLoop(steps, realistic, total_steps)
-    link = BenchLink(hand, warmup, breakdown)
+    hand = HandLoop(steps, realistic, total_steps, rank, world_size)
+    link = BenchLink(hand, warmup, breakdown, clock)
     real: dict[str, Any] = {}
     if realistic:
         r = workload.REALISTIC
@@ -357,7 +362,8 @@ def run(steps: int, blocks: int, warmup: int, breakdown: bool = False, realistic
                         metrics={"accuracy": "accuracy"}, batch_size=workload.BATCH, seed=0, steps_per_epoch=steps,
                         **real)
     spec = TrainSpec(loop=config, epochs=warmup + blocks)
-    loop = (TimedLoop if breakdown else TrainLoop)(spec, rank=0, world_size=1, device=torch.device("cpu"), link=link)
+    loop = (TimedLoop if breakdown else TrainLoop)(spec, rank=rank, world_size=world_size, device=torch.device("cpu"),
+                                                   link=link)
     link.loop = loop
     loop.run()
     link.hand_worker_cpu = worker_cpu(hand.loader)
