@@ -25,17 +25,17 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import ray
-
-from orchestrator.api import Trainer
 from orchestrator.core.events import EventType, event_type
 from orchestrator.core.goodput import goodput
 from orchestrator.errors import Preempted
 from orchestrator.core.redaction import redact
 from orchestrator.storage.fs import RunStorage, StorageSpec
 from orchestrator.storage.run_files import RUN_JSON, EventRecord, read_event_log, run_status
+
+if TYPE_CHECKING:
+    from orchestrator.api import Trainer
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_PREEMPTED = 0, 1, 2, 3, Preempted.exit_code
 _MAX_PROBLEM_LINES = 10  # `status` names at most this many damaged lines, then counts the rest
@@ -79,6 +79,8 @@ def load_target(target: str) -> Callable[..., Any]:
         assert spec and spec.loader
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
+        import ray  # here, not at the top: `status`, `plot` and --help load neither ray nor torch
+
         ray.cloudpickle.register_pickle_by_value(module)  # workers need not import the file
         spec.loader.exec_module(module)
         if hasattr(module, "make_trainer"):
@@ -99,6 +101,8 @@ def load_target(target: str) -> Callable[..., Any]:
 
 
 def build_trainer(args: argparse.Namespace) -> Trainer:
+    from orchestrator.api import Trainer  # torch and ray: only the commands that train load them
+
     factory = load_target(args.target)
     config = parse_pairs(args.set or [], "--set")
     try:

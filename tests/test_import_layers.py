@@ -86,6 +86,20 @@ def test_importing_callbacks_loads_neither_torch_nor_ray():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_command_lines_help_and_status_load_neither_torch_nor_ray(tmp_path):
+    code = ("import contextlib, io, sys\n"
+            "from orchestrator.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "    try:\n"
+            "        main(['--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            f"    code = main(['status', {str(tmp_path / 'no-such-run')!r}])\n"
+            "print(code, sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2 []"  # no run there (exit 2), and nothing of torch or ray loaded
+
+
 @pytest.mark.parametrize("module", TORCH_FREE_MODULES)
 def test_coordinator_controller_and_commit_protocol_load_no_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"

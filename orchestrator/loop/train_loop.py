@@ -11,10 +11,10 @@ and is reported like a non-finite loss. Per epoch (and at the rare batch sync po
 decisions it gets back. All ranks get the same decisions, so they stay in lockstep without ever
 deciding alone.
 
-A preemption notice is honoured at the next training step (in its all-reduce), at every
-validation batch (one small all-reduce of the notice per batch: validation is abandoned on every
-rank together and the emergency backup holds the end of the epoch's training, so a resume redoes
-validation and the epoch-end hooks once) and at the epoch-end sync point (the coordinator runs
+A preemption notice is honoured at the next training step (in its all-reduce), during validation
+(a small all-reduce of the notice at rounds 0 and 1, then about every 0.5 s: validation is abandoned
+on every rank together and the emergency backup holds the end of the epoch's training, so a resume
+redoes validation and the epoch-end hooks once) and at the epoch-end sync point (the coordinator runs
 the epoch-end hooks, then decides the emergency backup). The validation pass is
 :class:`~orchestrator.loop.validation.Validation`.
 """
