@@ -36,7 +36,7 @@ def test_a_submitted_cli_run_is_preempted_by_ray_job_stop_and_a_new_submission_r
     assert outcome_file.exists(), output
     outcome = json.loads(outcome_file.read_text())
     first, second = outcome["first"], outcome["second"]
-    assert outcome["head_ready"], f"{outcome['head_ready_output']}\n{output}"
+    assert outcome["head_ready"], f"{outcome['head_ready_output']}\n{outcome['head_failed_starts']}\n{output}"
 
     assert first["submit_rc"] == 0, f"{first['submit_output']}\n{output}"
     assert first["backup_committed"], f"{first['logs_tail']}\n{output}"

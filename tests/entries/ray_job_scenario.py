@@ -46,6 +46,9 @@ BUDGET_S = 600.0
 #: The log fetches at the end (two) get this each, on top of BUDGET_S, so a timed-out run still has them.
 LOGS_TIMEOUT_S = 30.0
 TERMINAL = ("STOPPED", "FAILED", "SUCCEEDED")
+#: Starts of the head before the scenario gives up: a head that exits while it starts (Ray's own start
+#: failing on a loaded machine, e.g. a port taken between choosing it and binding it) is started again.
+HEAD_STARTS = 3
 
 
 class OutOfTime(Exception):
@@ -234,6 +237,7 @@ def new_outcome(folder: Path, head: Head) -> dict[str, Any]:
         "storage": str(folder / "store"), "after_stop_storage": str(folder / "after_stop"),
         "run_name": RUN_NAME,
         "head_ready": False, "head_ready_output": None,
+        "head_failed_starts": [],  # a start that exited before taking submissions: why, with its log's tail
         "first": dict(submission, backup_committed=False, stop_rc=None, stop_output=None),
         "second": dict(submission),
     }
@@ -247,20 +251,17 @@ def run(folder: Path, head: Head, outcome: dict[str, Any]) -> None:
     """The stages, in order; each records what it saw in ``outcome`` before the next one starts."""
     first, second = outcome["first"], outcome["second"]
     outcome["stage"] = "head"
-    head.start()
-    deadline = time.monotonic() + 120
-    while True:  # the dashboard answers before the head's job agent can take submissions
-        try:
-            probe = within(120, "a submission", lambda: client(head).submit_job(entrypoint="true"))
-            outcome["head_ready_output"] = probe
+    for attempt in range(1, HEAD_STARTS + 1):
+        head.start()
+        if head_ready(head, outcome):
             break
-        except Exception as exc:  # noqa: BLE001 - not ready yet (recorded: the test shows it if it never is)
-            outcome["head_ready_output"] = f"{type(exc).__name__}: {exc}"[-3000:]
-        if head.proc.poll() is not None:
-            raise RuntimeError(f"the head exited with {head.proc.returncode}; see {head.log_path}")
-        if time.monotonic() > deadline:
-            raise OutOfTime("the head's job agent took no submission within 120 s")
-        time.sleep(1)
+        failed = f"the head exited with {head.proc.returncode} while starting (start {attempt} of {HEAD_STARTS})"
+        outcome["head_failed_starts"].append(f"{failed}; its log's tail:\n{tail(head.log_path)}")
+        log(failed)
+        head.stop()
+        head.client = None
+    else:
+        raise RuntimeError("\n\n".join(outcome["head_failed_starts"]))
     outcome["head_ready"] = True
     log("the head takes job submissions")
 
@@ -307,6 +308,30 @@ def run(folder: Path, head: Head, outcome: dict[str, Any]) -> None:
     second["status"] = status(head, second["id"])
     log(f"second submission: exit code {done.returncode}, {second['status']}")
     outcome["completed"], outcome["stage"] = True, "done"
+
+
+def head_ready(head: Head, outcome: dict[str, Any]) -> bool:
+    """Wait until the head's job agent takes a submission (True), or the head exits (False)."""
+    deadline = time.monotonic() + 120
+    while True:  # the dashboard answers before the head's job agent can take submissions
+        try:
+            probe = within(120, "a submission", lambda: client(head).submit_job(entrypoint="true"))
+            outcome["head_ready_output"] = probe
+            return True
+        except Exception as exc:  # noqa: BLE001 - not ready yet (recorded: the test shows it if it never is)
+            outcome["head_ready_output"] = f"{type(exc).__name__}: {exc}"[-3000:]
+        if head.proc.poll() is not None:
+            return False
+        if time.monotonic() > deadline:
+            raise OutOfTime("the head's job agent took no submission within 120 s")
+        time.sleep(1)
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError as exc:
+        return f"({exc})"
 
 
 def fetch_logs(head: Head, outcome: dict[str, Any]) -> None:
