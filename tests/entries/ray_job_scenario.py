@@ -2,7 +2,8 @@
 
 Usage: ``python ray_job_scenario.py FOLDER``, with ``tests/`` on PYTHONPATH (tests/background.py).
 Starts a Ray head on 127.0.0.1 with its own ports and temp dir (``ray start --head --block`` in a
-session of its own), waits for its job agent, submits ``orchestrator run tests/entries/preemptible.py``
+session of its own; started again, at most HEAD_STARTS times, if it exits while starting), waits for its
+job agent, submits ``orchestrator run tests/entries/preemptible.py``
 with the repository as the runtime_env working_dir, stops it with ``ray job stop`` once it has
 committed a backup, copies the run folder as the stop left it, resubmits and waits for the end.
 With Ray's token authentication on, `ray start` and the `ray job` client on the same machine share
