@@ -287,7 +287,8 @@ class BenchLink:
     The hand blocks run in the order hand, fit, fit, hand, hand, fit, ... (each loop goes first as often
     as second): before a fit epoch at its epoch-begin sync point, or after it at its epoch-end one.
     ``clock`` times the blocks: this thread's CPU time, or the wall clock (benchmarks/two_ranks.py,
-    where a rank's waits for its peer are part of the cost).
+    where a rank's waits for its peer are part of the cost); ``hand_cpu`` and ``fit_cpu`` hold this
+    thread's CPU time per step of the same blocks whatever the clock.
     """
 
     def __init__(self, hand: HandLoop, warmup: int, breakdown: bool,
@@ -297,14 +298,17 @@ class BenchLink:
         self.fit_worker_cpu = 0.0  # loader workers' CPU seconds at the end of the fit run
         self.hand_times: list[float] = []
         self.fit_times: list[float] = []
+        self.hand_cpu: list[float] = []
+        self.fit_cpu: list[float] = []
         self._fit_start: float | None = None
+        self._fit_cpu_start = 0.0
         self._fit_first_step = 0
         self.blocks = 0  # fit blocks done
         self.fit_steps = 0  # timed fit steps (an epoch at the data pass's end may be shorter)
         self.fit_seconds = 0.0
 
     def sync(self, report: Any) -> list[Any]:
-        now = self.clock()
+        now, cpu = self.clock(), time.thread_time()
         PARTS.sink = None
         if report.kind == ReportKind.TRAIN_END and self.loop is not None:
             self.fit_worker_cpu = worker_cpu(getattr(self.loop, "train_loader", None))
@@ -312,6 +316,7 @@ class BenchLink:
             steps = report.global_step - self._fit_first_step
             if self.blocks >= self.warmup:
                 self.fit_times.append((now - self._fit_start) / steps)
+                self.fit_cpu.append((cpu - self._fit_cpu_start) / steps)
                 self.fit_steps += steps
                 self.fit_seconds += now - self._fit_start
             self.blocks += 1
@@ -322,16 +327,17 @@ class BenchLink:
                 self._hand_block()
             PARTS.sink = PARTS.fit if self.breakdown and self.blocks >= self.warmup else None
             self._fit_first_step = report.global_step
-            self._fit_start = self.clock()
+            self._fit_start, self._fit_cpu_start = self.clock(), time.thread_time()
         return []
 
     def _hand_block(self) -> None:
         timing = self.blocks >= self.warmup
         PARTS.sink = PARTS.hand if self.breakdown and timing else None
-        start = self.clock()
+        start, cpu = self.clock(), time.thread_time()
         self.hand.run_block()
         if timing:
             self.hand_times.append((self.clock() - start) / self.hand.steps)
+            self.hand_cpu.append((time.thread_time() - cpu) / self.hand.steps)
         PARTS.sink = None
 
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
