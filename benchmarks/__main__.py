@@ -67,6 +67,12 @@ SUITE = [
           "TorchTrainer, same workload, interleaved repeats",
           # pairs of one run spread over +-20% on a 2-core VM: 9 of them for a median that means something
           quick=["--epochs", "2", "--repeats", "2"], full=["--epochs", "3", "--repeats", "9"]),
+    Bench("realistic steps/s", "fit_vs_ddp.py",
+          "steps/s from the second epoch on of the realistic configuration (loader workers 2, bf16-mixed, "
+          "accumulation 2, warm-up + cosine per step) on all three sides: Trainer.fit, the hand-written loop "
+          "under torchrun and under Ray Train v2, interleaved repeats; Ray Train / torchrun compares the same "
+          "hand-written loop under Ray Train and under torchrun",
+          full=["--realistic", "--epochs", "4", "--repeats", "5"], in_quick=False),  # about 2.5 minutes a repeat
     Bench("feature overhead", "features.py",
           "samples/s of Trainer.fit with each feature on (bf16-mixed, accumulation, loader workers, a per-step "
           "schedule, fsdp, all of the realistic configuration) against plain fit, beside the hand-written DDP "

@@ -201,6 +201,9 @@ def main() -> None:
         against = [f / r for f, r in zip(rates["fit"], rates["Ray Train v2"])]
         print(f"fit / Ray Train v2, median of the {args.repeats} per-repeat ratios: {median(against):.3f} "
               f"(repeats {min(against):.3f}-{max(against):.3f})")
+        inside = [r / d for r, d in zip(rates["Ray Train v2"], rates["torchrun DDP"])]
+        print(f"Ray Train v2 / torchrun DDP (the same hand-written loop inside Ray and outside it), median of the "
+              f"{args.repeats} per-repeat ratios: {median(inside):.3f} (repeats {min(inside):.3f}-{max(inside):.3f})")
 
 
 if __name__ == "__main__":
