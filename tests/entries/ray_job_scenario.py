@@ -88,6 +88,7 @@ class Head:
 
     def start(self) -> None:
         port, dashboard = free_port(), free_port()
+        self.client = None  # a client of a head started before would ask its old address
         env = base_env()
         env.pop("RAY_AUTH_MODE", None)  # as `ray start` on a node: token auth since ~/.ray/auth_token exists
         env["RAY_JOB_STOP_WAIT_TIME_S"] = "90"  # the supervisor waits this long after SIGTERM
@@ -260,7 +261,6 @@ def run(folder: Path, head: Head, outcome: dict[str, Any]) -> None:
         outcome["head_failed_starts"].append(f"{failed}; its log's tail:\n{tail(head.log_path)}")
         log(failed)
         head.stop()
-        head.client = None
     else:
         raise RuntimeError("\n\n".join(outcome["head_failed_starts"]))
     outcome["head_ready"] = True
