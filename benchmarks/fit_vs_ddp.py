@@ -2,7 +2,7 @@
 BackupAndRestore) against a hand-written DDP loop under torchrun and the same loop under Ray Train v2's
 TorchTrainer, same model, data, batch size and threads, in one run.
 
-    python benchmarks/fit_vs_ddp.py [--epochs 3] [--repeats 5] [--realistic] [--no-ray-train]
+    python benchmarks/fit_vs_ddp.py [--epochs 3] [--repeats 5] [--realistic] [--no-ray-train] [--ray-actors]
 
 ``--realistic`` runs every side as a GPU job is configured (workload.REALISTIC): ``loader_workers=2``,
 ``"bf16-mixed"``, ``accumulate_grad_batches=2`` and a warm-up + cosine schedule stepped per optimizer
@@ -22,6 +22,11 @@ inside ``TorchTrainer``, as its user guide writes one: the model wrapped by
 ``prepare_data_loader`` adds), and ``ray.train.report`` of the epoch's metrics after every epoch. It
 saves no checkpoints, nor does torchrun's loop; Trainer.fit backs up every epoch (BackupAndRestore).
 The sides run in an order that rotates from repeat to repeat; ratios are medians of the per-repeat ratios.
+
+``--ray-actors`` adds a fourth side: the hand-written loop (torchrun's, unchanged) in two plain Ray actors
+(``num_cpus=1``, no library around them) on a local Ray started as ``fit`` starts its own
+(orchestrator/control/local_ray.py). Against torchrun, it measures what running inside Ray costs by itself,
+which fit's ranks pay as well; fit against it measures fit's own cost inside Ray.
 
 Each side runs as its users run it: every ``Trainer.fit`` starts its own local Ray and stops it after
 (``RAY_ADDRESS=local``, as a user's script with no Ray running: README), so its ranks run with the
@@ -127,6 +132,48 @@ def ray_train_loop(config: dict) -> None:
     ddp_baseline.train(ddp, model, config["epochs"], config["features"], on_epoch_end=epoch_end)
 
 
+@ray.remote(num_cpus=1)
+class HandWrittenRank:
+    """One rank of the hand-written loop in a plain Ray actor (the ``--ray-actors`` side)."""
+
+    def address(self) -> tuple[str, int]:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return "127.0.0.1", sock.getsockname()[1]
+
+    def train(self, rank: int, master: tuple[str, int], epochs: int, config: dict) -> dict | None:
+        import torch
+        import torch.distributed as dist
+
+        import ddp_baseline
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://{master[0]}:{master[1]}", rank=rank, world_size=2)
+        try:
+            torch.manual_seed(0)
+            model = workload.build_model()
+            timings = ddp_baseline.train(torch.nn.parallel.DistributedDataParallel(model), model, epochs, config)
+            return timings if rank == 0 else None
+        finally:
+            dist.destroy_process_group()
+
+
+def run_ray_actors(epochs: int, config: dict) -> tuple[int, float]:
+    """The hand-written loop in two plain Ray actors, on a local Ray started with fit's settings."""
+    from orchestrator.control.local_ray import start_local_ray
+
+    start_local_ray()  # the instance (and settings) fit starts for itself; workers inherit PYTHONPATH
+    try:
+        ranks = [HandWrittenRank.remote() for _ in range(2)]
+        master = ray.get(ranks[0].address.remote())
+        timings = ray.get([r.train.remote(i, master, epochs, config) for i, r in enumerate(ranks)])[0]
+        return steady(timings)
+    finally:
+        ray.shutdown()
+
+
 def run_ray_train(epochs: int, config: dict) -> tuple[int, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -157,6 +204,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--realistic", action="store_true", help="loader workers, bf16, accumulation, cosine")
     parser.add_argument("--no-ray-train", action="store_true", help="leave Ray Train out (fit and torchrun only)")
+    parser.add_argument("--ray-actors", action="store_true",
+                        help="also run the hand-written loop in two plain Ray actors (Ray's own cost)")
     args = parser.parse_args()
     import torch
     with_ray_train = not args.no_ray_train
@@ -166,12 +215,16 @@ def main() -> None:
           f"config {workload.REALISTIC if args.realistic else 'plain fp32, 1 micro-batch, constant lr'}; "
           f"timed: {timed}, from each side's epoch times; sides in rotating order; each fit starts its own local "
           f"Ray (RAY_ADDRESS=local)"
-          + ("; Ray Train v2 (RAY_TRAIN_V2_ENABLED=1) runs the hand-written loop" if with_ray_train else ""),
+          + ("; Ray Train v2 (RAY_TRAIN_V2_ENABLED=1) runs the hand-written loop" if with_ray_train else "")
+          + ("; Ray actors: the hand-written loop in 2 plain Ray actors on a Ray started as fit's" if args.ray_actors
+             else ""),
           flush=True)
     as_a_user_runs_fit()
     sides = {"fit": run_fit, "torchrun DDP": run_ddp}
     if with_ray_train:
         sides["Ray Train v2"] = run_ray_train
+    if args.ray_actors:
+        sides["Ray actors"] = run_ray_actors
     rates: dict[str, list[float]] = {name: [] for name in sides}
     for i in range(args.repeats):  # interleaved, so drift hits every side alike
         names = list(sides)
@@ -187,6 +240,10 @@ def main() -> None:
             rs, rt = measured["Ray Train v2"]
             line += (f" | Ray Train v2 {rs} steps in {rt:.2f}s = {rs / rt:.1f} steps/s | "
                      f"fit / Ray Train {fs / ft / (rs / rt):.3f}")
+        if args.ray_actors:
+            as_, at = measured["Ray actors"]
+            line += (f" | Ray actors {as_} steps in {at:.2f}s = {as_ / at:.1f} steps/s | "
+                     f"fit / Ray actors {fs / ft / (as_ / at):.3f}")
         print(line, flush=True)
     fit_best = max(rates["fit"])
     ddp_best = max(rates["torchrun DDP"])
@@ -204,6 +261,14 @@ def main() -> None:
         inside = [r / d for r, d in zip(rates["Ray Train v2"], rates["torchrun DDP"])]
         print(f"Ray Train v2 / torchrun DDP (the same hand-written loop inside Ray and outside it), median of the "
               f"{args.repeats} per-repeat ratios: {median(inside):.3f} (repeats {min(inside):.3f}-{max(inside):.3f})")
+    if args.ray_actors:
+        for label, ratios in (
+                ("Ray actors / torchrun DDP (the same hand-written loop in plain Ray actors and outside Ray)",
+                 [a / d for a, d in zip(rates["Ray actors"], rates["torchrun DDP"])]),
+                ("fit / Ray actors (fit and the hand-written loop, both inside Ray)",
+                 [f / a for f, a in zip(rates["fit"], rates["Ray actors"])])):
+            print(f"{label}, median of the {args.repeats} per-repeat ratios: {median(ratios):.3f} "
+                  f"(repeats {min(ratios):.3f}-{max(ratios):.3f})")
 
 
 if __name__ == "__main__":
