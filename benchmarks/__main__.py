@@ -66,7 +66,8 @@ SUITE = [
           "BackupAndRestore) against a hand-written torchrun DDP loop and the same loop under Ray Train v2's "
           "TorchTrainer, same workload, interleaved repeats",
           # pairs of one run spread over +-20% on a 2-core VM: 9 of them for a median that means something
-          quick=["--epochs", "2", "--repeats", "2"], full=["--epochs", "3", "--repeats", "9"]),
+          # quick: fit and torchrun only (Ray Train's side takes 40 s a repeat here, its start-up alone 30 s)
+          quick=["--epochs", "2", "--repeats", "2", "--no-ray-train"], full=["--epochs", "3", "--repeats", "9"]),
     Bench("realistic steps/s", "fit_vs_ddp.py",
           "steps/s from the second epoch on of the realistic configuration (loader workers 2, bf16-mixed, "
           "accumulation 2, warm-up + cosine per step) on all three sides: Trainer.fit, the hand-written loop "
@@ -106,7 +107,7 @@ SUITE = [
           "from the command's start to the first completed step, each tool a fresh process as a user starts it: "
           "a script calling Trainer.fit (which starts its own local Ray), torchrun, a script calling Ray Train "
           "v2's TorchTrainer.fit; interleaved repeats",
-          quick=["--repeats", "2", "--steps", "4"], full=["--repeats", "5"]),
+          quick=["--repeats", "1", "--steps", "4"], full=["--repeats", "5"]),  # a quick repeat: about 65 s
     Bench("recovery", "recovery.py",
           "SIGKILL of a worker to the next completed step, and lost steps: Trainer.fit (live recovery, and "
           "warm_standbys=False) against Ray Train v2 TorchTrainer",
@@ -122,7 +123,7 @@ SUITE = [
     Bench("coordinator fan-in", "coordinator_fanin.py",
           "time per sync point: the per-rank fan-in of N concurrent callers into one coordinator actor "
           "against the aggregated path (one combined report from rank 0)",
-          quick=["--ranks", "128", "1024", "--repeats", "2"], full=["--ranks", "1024", "8192", "--repeats", "3"]),
+          quick=["--ranks", "128", "1024", "--repeats", "1"], full=["--ranks", "1024", "8192", "--repeats", "3"]),
     Bench("goodput", "goodput.py", "simulated goodput at 1k-16k GPUs from the measured costs",
           quick=["--runs", "3"]),
 ]
