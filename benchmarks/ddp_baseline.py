@@ -107,6 +107,24 @@ def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, config: dic
     return timings
 
 
+def train_rank(epochs: int, config: dict[str, Any], **init: Any) -> dict[str, Any] | None:
+    """One rank of the hand-written job: join the gloo group (``init``: ``init_process_group``'s arguments;
+    none under torchrun, which sets the environment), wrap the seeded model in DDP, :func:`train` it, leave.
+
+    Returns:
+        :func:`train`'s timings on rank 0, None on the others.
+    """
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", **init)
+    try:
+        torch.manual_seed(0)
+        model = workload.build_model()
+        timings = train(torch.nn.parallel.DistributedDataParallel(model), model, epochs, config)
+        return timings if dist.get_rank() == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=3)
@@ -114,15 +132,9 @@ def main() -> None:
     parser.add_argument("--config", type=json.loads, default=None, help="a configuration of workload.py, as JSON")
     args = parser.parse_args()
     config = args.config if args.config is not None else workload.REALISTIC if args.realistic else {}
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    model = workload.build_model()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    timings = train(ddp, model, args.epochs, config)
-    if dist.get_rank() == 0:
+    timings = train_rank(args.epochs, config)
+    if timings is not None:
         print(json.dumps(timings), flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

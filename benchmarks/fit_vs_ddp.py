@@ -136,42 +136,26 @@ def ray_train_loop(config: dict) -> None:
 class HandWrittenRank:
     """One rank of the hand-written loop in a plain Ray actor (the ``--ray-actors`` side)."""
 
-    def address(self) -> tuple[str, int]:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return "127.0.0.1", sock.getsockname()[1]
-
-    def train(self, rank: int, master: tuple[str, int], epochs: int, config: dict) -> dict | None:
-        import torch
-        import torch.distributed as dist
-
+    def train(self, rank: int, store: str, epochs: int, config: dict) -> dict | None:
         import ddp_baseline
 
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://{master[0]}:{master[1]}", rank=rank, world_size=2)
-        try:
-            torch.manual_seed(0)
-            model = workload.build_model()
-            timings = ddp_baseline.train(torch.nn.parallel.DistributedDataParallel(model), model, epochs, config)
-            return timings if rank == 0 else None
-        finally:
-            dist.destroy_process_group()
+        return ddp_baseline.train_rank(epochs, config, init_method=f"file://{store}", rank=rank, world_size=2)
 
 
 def run_ray_actors(epochs: int, config: dict) -> tuple[int, float]:
     """The hand-written loop in two plain Ray actors, on a local Ray started with fit's settings."""
     from orchestrator.control.local_ray import start_local_ray
 
+    folder = tempfile.mkdtemp(prefix="fit-vs-ray-actors-")  # the ranks meet through a file store in it
     start_local_ray()  # the instance (and settings) fit starts for itself; workers inherit PYTHONPATH
     try:
+        store = os.path.join(folder, "store")
         ranks = [HandWrittenRank.remote() for _ in range(2)]
-        master = ray.get(ranks[0].address.remote())
-        timings = ray.get([r.train.remote(i, master, epochs, config) for i, r in enumerate(ranks)])[0]
+        timings = ray.get([r.train.remote(i, store, epochs, config) for i, r in enumerate(ranks)])[0]
         return steady(timings)
     finally:
         ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_ray_train(epochs: int, config: dict) -> tuple[int, float]:
