@@ -105,9 +105,14 @@ def test_a_run_resumed_mid_epoch_with_compile_switched_ends_bit_identical(group,
 
 
 @pytest.mark.skipif(missing_for_compile({}, "cpu") is not None, reason="no C++ toolchain for inductor")
-def test_compile_true_builds_inductor_kernels_on_cpu_and_keeps_the_plain_keys(group):
+def test_compile_true_builds_inductor_kernels_on_cpu_and_keeps_the_plain_keys(group, tmp_path, monkeypatch):
+    # Inductor's cache of its own: the kernels are built here, as on a fresh machine, whatever an earlier
+    # run left in /tmp/torchinductor_<user> (and this test leaves nothing there)
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
     result = _run(StandInCoordinator(), _config(compile=True), epochs=1)
     assert sorted(result.state_dict) == _plain_keys() and _all_finite(result.state_dict)
+    assert list(cache.rglob("*.so")), "inductor built no C++ kernel"
 
 
 # -- resume refusals ------------------------------------------------------------------------------
