@@ -143,10 +143,10 @@ def test_an_attempt_learns_within_a_renewal_that_another_driver_took_the_run_ove
 
 def test_a_rank_refusing_a_backup_of_another_layout_is_not_retried():
     from orchestrator.cluster.worker import WorkerFailure
-    from orchestrator.control.watch import _raised
+    from orchestrator.control.blame import raised
     from orchestrator.storage.layout import ResumeMismatch
     refusal = ResumeMismatch("cannot resume from backup/step-4: batch_size was 8 when it was written and is 16 now")
     with pytest.raises(ResumeMismatch):
-        _raised(WorkerFailure(0, "n", 1, "ResumeMismatch", str(refusal), "tb", refusal), attempt=1)
-    other = _raised(WorkerFailure(0, "n", 1, "ValueError", "bad", "tb", ValueError("bad")), attempt=1)
+        raised(WorkerFailure(0, "n", 1, "ResumeMismatch", str(refusal), "tb", refusal), attempt=1)
+    other = raised(WorkerFailure(0, "n", 1, "ValueError", "bad", "tb", ValueError("bad")), attempt=1)
     assert other.record.rank == 0  # anything else is a failure the policy may retry

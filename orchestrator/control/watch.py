@@ -13,7 +13,6 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import logging
-import re
 import threading
 import time
 import warnings
@@ -25,16 +24,14 @@ import ray
 from orchestrator.cluster.coordinator import CoordinatorBusy, CoordinatorPoll
 from orchestrator.cluster.worker import WorkerFailure
 from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup, get_within
+from orchestrator.control.blame import ACTOR_GONE, death, raised, root_cause
 from orchestrator.control.driver_side import DrainWatch, DriverCallbacks, remember
 from orchestrator.control.failures import COORDINATOR, AttemptFailed, FailureRecord
 from orchestrator.control.specs import FaultPolicy
 from orchestrator.control.states import FitOutcome
 from orchestrator.core.events import EventType, event_type, stop_event_type
-from orchestrator.errors import (CoordinatorError, CoordinatorLostError, HangError, OrchestratorError, WorkerError,
-                                 WorkerLostError)
+from orchestrator.errors import CoordinatorError, CoordinatorLostError, HangError, OrchestratorError
 from orchestrator.loop.specs import LoopResult
-from orchestrator.storage.checkpoint import IncompatibleBackup
-from orchestrator.storage.layout import ResumeMismatch
 from orchestrator.storage.run_files import EventLog
 
 logger = logging.getLogger(__name__)
@@ -296,7 +293,7 @@ def _watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, 
             try:
                 results[rank_of[ref]] = _result_or_raise(ref, rank_of[ref], attempt, infos, relay)
             except AttemptFailed as failed:
-                raise _root_cause(failed, pending, rank_of, attempt, infos) from failed.error
+                raise root_cause(failed, pending, rank_of, attempt, infos) from failed.error
         lost = fenced() if fenced is not None else None
         if lost is not None:
             raise lost
@@ -332,73 +329,15 @@ def _watch(faults: FaultPolicy, attempt: int, group: WorkerGroup, relay: Relay, 
     return [results[r] for r in sorted(results)]
 
 
-# What a rank raises that no restart can fix: the run's own backups do not fit this configuration.
-_NOT_RETRYABLE = (ResumeMismatch, IncompatibleBackup)
-
-# A survivor's collective error when a peer process is gone (gloo, NCCL, the TCP store).
-_PEER_LOSS = re.compile(r"connection (reset|closed|refused)|broken pipe|by peer|remote process|"
-                        r"nccl|gloo|tcpstore", re.IGNORECASE)
-#: How long a rank's lost-peer error waits for the peer's own failure. A peer that raised or whose
-#: process died shows up within a second; one lost with its node only once Ray declares the node
-#: dead (its health checks: about 15-30 s with Ray's defaults). Blaming the survivor instead would
-#: name the wrong rank and give up its live recovery (only a death is recovered from memory). The
-#: wait ends as soon as every other rank's result is in.
-PEER_LOSS_WAIT_S = 30.0
-
-
-def _root_cause(failed: AttemptFailed, pending: list[Any], rank_of: dict[Any, int], attempt: int,
-                infos: list[dict[str, Any]]) -> AttemptFailed:
-    """The failure to record: when a rank reports a lost peer, the peer's own failure if it shows up soon.
-
-    A rank that dies or raises makes its peers raise in their collective, and a peer's error may
-    reach the driver first; blaming that survivor would name the wrong rank, node and cause. The
-    root cause is a rank that died, or one that raised anything but a lost peer.
-    """
-    if not isinstance(failed.error, WorkerError) or not _PEER_LOSS.search(failed.record.cause):
-        return failed
-    deadline = time.monotonic() + PEER_LOSS_WAIT_S
-    waiting = list(pending)
-    while waiting and time.monotonic() < deadline:
-        ready, waiting = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        for ref in ready:
-            try:
-                value = ray.get(ref, timeout=CALL_TIMEOUT_S)  # ready: it is there
-            except ray.exceptions.RayActorError as exc:
-                return _death(rank_of[ref], infos[rank_of[ref]], attempt, exc)
-            except Exception:  # noqa: BLE001 - an unreadable result: keep looking
-                continue
-            if isinstance(value, WorkerFailure) and not _PEER_LOSS.search(f"{value.error_type}: {value.message}"):
-                return _raised(value, attempt)
-    return failed
-
-
-def _death(rank: int, info: dict[str, Any], attempt: int, exc: BaseException) -> AttemptFailed:
-    cause = f"rank {rank} (node {info['node']}, pid {info['pid']}) died: {str(exc).splitlines()[0]}"
-    return AttemptFailed(FailureRecord(attempt, rank, info["node"], cause), WorkerLostError(cause))
-
-
-def _raised(value: WorkerFailure, attempt: int) -> AttemptFailed:
-    if isinstance(value.exception, _NOT_RETRYABLE):  # a restart would meet the same backup: not a failure to retry
-        raise value.exception
-    error = WorkerError(value.rank, value.node, value.error_type, value.message, value.traceback)
-    error.__cause__ = value.exception
-    cause = f"rank {value.rank} raised {value.error_type}: {value.message}"
-    return AttemptFailed(FailureRecord(attempt, value.rank, value.node, cause), error)
-
-
 def _result_or_raise(ref: Any, rank: int, attempt: int, infos: list[dict[str, Any]], relay: Relay) -> LoopResult:
     try:
         value = ray.get(ref, timeout=CALL_TIMEOUT_S)  # ready: it is there
     except ray.exceptions.RayActorError as exc:
-        raise _death(rank, infos[rank], attempt, exc) from None
+        raise death(rank, infos[rank], attempt, exc) from None
     if isinstance(value, WorkerFailure):
         relay.collect()  # raises the coordinator's death when that is what the rank saw
         relay.raise_coordinator_error()
-        if value.error_type in _ACTOR_GONE and "Coordinator" in value.message:
+        if value.error_type in ACTOR_GONE and "Coordinator" in value.message:
             raise relay.lost(f"rank {value.rank} lost it: {value.error_type}: {value.message}")
-        raise _raised(value, attempt)
+        raise raised(value, attempt)
     return value
-
-
-# What a rank raises when an actor it calls (the coordinator) is gone.
-_ACTOR_GONE = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError"})
