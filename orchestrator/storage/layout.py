@@ -52,6 +52,24 @@ def option_layout(loop: Any) -> dict[str, Any]:
             "strategy": getattr(loop, "strategy", "ddp")}
 
 
+def config_layout(loop: Any, world_size: int) -> dict[str, Any]:
+    """The layout fields a fit's configuration decides, computed alike by the driver (to check a backup
+    before any worker starts) and by every rank (which adds its ``samples`` and ``parameters``).
+
+    ``world_size``: the number of workers (an elastic run's largest: a step means the same samples on
+    any of its world sizes).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> config_layout(SimpleNamespace(batch_size=8, seed=0, accumulate_grad_batches=1, steps_per_epoch=None,
+        ...                               precision="32-true", lr_scheduler=None, strategy="ddp"), 2)["world_size"]
+        2
+    """
+    return {"world_size": world_size, "batch_size": loop.batch_size, "seed": loop.seed,
+            "accumulate_grad_batches": loop.accumulate_grad_batches, "steps_per_epoch": loop.steps_per_epoch,
+            **option_layout(loop)}
+
+
 def option_mismatch(name: str, old: Any, new: Any, where: str) -> ResumeMismatch:
     """The error for a resume that switches ``precision`` to or from ``"16-mixed"``, or adds or removes
     an ``lr_scheduler`` (``old``/``new``: the precision names, or whether a scheduler is set)."""
