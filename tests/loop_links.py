@@ -6,7 +6,7 @@ from typing import Any
 
 
 class QuietLink:
-    """The :class:`~orchestrator.loop.train_loop.CoordinatorLink` calls a test does not record: progress,
+    """The :class:`~orchestrator.loop.specs.CoordinatorLink` calls a test does not record: progress,
     persisted files and heartbeats are dropped; subclasses define ``sync`` (and override the rest as needed)."""
 
     def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:

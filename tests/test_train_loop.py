@@ -71,7 +71,7 @@ class StandInCoordinator:
 
 
 class InProcessLink(QuietLink):
-    """The :class:`~orchestrator.loop.train_loop.CoordinatorLink` protocol, in process."""
+    """The :class:`~orchestrator.loop.specs.CoordinatorLink` protocol, in process."""
 
     def __init__(self, coordinator: StandInCoordinator) -> None:
         self.coordinator = coordinator
@@ -282,7 +282,7 @@ def test_a_custom_step_on_dict_batches_reports_its_custom_metrics_weighted_by_it
 
 # -- a real coordinator core behind the in-process link ----------------------------------------
 class CoreLink(QuietLink):
-    """The :class:`~orchestrator.loop.train_loop.CoordinatorLink` protocol in process, to a real
+    """The :class:`~orchestrator.loop.specs.CoordinatorLink` protocol in process, to a real
     one-rank :class:`CoordinatorCore` (wired as the coordinator actor wires it)."""
 
     def __init__(self, core: CoordinatorCore) -> None:

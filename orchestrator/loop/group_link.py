@@ -195,7 +195,7 @@ class _Ticker:
 
 
 class GroupLink:
-    """The loop's :class:`~orchestrator.loop.train_loop.CoordinatorLink` for one rank of a process group:
+    """The loop's :class:`~orchestrator.loop.specs.CoordinatorLink` for one rank of a process group:
     sync points are combined over the group and only rank 0 calls the coordinator (see the module).
 
     Every rank of the group must call :meth:`sync` at the same sync points, in the same order (the

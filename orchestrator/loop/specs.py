@@ -2,15 +2,17 @@
 
 :class:`TrainSpec` is built once per attempt on the driver and sent to every worker unchanged;
 the rank's own coordinates (rank, world size, device) travel beside it. :class:`LoopResult` is
-what a rank's loop returns when it ends normally.
+what a rank's loop returns when it ends normally. :class:`CoordinatorLink` is how the loop talks to
+the coordinator (a :class:`~orchestrator.loop.group_link.GroupLink` in production).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from orchestrator.core.config import LoopConfig
+from orchestrator.decisions import Decision, Report
 from orchestrator.storage.fs import StorageSpec
 
 
@@ -87,3 +89,19 @@ class LiveResume:
     donor: int
     payloads: dict[int, Any]
     world_size: int | None = None
+
+
+class CoordinatorLink(Protocol):
+    """How a rank talks to the coordinator (a Ray actor in production, anything in tests)."""
+
+    def sync(self, report: Report) -> list[Decision]:
+        """Block until every rank reported (a GroupLink combines them); return the decisions for all."""
+
+    def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
+        """Fire-and-forget progress update (rank 0 only, time-gated)."""
+
+    def persisted(self, rank: int, folder: str, entries: list[Any] | None, meta: dict[str, Any]) -> None:
+        """A backup's files on this rank are durable (entries) or failed (None); blocks until recorded."""
+
+    def heartbeat(self) -> None:
+        """Fire-and-forget sign of life for the hang watchdog (time-gated by the loop)."""

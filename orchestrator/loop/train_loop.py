@@ -24,58 +24,26 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
-from orchestrator.decisions import (
-    Backup,
-    Decision,
-    Report,
-    ReportKind,
-    RestoreWeights,
-    Rollback,
-    SaveModel,
-    SetLearningRate,
-    SkipBatches,
-    SnapshotWeights,
-    StopTraining,
-    SyncEvery,
-    WriteHistograms,
-)
+from orchestrator.decisions import (Backup, Decision, Report, ReportKind, RestoreWeights, Rollback, SaveModel,
+                                    SetLearningRate, SkipBatches, SnapshotWeights, StopTraining, SyncEvery,
+                                    WriteHistograms)
 from orchestrator.core.config import elastic_accumulation, validation_due
-from orchestrator.loop.compiled import compile_model, plain_module
 from orchestrator.loop.data import ShardSampler, Window, epoch_window, make_loader, shutdown_workers
 from orchestrator.loop.live import DERIVED, LiveState, reseed
 from orchestrator.loop.iterable import DataInput, as_datasets, data_components, train_stream
-from orchestrator.loop.optim_step import (
-    LearningRates, OptimStep, Precision, build_scheduler, micro_batch_groups, steps_per_epoch)
-from orchestrator.loop.rank_state import MetricSums, Position, Snapshots, rank_components
+from orchestrator.loop.model_side import ModelSide, build_model_side
+from orchestrator.loop.optim_step import OptimStep, micro_batch_groups, steps_per_epoch
+from orchestrator.loop.rank_state import MetricSums, Position, rank_components
 from orchestrator.loop.saver import PendingRestore, RankSaver
 from orchestrator.loop.regroup import check_regroup, regrouped
-from orchestrator.loop.signalled import DdpSignals, SignalledModule, seed_everything
-from orchestrator.loop.specs import LoopResult, TrainSpec
+from orchestrator.loop.specs import CoordinatorLink, LoopResult, TrainSpec
 from orchestrator.loop.steps import make_default_step, resolve_metrics
 from orchestrator.loop.validation import Validation
-from orchestrator.storage.layout import ResumeMismatch, check_layout, option_layout
-
-
-class CoordinatorLink(Protocol):
-    """How a rank talks to the coordinator (a Ray actor in production, anything in tests)."""
-
-    def sync(self, report: Report) -> list[Decision]:
-        """Block until every rank reported (a GroupLink combines them); return the decisions for all."""
-
-    def progress(self, epoch: int, step: int, logs: dict[str, float]) -> None:
-        """Fire-and-forget progress update (rank 0 only, time-gated)."""
-
-    def persisted(self, rank: int, folder: str, entries: list[Any] | None, meta: dict[str, Any]) -> None:
-        """A backup's files on this rank are durable (entries) or failed (None); blocks until recorded."""
-
-    def heartbeat(self) -> None:
-        """Fire-and-forget sign of life for the hang watchdog (time-gated by the loop)."""
+from orchestrator.storage.layout import ResumeMismatch, check_layout, config_layout
 
 
 class _RolledBack(Exception):
@@ -128,7 +96,6 @@ class TrainLoop:
         self.skip: set[tuple[int, int]] = set()
         self.position = Position()
         self.metric_sums = MetricSums(device)
-        self.snapshots = Snapshots()
         self.result = LoopResult(rank=rank)
         self._last_progress = 0.0
         #: Micro-batches per optimizer step: an elastic run on fewer ranks runs more (the same global batch).
@@ -137,36 +104,17 @@ class TrainLoop:
 
     # -- setup ---------------------------------------------------------------------------
     def _build(self) -> None:
+        """The model side (:mod:`~orchestrator.loop.model_side`), the data, then the named components."""
+        side = build_model_side(self.config, self.device, self.world_size)
+        self.model, self.optimizer, self.precision, self.ddp = side.model, side.optimizer, side.precision, side.ddp
+        self.lr_scheduler, self.lrs, self.snapshots = side.lr_scheduler, side.lrs, side.snapshots
+        self.fsdp = side.sharded
+        train_ds = self._build_data()
+        self._build_state(train_ds, side)
+
+    def _build_data(self) -> Any:
+        """The training loader (or stream) and the validation pass; returns the training dataset."""
         cfg = self.config
-        seed_everything(cfg.seed)  # identical initial weights on every rank
-        model = plain_module(cfg.model())
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model factory must return a torch.nn.Module, got {type(model).__name__}")
-        self.model: torch.nn.Module = model.to(self.device)
-        self.fsdp = cfg.strategy == "fsdp"
-        if self.fsdp:  # sharded in place before the optimizer sees its parameters (DTensors from here)
-            from orchestrator.loop.fsdp import shard_model  # FSDP, DTensor: imported by sharded runs only
-            from orchestrator.loop.sharded_state import ShardedSnapshots
-
-            shard_model(self.model, cfg.fsdp_wrap, self.device)
-            self.snapshots = ShardedSnapshots()
-            self.backup_group = dist.new_group(backend="gloo")  # the sharded saves' collectives (see saver)
-        self.optimizer: torch.optim.Optimizer = cfg.optimizer(self.model.parameters())
-        if not isinstance(self.optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
-        self.precision = Precision(cfg.precision, self.device)
-        self.lr_scheduler = build_scheduler(cfg.lr_scheduler, self.optimizer)
-        self.lrs = LearningRates(self.optimizer, self.lr_scheduler, cfg.lr_scheduler_interval)
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        if self.fsdp:  # the sharded model is called as it is; the step's signals get their own all-reduce
-            from orchestrator.loop.fsdp import ShardedSignals
-
-            self.ddp, signals = self.model, ShardedSignals(self.model, self.device)
-        else:
-            compile_model(self.model, cfg.compile, self.device)  # its forward, in place: plain state_dict keys
-            self.signalled = SignalledModule(self.model)
-            self.ddp = DistributedDataParallel(self.signalled, device_ids=device_ids)
-            signals = DdpSignals(self.ddp, self.signalled.signal, self.world_size)
         train_ds, val_ds = self.data_input(cfg.data(), self.rank, self.world_size, cfg)
         self.stream = train_stream(train_ds, self.rank, self.world_size, cfg, self.device)  # iterables: see iterable.py
         if self.stream is not None:
@@ -182,12 +130,10 @@ class TrainLoop:
             self.steps_per_pass = steps_per_epoch(math.ceil(self.train_sampler.shard_length() / cfg.batch_size),
                                                   self.accumulate)  # optimizer steps (the same on any elastic size)
             self.steps_per_epoch = cfg.steps_per_epoch or self.steps_per_pass  # Keras's params["steps"]
-        #: What this rank's positions mean: a resume must not change it (checked here and by the coordinator).
-        #: An elastic run records its max world size and configured accumulation: a step means the
-        #: same samples on any of its world sizes.
-        self.layout = {"world_size": self.spec.max_workers or self.world_size, "batch_size": cfg.batch_size,
-                       "seed": cfg.seed,
-                       "accumulate_grad_batches": cfg.accumulate_grad_batches, "steps_per_epoch": cfg.steps_per_epoch,
+        #: What this rank's positions mean, and which optional components its backups hold: a resume
+        #: must not change it (checked here and by the coordinator). An elastic run records its max
+        #: world size and configured accumulation: a step means the same samples on any of its world sizes.
+        self.layout = {**config_layout(cfg, self.spec.max_workers or self.world_size),
                        "samples": "iterable" if self.stream is not None else len(train_ds),
                        "parameters": {name: list(p.shape) for name, p in self.model.named_parameters()}}
         self.validation = Validation(val_ds, rank=self.rank, world_size=self.world_size,
@@ -195,11 +141,15 @@ class TrainLoop:
                                      device=self.device, preemption=self.preemption, beat=self._beat,
                                      steps=cfg.validation_steps, workers=cfg.loader_workers,
                                      pin_memory=self.device.type == "cuda", lockstep=self.fsdp)
+        return train_ds
+
+    def _build_state(self, train_ds: Any, side: ModelSide) -> None:
+        """The step functions, the named components (what backups hold), the step, live state and saver."""
+        cfg = self.config
         metric_fns = resolve_metrics(cfg.metrics)
         default = make_default_step(cfg.loss, metric_fns) if cfg.loss is not None else None
         self.train_step: Callable[..., Any] = cfg.train_step or default  # type: ignore[assignment]
         self.val_step: Callable[..., Any] = cfg.val_step or self.train_step
-        self.layout.update(option_layout(cfg))  # which optional components (scaler, lr_scheduler) backups hold
         self.components = rank_components(self.model, self.optimizer, snapshots=self.snapshots,
                                           position=self.position, metric_sums=self.metric_sums, result=self.result,
                                           scaler=self.precision.scaler, lr_scheduler=self.lr_scheduler)
@@ -208,7 +158,7 @@ class TrainLoop:
 
             self.components.update(sharded_components(self.model, self.optimizer, self.snapshots))
         self.components.update(data_components(train_ds, self.stream))  # train_stream / train_data: their state
-        self.optim_step = OptimStep(ddp=self.ddp, model=self.model, signals=signals,
+        self.optim_step = OptimStep(ddp=self.ddp, model=self.model, signals=side.signals,
                                     optimizer=self.optimizer, precision=self.precision, lrs=self.lrs,
                                     sums=self.metric_sums, world_size=self.world_size,
                                     clip_grad_norm=cfg.clip_grad_norm, preemption=self.preemption,
@@ -216,7 +166,7 @@ class TrainLoop:
         self.live = LiveState(self.components, self.rank, cfg.seed)
         self.optim_step.before_update = self.live.unmark  # the update changes the state: no copy from here
         self.saver = RankSaver(self.components, self.rank, self.world_size, self.storage,
-                               on_persisted=self.link.persisted, group=getattr(self, "backup_group", None),
+                               on_persisted=self.link.persisted, group=side.backup_group,
                                model=self.model)
         reseed(cfg.seed, self.rank, 0)  # per-rank streams (dropout, augmentation), reseeded at every step
 
