@@ -144,7 +144,7 @@ def persist_from_every_rank(core: CoordinatorCore, storage: Any, step: int, stat
     """Every rank reports its files of ``step`` (of the save in flight, or of save number ``write``)."""
     folder = step_dir("backup", step)
     if write is None:
-        write = core._writes.get(folder) or decide_backup(core, step).write
+        write = core.saves.write_of(folder) or decide_backup(core, step).write
     for rank in order:
         entries = write_rank_files(storage, folder, rank, state if rank == 0 else None)
         core.persisted(rank, folder, entries, meta(step, rank, write=write))

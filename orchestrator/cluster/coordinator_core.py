@@ -24,17 +24,9 @@ from orchestrator.cluster.report_checks import same_data, same_lr
 from orchestrator.cluster.specs import CoordinatorSpec
 from orchestrator.core.events import EventType, undeclared_fields
 from orchestrator.core.metrics import PhaseSums, aggregate
-from orchestrator.decisions import (
-    Backup,
-    Decision,
-    Report,
-    ReportKind,
-    Rollback,
-    SetLearningRate,
-    SkipBatches,
-    StopTraining,
-    SyncEvery,
-)
+from orchestrator.cluster.saves_in_flight import SavesInFlight
+from orchestrator.decisions import (Backup, Decision, Report, ReportKind, Rollback, SetLearningRate, SkipBatches,
+                                    StopTraining, SyncEvery)
 from orchestrator.storage.checkpoint import FileEntry, Manifest, commit, purge_older, read_coordinator_state, step_dir
 from orchestrator.storage.layout import check_layout
 from orchestrator.storage.lease import LeaseLost, check_token
@@ -93,12 +85,7 @@ class CoordinatorCore:
         self.last_logs: dict[str, float] = {}
         self.history: list[dict[str, Any]] = list((restore or {}).get("history", []))
         self.layout: dict[str, Any] | None = (restore or {}).get("layout")
-        self._persisted: dict[str, dict[int, list[FileEntry]]] = {}
-        self._failed: set[str] = set()
-        self._stalls: dict[str, float] = {}  # folder -> the longest training stall of its save on a rank
-        self._writes: dict[str, int] = {}  # folder -> the number of its save in flight (not yet committed)
-        self._decided_at: dict[str, float] = {}  # folder -> when its save was decided (monotonic)
-        self._write_count = 0
+        self.saves = SavesInFlight(world_size)  # decided, not yet committed
         self.sealed = False
         self._epoch_lr: float | None = (restore or {}).get("view", {}).get("epoch_learning_rate")
         self.position = Position.from_state(restore)  # where the ranks are: moved at every sync point
@@ -213,19 +200,13 @@ class CoordinatorCore:
         folder = step_dir(d.backup_dir, self.view.global_step)
         if self.last_committed == folder:
             return None
-        self._write_count += 1
-        self._writes[folder] = self._write_count  # reports of an earlier save of this folder are now stale
-        self._decided_at[folder] = time.monotonic()
-        self._persisted.pop(folder, None)
-        self._failed.discard(folder)
-        return dataclasses.replace(d, coordinator_state=self.state_dict(), write=self._write_count)
+        write = self.saves.start(folder)  # reports of an earlier save of this folder are now stale
+        return dataclasses.replace(d, coordinator_state=self.state_dict(), write=write)
 
     def _abandon_writes(self, reason: str) -> None:
         """Saves still in flight never commit: their commit would purge what is being restored."""
-        for folder in sorted(self._writes):
+        for folder in self.saves.abandon():
             self._emit(EventType.BACKUP_SKIPPED, folder=folder, reason=reason)
-        self._writes.clear()
-        self._persisted.clear()
 
     def _roll_back(self, decision: Rollback, epoch: int, step: int) -> Decision:
         """Restore the coordinator to the newest committed backup (keeping the state of callbacks
@@ -352,28 +333,18 @@ class CoordinatorCore:
         A report of another save than the one in flight for ``folder`` (an earlier save of a
         folder written again after a rollback, or one abandoned by a rollback) is ignored.
         """
-        write = meta.get("write")
-        if self.sealed or folder not in self._writes or (write is not None and write != self._writes[folder]):
+        if self.sealed or not self.saves.current(folder, meta.get("write")):
             return
         if entries is None:
             self._emit(EventType.BACKUP_FAILED, rank=rank, folder=folder, step=meta.get("step"),
                        error=meta.get("error"))
-            self._persisted.pop(folder, None)
-            self._failed.add(folder)
+            self.saves.fail(folder)
             return
-        if folder in self._failed:
+        done = self.saves.add(rank, folder, entries, float(meta.get("stall_s") or 0.0))
+        if done is None:
             return
-        ranks = self._persisted.setdefault(folder, {})
-        ranks[rank] = entries
-        self._stalls[folder] = max(self._stalls.get(folder, 0.0), float(meta.get("stall_s") or 0.0))
-        if len(ranks) < self.world_size:
-            return
-        del self._persisted[folder]
-        del self._writes[folder]
-        persist_s = time.monotonic() - self._decided_at.pop(folder, time.monotonic())
-        files = [e for r in sorted(ranks) for e in ranks[r]]
         manifest = Manifest(step=int(meta["step"]), epoch=int(meta["epoch"]), batch=int(meta["batch"]),
-                            phase=str(meta["phase"]), world_size=self.world_size, files=files,
+                            phase=str(meta["phase"]), world_size=self.world_size, files=done.files,
                             token=self.lease_token)
         if not self._still_owner(folder):
             return
@@ -381,11 +352,10 @@ class CoordinatorCore:
         self.last_committed = folder
         removed = purge_older(self.storage, meta["backup_dir"], manifest.step, keep=int(meta.get("keep", 1))) \
             if self._still_owner(folder) else []
-        stall_s = self._stalls.pop(folder, 0.0)
-        self.view.last_backup = BackupCost(step=manifest.step, stall_s=stall_s, persist_s=persist_s)
+        self.view.last_backup = BackupCost(step=manifest.step, stall_s=done.stall_s, persist_s=done.persist_s)
         self._emit(EventType.BACKUP_COMMITTED, epoch=manifest.epoch, step=manifest.step, folder=folder,
-                   bytes=sum(f.size for f in files), purged=removed, stall_s=round(stall_s, 4),
-                   persist_s=round(persist_s, 4))
+                   bytes=sum(f.size for f in done.files), purged=removed, stall_s=round(done.stall_s, 4),
+                   persist_s=round(done.persist_s, 4))
 
     def seal(self) -> None:
         """The attempt is ending: commit nothing more, so that every commit made has its event drained."""
