@@ -16,11 +16,13 @@ from typing import Any, Callable
 
 import ray
 
+from orchestrator.cluster.specs import CoordinatorSpec
 from orchestrator.cluster.survivors import keep_survivors
 from orchestrator.cluster.worker_group import CALL_TIMEOUT_S, WorkerGroup, get_within, startup_timeout_s
 from orchestrator.control.elastic import GrowWatch, Resized, resize_event
 from orchestrator.control.failures import COORDINATOR, AttemptFailed, FailureRecord, NodesDrained
 from orchestrator.control.live_recovery import secure
+from orchestrator.control.metrics_export import RunMetrics
 from orchestrator.control.metrics_export import for_fit as run_metrics
 from orchestrator.control.specs import FitSpec, Resume
 from orchestrator.control.states import FitOutcome
@@ -101,57 +103,28 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
     coordinator, ready = group.coordinator(coordinator_spec)  # starts (or is a spare) while the workers start
     relay = Relay(coordinator, driver, outcome, events, attempt=attempt.number, every_s=fit.faults.news_every_s)
     drain = DrainWatch(set(), fit.faults.drain_poll_interval_s)
-    setup_timeout_s = startup_timeout_s(fit.faults.placement_timeout_s)  # a new coordinator starts a process
     finished = False
     try:
         if infos is None:
             infos = group.start()
-        try:
-            get_within(ready, setup_timeout_s, "the coordinator (setup)")
-        except ray.exceptions.RayActorError as exc:  # a spare lost with its node: start a new one
-            logger.info("coordinator lost before setup (%s); starting a new one", exc)
-            ray.kill(coordinator, no_restart=True)
-            coordinator, ready = group.coordinator(coordinator_spec)
-            relay.coordinator = coordinator
-            get_within(ready, setup_timeout_s, "the coordinator (setup)")
-        relay.where = relay.call("info")
+        _set_up_coordinator(group, relay, coordinator_spec, ready, startup_timeout_s(fit.faults.placement_timeout_s))
         drain.nodes = {i["node_id"] for i in infos} | {relay.where["node_id"]}
         if not group.promoted or not group.storage_checked:  # promoted standbys sit where checked workers were
             _check_storage_visible(group, fit.storage, attempt.storage, infos)
             group.storage_checked = True
-        before = resume.world_size or fit.scaling.num_workers
-        world_size = group.world_size if elastic else fit.scaling.num_workers
-        if elastic and world_size != before:
-            metrics.observe(events.append(EventType.RESIZED, step=resume.step, **resize_event(
-                before, group.world_size, fit.loop.accumulate_grad_batches, fit.scaling.num_workers)))
-        metrics.observe(events.append(
-            EventType.STARTED, world_size=world_size, nodes=sorted({i["node"] for i in infos}),
-            node_ids=[i["node_id"] for i in infos], resumed_from="memory" if resume.live is not None else resume.folder,
-            warm=group.promoted, warm_ranks=list(group.warm_ranks)))
-        refs = group.run(fit.train_spec(resume), coordinator)
+        world_size = _announce_start(fit, attempt, group, infos, metrics.observe)
+        refs = group.run(fit.train_spec(resume), relay.coordinator)
         grow = GrowWatch(group, enabled=elastic and world_size < fit.scaling.num_workers)
         try:
             results = watch(fit.faults, attempt.number, group, relay, infos, refs, attempt.preempt, drain,
                             fenced=attempt.fenced, grow=grow)
         except AttemptFailed as failed:
-            rank = failed.record.rank
-            node_id = relay.where.get("node_id") if failed.record.role == COORDINATOR else \
-                infos[rank]["node_id"] if rank is not None else None
-            if node_id is not None and node_id in drain.draining:  # expected: its node is going away
-                raise NodesDrained(sorted(drain.draining), lost=failed.record.cause) from failed.error
-            if fit.faults.live_recovery and fit.faults.max_failures > 0:  # a restart may follow: secure the survivors' state
-                failed.live = secure(group, relay, failed)
-            # the ranks that survived the failed one keep their processes, for the restart that follows
-            # (within the budget) or, when the failure ends the fit, for the next fit of this driver
-            # (WorkerGroup.park); not after ranks forked DataLoader workers (see Controller._parks)
-            restart_may_follow = attempt.resume.failures < fit.faults.max_failures
-            if (restart_may_follow or group.parks) \
-                    and fit.loop.loader_workers == 0 and failed.record.role != COORDINATOR:
-                keep_survivors(group, refs, failed.record.rank)
+            _after_failure(fit, attempt, group, relay, infos, refs, drain, failed)
             raise
-        if drain.draining and not attempt.preempt.is_set() and any(r.preempted for r in results):
+        stopped = any(r.preempted for r in results) and not attempt.preempt.is_set()  # to move, not to end
+        if stopped and drain.draining:
             raise NodesDrained(sorted(drain.draining), step=max(r.steps_run for r in results))
-        if grow.target is not None and not attempt.preempt.is_set() and any(r.preempted for r in results):
+        if stopped and grow.target is not None:
             raise Resized(grow.target, step=max(r.steps_run for r in results))
         outcome.callback_states = relay.call("callback_states")
         if not any(r.preempted for r in results):
@@ -162,18 +135,74 @@ def run_attempt(fit: FitSpec, attempt: Attempt, group: WorkerGroup, outcome: Fit
         group.release()  # its placement group has bundles on the draining nodes
         raise
     finally:
-        group.stop_workers()
-        # Ctrl-C: clean up, collect nothing; fenced out: the run is another driver's, write nothing into it
-        ended = sys.exc_info()[1]
-        if not isinstance(ended, (KeyboardInterrupt, LeaseLost)):
-            # a backup committed as the attempt ended is in events.jsonl before what ended it; a bare
-            # HangError names a callback that blocks the coordinator's thread (watch.coordinator_hang)
-            relay.flush(blocked=isinstance(ended, HangError))
-        metrics.end_attempt(sys.exc_info()[1], preempted=attempt.preempt.is_set())
-        if finished:  # the next fit of this driver sets it up again (no new process)
-            group.keep_coordinator(relay.coordinator)
-        else:
-            ray.kill(relay.coordinator, no_restart=True)
+        _end(group, relay, metrics, attempt, sys.exc_info()[1], finished)
+
+
+def _set_up_coordinator(group: WorkerGroup, relay: Relay, spec: CoordinatorSpec, ready: Any,
+                        timeout_s: float) -> None:
+    """Wait for the coordinator's ``setup``; a spare lost with its node is replaced by a new one. Then ask
+    where it runs (``relay.where``)."""
+    try:
+        get_within(ready, timeout_s, "the coordinator (setup)")
+    except ray.exceptions.RayActorError as exc:  # a spare lost with its node: start a new one
+        logger.info("coordinator lost before setup (%s); starting a new one", exc)
+        ray.kill(relay.coordinator, no_restart=True)
+        relay.coordinator, ready = group.coordinator(spec)
+        get_within(ready, timeout_s, "the coordinator (setup)")
+    relay.where = relay.call("info")
+
+
+def _announce_start(fit: FitSpec, attempt: Attempt, group: WorkerGroup, infos: list[dict[str, Any]],
+                    observe: Callable[[dict[str, Any]], Any]) -> int:
+    """Record the attempt's ``started`` event (after a ``resized`` one when an elastic run changed its
+    world size); return the world size it runs on."""
+    resume, events = attempt.resume, attempt.events
+    before = resume.world_size or fit.scaling.num_workers
+    world_size = group.world_size if fit.scaling.elastic else fit.scaling.num_workers
+    if fit.scaling.elastic and world_size != before:
+        observe(events.append(EventType.RESIZED, step=resume.step, **resize_event(
+            before, group.world_size, fit.loop.accumulate_grad_batches, fit.scaling.num_workers)))
+    observe(events.append(
+        EventType.STARTED, world_size=world_size, nodes=sorted({i["node"] for i in infos}),
+        node_ids=[i["node_id"] for i in infos], resumed_from="memory" if resume.live is not None else resume.folder,
+        warm=group.promoted, warm_ranks=list(group.warm_ranks)))
+    return world_size
+
+
+def _after_failure(fit: FitSpec, attempt: Attempt, group: WorkerGroup, relay: Relay, infos: list[dict[str, Any]],
+                   refs: list[Any], drain: DrainWatch, failed: AttemptFailed) -> None:
+    """What a failure leaves for the next attempt: a failure on a draining node is the drain (raises
+    :class:`NodesDrained`); else the survivors' state secured for a live recovery, and their processes kept."""
+    rank = failed.record.rank
+    node_id = relay.where.get("node_id") if failed.record.role == COORDINATOR else \
+        infos[rank]["node_id"] if rank is not None else None
+    if node_id is not None and node_id in drain.draining:  # expected: its node is going away
+        raise NodesDrained(sorted(drain.draining), lost=failed.record.cause) from failed.error
+    if fit.faults.live_recovery and fit.faults.max_failures > 0:  # a restart may follow: secure the survivors' state
+        failed.live = secure(group, relay, failed)
+    # the ranks that survived the failed one keep their processes, for the restart that follows
+    # (within the budget) or, when the failure ends the fit, for the next fit of this driver
+    # (WorkerGroup.park); not after ranks forked DataLoader workers (see Controller._parks)
+    restart_may_follow = attempt.resume.failures < fit.faults.max_failures
+    if (restart_may_follow or group.parks) and fit.loop.loader_workers == 0 and failed.record.role != COORDINATOR:
+        keep_survivors(group, refs, failed.record.rank)
+
+
+def _end(group: WorkerGroup, relay: Relay, metrics: RunMetrics, attempt: Attempt, ended: BaseException | None,
+         finished: bool) -> None:
+    """However the attempt ended (``ended``: the error it ends with, or None): stop its workers, deliver
+    the coordinator's last events, and keep its coordinator (``finished``) or kill it."""
+    group.stop_workers()
+    # Ctrl-C: clean up, collect nothing; fenced out: the run is another driver's, write nothing into it
+    if not isinstance(ended, (KeyboardInterrupt, LeaseLost)):
+        # a backup committed as the attempt ended is in events.jsonl before what ended it; a bare
+        # HangError names a callback that blocks the coordinator's thread (watch.coordinator_hang)
+        relay.flush(blocked=isinstance(ended, HangError))
+    metrics.end_attempt(ended, preempted=attempt.preempt.is_set())
+    if finished:  # the next fit of this driver sets it up again (no new process)
+        group.keep_coordinator(relay.coordinator)
+    else:
+        ray.kill(relay.coordinator, no_restart=True)
 
 
 def _check_storage_visible(group: WorkerGroup, spec: StorageSpec, storage: RunStorage,
