@@ -5,7 +5,9 @@ start, for drain deadlines, for restarts. The scenarios run one after another, i
 tests come, from the end of collection: beside the rest of the suite instead of after it (never
 two at once: several Ray clusters starting together on 2 cores made a raylet time out). Each test
 then only reads what its scenario left; one whose scenario has not started yet starts it. A
-scenario that is not collected (``-k``, a single file) is never started.
+scenario that is not collected (``-k``, a single file) is never started. A scenario that starts no
+Ray cluster may run ``beside_chain`` instead: it starts at once, beside the chain (the inductor
+build: CPU only, at the lowest priority, so that it takes what the suite leaves idle).
 
 Example (in a test module)::
 
@@ -46,10 +48,13 @@ class Scenario:
     Args:
         name: Names the scratch folder and the log.
         argv: The command, with ``{folder}`` where the scratch folder goes.
+        beside_chain: Start at the end of collection, beside the chain, not in turn (a scenario
+            that starts no Ray cluster). Defaults to ``False``.
     """
 
     name: str
     argv: list[str]
+    beside_chain: bool = False
     folder: Path | None = None
     proc: subprocess.Popen | None = None
     returncode: int | None = None
@@ -109,9 +114,14 @@ def collected_scenarios(items) -> list[Scenario]:
 
 
 def run_in_turn(scenarios: list[Scenario], stopping: threading.Event) -> threading.Thread:
-    """Start ``scenarios`` one after another (each when the one before has ended), in a daemon thread."""
+    """Start ``scenarios`` one after another (each when the one before has ended), in a daemon thread;
+    those ``beside_chain`` at once."""
+    for scenario in scenarios:
+        if scenario.beside_chain:
+            scenario.start()
+
     def chain() -> None:
-        for scenario in scenarios:
+        for scenario in (s for s in scenarios if not s.beside_chain):
             if stopping.is_set():
                 return
             scenario.start()
