@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Protocol
 
@@ -44,6 +46,7 @@ import torch.distributed as dist
 
 from orchestrator.core.metrics import PhaseSums
 from orchestrator.decisions import Decision, Report
+from orchestrator.loop.specs import CoordinatorLink
 
 __all__ = ["GroupLink", "RankZeroLink", "agreed", "combined", "fingerprint", "header", "lengths", "sums_vector"]
 
@@ -274,3 +277,41 @@ class GroupLink:
     def close(self) -> None:
         """Stop the heartbeat thread (the loop has ended)."""
         self._ticker.close()
+
+
+class Pulse:
+    """A rank's time-gated signs of life between sync points, at most one per ``every_s``: rank 0's running
+    loss (the driver's progress bar), on the other ranks a heartbeat (the driver's hang watchdog);
+    :meth:`beat`, a heartbeat on any rank (validation).
+
+    Args:
+        link: The rank's link to the coordinator.
+        rank: This rank.
+        every_s: The least time between two signs (the loop's ``progress_interval_s``).
+
+    Example:
+        >>> pulse = Pulse(link, rank=0, every_s=1.0)  # doctest: +SKIP
+        >>> pulse.progress(epoch=0, step=3, running_loss=0.7)  # doctest: +SKIP
+    """
+
+    def __init__(self, link: CoordinatorLink, rank: int, every_s: float) -> None:
+        self.link, self.rank, self.every_s = link, rank, every_s
+        self._last = 0.0
+
+    def progress(self, epoch: int, step: int, running_loss: float) -> None:
+        """Rank 0 sends the cluster-wide running loss; every other rank a heartbeat (fire and forget)."""
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        if self.rank == 0:
+            self.link.progress(epoch, step, {"loss": running_loss if math.isfinite(running_loss) else float("nan")})
+        else:
+            self.link.heartbeat()
+
+    def beat(self) -> None:
+        """A heartbeat (fire and forget)."""
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.link.heartbeat()

@@ -6,6 +6,13 @@ through: DDP over :class:`~orchestrator.loop.signalled.SignalledModule` (the ste
 its gradient all-reduce), or with ``strategy="fsdp"`` the FSDP2-sharded model, whose signals get a
 small all-reduce of their own (:class:`~orchestrator.loop.fsdp.ShardedSignals`). The data side
 and the named state components are built by :class:`~orchestrator.loop.train_loop.TrainLoop`.
+
+When the loop ends, :func:`release_reducer` frees DDP's reducer at once. Left to the garbage
+collector, after ``destroy_process_group``, the reducer can hold the gloo group's last reference
+and destroy it holding the GIL; the group's destructor then waits for its worker thread, which may
+be freeing its last all-reduce, whose thread-local state holds a Python object (the context that
+``backward`` stashes), and so waits for the GIL: a deadlock (seen once in the test suite, 2026-12-02).
+The group's own Python reference releases the GIL as it destroys the group.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from orchestrator.loop.optim_step import LearningRates, Precision, build_schedul
 from orchestrator.loop.rank_state import Snapshots
 from orchestrator.loop.signalled import DdpSignals, SignalledModule, seed_everything
 
-__all__ = ["ModelSide", "build_model_side"]
+__all__ = ["ModelSide", "build_model_side", "release_reducer"]
 
 
 @dataclass
@@ -97,3 +104,12 @@ def build_model_side(cfg: LoopConfig, device: torch.device, world_size: int) -> 
     return ModelSide(model=model, optimizer=optimizer, precision=precision,
                      lr_scheduler=lr_scheduler, lrs=LearningRates(optimizer, lr_scheduler, cfg.lr_scheduler_interval),
                      ddp=ddp, signals=signals, snapshots=snapshots, sharded=sharded, backup_group=backup_group)
+
+
+def release_reducer(ddp: torch.nn.Module | None) -> None:
+    """Free a DDP wrapper's reducer (and the logger that shares it) now; the wrapper cannot run a step
+    after this. Anything else (the sharded model, None) is left as it is."""
+    if isinstance(ddp, DistributedDataParallel):
+        for name in ("logger", "reducer"):  # the logger holds the reducer too
+            if hasattr(ddp, name):
+                delattr(ddp, name)

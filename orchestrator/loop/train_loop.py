@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from typing import Any, Callable
 
 import torch
@@ -34,8 +33,9 @@ from orchestrator.decisions import (Backup, Decision, Report, ReportKind, Restor
 from orchestrator.core.config import elastic_accumulation, validation_due
 from orchestrator.loop.data import ShardSampler, Window, epoch_window, make_loader, shutdown_workers
 from orchestrator.loop.live import DERIVED, LiveState, reseed
+from orchestrator.loop.group_link import Pulse
 from orchestrator.loop.iterable import DataInput, as_datasets, data_components, train_stream
-from orchestrator.loop.model_side import ModelSide, build_model_side
+from orchestrator.loop.model_side import ModelSide, build_model_side, release_reducer
 from orchestrator.loop.optim_step import OptimStep, micro_batch_groups, steps_per_epoch
 from orchestrator.loop.rank_state import MetricSums, Position, rank_components
 from orchestrator.loop.saver import PendingRestore, RankSaver
@@ -97,7 +97,7 @@ class TrainLoop:
         self.position = Position()
         self.metric_sums = MetricSums(device)
         self.result = LoopResult(rank=rank)
-        self._last_progress = 0.0
+        self.pulse = Pulse(link, rank, spec.loop.progress_interval_s)  # progress and heartbeats, time-gated
         #: Micro-batches per optimizer step: an elastic run on fewer ranks runs more (the same global batch).
         self.accumulate = spec.loop.accumulate_grad_batches if spec.max_workers is None else \
             elastic_accumulation(spec.loop.accumulate_grad_batches, spec.max_workers, world_size)
@@ -138,7 +138,7 @@ class TrainLoop:
                        "parameters": {name: list(p.shape) for name, p in self.model.named_parameters()}}
         self.validation = Validation(val_ds, rank=self.rank, world_size=self.world_size,
                                      batch_size=cfg.val_batch_size or cfg.batch_size, seed=cfg.seed,
-                                     device=self.device, preemption=self.preemption, beat=self._beat,
+                                     device=self.device, preemption=self.preemption, beat=self.pulse.beat,
                                      steps=cfg.validation_steps, workers=cfg.loader_workers,
                                      pin_memory=self.device.type == "cuda", lockstep=self.fsdp)
         return train_ds
@@ -223,6 +223,12 @@ class TrainLoop:
 
     # -- loop ----------------------------------------------------------------------------
     def run(self) -> LoopResult:
+        try:
+            return self._run()
+        finally:  # never left to the garbage collector (see model_side.release_reducer)
+            release_reducer(getattr(self, "ddp", None))
+
+    def _run(self) -> LoopResult:
         self._build()
         self.link.heartbeat()  # the hang watchdog watches this rank from now on
         if self.resume_from:  # a clear error before loading state that would mean other samples
@@ -362,7 +368,7 @@ class TrainLoop:
             self.result.scaler_skips += int(signals.scaler_skipped)
             self.position.advance(epoch, step)
             sums.see(loss_sum, n_sum)
-            self._maybe_progress(epoch, step, sums.running_loss())
+            self.pulse.progress(epoch, step, sums.running_loss())
             if preempted > 0:  # every rank sees it at this same step
                 self._preempt(epoch, step)
                 return step
@@ -380,20 +386,3 @@ class TrainLoop:
     def _window(self, epoch: int) -> Window:
         """The steps of the data that ``epoch`` trains on (``steps_per_epoch``: see :func:`epoch_window`)."""
         return epoch_window(epoch, self.steps_per_pass, self.config.steps_per_epoch)
-
-    def _maybe_progress(self, epoch: int, step: int, running_loss: float) -> None:
-        """Rank 0 sends the cluster-wide running loss; every rank a heartbeat (time-gated, fire and forget)."""
-        now = time.monotonic()
-        if now - self._last_progress < self.config.progress_interval_s:
-            return
-        self._last_progress = now
-        if self.rank == 0:
-            self.link.progress(epoch, step, {"loss": running_loss if math.isfinite(running_loss) else float("nan")})
-        else:
-            self.link.heartbeat()
-
-    def _beat(self) -> None:
-        now = time.monotonic()
-        if now - self._last_progress >= self.config.progress_interval_s:
-            self._last_progress = now
-            self.link.heartbeat()
