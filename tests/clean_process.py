@@ -15,6 +15,7 @@ file, say), it runs as it is.
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import multiprocessing
 import sys
@@ -41,6 +42,10 @@ def in_clean_process(test: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(test)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if args or only_thread_here():
+            # Garbage of earlier tests (a loop's process group, whose gloo threads Python does not count)
+            # is freed here, not in a loader worker forked from this process: there its threads do not
+            # exist, and destroying it hung (2026-12-02)
+            gc.collect()
             return test(*args, **kwargs)
         start_ranks(_run_alone, (test.__module__, test.__name__, kwargs), nprocs=1)
         return None

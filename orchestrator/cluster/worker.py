@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
@@ -164,6 +165,10 @@ class TrainWorker:
             coordinator: The coordinator actor.
         """
         self.warming.join()
+        # the loop of this worker's previous fit (a parked worker) is freed here, where its process
+        # group's threads run, not in a loader worker forked from this process, where they do not
+        self.loop = None
+        gc.collect()
         spec: TrainSpec = ray.get(boxed_spec[0])
         import torch
 
