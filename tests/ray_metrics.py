@@ -3,9 +3,11 @@ which scrapes in a thread from the moment a run ends until the run's final value
 
 Ray drops a gauge series that nothing set for about two export intervals, and exports every few
 seconds: a test that reads a finished run's gauges must read them within seconds of the run's end.
-A counter's last increments can reach the export a few intervals after the gauges set with them (seen
-once: the final wall time exported while the steps counter still showed the first attempt's 9 steps).
-An ``ExportWatch`` started right after the fit keeps what it saw for a test that runs later.
+The series of one hand-over do not reach the export together: a counter's last increments came a few
+intervals after the gauges set with them (seen once: the final wall time exported while the steps
+counter still showed the first attempt's 9 steps), and a gauge after another gauge (seen once: the final
+wall time exported beside a global step of 9, the first attempt's). An ``ExportWatch`` started right
+after the fit keeps each series as exported once it held its final value, for a test that runs later.
 
 Example::
 
@@ -41,9 +43,10 @@ def _close(a: float, b: float) -> bool:
 
 
 class ExportWatch:
-    """Scrapes every 2 s, for up to ``timeout`` seconds, until the exported wall time of ``run_name`` is
-    the driver's final one (the live wall time grows until the run's end is handed over), then on until
-    every counter of the run is its final total too, keeping the gauges of the first of those scrapes.
+    """Scrapes every 2 s, for up to ``timeout`` seconds, until every series the driver set for ``run_name``
+    (its counters and gauges, but the controller's state seconds, counted until the driver's very end) has
+    been exported with its final value; each is kept as it was then (Ray may drop a gauge since), every
+    other series as last scraped.
 
     Args:
         ray: The ``ray`` module of this driver.
@@ -64,38 +67,37 @@ class ExportWatch:
         return watch
 
     def _watch(self, ray: Any, timeout: float) -> None:
-        deadline, tag = time.monotonic() + timeout, f"run={self.run_name}"
-        wall = self.final["orchestrator_goodput_seconds:wall"]
-        gauges_final = False
-        while time.monotonic() < deadline:
+        deadline, pending, kept = time.monotonic() + timeout, self._expected(), set()
+        while pending and time.monotonic() < deadline:
             try:
                 seen = scrape(ray)
             except OSError:  # the agent's HTTP server busy or starting: the next pass asks again
                 time.sleep(2)
                 continue
-            if not gauges_final:
-                self.seen = seen
-                exported = seen.get("ray_orchestrator_goodput_seconds", {}).get(f"{tag},cause=wall")
-                gauges_final = exported is not None and _close(exported, wall)
-            else:  # the gauges stay as they were then (Ray may have dropped them since); counters only grow
-                self.seen.update({name: series for name, series in seen.items() if name.endswith("_total")})
-            if gauges_final and self._counters_final():
-                return
-            time.sleep(2)
+            for name, series in seen.items():
+                for label, value in series.items():
+                    key = (name, label)
+                    if key in kept:
+                        continue
+                    self.seen.setdefault(name, {})[label] = value
+                    if key in pending and _close(value, pending[key]):
+                        del pending[key]
+                        kept.add(key)
+            if pending:
+                time.sleep(2)
 
-    def _counters_final(self) -> bool:
-        """Whether every counter this driver counted for the run is exported with its final total (but
-        the controller's state seconds, which the driver counts until its very end)."""
-        for key, total in self.final.items():
+    def _expected(self) -> dict[tuple[str, str], float]:
+        """(exported name, labels) -> final value, for every series this driver set for the run (but the
+        controller's state seconds, which it counts until its very end)."""
+        expected = {}
+        for key, value in self.final.items():
             name, _, tag = key.partition(":")
             spec = METRICS.get(name)
-            if spec is None or spec.kind != "counter" or name == "orchestrator_controller_state_seconds":
+            if spec is None or name == "orchestrator_controller_state_seconds":
                 continue
             label = f"run={self.run_name}" + (f",{spec.tags[0]}={tag}" if tag else "")
-            exported = self.seen.get(f"ray_{name}_total", {}).get(label)
-            if exported is None or not _close(exported, total):
-                return False
-        return True
+            expected[(f"ray_{name}" + ("_total" if spec.kind == "counter" else ""), label)] = value
+        return expected
 
     def result(self, timeout: float) -> dict[str, dict[str, float]]:
         """What the export held once the run's values were final (or last, if they never were)."""
