@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from orchestrator.loop.data import drain
 from orchestrator.loop.rank_state import MetricSums
 from orchestrator.loop.steps import move_to, nonfinite_flag, split_output
 
@@ -183,17 +184,21 @@ class LearningRates:
 
 def micro_batch_groups(loader: Iterable[Any], first_step: int, k: int) -> Iterator[tuple[int, list[Any]]]:
     """``(step, micro-batches)``: ``k`` consecutive batches of ``loader`` per step (the last: what remains).
+    Left before its end, the loader's iterator is drained (:func:`~orchestrator.loop.data.drain`).
 
     Example:
         >>> list(micro_batch_groups(range(5), first_step=3, k=2))
         [(3, [0, 1]), (4, [2, 3]), (5, [4])]
     """
     it = iter(loader)
-    for step in itertools.count(first_step):
-        group = list(itertools.islice(it, k))
-        if not group:
-            return
-        yield step, group
+    try:
+        for step in itertools.count(first_step):
+            group = list(itertools.islice(it, k))
+            if not group:
+                return
+            yield step, group
+    finally:
+        drain(it)
 
 
 @dataclass

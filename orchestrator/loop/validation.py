@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from orchestrator.core.metrics import PhaseSums
-from orchestrator.loop.data import ShardSampler, make_loader
+from orchestrator.loop.data import ShardSampler, drain, make_loader
 from orchestrator.loop.iterable import ValStream, is_iterable
 from orchestrator.loop.rank_state import Accumulator
 from orchestrator.loop.state_io import capture_rng, restore_rng
@@ -151,6 +151,7 @@ class Validation:
                             return None, True
                         next_check, previous = r + max(1, int(rounds)), (r, time.perf_counter())
         finally:
+            drain(batches)  # left early (a notice, an error): its workers' batches are received
             model.train()
         return sums.phase_sums(), False
 
