@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import time
 from typing import Any, Callable
@@ -25,6 +26,17 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 import workload
+
+
+def _share_as(strategy: str | None) -> Callable[[int], None] | None:
+    """A loader ``worker_init_fn`` that sets torch's sharing ``strategy`` in each worker (None: torch's default)."""
+    if strategy is None:
+        return None
+    return functools.partial(_set_sharing, strategy)
+
+
+def _set_sharing(strategy: str, worker_id: int) -> None:
+    torch.multiprocessing.set_sharing_strategy(strategy)
 
 
 def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, config: dict[str, Any],
@@ -53,7 +65,7 @@ def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, config: dic
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=0)
     workers = config.get("loader_workers", 0)
     loader = DataLoader(train_ds, batch_size=workload.BATCH, sampler=sampler, num_workers=workers,
-                        persistent_workers=workers > 0)
+                        persistent_workers=workers > 0, worker_init_fn=_share_as(config.get("sharing")))
     schedule = workload.warmup_cosine(optimizer, workload.optimizer_steps(epochs, world, config),
                                       config["warmup_steps"]) if "warmup_steps" in config else None
     val_loader = DataLoader(val_ds, batch_size=workload.BATCH,

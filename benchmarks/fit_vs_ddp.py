@@ -3,6 +3,7 @@ BackupAndRestore) against a hand-written DDP loop under torchrun and the same lo
 TorchTrainer, same model, data, batch size and threads, in one run.
 
     python benchmarks/fit_vs_ddp.py [--epochs 3] [--repeats 5] [--realistic] [--no-ray-train] [--ray-actors]
+                                  [--hand-sharing file_system]
 
 ``--realistic`` runs every side as a GPU job is configured (workload.REALISTIC): ``loader_workers=2``,
 ``"bf16-mixed"``, ``accumulate_grad_batches=2`` and a warm-up + cosine schedule stepped per optimizer
@@ -22,6 +23,11 @@ inside ``TorchTrainer``, as its user guide writes one: the model wrapped by
 ``prepare_data_loader`` adds), and ``ray.train.report`` of the epoch's metrics after every epoch. It
 saves no checkpoints, nor does torchrun's loop; Trainer.fit backs up every epoch (BackupAndRestore).
 The sides run in an order that rotates from repeat to repeat; ratios are medians of the per-repeat ratios.
+
+Loader workers (``--realistic``): fit's send batches as named shared-memory files (torch's
+``"file_system"`` sharing strategy, orchestrator/loop/data.py); the hand-written loop's use torch's
+default (``"file_descriptor"`` on Linux), as a loop written without that setting does.
+``--hand-sharing file_system`` gives the hand-written loop's workers fit's setting.
 
 ``--ray-actors`` adds a fourth side: the hand-written loop (torchrun's, unchanged) in two plain Ray actors
 (``num_cpus=1``, no library around them) on a local Ray started as ``fit`` starts its own
@@ -188,6 +194,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--realistic", action="store_true", help="loader workers, bf16, accumulation, cosine")
     parser.add_argument("--no-ray-train", action="store_true", help="leave Ray Train out (fit and torchrun only)")
+    parser.add_argument("--hand-sharing", choices=["file_descriptor", "file_system"], default=None,
+                        help="the hand-written loop's loader workers use this torch sharing strategy (default: torch's, "
+                             "file_descriptor on Linux; fit's loader workers use file_system)")
     parser.add_argument("--ray-actors", action="store_true",
                         help="also run the hand-written loop in two plain Ray actors (Ray's own cost)")
     args = parser.parse_args()
@@ -201,7 +210,10 @@ def main() -> None:
           f"Ray (RAY_ADDRESS=local)"
           + ("; Ray Train v2 (RAY_TRAIN_V2_ENABLED=1) runs the hand-written loop" if with_ray_train else "")
           + ("; Ray actors: the hand-written loop in 2 plain Ray actors on a Ray started as fit's" if args.ray_actors
-             else ""),
+             else "")
+          + (f"; loader workers' sharing strategy: fit file_system, hand-written loop "
+             f"{args.hand_sharing or 'torch default (' + torch.multiprocessing.get_sharing_strategy() + ')'}"
+             if args.realistic else ""),
           flush=True)
     as_a_user_runs_fit()
     sides = {"fit": run_fit, "torchrun DDP": run_ddp}
@@ -210,11 +222,13 @@ def main() -> None:
     if args.ray_actors:
         sides["Ray actors"] = run_ray_actors
     rates: dict[str, list[float]] = {name: [] for name in sides}
+    config = workload.REALISTIC if args.realistic else {}
+    hand_config = dict(config, sharing=args.hand_sharing) if args.hand_sharing else config
     for i in range(args.repeats):  # interleaved, so drift hits every side alike
         names = list(sides)
         measured = {}
         for name in names[i % len(names):] + names[:i % len(names)]:
-            measured[name] = sides[name](args.epochs, workload.REALISTIC if args.realistic else {})
+            measured[name] = sides[name](args.epochs, config if name == "fit" else hand_config)
             rates[name].append(measured[name][0] / measured[name][1])
         fs, ft = measured["fit"]
         ds, dt = measured["torchrun DDP"]

@@ -3,7 +3,8 @@
 A configuration is a dict of features, each key optional: ``loader_workers`` (DataLoader worker
 processes per rank), ``precision`` (``"bf16-mixed"``: bf16 autocast), ``accumulate_grad_batches``
 (micro-batches per optimizer step), ``warmup_steps`` (a warm-up then cosine schedule stepped at every
-optimizer step) and ``strategy`` (``"fsdp"``: Trainer.fit only). ``{}`` is plain fp32 training.
+optimizer step), ``strategy`` (``"fsdp"``: Trainer.fit only) and ``sharing`` (the hand-written loop's loader workers'
+torch sharing strategy; fit's use ``"file_system"``). ``{}`` is plain fp32 training.
 ``REALISTIC`` is the configuration of a real GPU job, on CPU; ``FEATURE_CONFIGS`` names each feature alone
 (benchmarks/features.py).
 """
