@@ -293,7 +293,7 @@ def draws_nothing(dataset: Any) -> bool:
 
 
 def share_by_filename(worker_id: int) -> None:
-    """The ``worker_init_fn`` of the loaders the framework builds: a loader worker sends its batches
+    """The ``worker_init_fn`` of a map-style dataset's loader workers: each sends its batches
     to the rank as named shared-memory files (torch's ``"file_system"`` sharing strategy).
 
     Under Linux's default (``"file_descriptor"``) the rank receives each tensor of a batch by opening
@@ -303,10 +303,10 @@ def share_by_filename(worker_id: int) -> None:
     cores this made the realistic configuration's steps about 8% faster (benchmarks/fit_vs_ddp.py,
     docs/BENCHMARKS.md). Only the worker processes change strategy (the sender's strategy decides
     how a tensor travels; the receiver rebuilds either kind), so the rank's own processes keep the
-    default. Leaked files are not a risk: torch's ``torch_shm_manager`` removes what a process that
-    died left once its group exits; a batch a worker sent and the rank never received stays in memory
-    until then, so an iterator left before its end is :func:`drain`\ ed. Without that helper (an
-    install without ``torch/bin``), the workers keep the default.
+    default. The files a process leaves when it dies are removed by torch's ``torch_shm_manager``
+    once the processes of its group exit; a batch a worker sent and the rank never received would stay
+    in memory until then, so an iterator left before its end is drained (:func:`drain`). Without that
+    helper (an install without ``torch/bin``), the workers keep the default.
     """
     if os.access(_SHM_MANAGER, os.X_OK):
         torch.multiprocessing.set_sharing_strategy("file_system")

@@ -46,7 +46,6 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
-from orchestrator.loop.data import share_by_filename
 from orchestrator.loop.rank_state import Component
 
 
@@ -154,8 +153,7 @@ def batch_loader(batches: RankBatches, *, workers: int, pin_memory: bool, seed: 
     """The DataLoader over :class:`RankBatches`: in process, or in ``workers`` processes (started per
     iterator, so that each gets the stream's current pass and position)."""
     return DataLoader(batches, batch_size=None, collate_fn=_as_is, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(seed),
-                      worker_init_fn=share_by_filename if workers else None)
+                      prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(seed))
 
 
 class TrainStream:
