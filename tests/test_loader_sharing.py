@@ -101,3 +101,30 @@ def test_draining_a_stalled_worker_gives_up_after_its_timeout_and_restores_the_l
         assert it._tasks_outstanding > 0 and it._timeout == 0  # batches left unreceived; the loader as it was
     finally:
         shutdown_workers(loader)
+
+
+@in_clean_process
+def test_an_epoch_finalised_in_a_forked_process_leaves_the_rank_s_loader_alone():
+    loader = big_loader()
+    try:
+        groups = micro_batch_groups(loader, first_step=0, k=2)
+        next(groups)
+        iterator = loader._iterator
+        assert wait_until(lambda: worker_files(loader))  # batches prepared, not yet read
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # as a loader worker forked later whose garbage collector finalises the epoch
+            os.close(read)
+            outstanding = iterator._tasks_outstanding
+            groups.close()
+            os.write(write, b"untouched" if iterator._tasks_outstanding == outstanding else b"drained")
+            os._exit(0)
+        os.close(write)
+        assert os.read(read, 16) == b"untouched"
+        os.waitpid(child, 0)
+        os.close(read)
+        groups.close()  # the rank's own drain still receives what its workers prepared
+        assert wait_until(lambda: worker_files(loader) == []), worker_files(loader)
+        assert torch.cat([x for (x,) in loader])[:, 0].tolist() == [1000.0 * i for i in range(2048)]
+    finally:
+        shutdown_workers(loader)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 import warnings
 from contextlib import nullcontext
@@ -184,13 +185,15 @@ class LearningRates:
 
 def micro_batch_groups(loader: Iterable[Any], first_step: int, k: int) -> Iterator[tuple[int, list[Any]]]:
     """``(step, micro-batches)``: ``k`` consecutive batches of ``loader`` per step (the last: what remains).
-    Left before its end, the loader's iterator is drained (:func:`~orchestrator.loop.data.drain`).
+    Left before its end, the loader's iterator is drained (:func:`~orchestrator.loop.data.drain`), by
+    the process that read it: a generator left in a reference cycle may be finalised by the garbage
+    collector of a process forked later (a loader worker), which must not read the rank's queues.
 
     Example:
         >>> list(micro_batch_groups(range(5), first_step=3, k=2))
         [(3, [0, 1]), (4, [2, 3]), (5, [4])]
     """
-    it = iter(loader)
+    it, reader = iter(loader), os.getpid()
     try:
         for step in itertools.count(first_step):
             group = list(itertools.islice(it, k))
@@ -198,7 +201,8 @@ def micro_batch_groups(loader: Iterable[Any], first_step: int, k: int) -> Iterat
                 return
             yield step, group
     finally:
-        drain(it)
+        if os.getpid() == reader:
+            drain(it)
 
 
 @dataclass
