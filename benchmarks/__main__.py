@@ -82,6 +82,12 @@ SUITE = [
           "itself, fit / Ray actors what fit costs inside Ray",
           full=["--realistic", "--epochs", "10", "--repeats", "5", "--no-ray-train", "--ray-actors"],
           in_quick=False),
+    Bench("realistic like for like", "fit_vs_ddp.py",
+          "steps/s from the second epoch on of the realistic configuration, Trainer.fit against the hand-written "
+          "loop under torchrun whose loader workers use fit's sharing strategy (named shared-memory files): "
+          "what fit's own work costs, with no setting of fit's own on its side only",
+          full=["--realistic", "--epochs", "10", "--repeats", "5", "--no-ray-train", "--hand-sharing", "file_system"],
+          in_quick=False),
     Bench("feature overhead", "features.py",
           "samples/s of Trainer.fit with each feature on (bf16-mixed, accumulation, loader workers, a per-step "
           "schedule, fsdp, all of the realistic configuration) against plain fit, beside the hand-written DDP "

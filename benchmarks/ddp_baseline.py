@@ -4,7 +4,7 @@ Prints one JSON line (rank 0): {"steps": ..., "seconds": ..., "epoch_starts": [.
 "end": ...}: optimizer steps and seconds of all the epochs, and each epoch's start (``time.time()``),
 its optimizer steps, and the end of the last one, so a caller can time the epochs it chooses.
 ``--realistic``: the loop a user writes for a GPU job (workload.REALISTIC): DataLoader worker
-processes, bf16 autocast, gradient accumulation with ``no_sync`` on all but the last micro-batch,
+processes (persistent, for the training and the validation loader alike), bf16 autocast, gradient accumulation with ``no_sync`` on all but the last micro-batch,
 and a warm-up + cosine schedule stepped after every optimizer step; ``--config JSON``: any
 configuration of workload.py (each feature alone: benchmarks/features.py; not ``strategy``).
 
@@ -68,8 +68,11 @@ def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, config: dic
                         persistent_workers=workers > 0, worker_init_fn=_share_as(config.get("sharing")))
     schedule = workload.warmup_cosine(optimizer, workload.optimizer_steps(epochs, world, config),
                                       config["warmup_steps"]) if "warmup_steps" in config else None
+    # validation reads through the same worker processes (as fit's loader_workers and torch's reference examples)
     val_loader = DataLoader(val_ds, batch_size=workload.BATCH,
-                            sampler=DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False))
+                            sampler=DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False),
+                            num_workers=workers, persistent_workers=workers > 0,
+                            worker_init_fn=_share_as(config.get("sharing")))
     loss_fn = torch.nn.functional.cross_entropy
     timings: dict[str, Any] = {"epoch_starts": [], "epoch_steps": []}
     dist.barrier()

@@ -24,10 +24,12 @@ inside ``TorchTrainer``, as its user guide writes one: the model wrapped by
 saves no checkpoints, nor does torchrun's loop; Trainer.fit backs up every epoch (BackupAndRestore).
 The sides run in an order that rotates from repeat to repeat; ratios are medians of the per-repeat ratios.
 
-Loader workers (``--realistic``): fit's send batches as named shared-memory files (torch's
-``"file_system"`` sharing strategy, orchestrator/loop/data.py); the hand-written loop's use torch's
-default (``"file_descriptor"`` on Linux), as a loop written without that setting does.
-``--hand-sharing file_system`` gives the hand-written loop's workers fit's setting.
+Loader workers (``--realistic``): every side reads its training and its validation batches through
+persistent DataLoader worker processes (fit's ``loader_workers`` serves both). Fit's workers send
+batches as named shared-memory files (torch's ``"file_system"`` sharing strategy,
+orchestrator/loop/data.py); the hand-written loop's use torch's default (``"file_descriptor"`` on
+Linux), as a loop written without that setting does. ``--hand-sharing file_system`` gives the
+hand-written loop's workers fit's setting: like for like.
 
 ``--ray-actors`` adds a fourth side: the hand-written loop (torchrun's, unchanged) in two plain Ray actors
 (``num_cpus=1``, no library around them) on a local Ray started as ``fit`` starts its own
