@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import time
 from typing import Any, Callable
@@ -131,12 +132,18 @@ def train_rank(epochs: int, config: dict[str, Any], **init: Any) -> dict[str, An
     """
     torch.set_num_threads(1)
     dist.init_process_group("gloo", **init)
+    ddp = None
     try:
         torch.manual_seed(0)
         model = workload.build_model()
-        timings = train(torch.nn.parallel.DistributedDataParallel(model), model, epochs, config)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        timings = train(ddp, model, epochs, config)
         return timings if dist.get_rank() == 0 else None
     finally:
+        # the wrapper (its reducer holds the group) goes first: freed at exit, after the group was
+        # destroyed, it aborted a rank now and then ("terminate called without an active exception")
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
 
 

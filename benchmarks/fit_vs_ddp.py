@@ -111,11 +111,11 @@ def as_a_user_runs_fit() -> None:
 def run_ddp(epochs: int, config: dict) -> tuple[int, float]:
     """The same for the hand-written loop under torchrun."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(HERE / "ddp_baseline.py"), "--epochs", str(epochs), "--config", json.dumps(config)],
-        env=env, capture_output=True, text=True, check=True, timeout=600,
-    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(HERE / "ddp_baseline.py"), "--epochs", str(epochs), "--config", json.dumps(config)]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:  # torchrun's and the ranks' own words, not only the exit status
+        raise RuntimeError(f"{' '.join(command)} exited {out.returncode}:\n{out.stderr[-4000:]}")
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
     return steady(json.loads(line))
 
