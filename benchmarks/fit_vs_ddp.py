@@ -3,7 +3,7 @@ BackupAndRestore) against a hand-written DDP loop under torchrun and the same lo
 TorchTrainer, same model, data, batch size and threads, in one run.
 
     python benchmarks/fit_vs_ddp.py [--epochs 3] [--repeats 5] [--realistic] [--no-ray-train] [--ray-actors]
-                                  [--hand-sharing file_system]
+                                  [--hand-sharing file_system] [--bare-fit]
 
 ``--realistic`` runs every side as a GPU job is configured (workload.REALISTIC): ``loader_workers=2``,
 ``"bf16-mixed"``, ``accumulate_grad_batches=2`` and a warm-up + cosine schedule stepped per optimizer
@@ -34,7 +34,9 @@ hand-written loop's workers fit's setting: like for like.
 ``--ray-actors`` adds a fourth side: the hand-written loop (torchrun's, unchanged) in two plain Ray actors
 (``num_cpus=1``, no library around them) on a local Ray started as ``fit`` starts its own
 (orchestrator/control/local_ray.py). Against torchrun, it measures what running inside Ray costs by itself,
-which fit's ranks pay as well; fit against it measures fit's own cost inside Ray.
+which fit's ranks pay as well; fit against it measures fit's own cost inside Ray. ``--bare-fit`` adds
+``Trainer.fit`` with no callbacks (no backups): fit against it is what the four callbacks and a backup
+every epoch cost, bare fit against the hand-written loop what the framework costs without them.
 
 Each side runs as its users run it: every ``Trainer.fit`` starts its own local Ray and stops it after
 (``RAY_ADDRESS=local``, as a user's script with no Ray running: README), so its ranks run with the
@@ -63,9 +65,13 @@ import workload  # noqa: E402
 from orchestrator import Trainer, callbacks  # noqa: E402
 
 
-def run_fit(epochs: int, config: dict) -> tuple[int, float]:
-    """(optimizer steps, seconds) of the timed epochs of one Trainer.fit of ``config`` (workload.py)."""
+def run_fit(epochs: int, config: dict, bare: bool = False) -> tuple[int, float]:
+    """(optimizer steps, seconds) of the timed epochs of one Trainer.fit of ``config`` (workload.py);
+    ``bare``: with no callbacks (no backups either)."""
     extra = workload.fit_options(config, epochs)
+    chosen = [] if bare else [callbacks.EarlyStopping(monitor="val_loss", patience=100),
+                              callbacks.ReduceLROnPlateau(monitor="val_loss", patience=100),
+                              callbacks.TerminateOnNaN(), callbacks.BackupAndRestore()]
     folder = tempfile.mkdtemp(prefix="fit-vs-ddp-")
     trainer = Trainer(
         storage=folder, run_name="bench",  # a new run each time
@@ -73,9 +79,7 @@ def run_fit(epochs: int, config: dict) -> tuple[int, float]:
         loss=__import__("torch").nn.functional.cross_entropy, data=workload.load_data,
         metrics=["accuracy"], batch_size=workload.BATCH, num_workers=2, threads_per_worker=1,
         reuse_workers=False,  # gives its CPUs back at the end, for the next side
-        callbacks=[callbacks.EarlyStopping(monitor="val_loss", patience=100),
-                   callbacks.ReduceLROnPlateau(monitor="val_loss", patience=100),
-                   callbacks.TerminateOnNaN(), callbacks.BackupAndRestore()],
+        callbacks=chosen,
         **extra,
     )
     try:
@@ -186,6 +190,11 @@ def run_ray_train(epochs: int, config: dict) -> tuple[int, float]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def run_bare_fit(epochs: int, config: dict) -> tuple[int, float]:
+    """:func:`run_fit` with no callbacks."""
+    return run_fit(epochs, config, bare=True)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -201,6 +210,8 @@ def main() -> None:
                              "file_descriptor on Linux; fit's loader workers use file_system)")
     parser.add_argument("--ray-actors", action="store_true",
                         help="also run the hand-written loop in two plain Ray actors (Ray's own cost)")
+    parser.add_argument("--bare-fit", action="store_true",
+                        help="also run Trainer.fit with no callbacks (what the callbacks and backups cost)")
     args = parser.parse_args()
     import torch
     with_ray_train = not args.no_ray_train
@@ -213,6 +224,7 @@ def main() -> None:
           + ("; Ray Train v2 (RAY_TRAIN_V2_ENABLED=1) runs the hand-written loop" if with_ray_train else "")
           + ("; Ray actors: the hand-written loop in 2 plain Ray actors on a Ray started as fit's" if args.ray_actors
              else "")
+          + ("; bare fit: Trainer.fit with no callbacks (no backups)" if args.bare_fit else "")
           + (f"; loader workers' sharing strategy: fit file_system, hand-written loop "
              f"{args.hand_sharing or 'torch default (' + torch.multiprocessing.get_sharing_strategy() + ')'}"
              if args.realistic else ""),
@@ -223,6 +235,8 @@ def main() -> None:
         sides["Ray Train v2"] = run_ray_train
     if args.ray_actors:
         sides["Ray actors"] = run_ray_actors
+    if args.bare_fit:
+        sides["bare fit"] = run_bare_fit
     rates: dict[str, list[float]] = {name: [] for name in sides}
     config = workload.REALISTIC if args.realistic else {}
     hand_config = dict(config, sharing=args.hand_sharing) if args.hand_sharing else config
@@ -230,7 +244,7 @@ def main() -> None:
         names = list(sides)
         measured = {}
         for name in names[i % len(names):] + names[:i % len(names)]:
-            measured[name] = sides[name](args.epochs, config if name == "fit" else hand_config)
+            measured[name] = sides[name](args.epochs, config if name in ("fit", "bare fit") else hand_config)
             rates[name].append(measured[name][0] / measured[name][1])
         fs, ft = measured["fit"]
         ds, dt = measured["torchrun DDP"]
@@ -244,6 +258,9 @@ def main() -> None:
             as_, at = measured["Ray actors"]
             line += (f" | Ray actors {as_} steps in {at:.2f}s = {as_ / at:.1f} steps/s | "
                      f"fit / Ray actors {fs / ft / (as_ / at):.3f}")
+        if args.bare_fit:
+            bs, bt = measured["bare fit"]
+            line += f" | bare fit {bs} steps in {bt:.2f}s = {bs / bt:.1f} steps/s | fit / bare fit {fs / ft / (bs / bt):.3f}"
         print(line, flush=True)
     fit_best = max(rates["fit"])
     ddp_best = max(rates["torchrun DDP"])
@@ -267,6 +284,14 @@ def main() -> None:
                  [a / d for a, d in zip(rates["Ray actors"], rates["torchrun DDP"])]),
                 ("fit / Ray actors (fit and the hand-written loop, both inside Ray)",
                  [f / a for f, a in zip(rates["fit"], rates["Ray actors"])])):
+            print(f"{label}, median of the {args.repeats} per-repeat ratios: {median(ratios):.3f} "
+                  f"(repeats {min(ratios):.3f}-{max(ratios):.3f})")
+    if args.bare_fit:
+        for label, ratios in (
+                ("bare fit / torchrun DDP (fit with no callbacks against the hand-written loop)",
+                 [b / d for b, d in zip(rates["bare fit"], rates["torchrun DDP"])]),
+                ("fit / bare fit (what the callbacks and a backup every epoch cost)",
+                 [f / b for f, b in zip(rates["fit"], rates["bare fit"])])):
             print(f"{label}, median of the {args.repeats} per-repeat ratios: {median(ratios):.3f} "
                   f"(repeats {min(ratios):.3f}-{max(ratios):.3f})")
 
