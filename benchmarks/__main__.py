@@ -95,6 +95,10 @@ SUITE = [
           "schedule, fsdp, all of the realistic configuration) against plain fit, beside the hand-written DDP "
           "loop with and without the same feature, interleaved repeats",
           full=["--epochs", "3", "--repeats", "3"], in_quick=False),  # about 3 minutes a repeat here
+    Bench("epoch phases", "epoch_phases.py",
+          "where a fit's epoch goes, from its events (the epoch, the gap between epochs, a backup's commit), "
+          "with a backup every epoch and without, alternating, in the realistic configuration",
+          full=["--realistic", "--epochs", "10", "--repeats", "5"], in_quick=False),  # about 4 minutes here
     Bench("CPU beside the ranks", "overhead.py",
           "CPU seconds per second (and per 1,000 steps) of every process of a steady Trainer.fit that starts its "
           "own Ray, by role: training ranks, coordinator, driver, gcs_server, raylet, agents, log monitor, "

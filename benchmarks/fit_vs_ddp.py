@@ -55,6 +55,7 @@ import tempfile
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -65,13 +66,17 @@ import workload  # noqa: E402
 from orchestrator import Trainer, callbacks  # noqa: E402
 
 
-def run_fit(epochs: int, config: dict, bare: bool = False) -> tuple[int, float]:
-    """(optimizer steps, seconds) of the timed epochs of one Trainer.fit of ``config`` (workload.py);
-    ``bare``: with no callbacks (no backups either)."""
-    extra = workload.fit_options(config, epochs)
-    chosen = [] if bare else [callbacks.EarlyStopping(monitor="val_loss", patience=100),
-                              callbacks.ReduceLROnPlateau(monitor="val_loss", patience=100),
-                              callbacks.TerminateOnNaN(), callbacks.BackupAndRestore()]
+def the_callbacks(backups: bool = True) -> list:
+    """The fit side's callbacks: EarlyStopping, ReduceLROnPlateau, TerminateOnNaN (patience beyond the run)
+    and, with ``backups``, BackupAndRestore (a backup every epoch)."""
+    chosen = [callbacks.EarlyStopping(monitor="val_loss", patience=100),
+              callbacks.ReduceLROnPlateau(monitor="val_loss", patience=100), callbacks.TerminateOnNaN()]
+    return chosen + [callbacks.BackupAndRestore()] if backups else chosen
+
+
+def fit_history(epochs: int, config: dict, chosen: list) -> Any:
+    """The History of one Trainer.fit of ``config`` (workload.py) with the callbacks ``chosen``, in a new
+    run folder that is removed after."""
     folder = tempfile.mkdtemp(prefix="fit-vs-ddp-")
     trainer = Trainer(
         storage=folder, run_name="bench",  # a new run each time
@@ -80,12 +85,18 @@ def run_fit(epochs: int, config: dict, bare: bool = False) -> tuple[int, float]:
         metrics=["accuracy"], batch_size=workload.BATCH, num_workers=2, threads_per_worker=1,
         reuse_workers=False,  # gives its CPUs back at the end, for the next side
         callbacks=chosen,
-        **extra,
+        **workload.fit_options(config, epochs),
     )
     try:
-        history = trainer.fit(epochs=epochs, verbose=0)
+        return trainer.fit(epochs=epochs, verbose=0)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_fit(epochs: int, config: dict, bare: bool = False) -> tuple[int, float]:
+    """(optimizer steps, seconds) of the timed epochs of one Trainer.fit of ``config`` (workload.py);
+    ``bare``: with no callbacks (no backups either)."""
+    history = fit_history(epochs, config, [] if bare else the_callbacks())
     begins = [e["time"] for e in history.events if e["type"] == "epoch_begin"]
     end = [e["time"] for e in history.events if e["type"] == "epoch_end"][-1]
     first = timed_from(epochs)
