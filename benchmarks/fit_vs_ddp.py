@@ -289,23 +289,19 @@ def main() -> None:
         inside = [r / d for r, d in zip(rates["Ray Train v2"], rates["torchrun DDP"])]
         print(f"Ray Train v2 / torchrun DDP (the same hand-written loop inside Ray and outside it), median of the "
               f"{args.repeats} per-repeat ratios: {median(inside):.3f} (repeats {min(inside):.3f}-{max(inside):.3f})")
+    pairs: list[tuple[str, str, str]] = []  # (label, numerator side, denominator side)
     if args.ray_actors:
-        for label, ratios in (
-                ("Ray actors / torchrun DDP (the same hand-written loop in plain Ray actors and outside Ray)",
-                 [a / d for a, d in zip(rates["Ray actors"], rates["torchrun DDP"])]),
-                ("fit / Ray actors (fit and the hand-written loop, both inside Ray)",
-                 [f / a for f, a in zip(rates["fit"], rates["Ray actors"])])):
-            print(f"{label}, median of the {args.repeats} per-repeat ratios: {median(ratios):.3f} "
-                  f"(repeats {min(ratios):.3f}-{max(ratios):.3f})")
+        pairs += [("Ray actors / torchrun DDP (the same hand-written loop in plain Ray actors and outside Ray)",
+                   "Ray actors", "torchrun DDP"),
+                  ("fit / Ray actors (fit and the hand-written loop, both inside Ray)", "fit", "Ray actors")]
     if args.bare_fit:
-        for label, ratios in (
-                ("bare fit / torchrun DDP (fit with no callbacks against the hand-written loop)",
-                 [b / d for b, d in zip(rates["bare fit"], rates["torchrun DDP"])]),
-                ("fit / bare fit (what the callbacks and a backup every epoch cost)",
-                 [f / b for f, b in zip(rates["fit"], rates["bare fit"])])):
-            print(f"{label}, median of the {args.repeats} per-repeat ratios: {median(ratios):.3f} "
-                  f"(repeats {min(ratios):.3f}-{max(ratios):.3f})")
-
+        pairs += [("bare fit / torchrun DDP (fit with no callbacks against the hand-written loop)",
+                   "bare fit", "torchrun DDP"),
+                  ("fit / bare fit (what the callbacks and a backup every epoch cost)", "fit", "bare fit")]
+    for label, top, bottom in pairs:
+        ratios = [t / b for t, b in zip(rates[top], rates[bottom])]
+        print(f"{label}, median of the {args.repeats} per-repeat ratios: {median(ratios):.3f} "
+              f"(repeats {min(ratios):.3f}-{max(ratios):.3f})")
 
 if __name__ == "__main__":
     main()
