@@ -8,7 +8,8 @@ Each repeat runs ``Trainer.fit`` as a fresh process that starts its own local Ra
 data and the callbacks of benchmarks/fit_vs_ddp.py's fit side (EarlyStopping, ReduceLROnPlateau,
 TerminateOnNaN, BackupAndRestore): 2 workers x 1 thread, ``max_failures=0`` unless ``--max-failures``
 says otherwise (then the fit also keeps a warm standby per rank and a spare coordinator). A display callback on the driver prints a
-mark when the second epoch begins and when the last one ends; at each mark this script reads the
+mark when the second epoch begins and when the second-to-last one ends (the last one still trains
+then, so no process of the fit, loader workers included, has ended yet); at each mark this script reads the
 CPU seconds (user + system, ``/proc/<pid>/stat``) of that process and of every descendant (Ray's
 gcs_server, raylet, agents, workers and the coordinator are all started below the driver). The
 difference over the window is each process's CPU during steady training; each is grouped by its
@@ -76,7 +77,7 @@ def child(epochs: int, max_failures: int, realistic: bool = False) -> None:
                 print(f"{MARK} begin {self.params.get('steps')}", flush=True)
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            if epoch == epochs - 1:
+            if epoch == epochs - 2:  # the last epoch still runs: every process (loader workers too) is alive
                 print(f"{MARK} end {self.params.get('steps')}", flush=True)
 
     extra = workload.fit_options(workload.REALISTIC if realistic else {}, epochs)
@@ -174,7 +175,8 @@ def role(proc: Proc, driver: int) -> str | None:
 
 
 def groups_of(start: dict[int, Proc], end: dict[int, Proc], driver: int) -> dict[int, str]:
-    """Each process's group: its own role, else its parent's when that is a rank, else everything else.
+    """Each process's group: "loader workers" when its parent is a rank (or a loader worker), else its own
+    role, else everything else.
 
     A ``TrainWorker`` process counts as a rank when it runs ``TrainWorker.run`` at either mark (its
     title names the method it ran last) or has a gloo or NCCL thread (it joined a process group);
@@ -187,12 +189,10 @@ def groups_of(start: dict[int, Proc], end: dict[int, Proc], driver: int) -> dict
             own[pid] = "training ranks"
 
     def group(pid: int, depth: int = 0) -> str:
-        if own.get(pid):
-            return own[pid]  # type: ignore[return-value]
         parent = both[pid].ppid if pid in both else None
         if parent in both and depth < 32 and group(parent, depth + 1) in ("training ranks", "loader workers"):
-            return "loader workers"
-        return "everything else"
+            return "loader workers"  # forked by a rank: it may still carry the rank's title
+        return own.get(pid) or "everything else"
 
     return {pid: group(pid) for pid in both}
 
@@ -252,7 +252,7 @@ def measure(source: Path, epochs: int, max_failures: int, threads: bool, timeout
     for key, t in end_tasks.items():
         used = t.cpu_s - (start_tasks[key].cpu_s if key in start_tasks else 0.0)
         top.append((used, group[key[0]], key[0], t.name))
-    return Window(str(source), t1 - t0, steps_per_epoch * (epochs - 1), dict(cpu), dict(count),
+    return Window(str(source), t1 - t0, steps_per_epoch * (epochs - 2), dict(cpu), dict(count),
                   sum(pid not in end for pid in start), sorted(top, reverse=True), sorted(members, reverse=True))
 
 
@@ -304,7 +304,7 @@ def _busiest(threads: list[tuple[float, str, int, str]], pid: int) -> tuple[floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=6, help="epochs of each fit; the window is epochs 2 to the "
-                        "last (default 6)")
+                        "second-to-last (default 6)")
     parser.add_argument("--repeats", type=int, default=2, help="fits per source (default 2)")
     parser.add_argument("--max-failures", type=int, default=0, help="the fit's max_failures: above 0, it keeps a warm "
                         "standby per rank and a spare coordinator (default 0, as benchmarks/fit_vs_ddp.py)")
@@ -319,7 +319,7 @@ def main() -> None:
     if args.child:
         child(args.epochs, args.max_failures, args.realistic)
         return
-    for name, value, least in (("--epochs", args.epochs, 2), ("--repeats", args.repeats, 1), ("--threads", args.threads, 0),
+    for name, value, least in (("--epochs", args.epochs, 3), ("--repeats", args.repeats, 1), ("--threads", args.threads, 0),
                                ("--max-failures", args.max_failures, 0)):
         if value < least:
             parser.error(f"{name} must be at least {least}, got {value}")
@@ -328,7 +328,7 @@ def main() -> None:
         if not (s / "orchestrator" / "__init__.py").is_file():
             parser.error(f"--source {s}: no orchestrator package there")
     print(f"python {platform.python_version()}, torch {version('torch')}, ray {version('ray')}, {os.cpu_count()} CPUs; "
-          f"epochs {args.epochs} (window: start of epoch 2 to end of epoch {args.epochs}), repeats {args.repeats} "
+          f"epochs {args.epochs} (window: start of epoch 2 to end of epoch {args.epochs - 1}), repeats {args.repeats} "
           f"per source{' interleaved' if len(sources) > 1 else ''}, max_failures {args.max_failures}, threads listed "
           f"{args.threads}; workload MLP "
           f"256-512-512-10, batch 64 per worker, 2 workers x 1 thread (OMP_NUM_THREADS=1); fit starts its own Ray "
