@@ -303,5 +303,6 @@ def main() -> None:
         print(f"{label}, median of the {args.repeats} per-repeat ratios: {median(ratios):.3f} "
               f"(repeats {min(ratios):.3f}-{max(ratios):.3f})")
 
+
 if __name__ == "__main__":
     main()
