@@ -123,9 +123,11 @@ def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, config: dic
     return timings
 
 
-def train_rank(epochs: int, config: dict[str, Any], **init: Any) -> dict[str, Any] | None:
+def train_rank(epochs: int, config: dict[str, Any],
+               on_epoch_end: Callable[[dict[str, Any]], None] | None = None, **init: Any) -> dict[str, Any] | None:
     """One rank of the hand-written job: join the gloo group (``init``: ``init_process_group``'s arguments;
-    none under torchrun, which sets the environment), wrap the seeded model in DDP, :func:`train` it, leave.
+    none under torchrun, which sets the environment), wrap the seeded model in DDP, :func:`train` it
+    (``on_epoch_end``: as :func:`train`'s), leave.
 
     Returns:
         :func:`train`'s timings on rank 0, None on the others.
@@ -137,7 +139,7 @@ def train_rank(epochs: int, config: dict[str, Any], **init: Any) -> dict[str, An
         torch.manual_seed(0)
         model = workload.build_model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        timings = train(ddp, model, epochs, config)
+        timings = train(ddp, model, epochs, config, on_epoch_end=on_epoch_end)
         return timings if dist.get_rank() == 0 else None
     finally:
         # the wrapper (its reducer holds the group) goes first: freed at exit, after the group was

@@ -159,10 +159,18 @@ def ray_train_loop(config: dict) -> None:
 class HandWrittenRank:
     """One rank of the hand-written loop in a plain Ray actor (the ``--ray-actors`` side)."""
 
-    def train(self, rank: int, store: str, epochs: int, config: dict) -> dict | None:
+    def train(self, rank: int, store: str, epochs: int, config: dict, epoch_ends: str | None = None) -> dict | None:
+        """Train as rank ``rank``; with ``epoch_ends`` (a file), rank 0 appends ``<epoch> <its steps>`` to it as
+        each epoch ends (benchmarks/overhead.py follows it)."""
         import ddp_baseline
 
-        return ddp_baseline.train_rank(epochs, config, init_method=f"file://{store}", rank=rank, world_size=2)
+        def note(timings: dict) -> None:
+            with open(epoch_ends, "a") as f:
+                f.write(f"{len(timings['epoch_steps']) - 1} {timings['epoch_steps'][-1]}\n")
+
+        hook = note if epoch_ends is not None and rank == 0 else None
+        return ddp_baseline.train_rank(epochs, config, on_epoch_end=hook, init_method=f"file://{store}", rank=rank,
+                                       world_size=2)
 
 
 def run_ray_actors(epochs: int, config: dict) -> tuple[int, float]:

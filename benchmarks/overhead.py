@@ -58,6 +58,8 @@ MARK = "@@overhead"
 GROUPS = ("training ranks", "loader workers", "coordinator", "driver", "gcs_server", "raylet", "dashboard / agents",
           "log monitor", "other Ray workers", "everything else")
 COLLECTIVE_THREADS = ("gloo", "pt_gloo", "pt_nccl", "nccl")
+HAND = "hand-written loop in Ray actors"
+RANK_TITLES = ("ray::TrainWorker", "ray::HandWrittenRank")  # a fit's ranks, the hand-written loop's (--hand)
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -82,13 +84,55 @@ def child(epochs: int, max_failures: int, realistic: bool = False) -> None:
 
     extra = workload.fit_options(workload.REALISTIC if realistic else {}, epochs)
     with tempfile.TemporaryDirectory(prefix="overhead-") as folder:
-        Trainer(**extra, model=workload.build_model, optimizer=workload.make_optimizer, loss=torch.nn.functional.cross_entropy,
-                data=workload.load_data, metrics=["accuracy"], batch_size=workload.BATCH, num_workers=2,
-                threads_per_worker=1, storage=folder, run_name="overhead", max_failures=max_failures,
-                callbacks=[callbacks.EarlyStopping(monitor="val_loss", patience=100),
-                           callbacks.ReduceLROnPlateau(monitor="val_loss", patience=100),
-                           callbacks.TerminateOnNaN(), callbacks.BackupAndRestore(), Marks()]).fit(epochs=epochs,
-                                                                                                 verbose=0)
+        history = Trainer(
+            **extra, model=workload.build_model, optimizer=workload.make_optimizer,
+            loss=torch.nn.functional.cross_entropy, data=workload.load_data, metrics=["accuracy"],
+            batch_size=workload.BATCH, num_workers=2, threads_per_worker=1, storage=folder, run_name="overhead",
+            max_failures=max_failures,
+            callbacks=[callbacks.EarlyStopping(monitor="val_loss", patience=100),
+                       callbacks.ReduceLROnPlateau(monitor="val_loss", patience=100),
+                       callbacks.TerminateOnNaN(), callbacks.BackupAndRestore(), Marks()]).fit(epochs=epochs, verbose=0)
+    # the marks reach this driver with its events (about once a second): the steps of the window they
+    # bound follow from the exact pace between the epochs' own times (the coordinator's clock)
+    begin = next(e for e in history.events if e["type"] == "epoch_begin" and e["epoch"] == 1)
+    end = next(e for e in history.events if e["type"] == "epoch_end" and e["epoch"] == epochs - 2)
+    print(f"{MARK} rate {(end['global_step'] - begin['global_step']) / (end['time'] - begin['time'])}", flush=True)
+
+
+def child_hand(epochs: int, realistic: bool = False) -> None:
+    """The hand-written loop (benchmarks/ddp_baseline.py) in two plain Ray actors on a local Ray started as
+    fit starts its own (benchmarks/fit_vs_ddp.py's ``--ray-actors`` side; realistic: its loader workers
+    share batches by file name, as fit's do), with :func:`child`'s marks: rank 0 appends each epoch's end
+    to a file that this process follows (every 10 ms)."""
+    import ray
+
+    import fit_vs_ddp
+    import workload
+    from orchestrator.control.local_ray import start_local_ray
+
+    config = dict(workload.REALISTIC, sharing="file_system") if realistic else {}
+    with tempfile.TemporaryDirectory(prefix="overhead-hand-") as folder:
+        ends = Path(folder, "epoch-ends")
+        ends.touch()
+        start_local_ray()
+        try:
+            ranks = [fit_vs_ddp.HandWrittenRank.remote() for _ in range(2)]
+            pending = [r.train.remote(i, str(Path(folder, "store")), epochs, config, str(ends))
+                       for i, r in enumerate(ranks)]
+            refs, partial = list(pending), ""
+            with ends.open() as f:
+                while pending:  # rank 0 writes an epoch's line before it goes on (its last before it returns)
+                    _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.01)
+                    *lines, partial = (partial + f.read()).split("\n")
+                    for line in lines:
+                        epoch, steps = line.split()[:2]
+                        if int(epoch) in (0, epochs - 2):  # the end of epoch 1 is the start of epoch 2
+                            print(f"{MARK} {'begin' if int(epoch) == 0 else 'end'} {steps}", flush=True)
+            timings = ray.get(refs)[0]
+        finally:
+            ray.shutdown()
+    steps = sum(timings["epoch_steps"][1:epochs - 1])
+    print(f"{MARK} rate {steps / (timings['epoch_starts'][epochs - 1] - timings['epoch_starts'][1])}", flush=True)
 
 
 # -- /proc ------------------------------------------------------------------------------------
@@ -128,7 +172,7 @@ def snapshot(root: int, threads: bool) -> tuple[dict[int, Proc], dict[tuple[int,
             tree[pid] = procs[pid]
             todo.extend(children[pid])
     for p in tree.values():
-        if p.cmdline.startswith("ray::TrainWorker"):
+        if p.cmdline.startswith(RANK_TITLES):
             p.collective = any(name.startswith(COLLECTIVE_THREADS) for name in _thread_names(p.pid))
     tasks: dict[tuple[int, int], Proc] = {}
     if threads:
@@ -156,7 +200,7 @@ def role(proc: Proc, driver: int) -> str | None:
     cmd = proc.cmdline
     if proc.pid == driver:
         return "driver"
-    if cmd.startswith("ray::TrainWorker.run") or proc.collective:
+    if cmd.startswith("ray::TrainWorker.run") or proc.collective:  # a hand-written rank: its gloo threads
         return "training ranks"
     if cmd.startswith("ray::Coordinator"):
         return "coordinator"
@@ -203,7 +247,7 @@ class Window:
 
     source: str
     wall_s: float
-    steps: int
+    steps: float  # the window's wall time at the side's own pace between its epochs
     cpu: dict[str, float]
     count: dict[str, int]
     vanished: int
@@ -212,18 +256,21 @@ class Window:
 
 
 def measure(source: Path, epochs: int, max_failures: int, threads: bool, timeout_s: float,
-            realistic: bool = False) -> Window:
-    """Run one fit as a fresh process and measure its steady window."""
+            realistic: bool = False, hand: bool = False) -> Window:
+    """Run one fit (``hand``: the hand-written loop in Ray actors) as a fresh process and measure its steady window."""
     env = dict(os.environ, OMP_NUM_THREADS="1", RAY_ADDRESS="local",
                PYTHONPATH=os.pathsep.join([str(source), str(HERE)]))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--epochs", str(epochs),
-           "--max-failures", str(max_failures)] + (["--realistic"] if realistic else [])
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-hand" if hand else "--child", "--epochs",
+           str(epochs), "--max-failures", str(max_failures)] + (["--realistic"] if realistic else [])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=source)
     marks: dict[str, tuple[float, dict[int, Proc], dict[tuple[int, int], Proc], int]] = {}
+    rate = None  # the side's steps/s between its window's epochs, from its own epoch times
     deadline = time.monotonic() + timeout_s
     assert proc.stdout is not None
     for line in proc.stdout:
-        if line.startswith(MARK):
+        if line.startswith(f"{MARK} rate"):
+            rate = float(line.split()[2])
+        elif line.startswith(MARK):
             _, what, steps = line.split()
             now = time.monotonic()
             tree, tasks = snapshot(proc.pid, threads)
@@ -235,10 +282,11 @@ def measure(source: Path, epochs: int, max_failures: int, threads: bool, timeout
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
-    if proc.returncode != 0 or set(marks) != {"begin", "end"}:
-        raise RuntimeError(f"the fit exited {proc.returncode} with marks {sorted(marks)}:\n"
+    if proc.returncode != 0 or set(marks) != {"begin", "end"} or rate is None:
+        raise RuntimeError(f"the {'hand-written loop' if hand else 'fit'} exited {proc.returncode} with marks "
+                           f"{sorted(marks)}{'' if rate is not None else ' and no rate'}:\n"
                            + "\n".join(err.splitlines()[-20:]))
-    (t0, start, start_tasks, steps_per_epoch), (t1, end, end_tasks, _) = marks["begin"], marks["end"]
+    (t0, start, start_tasks, _), (t1, end, end_tasks, _) = marks["begin"], marks["end"]
     group = groups_of(start, end, proc.pid)
     cpu: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
@@ -252,7 +300,7 @@ def measure(source: Path, epochs: int, max_failures: int, threads: bool, timeout
     for key, t in end_tasks.items():
         used = t.cpu_s - (start_tasks[key].cpu_s if key in start_tasks else 0.0)
         top.append((used, group[key[0]], key[0], t.name))
-    return Window(str(source), t1 - t0, steps_per_epoch * (epochs - 2), dict(cpu), dict(count),
+    return Window(str(source), t1 - t0, rate * (t1 - t0), dict(cpu), dict(count),
                   sum(pid not in end for pid in start), sorted(top, reverse=True), sorted(members, reverse=True))
 
 
@@ -271,7 +319,7 @@ def describe(source: Path) -> str:
 def report(source: str, windows: list[Window], threads: int) -> None:
     """Per group: median cores (CPU-s/s) and CPU-s per 1,000 steps over the repeats, and the spread."""
     print(f"\n{source}: {len(windows)} repeat(s); window {statistics.median(w.wall_s for w in windows):.1f} s, "
-          f"{windows[0].steps} steps; steady {statistics.median(w.steps / w.wall_s for w in windows):.1f} steps/s "
+          f"{statistics.median(w.steps for w in windows):.0f} steps; steady {statistics.median(w.steps / w.wall_s for w in windows):.1f} steps/s "
           f"(wall clock: depends on the machine's load); processes gone inside the window: "
           f"{max(w.vanished for w in windows)}")
     print(f"  {'group':<20} {'procs':>5} {'cores (CPU-s/s)':>22} {'CPU-s / 1000 steps':>24}")
@@ -314,10 +362,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one fit may take (default 600)")
     parser.add_argument("--realistic", action="store_true", help="workload.REALISTIC: loader workers, bf16, "
                         "accumulation, warm-up + cosine")
+    parser.add_argument("--hand", action="store_true", help="also measure the hand-written loop in two plain Ray "
+                        "actors (benchmarks/fit_vs_ddp.py --ray-actors), interleaved, and compare CPU per step")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-hand", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(args.epochs, args.max_failures, args.realistic)
+    if args.child or args.child_hand:
+        child_hand(args.epochs, args.realistic) if args.child_hand else child(args.epochs, args.max_failures,
+                                                                               args.realistic)
         return
     for name, value, least in (("--epochs", args.epochs, 3), ("--repeats", args.repeats, 1), ("--threads", args.threads, 0),
                                ("--max-failures", args.max_failures, 0)):
@@ -329,23 +381,54 @@ def main() -> None:
             parser.error(f"--source {s}: no orchestrator package there")
     print(f"python {platform.python_version()}, torch {version('torch')}, ray {version('ray')}, {os.cpu_count()} CPUs; "
           f"epochs {args.epochs} (window: start of epoch 2 to end of epoch {args.epochs - 1}), repeats {args.repeats} "
-          f"per source{' interleaved' if len(sources) > 1 else ''}, max_failures {args.max_failures}, threads listed "
-          f"{args.threads}; workload MLP "
+          f"per source{' interleaved' if len(sources) > 1 or args.hand else ''}, max_failures {args.max_failures}, "
+          f"threads listed {args.threads}; workload MLP "
           f"256-512-512-10, batch 64 per worker, 2 workers x 1 thread (OMP_NUM_THREADS=1); fit starts its own Ray "
           f"(RAY_ADDRESS=local); callbacks EarlyStopping, ReduceLROnPlateau, TerminateOnNaN, BackupAndRestore; "
-          f"CPU = utime + stime from /proc", flush=True)
+          f"config {workload_config(args.realistic)}; CPU = utime + stime from /proc"
+          + ("; hand: the hand-written loop in 2 plain Ray actors on a Ray started as fit's" if args.hand else ""),
+          flush=True)
     for s in sources:
         print(f"source: {describe(s)}", flush=True)
-    windows: dict[str, list[Window]] = {str(s): [] for s in sources}
+    sides = [(str(s), s, False) for s in sources] + ([(HAND, sources[0], True)] if args.hand else [])
+    windows: dict[str, list[Window]] = {label: [] for label, _, _ in sides}
     for i in range(args.repeats):
-        for s in sources:
-            w = measure(s, args.epochs, args.max_failures, args.threads > 0, args.timeout, args.realistic)
-            windows[str(s)].append(w)
+        for label, s, hand in sides:
+            w = measure(s, args.epochs, args.max_failures, args.threads > 0, args.timeout, args.realistic, hand)
+            windows[label].append(w)
             others = sum(v for k, v in w.cpu.items() if k != "training ranks")
-            print(f"repeat {i + 1} {s}: {w.steps} steps in {w.wall_s:.1f} s; ranks {w.cpu.get('training ranks', 0) / w.wall_s:.3f} "
-                  f"cores, all but the ranks {others / w.wall_s:.3f} cores", flush=True)
-    for s in sources:
-        report(str(s), windows[str(s)], args.threads)
+            print(f"repeat {i + 1} {label}: {w.steps:.0f} steps in {w.wall_s:.1f} s; ranks "
+                  f"{w.cpu.get('training ranks', 0) / w.wall_s:.3f} cores, all but the ranks {others / w.wall_s:.3f} "
+                  f"cores", flush=True)
+    for label, _, _ in sides:
+        report(label, windows[label], args.threads)
+    if args.hand:
+        for s in sources:
+            compare(str(s), windows[str(s)], windows[HAND])
+
+
+def workload_config(realistic: bool) -> str:
+    return "realistic (loader workers 2, bf16-mixed, accumulation 2, warm-up + cosine per step)" if realistic \
+        else "plain fp32"
+
+
+def compare(label: str, fits: list[Window], hands: list[Window]) -> None:
+    """CPU seconds per 1,000 steps of the fit against the hand-written loop, by group and in all, from the
+    interleaved repeats' pairs (a ratio above 1: the fit's processes use more CPU for the same steps)."""
+    print(f"\nCPU per step, {label} / {HAND} (median of the {len(fits)} interleaved pairs' ratios, range):")
+    for name in ("training ranks", "loader workers", "all but the ranks", "all processes"):
+        def per_step(w: Window) -> float:
+            if name == "all processes":
+                return sum(w.cpu.values()) / w.steps
+            if name == "all but the ranks":
+                return sum(v for k, v in w.cpu.items() if k != "training ranks") / w.steps
+            return w.cpu.get(name, 0.0) / w.steps
+
+        ratios = [per_step(f) / per_step(h) for f, h in zip(fits, hands) if per_step(h) > 0]
+        if ratios:
+            print(f"  {name:<20} fit {statistics.median(per_step(f) for f in fits) * 1e3:7.2f} ms, hand "
+                  f"{statistics.median(per_step(h) for h in hands) * 1e3:7.2f} ms; ratio "
+                  f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
 
 
 if __name__ == "__main__":
