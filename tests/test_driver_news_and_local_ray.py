@@ -5,11 +5,12 @@ instance a fit starts for itself gets the settings of ``orchestrator.control.loc
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 
-from orchestrator.control.local_ray import ENVIRONMENT, SYSTEM_CONFIG, starts_local
+from orchestrator.control.local_ray import ENVIRONMENT, SYSTEM_CONFIG, lean_environment, starts_local
 from orchestrator.control.specs import FaultPolicy
 from orchestrator.control.states import FitOutcome
 from orchestrator.control.watch import Relay
@@ -46,4 +47,15 @@ def test_only_a_fit_that_starts_its_own_ray_tunes_it(monkeypatch, address, local
 
 def test_every_local_setting_is_a_ray_name_with_a_value_of_the_kind_ray_reads():
     assert all(isinstance(v, (int, bool)) for v in SYSTEM_CONFIG.values())
-    assert all(k.startswith("RAY_") and isinstance(v, str) for k, v in ENVIRONMENT.items())
+    assert all(k.startswith("RAY_") and isinstance(v, str) for k, v in ENVIRONMENT.items() if k != "MALLOC_ARENA_MAX")
+    assert ENVIRONMENT["MALLOC_ARENA_MAX"] == "1"  # glibc's: every thread of a rank allocates from the main arena
+
+
+def test_the_local_environment_keeps_a_value_the_user_set_and_removes_only_what_it_added(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    monkeypatch.delenv("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", raising=False)
+    with lean_environment():
+        assert os.environ["MALLOC_ARENA_MAX"] == "4"
+        assert os.environ["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] == ENVIRONMENT["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"]
+    assert os.environ["MALLOC_ARENA_MAX"] == "4"
+    assert "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD" not in os.environ

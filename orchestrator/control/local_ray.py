@@ -38,8 +38,9 @@ SYSTEM_CONFIG: dict[str, Any] = {
     "worker_niceness": 0,
 }
 
-#: Environment variables read by Ray's Python processes of the instance (its log monitor) as they
-#: start; a value already set in the environment is kept.
+#: Environment variables of the instance's processes (gcs_server, raylet, and every worker the
+#: raylet starts: the training ranks, the coordinator), read as each process starts; a value
+#: already set in the environment is kept.
 ENVIRONMENT: dict[str, str] = {
     # The log monitor (it sends the workers' output to the driver) looks for new log files on
     # every pass, ten times a second, while there are fewer than 1,000 files: five globs of the
@@ -47,6 +48,14 @@ ENVIRONMENT: dict[str, str] = {
     # worker's first lines reach the driver up to 0.4 s later, none is lost (a file is read from
     # its start when found), and what it reads from known files is unchanged.
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    # glibc's malloc gives each thread that allocates an arena of its own, up to 8 per core; only
+    # the process's main thread allocates from the main one. A rank's loop runs in a thread of its
+    # actor's pool (the actor takes a preemption notice or a live-state copy while ``run`` runs),
+    # and from a secondary arena the same training step took about 6% more CPU time than from the
+    # main thread (benchmarks/overhead.py --realistic --hand: a rank's CPU per step against the
+    # hand-written loop run on its actor's main thread). With one arena every thread allocates from
+    # the main one; the threads of these processes that allocate at the same time are few.
+    "MALLOC_ARENA_MAX": "1",
 }
 
 
