@@ -104,6 +104,10 @@ SUITE = [
           "own Ray, by role: training ranks, coordinator, driver, gcs_server, raylet, agents, log monitor, "
           "other Ray workers",
           quick=["--epochs", "4", "--repeats", "1"], full=["--epochs", "20", "--repeats", "3"]),
+    Bench("CPU per step beside the hand-written loop", "overhead.py",
+          "CPU seconds per optimizer step of every process, by role, of the realistic configuration: Trainer.fit "
+          "against the hand-written loop in two plain Ray actors on a Ray started as fit's, interleaved repeats",
+          full=["--realistic", "--hand", "--epochs", "12", "--repeats", "3"], in_quick=False),  # about 4.5 minutes
     Bench("rank step overhead", "rank_overhead.py",
           "per-step CPU time of one rank's TrainLoop beside a hand-written DDP loop in one process (no Ray), "
           "blocks interleaved, with a timed breakdown of where the extra time goes",
