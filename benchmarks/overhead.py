@@ -1,7 +1,7 @@
 """Where the CPU goes during a steady Trainer.fit: CPU seconds of every process of the session, by role.
 
     python benchmarks/overhead.py [--epochs 6] [--repeats 2] [--max-failures 0] [--threads 8] [--realistic]
-                                  [--source DIR ...]
+                                  [--source DIR ...] [--hand]
 
 Each repeat runs ``Trainer.fit`` as a fresh process that starts its own local Ray (no Ray running,
 ``RAY_ADDRESS=local``, as a user's script does; README), with benchmarks/workload.py's model and
@@ -34,6 +34,14 @@ with several, the repeats interleave them (A B A B), to compare before and after
 ``--realistic``: the fit runs workload.REALISTIC (``loader_workers=2``, ``"bf16-mixed"``,
 ``accumulate_grad_batches=2``, the warm-up + cosine schedule per optimizer step), as
 benchmarks/fit_vs_ddp.py --realistic does; steps are then optimizer steps.
+``--hand``: each repeat also runs benchmarks/fit_vs_ddp.py's hand-written loop in two plain Ray actors
+(``--ray-actors``: the loop on each actor's main thread, on a Ray started as fit starts its own, with
+the first ``--source``'s settings; with ``--realistic`` its loader workers share batches by file name,
+as fit's do), with the same window (rank 0 notes each epoch's end in a file this script's child
+follows), and prints, per pair of interleaved repeats, each fit's CPU per step against it by group:
+CPU time moves much less with this VM's load than steps/s do. Each side's steps in its window are
+its wall time at the side's own pace between the window's epochs (a fit's marks reach its driver
+with its events, up to a second late).
 ``--threads N`` also lists every process and the N threads that used the most CPU outside the ranks' training threads.
 """
 
@@ -247,7 +255,7 @@ class Window:
 
     source: str
     wall_s: float
-    steps: float  # the window's wall time at the side's own pace between its epochs
+    steps: float  # steps in the window: its wall time at the side's own pace between its epochs
     cpu: dict[str, float]
     count: dict[str, int]
     vanished: int
