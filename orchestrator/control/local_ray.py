@@ -1,17 +1,17 @@
-"""The local Ray instance a fit starts for itself, and the settings that cut its background CPU.
+"""The local Ray instance a fit starts for itself, and the settings that cut the CPU it takes.
 
 ``fit`` starts a local instance only when no Ray is running for it (no ``ray.init`` before, no
 ``RAY_ADDRESS``, no ``ray start`` cluster on this machine): that instance serves this one fit
 and stops with it. On a small machine its processes take CPU that the training ranks need, so
-it starts with the settings below, each of which switches off or slows down work that nothing
-of that instance uses. ``python benchmarks/overhead.py`` measures the CPU seconds of every process
+it starts with the settings below: each switches off or slows down work that nothing of that
+instance uses, or (``MALLOC_ARENA_MAX``) makes a rank's step cheaper. ``python benchmarks/overhead.py`` measures the CPU seconds of every process
 of a steady fit by role (``--source`` compares two checkouts side by side). A Ray cluster
 you start yourself (``ray.init()``, ``ray start``) keeps Ray's defaults: these apply only to the
 instance ``fit`` starts.
 
 Example:
     >>> sorted(SYSTEM_CONFIG)
-    ['task_events_report_interval_ms']
+    ['task_events_report_interval_ms', 'worker_niceness']
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ def ensure_ray() -> bool:
     The local instance lives as long as this fit and serves only it, so it starts without Ray's
     dashboard (the web UI and its job, state and metrics views: about 10 processes, and
     ``ray.init`` waits for them) and with :data:`SYSTEM_CONFIG` and :data:`ENVIRONMENT`,
-    which switch off work of Ray's background processes that nothing of that instance uses (each
-    one documented above); workers' logs still reach the driver. Start
+    which switch off work of Ray's background processes that nothing of that instance uses and
+    make a rank's step cheaper (each one documented above); workers' logs still reach the driver. Start
     Ray yourself (``ray.init()`` or ``ray start --head``) to have the dashboard and Ray's defaults;
     joining a running cluster changes nothing of it.
 
