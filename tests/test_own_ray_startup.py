@@ -3,7 +3,7 @@
 The local instance starts without Ray's dashboard and every worker imports torch and the loop as
 its process starts; what users rely on stays: workers' output reaches the driver, training runs
 to the end, Ray is stopped after, and its workers run at the normal CPU priority, as a torchrun
-job's do. The script runs as a background scenario (tests/background.py): it mostly waits for its
+job's do, with one malloc arena. The script runs as a background scenario (tests/background.py): it mostly waits for its
 own Ray to start, beside the rest of the suite.
 """
 
@@ -19,8 +19,9 @@ import background
 pytestmark = pytest.mark.timeout(400)
 ROOT = Path(__file__).resolve().parent.parent
 
-# RAY_ADDRESS=local: a Ray of its own even while another scenario's `ray start` cluster runs here
-SCENARIO = background.Scenario("own-ray", ["env", "RAY_ADDRESS=local", sys.executable,
+# RAY_ADDRESS=local: a Ray of its own even while another scenario's `ray start` cluster runs here; no
+# MALLOC_ARENA_MAX of its own (the background scenarios' environment has local_ray's): the fit's Ray sets it
+SCENARIO = background.Scenario("own-ray", ["env", "-u", "MALLOC_ARENA_MAX", "RAY_ADDRESS=local", sys.executable,
                                            str(ROOT / "tests" / "entries" / "own_ray_fit.py"), "{folder}"])
 
 
@@ -30,6 +31,7 @@ def test_a_fit_that_starts_its_own_ray_trains_brings_worker_output_to_the_driver
     output = (SCENARIO.folder / "output.log").read_text()
     assert returncode == 0, output[-4000:]
     # one line per rank, through Ray's log monitor; the ranks run at the normal priority (Ray's default is 15)
-    assert output.count("model built on a worker at niceness 0") >= 2, output[-4000:]
+    # and allocate from glibc's main arena (local_ray.ENVIRONMENT), though the script ran without the setting
+    assert output.count("model built on a worker at niceness 0 with MALLOC_ARENA_MAX=1") >= 2, output[-4000:]
     assert "epochs run: 2; ray still initialised: False" in output, output[-4000:]
     assert (SCENARIO.folder / "own-ray" / "model.pt").exists()

@@ -2,7 +2,8 @@
 
     python tests/entries/own_ray_fit.py STORAGE
 
-Each worker prints a line from the model factory (with its process's niceness); the script prints
+Each worker prints a line from the model factory (with its process's niceness and its malloc arena
+limit); the script prints
 what it checked after fit.
 """
 
@@ -17,7 +18,8 @@ from orchestrator import Trainer
 
 
 def build_model() -> torch.nn.Module:
-    print(f"model built on a worker at niceness {os.nice(0)}", flush=True)
+    print(f"model built on a worker at niceness {os.nice(0)} with MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX')}",
+          flush=True)
     return torch.nn.Linear(4, 2)
 
 
