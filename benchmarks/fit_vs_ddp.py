@@ -74,9 +74,9 @@ def the_callbacks(backups: bool = True) -> list:
     return chosen + [callbacks.BackupAndRestore()] if backups else chosen
 
 
-def fit_history(epochs: int, config: dict, chosen: list) -> Any:
-    """The History of one Trainer.fit of ``config`` (workload.py) with the callbacks ``chosen``, in a new
-    run folder that is removed after."""
+def fit_history(epochs: int, config: dict, chosen: list, **options: Any) -> Any:
+    """The History of one Trainer.fit of ``config`` (workload.py) with the callbacks ``chosen`` (and any other
+    Trainer ``options``), in a new run folder that is removed after."""
     folder = tempfile.mkdtemp(prefix="fit-vs-ddp-")
     trainer = Trainer(
         storage=folder, run_name="bench",  # a new run each time
@@ -85,7 +85,7 @@ def fit_history(epochs: int, config: dict, chosen: list) -> Any:
         metrics=["accuracy"], batch_size=workload.BATCH, num_workers=2, threads_per_worker=1,
         reuse_workers=False,  # gives its CPUs back at the end, for the next side
         callbacks=chosen,
-        **workload.fit_options(config, epochs),
+        **workload.fit_options(config, epochs), **options,
     )
     try:
         return trainer.fit(epochs=epochs, verbose=0)

@@ -13,11 +13,11 @@ MARK = "@@overhead"
 
 
 def child(epochs: int, max_failures: int, realistic: bool = False) -> None:
-    """Run one fit, printing a mark (with the steps per epoch) at the window's start and end."""
-    import torch
-
+    """Run one fit (benchmarks/fit_vs_ddp.py's fit side), printing a mark (with the steps per epoch) at the
+    window's start and end."""
+    import fit_vs_ddp
     import workload
-    from orchestrator import Trainer, callbacks
+    from orchestrator import callbacks
 
     class Marks(callbacks.Callback):
         runs_on = "driver"
@@ -30,16 +30,8 @@ def child(epochs: int, max_failures: int, realistic: bool = False) -> None:
             if epoch == epochs - 2:  # the last epoch still runs: every process (loader workers too) is alive
                 print(f"{MARK} end {self.params.get('steps')}", flush=True)
 
-    extra = workload.fit_options(workload.REALISTIC if realistic else {}, epochs)
-    with tempfile.TemporaryDirectory(prefix="overhead-") as folder:
-        history = Trainer(
-            **extra, model=workload.build_model, optimizer=workload.make_optimizer,
-            loss=torch.nn.functional.cross_entropy, data=workload.load_data, metrics=["accuracy"],
-            batch_size=workload.BATCH, num_workers=2, threads_per_worker=1, storage=folder, run_name="overhead",
-            max_failures=max_failures,
-            callbacks=[callbacks.EarlyStopping(monitor="val_loss", patience=100),
-                       callbacks.ReduceLROnPlateau(monitor="val_loss", patience=100),
-                       callbacks.TerminateOnNaN(), callbacks.BackupAndRestore(), Marks()]).fit(epochs=epochs, verbose=0)
+    history = fit_vs_ddp.fit_history(epochs, workload.REALISTIC if realistic else {},
+                                     fit_vs_ddp.the_callbacks() + [Marks()], max_failures=max_failures)
     # the marks reach this driver with its events (about once a second): the steps of the window they
     # bound follow from the exact pace between the epochs' own times (the coordinator's clock)
     begin = next(e for e in history.events if e["type"] == "epoch_begin" and e["epoch"] == 1)
