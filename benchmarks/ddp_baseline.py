@@ -41,7 +41,7 @@ def _set_sharing(strategy: str, worker_id: int) -> None:
 
 
 def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, config: dict[str, Any],
-          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None, echo: bool = True) -> dict[str, Any]:
     """Train ``ddp`` (``model`` wrapped in DistributedDataParallel) for ``epochs`` epochs, validating after each.
 
     Args:
@@ -52,6 +52,8 @@ def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, config: dic
             bf16 autocast, accumulation, warm-up + cosine).
         on_epoch_end: Called on every rank after each epoch with the timings so far (a Ray Train
             loop reports them). Defaults to nothing.
+        echo: Rank 0 prints each epoch's loss and val_loss (a Ray actor's prints reach the driver's
+            output, so the Ray actors side turns this off).
 
     Returns:
         ``{"steps", "seconds", "epoch_starts", "epoch_steps", "end"}`` as printed by this script.
@@ -114,7 +116,7 @@ def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, config: dic
         dist.all_reduce(vtotal)
         timings["epoch_steps"].append(steps)
         timings["end"] = time.time()
-        if rank == 0:
+        if rank == 0 and echo:
             print(f"epoch {epoch + 1}: loss {total[0] / total[2]:.4f} val_loss {vtotal[0] / vtotal[2]:.4f}",
                   flush=True)
         if on_epoch_end is not None:
@@ -124,10 +126,11 @@ def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, config: dic
 
 
 def train_rank(epochs: int, config: dict[str, Any],
-               on_epoch_end: Callable[[dict[str, Any]], None] | None = None, **init: Any) -> dict[str, Any] | None:
+               on_epoch_end: Callable[[dict[str, Any]], None] | None = None, echo: bool = True,
+               **init: Any) -> dict[str, Any] | None:
     """One rank of the hand-written job: join the gloo group (``init``: ``init_process_group``'s arguments;
     none under torchrun, which sets the environment), wrap the seeded model in DDP, :func:`train` it
-    (``on_epoch_end``: as :func:`train`'s), leave.
+    (``on_epoch_end``, ``echo``: as :func:`train`'s), leave.
 
     Returns:
         :func:`train`'s timings on rank 0, None on the others.
@@ -139,7 +142,7 @@ def train_rank(epochs: int, config: dict[str, Any],
         torch.manual_seed(0)
         model = workload.build_model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        timings = train(ddp, model, epochs, config, on_epoch_end=on_epoch_end)
+        timings = train(ddp, model, epochs, config, on_epoch_end=on_epoch_end, echo=echo)
         return timings if dist.get_rank() == 0 else None
     finally:
         # the wrapper (its reducer holds the group) goes first: freed at exit, after the group was

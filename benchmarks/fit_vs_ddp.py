@@ -169,8 +169,8 @@ class HandWrittenRank:
                 f.write(f"{len(timings['epoch_steps']) - 1} {timings['epoch_steps'][-1]}\n")
 
         hook = note if epoch_ends is not None and rank == 0 else None
-        return ddp_baseline.train_rank(epochs, config, on_epoch_end=hook, init_method=f"file://{store}", rank=rank,
-                                       world_size=2)
+        return ddp_baseline.train_rank(epochs, config, on_epoch_end=hook, echo=False,  # no lines in the report
+                                       init_method=f"file://{store}", rank=rank, world_size=2)
 
 
 def run_ray_actors(epochs: int, config: dict) -> tuple[int, float]:
