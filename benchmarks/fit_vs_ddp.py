@@ -22,7 +22,8 @@ inside ``TorchTrainer``, as its user guide writes one: the model wrapped by
 ``ray.train.torch.prepare_model`` (DDP over gloo), the DataLoaders with DistributedSamplers (what
 ``prepare_data_loader`` adds), and ``ray.train.report`` of the epoch's metrics after every epoch. It
 saves no checkpoints, nor does torchrun's loop; Trainer.fit backs up every epoch (BackupAndRestore).
-The sides run in an order that rotates from repeat to repeat; ratios are medians of the per-repeat ratios.
+The sides run in an order that rotates from repeat to repeat; ratios are medians of the per-repeat ratios,
+with a distribution-free interval for the median where there are enough repeats (benchmarks/spread.py).
 
 Loader workers (``--realistic``): every side reads its training and its validation batches through
 persistent DataLoader worker processes (fit's ``loader_workers`` serves both). Fit's workers send
@@ -50,7 +51,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import tempfile
 import subprocess
 import sys
@@ -62,6 +62,7 @@ sys.path.insert(0, str(HERE))
 
 import ray  # noqa: E402
 
+import spread  # noqa: E402
 import workload  # noqa: E402
 from orchestrator import Trainer, callbacks  # noqa: E402
 
@@ -214,10 +215,6 @@ def run_bare_fit(epochs: int, config: dict) -> tuple[int, float]:
     return run_fit(epochs, config, bare=True)
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
@@ -287,16 +284,15 @@ def main() -> None:
     print(f"best of {args.repeats}: fit {fit_best:.1f} steps/s, DDP {ddp_best:.1f} steps/s, "
           f"ratio {fit_best / ddp_best:.3f}")
     for name, values in rates.items():
-        print(f"{name}: median {median(values):.1f} steps/s (min {min(values):.1f}, max {max(values):.1f})")
-    print(f"median of the {args.repeats} interleaved pair ratios: {median(paired):.3f} "
-          f"(pairs {min(paired):.3f}-{max(paired):.3f}; target >= 0.97)")
+        print(f"{name}: median {spread.median(values):.1f} steps/s (min {min(values):.1f}, max {max(values):.1f})")
+    print(f"fit / torchrun DDP, the {args.repeats} interleaved pair ratios: {spread.describe(paired)}; "
+          f"target >= 0.97")
     if with_ray_train:
         against = [f / r for f, r in zip(rates["fit"], rates["Ray Train v2"])]
-        print(f"fit / Ray Train v2, median of the {args.repeats} per-repeat ratios: {median(against):.3f} "
-              f"(repeats {min(against):.3f}-{max(against):.3f})")
+        print(f"fit / Ray Train v2, the {args.repeats} per-repeat ratios: {spread.describe(against)}")
         inside = [r / d for r, d in zip(rates["Ray Train v2"], rates["torchrun DDP"])]
-        print(f"Ray Train v2 / torchrun DDP (the same hand-written loop inside Ray and outside it), median of the "
-              f"{args.repeats} per-repeat ratios: {median(inside):.3f} (repeats {min(inside):.3f}-{max(inside):.3f})")
+        print(f"Ray Train v2 / torchrun DDP (the same hand-written loop inside Ray and outside it), the "
+              f"{args.repeats} per-repeat ratios: {spread.describe(inside)}")
     pairs: list[tuple[str, str, str]] = []  # (label, numerator side, denominator side)
     if args.ray_actors:
         pairs += [("Ray actors / torchrun DDP (the same hand-written loop in plain Ray actors and outside Ray)",
@@ -308,8 +304,7 @@ def main() -> None:
                   ("fit / bare fit (what the callbacks and a backup every epoch cost)", "fit", "bare fit")]
     for label, top, bottom in pairs:
         ratios = [t / b for t, b in zip(rates[top], rates[bottom])]
-        print(f"{label}, median of the {args.repeats} per-repeat ratios: {median(ratios):.3f} "
-              f"(repeats {min(ratios):.3f}-{max(ratios):.3f})")
+        print(f"{label}, the {args.repeats} per-repeat ratios: {spread.describe(ratios)}")
 
 
 if __name__ == "__main__":
