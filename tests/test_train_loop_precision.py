@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -146,6 +147,21 @@ def test_a_set_learning_rate_decision_rescales_a_running_schedule_which_continue
     assert reduced.learning_rates == pytest.approx([plain.learning_rates[0], halved_at, plain.learning_rates[2] / 2])
     # the coordinator sees the rate the epoch ended with (what a decision is relative to)
     assert coordinator.report(EPOCH_END, 2).learning_rate == pytest.approx(0.1 * 0.9 ** 15 / 2)
+
+
+@pytest.mark.parametrize("applied_first", [False, True])
+def test_a_schedule_stepped_after_a_skipped_first_update_warns_nothing_and_keeps_counting(applied_first):
+    param = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    lrs = LearningRates(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (s + 1)), "step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "lr_scheduler.step() before optimizer.step()" would raise here
+        for step in range(4):
+            if applied_first or step > 0:  # a first update the scaler or the NaN guard skipped: no optimizer.step()
+                param.grad = torch.ones(1)
+                opt.step()
+            lrs.end_step()
+    assert lrs.current() == pytest.approx(1 / 5) and lrs.scheduler.last_epoch == 4
 
 
 def test_learning_rates_scale_the_schedule_and_set_base_rates_when_the_rate_is_zero():

@@ -163,6 +163,9 @@ class LearningRates:
             self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _step(self) -> None:
+        if getattr(self.scheduler, "_step_count", 1) != 1:  # torch checks the order on a schedule's first step only
+            self.scheduler.step()  # (a catch_warnings every step costs more than the rest of this method)
+            return
         with warnings.catch_warnings():  # a first step the scaler (or the NaN guard) skipped is normal here
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             self.scheduler.step()
