@@ -135,7 +135,7 @@ class ShardedSignals:
             self.model.set_requires_gradient_sync(True)
 
     def term(self, values: torch.Tensor) -> None:
-        """Add one micro-batch's signal values (nothing is added to the loss)."""
+        """Add the step's signal values, summed over its micro-batches (nothing is added to the loss)."""
         self._sums.add_(values.to(self.dtype))
 
     def grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:

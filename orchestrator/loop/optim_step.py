@@ -256,9 +256,13 @@ class OptimStep:
         batch after them (an iterable's shard ran out), which rides the step's all-reduce."""
         signals, scaler, count = self.signals, self.precision.scaler, len(batches)
         dtype, device = signals.dtype, signals.device
+        on_cpu = device.type == "cpu"
+        pending: Any = None  # the step's signal values so far: their sum rides the last micro-batch's backward
         for i, batch in enumerate(batches):
-            with nullcontext() if i == count - 1 else signals.no_sync():  # one gradient sync per step
-                batch = move_to(batch, self.device)
+            last = i == count - 1
+            with nullcontext() if last else signals.no_sync():  # one gradient sync per step
+                if self.device.type != "cpu":  # a CPU rank's batches are where they will be used
+                    batch = move_to(batch, self.device)
                 with self.precision.autocast():
                     loss, metrics, n = split_output(self.train_step(self.ddp, batch), batch)
                 detached = loss.detach().float()
@@ -266,18 +270,22 @@ class OptimStep:
                 if scaler is not None:
                     metrics["grad_scale"] = torch.as_tensor(scaler.get_scale(), dtype=torch.float32)
                 notice = 1.0 if self.preemption.is_set() else 0.0
-                if device.type == "cpu":  # read as Python floats (no device to wait for): 4 ops instead of 12
+                if on_cpu:  # read as Python floats (no device to wait for): 4 ops instead of 12
                     numbers = torch.stack([detached, *(v.to(device) for v in metrics.values())]).tolist()
                     weighted = self.sums.train.add_values(numbers, list(metrics), n)
-                    values = torch.tensor([0.0 if math.isfinite(numbers[0]) else 1.0, weighted[0], float(n), notice,
-                                           float(out_of_data)], dtype=dtype)
+                    row = [0.0 if math.isfinite(numbers[0]) else 1.0, weighted[0], float(n), notice, float(out_of_data)]
+                    pending = row if pending is None else [a + b for a, b in zip(pending, row)]
                 else:  # no device sync before the all-reduce
                     weighted_loss = self.sums.train.add(detached, metrics, n)
                     values = torch.cat([
                         torch.stack([(~torch.isfinite(detached)).to(dtype), weighted_loss.to(dtype)]),
                         torch.tensor([float(n), notice, float(out_of_data)], dtype=dtype, device=device)])
+                    pending = values if pending is None else pending + values
                 scaled = self.precision.scale(loss.float() if count == 1 else loss.float() / count)
-                term = signals.term(values)
+                if not last:  # the signal's gradient is a sum: the last micro-batch carries all of them
+                    scaled.backward()
+                    continue
+                term = signals.term(torch.tensor(pending, dtype=dtype) if on_cpu else pending)
                 # one backward pass from both roots (the term's gradient reaches only the signal)
                 torch.autograd.backward([scaled] if term is None else [scaled, term])
         # the verdict on the gradients is the same on every rank (DDP: identical gradients; FSDP: all-reduced flags)

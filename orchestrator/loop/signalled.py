@@ -54,7 +54,8 @@ class DdpSignals:
         return self.ddp.no_sync()
 
     def term(self, values: torch.Tensor) -> torch.Tensor:
-        """The micro-batch's second backward root: its gradient w.r.t. ``signal`` is ``values``."""
+        """The step's second backward root (on its last micro-batch): its gradient w.r.t. ``signal`` is
+        ``values``, the step's signals summed over its micro-batches."""
         return torch.dot(self.signal, values)
 
     def grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
