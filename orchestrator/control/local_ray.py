@@ -4,8 +4,9 @@
 ``RAY_ADDRESS``, no ``ray start`` cluster on this machine): that instance serves this one fit
 and stops with it. On a small machine its processes take CPU that the training ranks need, so
 it starts with the settings below: each switches off or slows down work that nothing of that
-instance uses, or (``MALLOC_ARENA_MAX``) makes a rank's step cheaper. ``python benchmarks/overhead.py`` measures the CPU seconds of every process
-of a steady fit by role (``--source`` compares two checkouts side by side). A Ray cluster
+instance uses, or (``MALLOC_ARENA_MAX``) makes a rank's step cheaper. ``python
+benchmarks/overhead.py`` measures the CPU seconds of every process of a steady fit by role
+(``--source`` compares two checkouts side by side). A Ray cluster
 you start yourself (``ray.init()``, ``ray start``) keeps Ray's defaults: these apply only to the
 instance ``fit`` starts.
 
