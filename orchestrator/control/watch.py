@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import logging
+import math
 import threading
 import time
 import warnings
@@ -79,7 +80,7 @@ class Relay:
     epoch_ends: int = field(default=0, init=False)  # epoch_end events relayed (an elastic run looks for room then)
     answered: float | None = field(default=None, init=False)  # time.monotonic() of the newest answer
     _pending: Any = field(default=None, init=False, repr=False)  # the poll in flight
-    _sent: float = field(default=0.0, init=False, repr=False)
+    _sent: float = field(default=-math.inf, init=False, repr=False)  # monotonic time may start near 0
 
     def poll(self, wait_s: float, *, now: bool = False) -> bool:
         """Ask for news (unless a question is in flight, or the previous one went out less than

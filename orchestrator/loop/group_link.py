@@ -296,7 +296,7 @@ class Pulse:
 
     def __init__(self, link: CoordinatorLink, rank: int, every_s: float) -> None:
         self.link, self.rank, self.every_s = link, rank, every_s
-        self._last = 0.0
+        self._last = -math.inf  # the first sign goes out at once (monotonic time may start near 0)
 
     def progress(self, epoch: int, step: int, running_loss: float) -> None:
         """Rank 0 sends the cluster-wide running loss; every other rank a heartbeat (fire and forget)."""
