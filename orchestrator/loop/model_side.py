@@ -7,6 +7,12 @@ its gradient all-reduce), or with ``strategy="fsdp"`` the FSDP2-sharded model, w
 small all-reduce of their own (:class:`~orchestrator.loop.fsdp.ShardedSignals`). The data side
 and the named state components are built by :class:`~orchestrator.loop.train_loop.TrainLoop`.
 
+DDP runs with ``gradient_as_bucket_view=True``: after a step's first synced backward every gradient
+is a view into DDP's all-reduce buckets, so a step copies the gradients into the buckets once and
+never back (torch's default copies both ways): about 3% of a step of benchmarks/workload.py's MLP on
+one CPU thread. The gradients' values are the same; a user's code may still read them, change them in
+place (clipping, unscaling) or set them to None, but not ``detach_()`` them.
+
 When the loop ends, :func:`release_reducer` frees DDP's reducer at once. Left to the garbage
 collector, after ``destroy_process_group``, the reducer can hold the gloo group's last reference
 and destroy it holding the GIL; the group's destructor then waits for its worker thread, which may
@@ -99,7 +105,8 @@ def build_model_side(cfg: LoopConfig, device: torch.device, world_size: int) -> 
     else:
         compile_model(model, cfg.compile, device)  # its forward, in place: plain state_dict keys
         signalled = SignalledModule(model)
-        ddp = DistributedDataParallel(signalled, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DistributedDataParallel(signalled, device_ids=[device.index] if device.type == "cuda" else None,
+                                      gradient_as_bucket_view=True)  # see the module
         signals = DdpSignals(ddp, signalled.signal, world_size)
     return ModelSide(model=model, optimizer=optimizer, precision=precision,
                      lr_scheduler=lr_scheduler, lrs=LearningRates(optimizer, lr_scheduler, cfg.lr_scheduler_interval),
