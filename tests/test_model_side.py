@@ -1,5 +1,5 @@
-"""The model side's end (DDP's reducer freed when the loop ends, whatever ends it) and the loop's
-time-gated signs of life (Pulse). One-rank gloo group in this process, no Ray."""
+"""The model side's end (DDP's reducer freed when the loop ends, whatever ends it), its gradients (views of
+DDP's buckets, checked for non-finite values as few spans) and the loop's time-gated signs of life (Pulse). One-rank gloo group in this process, no Ray."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from orchestrator.loop.group_link import Pulse
+from orchestrator.loop.model_side import build_model_side
+from orchestrator.loop.steps import contiguous_spans
 from orchestrator.loop.specs import TrainSpec
 from orchestrator.loop.train_loop import TrainLoop
 from test_train_loop import InProcessLink, StandInCoordinator, _config
@@ -78,3 +80,33 @@ def test_a_pulse_sends_at_most_one_sign_per_interval_shared_by_progress_and_hear
     eager.beat()
     eager.beat()
     assert link.calls == [("heartbeat",), ("heartbeat",)]
+
+
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+
+def _backward(side, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = torch.nn.functional.mse_loss(side.ddp(x), y)
+    term = side.signals.term(torch.tensor([0.0, loss.item() * len(x), float(len(x)), 0.0, 0.0]))
+    torch.autograd.backward([loss, term])
+
+
+@pytest.mark.parametrize("poisoned", [None, 0, 1, 2, 3])
+def test_ddps_gradients_are_views_of_its_buckets_and_a_nan_in_any_of_them_is_flagged(group, poisoned):
+    side = build_model_side(_config(model=_mlp), torch.device("cpu"), world_size=1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for _ in range(2):  # DDP's buckets are rebuilt after its first step
+        _backward(side, x, y)
+        side.signals.collect(list(side.model.parameters()))
+        side.optimizer.zero_grad(set_to_none=True)
+    _backward(side, x, y)
+    params = list(side.model.parameters())
+    storages = {p.grad.untyped_storage().data_ptr() for p in params}
+    assert len(storages) < len(params)  # they share the buckets' storage (no copy back after the all-reduce)
+    assert len(contiguous_spans([p.grad for p in params])) == len(storages)
+    if poisoned is not None:
+        params[poisoned].grad.view(-1)[-1] = float("nan")
+    values = side.signals.collect(params)
+    assert values[2] == 8.0  # the batch size rode the all-reduce as the signal's gradient
+    assert values[-1] == (0.0 if poisoned is None else 1.0)

@@ -1,4 +1,5 @@
-"""nonfinite_flag: the gradient check every optimizer step makes, on every dtype a gradient may have."""
+"""nonfinite_flag: the gradient check every optimizer step makes, on every dtype a gradient may have, and the
+contiguous spans that read DDP's bucket views as few tensors."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.loop.steps import nonfinite_flag
+from orchestrator.loop.steps import contiguous_spans, nonfinite_flag, nonfinite_sums
 
 CPU = torch.device("cpu")
 NAN, INF = float("nan"), float("inf")
@@ -56,3 +57,47 @@ def test_a_sparse_gradient_is_checked_on_its_values():
 def test_the_flag_is_a_boolean_scalar_on_the_requested_device():
     flag = nonfinite_flag([torch.ones(2)], CPU)
     assert flag.shape == () and flag.dtype == torch.bool and flag.device == CPU
+
+
+# -- contiguous spans: the gradients of DDP's buckets read as few tensors ------------------------------------
+def _flat(n: int = 12) -> torch.Tensor:
+    return torch.arange(float(n))
+
+
+@pytest.mark.parametrize("pieces, expected", [
+    (lambda f: [f[4:8], f[0:4], f[8:12]], [(0, 12)]),  # end to end, in any order: one span
+    (lambda f: [f[0:4], f[5:8]], [(0, 4), (5, 8)]),  # a gap: the element between is not read
+    (lambda f: [f[0:6], f[3:9]], [(0, 6), (3, 9)]),  # an overlap: each read as it is
+    (lambda f: [f[0:8], f[2:4], f[4:6]], [(0, 8), (2, 6)]),  # contained, then adjacent to what contains it
+    (lambda f: [f[0:6].view(2, 3), f[6:12].view(3, 2)], [(0, 12)]),  # shapes do not matter, only the elements
+    (lambda f: [f[0:4], torch.ones(3)], [(0, 4), "ones"]),  # other storages stay as they are
+])
+def test_contiguous_spans_cover_every_element_and_nothing_else(pieces, expected):
+    flat = _flat()
+    tensors = pieces(flat)
+    spans = contiguous_spans(tensors)
+    got = ["ones" if s.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+           else (s.storage_offset(), s.storage_offset() + s.numel()) for s in spans]
+    assert sorted(got, key=str) == sorted(expected, key=str)
+    covered = sorted(float(v) for s in spans if s.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+                     for v in s.reshape(-1))
+    assert set(covered) == {float(v) for t in tensors if t.untyped_storage().data_ptr() ==
+                            flat.untyped_storage().data_ptr() for v in t.reshape(-1)}
+
+
+def test_non_contiguous_tensors_and_views_of_another_dtype_are_not_merged():
+    flat = _flat()
+    strided = flat[0:8].view(4, 2).t()  # not contiguous
+    as_int = flat[8:12].view(torch.int32)  # the same storage, another dtype
+    spans = contiguous_spans([strided, flat[8:10], as_int])
+    assert any(s is strided for s in spans) and any(s is as_int for s in spans) and len(spans) == 3
+
+
+def test_a_nan_in_one_of_the_gradients_that_share_a_bucket_is_found():
+    flat = torch.randn(1000)
+    grads = [flat[600:], flat[:100], flat[100:600].view(10, 50)]
+    parts = contiguous_spans(grads)
+    assert len(parts) == 1 and not nonfinite_sums([t.sum().item() for t in parts], parts)
+    flat[350] = NAN
+    assert nonfinite_sums([t.sum().item() for t in parts], parts)
+    assert bool(nonfinite_flag(grads, CPU))

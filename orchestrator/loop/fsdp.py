@@ -35,6 +35,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from orchestrator.loop.steps import nonfinite_flag
+
 #: Submodule classes :func:`default_wrap` always shards on their own.
 TRANSFORMER_LAYERS: tuple[type, ...] = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
 #: A submodule with at least this many parameters (and 1/8 of the model's) is its own unit by default.
@@ -113,7 +115,7 @@ class ShardedSignals:
     Example:
         >>> signals = ShardedSignals(model, torch.device("cpu"))  # doctest: +SKIP
         >>> signals.term(torch.ones(5))  # None: nothing is added to the loss  # doctest: +SKIP
-        >>> signals.collect(torch.zeros(1))  # [sums over ranks..., gradient flag]  # doctest: +SKIP
+        >>> signals.collect(params)  # [sums over ranks..., gradient flag]  # doctest: +SKIP
     """
 
     dtype = torch.float32
@@ -138,12 +140,10 @@ class ShardedSignals:
         """Add the step's signal values, summed over its micro-batches (nothing is added to the loss)."""
         self._sums.add_(values.to(self.dtype))
 
-    def grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """This rank's shards of the parameters' gradients (checked locally, then all-reduced)."""
-        return [None if p.grad is None else local(p.grad) for p in params]
-
-    def collect(self, bad_grads: torch.Tensor) -> list[float]:
-        """``[sums of the signals over ranks..., ranks whose gradient shard is non-finite]``: one all-reduce."""
+    def collect(self, params: list[torch.Tensor]) -> list[float]:
+        """``[sums of the signals over ranks..., ranks whose gradient shard is non-finite]``: one all-reduce
+        (each rank checks its own shards of ``params``' gradients)."""
+        bad_grads = nonfinite_flag([None if p.grad is None else local(p.grad) for p in params], self.device)
         values = torch.cat([self._sums, bad_grads.to(self.dtype).reshape(1)])
         dist.all_reduce(values)
         self._sums.zero_()

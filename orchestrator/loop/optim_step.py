@@ -33,7 +33,7 @@ import torch
 
 from orchestrator.loop.data import drain
 from orchestrator.loop.rank_state import MetricSums
-from orchestrator.loop.steps import move_to, nonfinite_flag, split_output
+from orchestrator.loop.steps import move_to, split_output
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -288,9 +288,9 @@ class OptimStep:
                 term = signals.term(torch.tensor(pending, dtype=dtype) if on_cpu else pending)
                 # one backward pass from both roots (the term's gradient reaches only the signal)
                 torch.autograd.backward([scaled] if term is None else [scaled, term])
-        # the verdict on the gradients is the same on every rank (DDP: identical gradients; FSDP: all-reduced flags)
-        bad_grads = nonfinite_flag(signals.grads(self.params), device).to(dtype).reshape(1)
-        bad_loss, loss_sum, n_sum, preempted, ended, bad = signals.collect(bad_grads)  # the step's one device sync
+        # the step's one device sync; the verdict on the gradients (`bad`) is the same on every rank
+        # (DDP: identical gradients; FSDP: all-reduced flags)
+        bad_loss, loss_sum, n_sum, preempted, ended, bad = signals.collect(self.params)
         if self.before_update is not None:
             self.before_update()
         nonfinite = bad_loss > 0 or (bad > 0 and scaler is None)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator.loop.steps import contiguous_spans, nonfinite_flag, nonfinite_sums
+
 
 class SignalledModule(torch.nn.Module):
     """The user's model plus a small parameter whose gradient carries per-step signals.
@@ -49,6 +51,8 @@ class DdpSignals:
         self.ddp, self.signal, self.world_size = ddp, signal, world_size
         self.dtype, self.device = signal.dtype, signal.device
 
+    SIZE = SignalledModule.SIZE
+
     def no_sync(self) -> Any:
         """A micro-batch whose gradients are only accumulated (no all-reduce)."""
         return self.ddp.no_sync()
@@ -58,15 +62,24 @@ class DdpSignals:
         ``values``, the step's signals summed over its micro-batches."""
         return torch.dot(self.signal, values)
 
-    def grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """The (all-reduced, identical on every rank) gradients to check."""
-        return [p.grad for p in params]
+    def collect(self, params: list[torch.Tensor]) -> list[float]:
+        """``[sums of the signals over ranks..., gradient flag]``: the all-reduced signal gradient, and
+        whether an element of ``params``' gradients (all-reduced: the same on every rank) is non-finite.
 
-    def collect(self, bad_grads: torch.Tensor) -> list[float]:
-        """``[sums of the signals over ranks..., gradient flag]`` from the all-reduced signal gradient."""
-        values = torch.cat([self.signal.grad * self.world_size, bad_grads.to(self.dtype).reshape(1)]).tolist()
+        On CPU the gradients are summed as few spans (:func:`~orchestrator.loop.steps.contiguous_spans`:
+        DDP's bucket views) and read with the signals in one ``tolist``; elsewhere (or with a sparse
+        gradient) :func:`~orchestrator.loop.steps.nonfinite_flag` decides, without a device sync.
+        """
+        signal = self.signal.grad * self.world_size
         self.signal.grad = None
-        return values
+        grads = [g for g in (p.grad for p in params) if g is not None and g.numel()]
+        if self.device.type == "cpu" and not any(g.is_sparse or g.device.type != "cpu" for g in grads):
+            parts = contiguous_spans(grads)
+            if not parts:
+                return signal.tolist() + [0.0]
+            values = torch.cat([signal, torch.stack([t.sum() for t in parts])]).tolist()
+            return values[:self.SIZE] + [float(nonfinite_sums(values[self.SIZE:], parts))]
+        return torch.cat([signal, nonfinite_flag(grads, self.device).to(self.dtype).reshape(1)]).tolist()
 
 
 def init_process_group(backend: str, master_addr: str, master_port: int, rank: int, world_size: int,

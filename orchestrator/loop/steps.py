@@ -133,6 +133,65 @@ def nonfinite_flag(tensors: Iterable[torch.Tensor | None], device: torch.device)
 
 def _cpu_nonfinite(group: list[torch.Tensor]) -> bool:
     """Whether an element of ``group`` (CPU tensors of one dtype) is NaN or infinite."""
-    if all(map(math.isfinite, torch.stack([t.sum() for t in group]).tolist())):
-        return False  # the common case: one sum per tensor proves every element finite
-    return not bool(torch.stack([torch.stack(torch.aminmax(t)) for t in group]).isfinite().all())
+    parts = contiguous_spans(group)
+    return nonfinite_sums(torch.stack([t.sum() for t in parts]).tolist(), parts)
+
+
+def nonfinite_sums(sums: list[float], parts: list[torch.Tensor]) -> bool:
+    """Whether an element of ``parts`` (CPU tensors) is NaN or infinite, given each one's sum.
+
+    The common case costs nothing more: when every sum is finite so is every element. A sum that is
+    not (a bad element, or finite values whose sum overflows) is decided exactly by each tensor's
+    ``aminmax`` (see :func:`nonfinite_flag`).
+
+    Example:
+        >>> parts = [torch.full((2,), 3e38)]
+        >>> nonfinite_sums([t.sum().item() for t in parts], parts)  # the sum overflows, no element is bad
+        False
+    """
+    if all(map(math.isfinite, sums)):
+        return False
+    return not bool(torch.stack([torch.stack(torch.aminmax(t)) for t in parts]).isfinite().all())
+
+
+def contiguous_spans(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The elements of ``tensors`` (dense, non-empty) as few tensors: contiguous tensors that lie end to
+    end in one storage (as DDP's gradients do with ``gradient_as_bucket_view``: views into its all-reduce
+    buckets) become one 1-D view of that span; any other tensor is kept as it is. Every element of
+    ``tensors`` is in a result, and nothing else is (tensors that overlap are read once each), so a
+    pass (a sum) over each result reads every element: two sums instead of six for
+    benchmarks/workload.py's MLP.
+
+    Example:
+        >>> flat = torch.arange(6.0)
+        >>> [tuple(t.shape) for t in contiguous_spans([flat[3:], flat[:3], torch.ones(2)])]
+        [(6,), (2,)]
+    """
+    loose: list[torch.Tensor] = []
+    stored: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.is_contiguous():
+            stored.setdefault((t.untyped_storage().data_ptr(), t.dtype), []).append(t)
+        else:
+            loose.append(t)
+    for group in stored.values():
+        if len(group) == 1:
+            loose.append(group[0])
+            continue
+        group.sort(key=torch.Tensor.storage_offset)
+        first = group[0]
+        begin = first.storage_offset()
+        end = begin + first.numel()
+        for t in group[1:]:
+            offset = t.storage_offset()
+            if offset != end:  # a gap, or an overlap: the span ends here
+                loose.append(_span(first, begin, end))
+                first, begin = t, offset
+            end = offset + t.numel()
+        loose.append(_span(first, begin, end))
+    return loose
+
+
+def _span(base: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+    return base if base.storage_offset() == begin and base.numel() == end - begin and base.dim() == 1 \
+        else base.as_strided((end - begin,), (1,), begin)
