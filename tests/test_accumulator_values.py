@@ -27,3 +27,22 @@ def test_a_non_finite_loss_stays_non_finite_in_the_float_path():
     assert math.isnan(sums.add_values([float("nan"), 0.5], ["acc"], 4)[0]) and math.isnan(sums.totals[0].item())
     assert sums.add_values([float("inf"), 0.5], ["acc"], 4)[0] == float("inf")
     assert sums.totals[1].item() == 4.0
+
+
+def test_a_state_dict_of_the_float_path_is_a_snapshot_and_a_loaded_one_goes_on_adding_exactly():
+    sums, reference = Accumulator(), Accumulator()
+    for values, n in (([0.25, 1.0], 4), ([0.5, 0.0], 2)):
+        sums.add_values(values, ["acc"], n)
+        reference.add(torch.tensor(values[0], dtype=torch.float64), {"acc": torch.tensor(values[1])}, n)
+    snapshot = sums.state_dict()
+    kept = snapshot["totals"].clone()
+    sums.add_values([3.0, 1.0], ["acc"], 1)
+    assert torch.equal(snapshot["totals"], kept) and snapshot["count"] == 6  # later batches do not change it
+    assert sums.phase_sums().totals == {"loss": 5.0, "acc": 5.0} and sums.phase_sums().count == 7
+    resumed = Accumulator()
+    resumed.load_state_dict(snapshot)
+    resumed.add_values([3.0, 1.0], ["acc"], 1)
+    reference.add(torch.tensor(3.0, dtype=torch.float64), {"acc": torch.tensor(1.0)}, 1)
+    assert torch.equal(resumed.totals, reference.totals) and torch.equal(resumed.totals, sums.totals)
+    resumed.clear()
+    assert resumed.totals is None and resumed.phase_sums().totals == {} and resumed.count == 0

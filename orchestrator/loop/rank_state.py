@@ -108,7 +108,9 @@ class Position:
 
 
 class Accumulator:
-    """Sums of ``value * n`` for the loss and every metric, kept on the device in float64.
+    """Sums of ``value * n`` for the loss and every metric, in float64: a tensor on the device, or on
+    a CPU rank Python floats (:meth:`add_values`, the same IEEE double sums) turned into that tensor
+    only when :attr:`totals` is read (a snapshot, a backup).
 
     Args:
         device: Where a loaded state's sums go. Defaults to ``None``: where they were saved from (CPU).
@@ -123,35 +125,49 @@ class Accumulator:
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device
         self.names: list[str] = []
-        self.totals: torch.Tensor | None = None
+        self._tensor: torch.Tensor | None = None  # the sums as a tensor, when it holds the newest
+        self._floats: list[float] | None = None  # the sums as Python floats (add_values), when they are the newest
         self.count = 0
+
+    @property
+    def totals(self) -> torch.Tensor | None:
+        """The sums (float64; ``None`` before the first batch). Never changed in place afterwards: a
+        ``state_dict()`` handed out stays a snapshot (see live.py)."""
+        if self._tensor is None and self._floats is not None:
+            self._tensor = torch.tensor(self._floats, dtype=torch.float64)
+        return self._tensor
 
     def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         """Add one batch; return the batch's ``loss * n`` (float64, on the device)."""
         weighted = torch.stack([loss, *(v.detach().to(loss.device) for v in metrics.values())]).double() * n
-        self._accumulate(["loss", *metrics], weighted, n)
+        totals = self.totals
+        if totals is None:
+            self.names, self._tensor = ["loss", *metrics], weighted
+        else:  # a new tensor, never an in-place add (see totals)
+            self._tensor = totals + weighted
+        self._floats = None
+        self.count += n
         return weighted[0]
 
     def add_values(self, values: list[float], metric_names: list[str], n: int) -> list[float]:
         """Add one batch given as Python floats ``[loss, *metrics]`` (a CPU loop reads them without a
         device sync); return ``value * n`` for each, the same float64 numbers :meth:`add` computes."""
         weighted = [v * n for v in values]
-        self._accumulate(["loss", *metric_names], torch.tensor(weighted, dtype=torch.float64), n)
+        sums = self._floats if self._floats is not None else self._tensor.tolist() if self._tensor is not None else None
+        if sums is None:
+            self.names, self._floats = ["loss", *metric_names], list(weighted)
+        else:
+            self._floats = [a + b for a, b in zip(sums, weighted)]
+        self._tensor = None
+        self.count += n
         return weighted
 
-    def _accumulate(self, names: list[str], weighted: torch.Tensor, n: int) -> None:
-        if self.totals is None:
-            self.names, self.totals = names, weighted
-        else:  # a new tensor, never an in-place add: a state_dict() handed out stays a snapshot (see live.py)
-            self.totals = self.totals + weighted
-        self.count += n
-
     def clear(self) -> None:
-        self.names, self.totals, self.count = [], None, 0
+        self.names, self._tensor, self._floats, self.count = [], None, None, 0
 
     def phase_sums(self) -> PhaseSums:
         """The sums as Python floats (one device sync)."""
-        values = self.totals.tolist() if self.totals is not None else []
+        values = self._floats if self._floats is not None else self._tensor.tolist() if self._tensor is not None else []
         return PhaseSums(totals=dict(zip(self.names, values)), count=self.count)
 
     def state_dict(self) -> dict[str, Any]:
@@ -160,7 +176,8 @@ class Accumulator:
     def load_state_dict(self, state: Mapping[str, Any], /) -> None:
         totals = state["totals"]
         self.names, self.count = list(state["names"]), int(state["count"])
-        self.totals = totals.to(self.device) if totals is not None and self.device is not None else totals
+        self._tensor = totals.to(self.device) if totals is not None and self.device is not None else totals
+        self._floats = None
 
 
 class MetricSums:

@@ -93,6 +93,20 @@ def split_output(out: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Te
     return loss, metrics, n
 
 
+_EXACT_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def as_number(value: torch.Tensor) -> float:
+    """A one-element CPU tensor's value as a Python float, rounded to float32 (as an accelerator's
+    metric sums round it: ``.float()`` first); one ``item()`` for the float dtypes a step returns.
+
+    Example:
+        >>> as_number(torch.tensor(0.1, dtype=torch.float64)) == torch.tensor(0.1).item() != 0.1
+        True
+    """
+    return value.item() if value.dtype in _EXACT_IN_FLOAT32 else value.detach().float().item()
+
+
 def nonfinite_flag(tensors: Iterable[torch.Tensor | None], device: torch.device) -> torch.Tensor:
     """A 0-dim tensor on ``device``: ``True`` when any element of ``tensors`` is NaN or infinite.
 
