@@ -128,3 +128,20 @@ def test_the_recovery_timeline_is_emitted_once_with_every_part():
     assert fields == {"source": "memory", "rank": 1, "step": 7, "detection_s": 0.2, "secured_s": 0.1,
                       "reformed_s": 1.0, "transferred_s": 0.25, "first_step_s": 0.75, "lost_steps": 1}
     assert timeline.first_step(103.0) is None
+
+
+def test_a_buffer_replaced_between_two_steps_is_copied_as_the_boundary_holds_it():
+    model, optimizer, position, sums, components = rank()
+    live = LiveState(components, rank=1, seed=0)
+    live.mark(position)  # the first boundary lists the modules
+    live.unmark()
+    train_step(model, optimizer, sums, position, 0, 0)
+    model[1].running_mean = torch.full((4,), 7.0)  # a new tensor under a registered buffer's name
+    model[1].register_buffer("scratch", torch.ones(2), persistent=False)  # not in the state: not copied
+    live.mark(position)  # a step's boundary: the listed modules' buffers are read again
+    live.started()
+    model(torch.randn(8, 4))  # the in-flight forward moves the statistics
+    header, payload = live.copy(shared=True, timeout_s=1.0)
+    assert header["ok"] and header["step"] == 1
+    assert torch.equal(payload["shared"]["model"]["1.running_mean"], torch.full((4,), 7.0))
+    assert "1.scratch" not in live._buffers and "1.running_var" in live._buffers

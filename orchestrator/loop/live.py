@@ -136,6 +136,7 @@ class LiveState:
         self._step: int | None = None  # the global step of the marked boundary; None while state changes
         self._own: dict[str, Any] = {}
         self._buffers: dict[str, torch.Tensor] = {}
+        self._modules: list[tuple[str, torch.nn.Module]] | None = None  # (key prefix, module) of the model
         self._started = False  # the step after the boundary has begun (it is redone after a recovery)
         self._frozen = False
 
@@ -146,13 +147,27 @@ class LiveState:
             return
         own = {name: self.components[name].stateful.state_dict()  # snapshots: nothing to copy (see the module)
                for name in CARRIED if name in self.components}
-        model = self.components.get("model")  # its buffers (batch norm statistics) change in the forward pass
-        buffers = {k: b.detach().clone() for k, b in model.stateful.named_buffers()} \
-            if model is not None and isinstance(model.stateful, torch.nn.Module) else {}
+        buffers = self._buffers_now(position)
         with self._cond:
             self._wait_unfrozen()
             self._own, self._buffers, self._step, self._started = own, buffers, position.global_step, False
             self._cond.notify_all()
+
+    def _buffers_now(self, position: Any) -> dict[str, torch.Tensor]:
+        """Copies of the model's persistent buffers (batch norm statistics change in the forward pass).
+
+        The modules are listed again at every boundary that is not a step's (an epoch's begin, a
+        sync point): walking them with ``named_buffers()`` each step cost more than the copies of a
+        model without buffers. Each module's buffers are read at every boundary (a lazy module's
+        buffers are materialised in place, into the same module)."""
+        model = self.components.get("model")
+        if model is None or not isinstance(model.stateful, torch.nn.Module):
+            return {}
+        if self._modules is None or position.phase != "batch":
+            self._modules = [(f"{prefix}." if prefix else "", module) for prefix, module in model.stateful.named_modules()]
+        return {prefix + name: b.detach().clone() for prefix, module in self._modules
+                for name, b in module._buffers.items()
+                if b is not None and name not in module._non_persistent_buffers_set}
 
     @property
     def marked(self) -> bool:
