@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import workload
 
 
-def _share_as(strategy: str | None) -> Callable[[int], None] | None:
+def share_as(strategy: str | None) -> Callable[[int], None] | None:
     """A loader ``worker_init_fn`` that sets torch's sharing ``strategy`` in each worker (None: torch's default)."""
     if strategy is None:
         return None
@@ -68,14 +68,14 @@ def train(ddp: torch.nn.Module, model: torch.nn.Module, epochs: int, config: dic
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=0)
     workers = config.get("loader_workers", 0)
     loader = DataLoader(train_ds, batch_size=workload.BATCH, sampler=sampler, num_workers=workers,
-                        persistent_workers=workers > 0, worker_init_fn=_share_as(config.get("sharing")))
+                        persistent_workers=workers > 0, worker_init_fn=share_as(config.get("sharing")))
     schedule = workload.warmup_cosine(optimizer, workload.optimizer_steps(epochs, world, config),
                                       config["warmup_steps"]) if "warmup_steps" in config else None
     # validation reads through the same worker processes (as fit's loader_workers and torch's reference examples)
     val_loader = DataLoader(val_ds, batch_size=workload.BATCH,
                             sampler=DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False),
                             num_workers=workers, persistent_workers=workers > 0,
-                            worker_init_fn=_share_as(config.get("sharing")))
+                            worker_init_fn=share_as(config.get("sharing")))
     loss_fn = torch.nn.functional.cross_entropy
     timings: dict[str, Any] = {"epoch_starts": [], "epoch_steps": []}
     dist.barrier()

@@ -1,6 +1,7 @@
 """What one training rank does per step beyond a hand-written DDP loop, in one process (no Ray).
 
     python benchmarks/rank_overhead.py [--steps 64] [--blocks 20] [--warmup 2] [--threads 1] [--realistic]
+                                       [--hand-sharing file_system]
 
 A one-rank gloo group (file:// store in a temporary folder) and the benchmark workload
 (benchmarks/workload.py: MLP 256-512-512-10, batch 64, SGD with momentum, cross-entropy and
@@ -17,7 +18,10 @@ accuracy). Two loops take turns, block by block (hand fit fit hand hand fit ...)
 two persistent DataLoader worker processes, bf16 autocast, two micro-batches per optimizer step (DDP
 ``no_sync`` on the first) and the warm-up + cosine LambdaLR stepped every optimizer step. The loader
 workers' CPU time (from /proc, user + system) is then printed per optimizer step for each loop too:
-it is spent in other processes, which compete with the ranks for the cores.
+it is spent in other processes, which compete with the ranks for the cores. Fit's loader workers
+send batches as named shared-memory files (orchestrator/loop/data.py); the hand-written loop's use
+torch's default unless ``--hand-sharing file_system`` gives them fit's setting (like for like: the
+receiving side's cost then counts the same on both).
 
 A hand block runs inside the fit loop's epoch-begin or epoch-end sync call, so the two alternate in
 the same process under the same load. Per block the main thread's CPU time (``time.thread_time``:
@@ -48,6 +52,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import ddp_baseline  # noqa: E402
 import workload  # noqa: E402
 
 from orchestrator.core.config import LoopConfig  # noqa: E402
@@ -140,7 +145,7 @@ class HandLoop:
     ``--realistic`` variant; one data pass then spans blocks, as the fit loop's epochs do)."""
 
     def __init__(self, steps: int, realistic: bool = False, total_steps: int = 1, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, sharing: str | None = None) -> None:
         self.steps, self.realistic = steps, realistic
         real = workload.REALISTIC if realistic else {}
         self.accumulate = real.get("accumulate_grad_batches", 1)
@@ -153,7 +158,7 @@ class HandLoop:
         self.sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
         workers = real.get("loader_workers", 0)
         self.loader = DataLoader(train_ds, batch_size=workload.BATCH, sampler=self.sampler, num_workers=workers,
-                                 persistent_workers=workers > 0)
+                                 persistent_workers=workers > 0, worker_init_fn=ddp_baseline.share_as(sharing))
         self.block = 0
         self.data_pass = 0
         self._batches: Any = None
@@ -350,11 +355,11 @@ class BenchLink:
 
 
 def run(steps: int, blocks: int, warmup: int, breakdown: bool = False, realistic: bool = False, rank: int = 0,
-        world_size: int = 1, clock: Callable[[], float] = time.thread_time) -> BenchLink:
+        world_size: int = 1, clock: Callable[[], float] = time.thread_time, hand_sharing: str | None = None) -> BenchLink:
     """Alternate ``warmup + blocks`` hand and fit blocks of ``steps`` steps on this ``rank`` of the formed
     group; the link holds the times by ``clock`` (and ``PARTS`` the timed parts, with ``breakdown``)."""
     total_steps = (warmup + blocks) * steps
-    hand = HandLoop(steps, realistic, total_steps, rank, world_size)
+    hand = HandLoop(steps, realistic, total_steps, rank, world_size, hand_sharing)
     link = BenchLink(hand, warmup, breakdown, clock)
     real: dict[str, Any] = {}
     if realistic:
@@ -388,6 +393,9 @@ def main() -> None:
     parser.add_argument("--realistic", action="store_true",
                         help="workload.REALISTIC: loader workers, bf16 autocast, accumulation, warm-up + cosine")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the second, timed-parts run")
+    parser.add_argument("--hand-sharing", choices=["file_descriptor", "file_system"], default=None,
+                        help="the hand-written loop's loader workers use this torch sharing strategy (default: torch's; "
+                        "fit's use file_system): like for like with file_system")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
@@ -395,11 +403,15 @@ def main() -> None:
     print(f"settings: steps per block {args.steps}, timed blocks {args.blocks} of each loop (after "
           f"{args.warmup} warm-up), world size 1 (gloo, file:// store), model MLP {workload.FEATURES}-512-512-"
           f"{workload.CLASSES}, batch {workload.BATCH}, SGD lr {workload.LR} momentum 0.9, metrics: accuracy; "
-          f"{workload.REALISTIC if args.realistic else 'plain fp32, 1 micro-batch, constant lr'}")
+          f"{workload.REALISTIC if args.realistic else 'plain fp32, 1 micro-batch, constant lr'}"
+          + (f"; loader workers' sharing strategy: fit file_system, hand-written loop "
+             f"{args.hand_sharing or 'torch default (' + torch.multiprocessing.get_sharing_strategy() + ')'}"
+             if args.realistic else ""))
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
         try:
-            link = run(args.steps, args.blocks, args.warmup, realistic=args.realistic)
+            link = run(args.steps, args.blocks, args.warmup, realistic=args.realistic,
+                       hand_sharing=args.hand_sharing)
             hand, fit = statistics.median(link.hand_times), statistics.median(link.fit_times)
             print("\nper-step main-thread CPU time, median over blocks (ms):")
             print(f"  hand-written DDP loop  {_ms(hand)}  (blocks: min {_ms(min(link.hand_times))}, "
@@ -413,7 +425,8 @@ def main() -> None:
                       f"hand {_ms(link.hand_worker_cpu / steps)}, fit {_ms(link.fit_worker_cpu / steps)}")
             if not args.no_breakdown:
                 patch_classes()
-                link = run(args.steps, args.blocks, args.warmup, breakdown=True, realistic=args.realistic)
+                link = run(args.steps, args.blocks, args.warmup, breakdown=True, realistic=args.realistic,
+                       hand_sharing=args.hand_sharing)
                 _print_breakdown(link)
         finally:
             dist.destroy_process_group()
