@@ -22,8 +22,11 @@ inside ``TorchTrainer``, as its user guide writes one: the model wrapped by
 ``ray.train.torch.prepare_model`` (DDP over gloo), the DataLoaders with DistributedSamplers (what
 ``prepare_data_loader`` adds), and ``ray.train.report`` of the epoch's metrics after every epoch. It
 saves no checkpoints, nor does torchrun's loop; Trainer.fit backs up every epoch (BackupAndRestore).
-The sides run in an order that rotates from repeat to repeat; ratios are medians of the per-repeat ratios,
-with a distribution-free interval for the median where there are enough repeats (benchmarks/spread.py).
+The sides take turns through every order of them (benchmarks/settle.py: with a cyclic rotation each side
+always ran right after the same other side, and a side that ran after a Ray side paid for that
+instance's processes ending), and each starts once the previous side's processes have ended and the
+machine is quiet (at most 30 s). Ratios are medians of the per-repeat ratios, with a
+distribution-free interval for the median where there are enough repeats (benchmarks/spread.py).
 
 Loader workers (``--realistic``): every side reads its training and its validation batches through
 persistent DataLoader worker processes (fit's ``loader_workers`` serves both). Fit's workers send
@@ -62,6 +65,7 @@ sys.path.insert(0, str(HERE))
 
 import ray  # noqa: E402
 
+import settle  # noqa: E402
 import spread  # noqa: E402
 import workload  # noqa: E402
 from orchestrator import Trainer, callbacks  # noqa: E402
@@ -235,7 +239,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, ray {ray.__version__}, epochs {args.epochs}, repeats {args.repeats}, "
           f"batch {workload.BATCH}/worker, 2 workers x 1 thread, "
           f"config {workload.REALISTIC if args.realistic else 'plain fp32, 1 micro-batch, constant lr'}; "
-          f"timed: {timed}, from each side's epoch times; sides in rotating order; each fit starts its own local "
+          f"timed: {timed}, from each side's epoch times; sides in every order in turn, each after a wait for a quiet machine; each fit starts its own local "
           f"Ray (RAY_ADDRESS=local)"
           + ("; Ray Train v2 (RAY_TRAIN_V2_ENABLED=1) runs the hand-written loop" if with_ray_train else "")
           + ("; Ray actors: the hand-written loop in 2 plain Ray actors on a Ray started as fit's" if args.ray_actors
@@ -256,10 +260,11 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in sides}
     config = workload.REALISTIC if args.realistic else {}
     hand_config = dict(config, sharing=args.hand_sharing) if args.hand_sharing else config
-    for i in range(args.repeats):  # interleaved, so drift hits every side alike
-        names = list(sides)
+    waits: list[float] = []
+    for i, order in enumerate(settle.side_orders(list(sides), args.repeats)):  # interleaved: drift hits every side alike
         measured = {}
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in order:
+            waits.append(settle.wait_quiet())  # the previous side's processes end before this one starts
             measured[name] = sides[name](args.epochs, config if name in ("fit", "bare fit") else hand_config)
             rates[name].append(measured[name][0] / measured[name][1])
         fs, ft = measured["fit"]
@@ -281,6 +286,7 @@ def main() -> None:
     fit_best = max(rates["fit"])
     ddp_best = max(rates["torchrun DDP"])
     paired = [f / d for f, d in zip(rates["fit"], rates["torchrun DDP"])]
+    print(f"waited for a quiet machine before each side: median {spread.median(waits):.1f} s, max {max(waits):.1f} s")
     print(f"best of {args.repeats}: fit {fit_best:.1f} steps/s, DDP {ddp_best:.1f} steps/s, "
           f"ratio {fit_best / ddp_best:.3f}")
     for name, values in rates.items():
