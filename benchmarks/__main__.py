@@ -113,10 +113,15 @@ SUITE = [
           "per-step CPU time of one rank's TrainLoop beside a hand-written DDP loop in one process (no Ray), "
           "blocks interleaved, with a timed breakdown of where the extra time goes",
           quick=["--blocks", "6", "--steps", "32"], timeout_s=900),
+    Bench("realistic rank step overhead", "rank_overhead.py",
+          "the same in the realistic configuration, like for like: the hand-written loop's loader workers send "
+          "batches as fit's do (named shared-memory files)",
+          full=["--realistic", "--hand-sharing", "file_system"], timeout_s=900, in_quick=False),  # about 1 minute
     Bench("two ranks without Ray", "two_ranks.py",
           "wall time per optimizer step of TrainLoop beside the hand-written DDP loop on two gloo ranks (two "
-          "processes, no Ray), blocks interleaved, plain and realistic: the loop's own share of fit's gap",
-          quick=["--blocks", "3", "--configs", "plain"], timeout_s=900),
+          "processes, no Ray), blocks interleaved, plain and realistic (like for like: the hand-written loop's "
+          "loader workers send batches as fit's do): the loop's own share of fit's gap",
+          quick=["--blocks", "3", "--configs", "plain"], full=["--hand-sharing", "file_system"], timeout_s=900),
     Bench("validation notices", "validation_notices.py",
           "time of a validation pass that watches for preemption notices (2 gloo ranks, no Ray): the notices "
           "checked every round against the default pace (rounds 0 and 1, then about every 0.5 s), alternating",

@@ -1,6 +1,7 @@
 """The fit loop beside the hand-written DDP loop on two ranks, without Ray: wall time per step.
 
     python benchmarks/two_ranks.py [--configs plain realistic] [--steps N] [--blocks 10] [--warmup 2]
+                                    [--hand-sharing file_system]
 
 benchmarks/rank_overhead.py's alternating blocks (hand fit fit hand ...: each block ``--steps``
 optimizer steps of one loop, the hand blocks run inside the fit loop's sync points, so both loops
@@ -53,7 +54,7 @@ def rank_main(rank: int, store: str, config: str, steps: int, args: argparse.Nam
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
     try:
         link = rank_overhead.run(steps, args.blocks, args.warmup, realistic=config == "realistic", rank=rank,
-                                 world_size=WORLD_SIZE, clock=time.perf_counter)
+                                 world_size=WORLD_SIZE, clock=time.perf_counter, hand_sharing=args.hand_sharing)
     finally:
         dist.destroy_process_group()
     if rank != 0:
@@ -81,12 +82,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps per block (default: {STEPS})")
     parser.add_argument("--blocks", type=int, default=10, help="timed blocks of each loop")
     parser.add_argument("--warmup", type=int, default=2, help="untimed blocks of each loop first")
+    parser.add_argument("--hand-sharing", choices=["file_descriptor", "file_system"], default=None,
+                        help="realistic: the hand-written loop's loader workers use this torch sharing strategy "
+                        "(default: torch's; fit's use file_system): like for like with file_system")
     args = parser.parse_args()
     print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs; {WORLD_SIZE} ranks x 1 torch thread (gloo, file:// store, no Ray)")
     print(f"settings: timed blocks {args.blocks} of each loop (after {args.warmup} warm-up), model MLP "
           f"{workload.FEATURES}-512-512-{workload.CLASSES}, batch {workload.BATCH} per rank, SGD lr {workload.LR} "
-          f"momentum 0.9, metrics: accuracy; configurations: {', '.join(args.configs)}", flush=True)
+          f"momentum 0.9, metrics: accuracy; configurations: {', '.join(args.configs)}; realistic loader workers' sharing "
+          f"strategy: fit file_system, hand-written loop {args.hand_sharing or 'torch default'}", flush=True)
     for config in args.configs:
         with tempfile.TemporaryDirectory() as tmp:
             mp.spawn(rank_main, args=(f"{tmp}/store", config, args.steps or STEPS[config], args), nprocs=WORLD_SIZE)
