@@ -19,7 +19,8 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections import defaultdict
+
+from orchestrator.core.processes import process_tree
 
 
 def side_orders(names: list[str], repeats: int) -> list[list[str]]:
@@ -40,23 +41,7 @@ def side_orders(names: list[str], repeats: int) -> list[list[str]]:
 def descendants(root: int | None = None) -> list[int]:
     """The pids of every live descendant of ``root`` (default: this process), from /proc."""
     root = os.getpid() if root is None else root
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":  # a zombie has ended; it waits only for its parent to read its status
-            children[int(fields[1])].append(int(entry))
-    found, todo = [], list(children[root])
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children[pid])
-    return found
+    return [p.pid for p in process_tree([root]) if p.pid != root]
 
 
 def busy_cores(window_s: float = 0.5) -> float:

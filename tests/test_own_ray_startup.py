@@ -2,7 +2,7 @@
 
 The local instance starts without Ray's dashboard and every worker imports torch and the loop as
 its process starts; what users rely on stays: workers' output reaches the driver, training runs
-to the end, Ray is stopped after, and its workers run at the normal CPU priority, as a torchrun
+to the end, Ray is stopped after and none of its worker processes outlives the fit, and its workers run at the normal CPU priority, as a torchrun
 job's do, with one malloc arena. The script runs as a background scenario (tests/background.py): it mostly waits for its
 own Ray to start, beside the rest of the suite.
 """
@@ -34,4 +34,6 @@ def test_a_fit_that_starts_its_own_ray_trains_brings_worker_output_to_the_driver
     # and allocate from glibc's main arena (local_ray.ENVIRONMENT), though the script ran without the setting
     assert output.count("model built on a worker at niceness 0 with MALLOC_ARENA_MAX=1") >= 2, output[-4000:]
     assert "epochs run: 2; ray still initialised: False" in output, output[-4000:]
+    # fit returns once its instance's processes are gone (local_ray.shutdown_ray kills one that hangs in its exit)
+    assert "still running after fit: 0" in output and "worker processes noted: 0;" not in output, output[-4000:]
     assert (SCENARIO.folder / "own-ray" / "model.pt").exists()

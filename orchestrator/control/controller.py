@@ -19,8 +19,6 @@ import signal
 import threading
 from typing import Any, Callable
 
-import ray
-
 from orchestrator.cluster.worker_group import WorkerGroup
 from orchestrator.control.attempt import Attempt, AttemptRunner, run_attempt
 from orchestrator.control.driver_side import reached_step
@@ -28,7 +26,7 @@ from orchestrator.control.elastic import Resized
 from orchestrator.control import metrics_export
 from orchestrator.control.failures import (COORDINATOR, AttemptFailed, FailureDecision, FailurePolicy, FailureRecord,
                                            NodesDrained)
-from orchestrator.control.local_ray import ensure_ray
+from orchestrator.control.local_ray import ensure_ray, shutdown_ray
 from orchestrator.control.resume import find_resume
 from orchestrator.control.specs import FitSpec
 from orchestrator.control.states import (TERMINAL, ControllerState, Failed, Finished, FitOutcome, Preempted,
@@ -126,7 +124,7 @@ class Controller:
                 self.group.shutdown()
         if self._started_ray:
             self._started_ray = False
-            ray.shutdown()
+            shutdown_ray()  # and what of an instance this fit started hangs in its exit is killed
         if self.lease is not None:  # after the workers are gone: none of them writes any more
             lease, self.lease = self.lease, None
             lease.stop_renewing()

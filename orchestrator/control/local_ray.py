@@ -8,7 +8,8 @@ instance uses, or (``MALLOC_ARENA_MAX``) makes a rank's step cheaper. ``python
 benchmarks/overhead.py`` measures the CPU seconds of every process of a steady fit by role
 (``--source`` compares two checkouts side by side). A Ray cluster
 you start yourself (``ray.init()``, ``ray start``) keeps Ray's defaults: these apply only to the
-instance ``fit`` starts.
+instance ``fit`` starts. When the fit ends, :func:`shutdown_ray` stops that instance and makes sure
+its processes are gone (one that hangs in its exit is killed).
 
 Example:
     >>> sorted(SYSTEM_CONFIG)
@@ -24,7 +25,15 @@ from typing import Any, Iterator
 
 import ray
 
-__all__ = ["ENVIRONMENT", "SYSTEM_CONFIG", "ensure_ray", "lean_environment", "start_local_ray", "starts_local"]
+from orchestrator.core.processes import Proc, end_processes, process_tree
+
+__all__ = ["ENVIRONMENT", "EXIT_GRACE_S", "SYSTEM_CONFIG", "ensure_ray", "lean_environment", "shutdown_ray",
+           "start_local_ray", "starts_local"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the processes of an instance this driver started get to end after ``ray.shutdown()``.
+EXIT_GRACE_S = 10.0
 
 #: Ray's ``_system_config`` for the instance ``fit`` starts (read by its gcs_server, raylet and workers).
 SYSTEM_CONFIG: dict[str, Any] = {
@@ -123,3 +132,36 @@ def ensure_ray() -> bool:
     else:
         ray.init(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
     return True
+
+
+def instance_processes() -> list[Proc]:
+    """The processes of the Ray instance this driver started (gcs_server, raylet, log monitor, ...) and
+    all their descendants (the workers, and what they started: DataLoader workers); none when this
+    driver joined a cluster that someone else started, or when they cannot be listed."""
+    try:
+        node = ray._private.worker._global_node
+        roots = [info.process.pid for infos in node.all_processes.values() for info in infos
+                 if getattr(info, "process", None) is not None]
+    except Exception:  # noqa: BLE001 - Ray's private layout changed, or no node: nothing of ours to follow
+        return []
+    return process_tree(roots)
+
+
+def shutdown_ray(grace_s: float = EXIT_GRACE_S) -> list[Proc]:
+    """``ray.shutdown()``, and then the processes of the instance this driver started (if it did) are gone.
+
+    Ray stops them, but a worker can hang in its own exit: with Ray 2.60 a TrainWorker was seen
+    blocked for good in the core worker's exit handler (a condition variable in the pub-sub
+    publisher's destructor), orphaned and waking every few seconds. Whatever of the instance still
+    runs ``grace_s`` seconds after the shutdown is killed (SIGKILL) and named in a warning; a process
+    that is not the instance's (a cluster this driver only joined, a pid reused since) is never touched.
+
+    Returns the processes that had to be killed.
+    """
+    processes = instance_processes()
+    ray.shutdown()
+    killed = end_processes(processes, grace_s)
+    if killed:
+        logger.warning("%d process(es) of the local Ray instance did not exit within %.0f s of its shutdown and "
+                       "were killed (pids %s)", len(killed), grace_s, ", ".join(str(p.pid) for p in killed))
+    return killed
