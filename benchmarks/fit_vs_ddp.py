@@ -180,7 +180,7 @@ class HandWrittenRank:
 
 def run_ray_actors(epochs: int, config: dict) -> tuple[int, float]:
     """The hand-written loop in two plain Ray actors, on a local Ray started with fit's settings."""
-    from orchestrator.control.local_ray import start_local_ray
+    from orchestrator.control.local_ray import shutdown_ray, start_local_ray
 
     folder = tempfile.mkdtemp(prefix="fit-vs-ray-actors-")  # the ranks meet through a file store in it
     start_local_ray()  # the instance (and settings) fit starts for itself; workers inherit PYTHONPATH
@@ -190,13 +190,15 @@ def run_ray_actors(epochs: int, config: dict) -> tuple[int, float]:
         timings = ray.get([r.train.remote(i, store, epochs, config) for i, r in enumerate(ranks)])[0]
         return steady(timings)
     finally:
-        ray.shutdown()
+        shutdown_ray()  # as fit stops its own: nothing of the instance outlives the side
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_ray_train(epochs: int, config: dict) -> tuple[int, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from orchestrator.control.local_ray import shutdown_ray
 
     folder = tempfile.mkdtemp(prefix="fit-vs-ray-train-")
     timings = os.path.join(folder, "timings.json")
@@ -210,7 +212,7 @@ def run_ray_train(epochs: int, config: dict) -> tuple[int, float]:
         ).fit()
         return steady(json.loads(Path(timings).read_text()))  # rank 0's, after the last epoch
     finally:
-        ray.shutdown()
+        shutdown_ray()  # as fit stops its own: nothing of the instance outlives the side
         shutil.rmtree(folder, ignore_errors=True)
 
 

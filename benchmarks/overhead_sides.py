@@ -48,7 +48,7 @@ def child_hand(epochs: int, realistic: bool = False) -> None:
 
     import fit_vs_ddp
     import workload
-    from orchestrator.control.local_ray import start_local_ray
+    from orchestrator.control.local_ray import shutdown_ray, start_local_ray
 
     config = dict(workload.REALISTIC, sharing="file_system") if realistic else {}
     with tempfile.TemporaryDirectory(prefix="overhead-hand-") as folder:
@@ -70,6 +70,6 @@ def child_hand(epochs: int, realistic: bool = False) -> None:
                             print(f"{MARK} {'begin' if int(epoch) == 0 else 'end'} {steps}", flush=True)
             timings = ray.get(refs)[0]
         finally:
-            ray.shutdown()
+            shutdown_ray()
     steps = sum(timings["epoch_steps"][1:epochs - 1])
     print(f"{MARK} rate {steps / (timings['epoch_starts'][epochs - 1] - timings['epoch_starts'][1])}", flush=True)
