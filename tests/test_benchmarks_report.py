@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmark_scripts import loaded
 
 
 @pytest.fixture(scope="module")
 def suite():
-    spec = importlib.util.spec_from_file_location("benchmarks_main", ROOT / "benchmarks" / "__main__.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    try:
-        spec.loader.exec_module(module)
+    for module in loaded("__main__.py", "benchmarks_main"):
         module.versions = lambda: "python 3, torch 2, ray 2"  # not a fresh interpreter importing both per report
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _section(suite, name: str, output: str, status: int | str = 0):

@@ -3,29 +3,20 @@ for a quiet machine before each side."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmark_scripts import loaded
 
 
 @pytest.fixture(scope="module")
 def settle():
-    spec = importlib.util.spec_from_file_location("benchmarks_settle", ROOT / "benchmarks" / "settle.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from loaded("settle.py", "benchmarks_settle")
 
 
 @pytest.mark.parametrize("names, cycles", [(["fit", "torchrun", "actors"], 2), (["a", "b"], 3), (["a", "b", "c", "d"], 1)])
