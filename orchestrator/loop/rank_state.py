@@ -153,7 +153,7 @@ class Accumulator:
         """Add one batch given as Python floats ``[loss, *metrics]`` (a CPU loop reads them without a
         device sync); return ``value * n`` for each, the same float64 numbers :meth:`add` computes."""
         weighted = [v * n for v in values]
-        sums = self._floats if self._floats is not None else self._tensor.tolist() if self._tensor is not None else None
+        sums = self._values()
         if sums is None:
             self.names, self._floats = ["loss", *metric_names], list(weighted)
         else:
@@ -167,8 +167,13 @@ class Accumulator:
 
     def phase_sums(self) -> PhaseSums:
         """The sums as Python floats (one device sync)."""
-        values = self._floats if self._floats is not None else self._tensor.tolist() if self._tensor is not None else []
-        return PhaseSums(totals=dict(zip(self.names, values)), count=self.count)
+        return PhaseSums(totals=dict(zip(self.names, self._values() or [])), count=self.count)
+
+    def _values(self) -> list[float] | None:
+        """The sums as Python floats (``None`` before the first batch)."""
+        if self._floats is not None:
+            return self._floats
+        return self._tensor.tolist() if self._tensor is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"names": list(self.names), "totals": self.totals, "count": self.count}
