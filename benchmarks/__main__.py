@@ -86,9 +86,9 @@ SUITE = [
           "steps/s from the second epoch on of the realistic configuration, Trainer.fit against the hand-written "
           "loop under torchrun whose loader workers use fit's sharing strategy (named shared-memory files): "
           "what fit's own work costs, with no setting of fit's own on its side only; beside them the same loop "
-          "in plain Ray actors (what Ray costs); 12 repeats, enough for a 96% interval for the median ratio "
-          "(benchmarks/spread.py)",
-          full=["--realistic", "--epochs", "8", "--repeats", "12", "--no-ray-train", "--hand-sharing", "file_system",
+          "in plain Ray actors (what Ray costs); 18 repeats: each of the sides' six orders three times, and a "
+          "90% interval for the median ratio narrower than 12 repeats give (benchmarks/spread.py)",
+          full=["--realistic", "--epochs", "8", "--repeats", "18", "--no-ray-train", "--hand-sharing", "file_system",
                 "--ray-actors"],
           in_quick=False),
     Bench("feature overhead", "features.py",
@@ -130,7 +130,7 @@ SUITE = [
           "from the command's start to the first completed step, each tool a fresh process as a user starts it: "
           "a script calling Trainer.fit (which starts its own local Ray), torchrun, a script calling Ray Train "
           "v2's TorchTrainer.fit; interleaved repeats",
-          quick=["--repeats", "1", "--steps", "4"], full=["--repeats", "5"]),  # a quick repeat: about 65 s
+          quick=["--repeats", "1", "--steps", "4"], full=["--repeats", "6"]),  # a quick repeat: about 65 s
     Bench("recovery", "recovery.py",
           "SIGKILL of a worker to the next completed step, and lost steps: Trainer.fit (live recovery, and "
           "warm_standbys=False) against Ray Train v2 TorchTrainer",
