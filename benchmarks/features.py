@@ -11,9 +11,12 @@ over repeats, of its rate divided by the plain configuration's rate on the same 
 repeat; ``fit / DDP`` compares the two sides on the same configuration (1.0: the framework adds no
 cost to the feature). The timing is benchmarks/fit_vs_ddp.py's: the steady state, from the start of
 the second epoch to the end of the last one, from each side's epoch times; configurations and sides
-run in an order that rotates from repeat to repeat. fsdp is timed on Trainer.fit only (the
-hand-written loop is DDP). On a CPU without native bf16 units, bf16 autocast is slower than fp32 on
-both sides: it is the framework's share, ``fit / DDP``, that this measures.
+run in an order that rotates from repeat to repeat, each run once the previous one's processes have
+ended and the machine is quiet (benchmarks/settle.py, at most 30 s: with the rotation a configuration
+always runs after the same other one, and would otherwise pay for that one's Ray ending). fsdp is
+timed on Trainer.fit only (the hand-written loop is DDP). On a CPU without native bf16 units, bf16
+autocast is slower than fp32 on both sides: it is the framework's share, ``fit / DDP``, that this
+measures.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(HERE))
 
 import ray  # noqa: E402
 
+import settle  # noqa: E402
 import workload  # noqa: E402
 from fit_vs_ddp import as_a_user_runs_fit, run_ddp, run_fit  # noqa: E402
 
@@ -62,7 +66,8 @@ def main() -> None:
           f"repeats {args.repeats}, batch {workload.BATCH}/worker, 2 workers x 1 thread, sides: Trainer.fit "
           f"(EarlyStopping, ReduceLROnPlateau, TerminateOnNaN, BackupAndRestore)"
           + ("" if args.fit_only else " and the hand-written DDP loop under torchrun")
-          + "; each fit starts its own local Ray (RAY_ADDRESS=local); configurations: "
+          + "; each fit starts its own local Ray (RAY_ADDRESS=local); each run after a wait for a quiet machine; "
+          "configurations: "
           + "; ".join(f"{name} {config}" for name, config in configs.items()), flush=True)
     as_a_user_runs_fit()
     rates: dict[tuple[str, str], list[float]] = {}
@@ -71,6 +76,7 @@ def main() -> None:
         for name in names[i % len(names):] + names[:i % len(names)]:
             sides = runs(configs[name], args.fit_only)
             for side in sides[i % len(sides):] + sides[:i % len(sides)]:
+                settle.wait_quiet()  # the previous run's processes end before this one starts
                 steps, seconds = SIDES[side](args.epochs, configs[name])
                 rate = samples_per_s(configs[name], steps, seconds)
                 rates.setdefault((name, side), []).append(rate)

@@ -1,10 +1,12 @@
 """Start-up: from the command's start to the first completed training step, for Trainer.fit, torchrun
 and Ray Train v2's TorchTrainer, each started as a fresh process the way a user starts it.
 
-    python benchmarks/startup.py [--repeats 5] [--steps 8] [--source DIR ...] [--skip torchrun]
+    python benchmarks/startup.py [--repeats 6] [--steps 8] [--source DIR ...] [--skip torchrun]
 
-Each repeat runs the three sides one after another, in an order that rotates from repeat to repeat
-(so drift and a warm page cache hit every side alike), each as a new process (benchmarks/startup_child.py):
+Each repeat runs the three sides one after another, each as a new process (benchmarks/startup_child.py),
+in an order that goes through every permutation of the sides (benchmarks/settle.py: drift and a warm page
+cache hit every side alike, and no side always starts right after the same other one, whose Ray may still
+be ending), each once the machine is quiet again (at most 30 s):
 
 - this project: ``python startup_child.py fit``: a script calling ``Trainer(...).fit(...)`` with no
   Ray running, so ``fit`` starts its own local Ray, as README describes;
@@ -37,6 +39,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import settle  # noqa: E402
+
 CHILD = HERE / "startup_child.py"
 TARGET = 0.5  # this project's start-up at most half of Ray Train's
 
@@ -73,7 +79,8 @@ def spread(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="start-ups of each side (default 5)")
+    parser.add_argument("--repeats", type=int, default=6,
+                        help="start-ups of each side (default 6: with three sides, each order once)")
     parser.add_argument("--steps", type=int, default=8, help="training steps each side runs (default 8)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one start may take (default 300)")
     parser.add_argument("--source", nargs="+", type=Path, default=[HERE.parent],
@@ -87,7 +94,8 @@ def main() -> None:
         if not (s / "orchestrator" / "__init__.py").exists():
             parser.error(f"--source {s}: no orchestrator package there")
     print(f"python {platform.python_version()}, torch {version('torch')}, ray {version('ray')} (Ray Train v2: "
-          f"RAY_TRAIN_V2_ENABLED=1), {os.cpu_count()} CPUs; {args.repeats} repeats, sides in rotating order; "
+          f"RAY_TRAIN_V2_ENABLED=1), {os.cpu_count()} CPUs; {args.repeats} repeats, sides in every order in turn, "
+          "each after a wait for a quiet machine; "
           "workload MLP 256-512-512-10, batch 64 per worker, 2 workers x 1 thread (OMP_NUM_THREADS=1), "
           f"{args.steps} steps; timed from process creation to rank 0's first completed optimizer step", flush=True)
     skipped = {"torchrun": "torchrun DDP", "ray-train": "Ray Train v2"}
@@ -95,9 +103,9 @@ def main() -> None:
     first: dict[str, list[float]] = {n: [] for n in names}
     total: dict[str, list[float]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="startup-bench-") as folder:
-        for i in range(args.repeats):
-            order = names[i % len(names):] + names[:i % len(names)]
+        for i, order in enumerate(settle.side_orders(names, args.repeats)):
             for side in order:
+                settle.wait_quiet()  # the previous side's Ray has ended: its exit takes no CPU from this start
                 to_step, to_exit = start_once(side, folder, args.steps, args.timeout,
                                               sources.get(side, HERE.parent))
                 first[side].append(to_step)
